@@ -1,0 +1,5 @@
+import sys
+
+from sqlproxy.cli import main
+
+sys.exit(main())

@@ -1,0 +1,296 @@
+"""The one typed configuration object.
+
+Precedence: defaults < TOML file (``--config``) < ``SQLPROXY_<SECTION>__<KEY>`` environment
+variables < command-line flags. Every validation error names the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sqlproxy.errors import ConfigError
+
+
+def parse_hostport(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) <= 65535):
+        raise ValueError(f"{key} must be HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackendURL(BaseModel):
+    """A parsed ``postgresql://user:pass@host:port/db`` URL."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str
+    port: int
+    user: str | None
+    password: str | None
+    database: str | None
+    sslmode: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BackendURL:
+        parts = urlsplit(url)
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"expected a postgresql:// URL, got {url!r}")
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        try:
+            port = parts.port or 5432
+        except ValueError as exc:
+            raise ValueError(f"invalid port in {url!r}") from exc
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            user=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            database=unquote(parts.path.lstrip("/")) or None,
+            sslmode=query.get("sslmode"),
+        )
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def dsn(self, *, database: str | None = None, user: str | None = None) -> str:
+        """A URL for asyncpg with the proxy's own credentials."""
+        from urllib.parse import quote
+
+        u = user or self.user or "postgres"
+        auth = quote(u, safe="")
+        if self.password and (user is None or user == self.user):
+            auth += ":" + quote(self.password, safe="")
+        db = database or self.database or u
+        return f"postgresql://{auth}@{self.host}:{self.port}/{quote(db, safe='')}"
+
+
+def _check_url(value: str) -> str:
+    BackendURL.parse(value)
+    return value
+
+
+def _check_listen(value: str) -> str:
+    parse_hostport(value, "listen")
+    return value
+
+
+class ProxySection(_Section):
+    listen: str = "127.0.0.1:6432"
+    primary: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    max_client_connections: int = Field(2000, ge=1)
+    max_connections_per_user: int = Field(0, ge=0)
+    max_connections_per_database: int = Field(0, ge=0)
+    startup_timeout: float = Field(15.0, gt=0)
+    connect_timeout: float = Field(5.0, gt=0)
+    idle_client_timeout: float = Field(0.0, ge=0)
+    idle_in_transaction_timeout: float = Field(0.0, ge=0)
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
+
+    _v_primary = field_validator("primary")(_check_url)
+    _v_listen = field_validator("listen")(_check_listen)
+
+    @property
+    def primary_url(self) -> BackendURL:
+        return BackendURL.parse(self.primary)
+
+
+class ApplicationThresholds(_Section):
+    slow_query_ms: float | None = Field(None, ge=0)
+    burst_gap_ms: float | None = Field(None, gt=0)
+    n_plus_one_threshold: int | None = Field(None, ge=2)
+    large_result_rows: int | None = Field(None, ge=1)
+    deep_offset: int | None = Field(None, ge=1)
+
+
+class AnalysisSection(_Section):
+    enabled: bool = True
+    slow_query_ms: float = Field(100.0, ge=0)
+    max_fingerprints: int = Field(5000, ge=10)
+    capture_parameters: bool = False
+    burst_gap_ms: float = Field(100.0, gt=0)
+    n_plus_one_threshold: int = Field(5, ge=2)
+    large_result_rows: int = Field(10_000, ge=1)
+    deep_offset: int = Field(1000, ge=1)
+    slow_log_size: int = Field(1000, ge=1)
+    max_findings: int = Field(2000, ge=10)
+    applications: dict[str, ApplicationThresholds] = Field(default_factory=dict)
+
+
+class RoutingSection(_Section):
+    enabled: bool = False
+    read_your_writes: Literal["session", "table"] = "session"
+    max_replica_lag_ms: float = Field(1000.0, ge=0)
+    balance: Literal["least_outstanding", "round_robin"] = "least_outstanding"
+    read_only_functions: list[str] = Field(default_factory=list)
+    write_functions: list[str] = Field(default_factory=list)
+    health_interval_ms: float = Field(200.0, gt=0)
+    passwords: dict[str, str] = Field(default_factory=dict)
+
+
+class ReplicaSection(_Section):
+    url: str
+    name: str | None = None
+
+    _v_url = field_validator("url")(_check_url)
+
+
+class AdminSection(_Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1:8080"
+    token: str | None = None
+    auto_explain: bool = False
+    allow_analyze_writes: bool = False
+    metrics_top_n: int = Field(50, ge=0)
+
+    _v_listen = field_validator("listen")(_check_listen)
+
+
+class TLSSection(_Section):
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_mode: Literal["disable", "allow", "require"] = "allow"
+    server_sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
+    ca_file: str | None = None
+
+
+class StateSection(_Section):
+    enabled: bool = True
+    path: str = "sqlproxy-state.sqlite"
+    snapshot_seconds: float = Field(30.0, gt=0)
+
+
+class LogSection(_Section):
+    format: Literal["auto", "console", "json"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(BaseModel):
+    """Everything sqlproxy can be told."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    proxy: ProxySection = Field(default_factory=ProxySection)
+    analysis: AnalysisSection = Field(default_factory=AnalysisSection)
+    routing: RoutingSection = Field(default_factory=RoutingSection)
+    replicas: list[ReplicaSection] = Field(default_factory=list)
+    admin: AdminSection = Field(default_factory=AdminSection)
+    tls: TLSSection = Field(default_factory=TLSSection)
+    state: StateSection = Field(default_factory=StateSection)
+    log: LogSection = Field(default_factory=LogSection)
+
+    def replica_name(self, index: int) -> str:
+        rep = self.replicas[index]
+        return rep.name or f"replica{index + 1}"
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in err and not isinstance(err["input"], dict | list):
+            msg += f" (got {err['input']!r})"
+        lines.append(f"{key}: {msg}")
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def _env_keys_check(environ: dict[str, str]) -> None:
+    """Reject SQLPROXY_* variables that name no key (pydantic-settings would ignore them)."""
+    sections = set(Config.model_fields)
+    for name in environ:
+        if not name.upper().startswith("SQLPROXY_"):
+            continue
+        rest = name[len("SQLPROXY_") :].lower()
+        if rest in ("", "config"):
+            continue
+        section, sep, key = rest.partition("__")
+        if section not in sections:
+            raise ConfigError(f"invalid configuration: {name}: unknown section {section!r}")
+        if not sep:
+            continue
+        field = Config.model_fields[section]
+        model = field.annotation
+        top_key = key.split("__", 1)[0]
+        fields = getattr(model, "model_fields", None)
+        if fields is not None and top_key not in fields:
+            raise ConfigError(f"invalid configuration: {name}: unknown key {section}.{top_key}")
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Build the config from file, environment and CLI flags; ConfigError names a bad key."""
+    env = dict(os.environ if environ is None else environ)
+    if path is None and env.get("SQLPROXY_CONFIG"):
+        path = env["SQLPROXY_CONFIG"]
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {p}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
+    _env_keys_check(env)
+    try:
+        env_only = _env_values(env)
+        merged = _deep_merge(data, env_only)
+        if overrides:
+            merged = _deep_merge(merged, overrides)
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc)) from exc
+
+
+def _env_values(environ: dict[str, str]) -> dict[str, Any]:
+    """SQLPROXY_<SECTION>__<KEY>[__<SUBKEY>] variables as nested dicts (values parsed as TOML
+    scalars where possible, so ``true``, ``5``, ``["a","b"]`` work as expected)."""
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.upper().startswith("SQLPROXY_") or name.upper() == "SQLPROXY_CONFIG":
+            continue
+        path = name[len("SQLPROXY_") :].lower().split("__")
+        value: Any
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    if isinstance(out.get("replicas"), str | dict):
+        # SQLPROXY_REPLICAS='["postgresql://..."]' or a single URL
+        reps = out["replicas"]
+        out["replicas"] = [reps]
+    if isinstance(out.get("replicas"), list):
+        out["replicas"] = [{"url": r} if isinstance(r, str) else r for r in out["replicas"]]
+    return out

@@ -1,0 +1,446 @@
+"""One client session: the client-side protocol paired with its backend connection.
+
+Startup is handled message by message (it is rare and small); once the server has sent the first
+ReadyForQuery the session switches to the hot path, where each received chunk is checked by the
+sans-IO ``Conversation`` and forwarded as received, in one ``write`` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import time
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
+from sqlproxy.logs import get_logger
+from sqlproxy.wire.conversation import Conversation, Pending
+from sqlproxy.wire.messages import (
+    AUTH_OK,
+    B_AUTHENTICATION,
+    B_BACKEND_KEY_DATA,
+    B_ERROR_RESPONSE,
+    B_PARAMETER_STATUS,
+    B_READY_FOR_QUERY,
+    F_PASSWORD,
+    F_TERMINATE,
+    MAX_STARTUP_PACKET,
+    TERMINATE,
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    backend_key_data,
+    error_response,
+    parse_error_fields,
+    parse_startup_packet,
+)
+
+if TYPE_CHECKING:
+    from sqlproxy.proxy.server import ProxyServer
+
+log = get_logger("sqlproxy.session")
+_unpack_int32 = struct.Struct("!I").unpack_from
+_perf = time.perf_counter
+
+
+class SessionState(Enum):
+    STARTUP = "startup"  # waiting for the client's startup packet
+    CONNECTING = "connecting"  # opening the backend connection
+    AUTHENTICATING = "authenticating"  # relaying the authentication exchange
+    READY = "ready"  # hot path
+    CLOSED = "closed"
+
+
+class BackendConnection(asyncio.Protocol):
+    """The server side of a session."""
+
+    __slots__ = ("_buf", "_hot", "address", "conv", "key", "session", "transport")
+
+    def __init__(self, session: ClientSession, address: tuple[str, int]) -> None:
+        self.session = session
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._hot = False
+        self.key: tuple[int, bytes] | None = None  # the server's BackendKeyData
+        self.conv: Conversation | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._hot:
+            self.session.client_transport.write(data)  # type: ignore[union-attr]
+            self.conv.feed_backend(data, _perf())  # type: ignore[union-attr]
+            return
+        self.session.backend_startup_data(self, data)
+
+    def go_hot(self, conv: Conversation) -> None:
+        self.conv = conv
+        self._hot = True
+
+    def pause_writing(self) -> None:
+        t = self.session.client_transport
+        if t is not None:
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.session.client_transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.session.backend_lost(self, exc)
+
+
+class ClientSession(asyncio.Protocol):
+    """The client side of a session; owns the backend connection and the conversation."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.id = server.next_session_id()
+        self.state = SessionState.STARTUP
+        self.client_transport: asyncio.Transport | None = None
+        self.backend: BackendConnection | None = None
+        self.peer = "?"
+        self.startup: StartupMessage | None = None
+        self.application_name = ""
+        self.conv: Conversation | None = None
+        self.proxy_key: tuple[int, bytes] | None = None
+        self.connected_at = time.time()
+        self._hot = False
+        self._buf = bytearray()
+        self._startup_timer: asyncio.TimerHandle | None = None
+        self._pending_to_backend = bytearray()
+        self._relayed_fatal = False
+        self._closing = False
+        self.parameters: dict[str, str] = {}
+        self.recorder: Any = server.recorder
+
+    # ------------------------------------------------------------------ asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.client_transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        elif peer:
+            self.peer = str(peer)
+        loop = asyncio.get_running_loop()
+        self._startup_timer = loop.call_later(
+            self.config.proxy.startup_timeout, self._startup_timed_out
+        )
+        self.server.sessions[self.id] = self
+
+    def data_received(self, data: bytes) -> None:
+        if self._hot:
+            conv = self.conv
+            try:
+                conv.feed_frontend(data, _perf())  # type: ignore[union-attr]
+            except ProtocolViolation as exc:
+                self.fail(exc)
+                return
+            self.backend.transport.write(data)  # type: ignore[union-attr]
+            return
+        try:
+            self._startup_data(data)
+        except ProxyError as exc:
+            self.fail(exc)
+
+    def pause_writing(self) -> None:
+        b = self.backend
+        if b is not None and b.transport is not None:
+            b.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        b = self.backend
+        if b is not None and b.transport is not None and not b.transport.is_closing():
+            b.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.state
+        self.state = SessionState.CLOSED
+        self._hot = False
+        self._cancel_startup_timer()
+        self.server.session_closed(self)
+        backend = self.backend
+        if backend is not None and backend.transport is not None:
+            if self.conv is not None and self.conv.busy and backend.key is not None:
+                # The client went away mid-query: stop the server's work before closing.
+                self.server.send_cancel(backend.address, backend.key)
+            if not backend.transport.is_closing():
+                if was is SessionState.READY:
+                    backend.transport.write(TERMINATE)
+                backend.transport.close()
+        if self.startup is not None:
+            log.info("client_disconnected", session=self.id, client=self.peer,
+                     user=self.startup.user, database=self.startup.database,
+                     application_name=self.application_name)
+
+    # ------------------------------------------------------------------ startup phase
+    def _startup_data(self, data: bytes) -> None:
+        if self.state is SessionState.STARTUP:
+            self._buf += data
+            while self.state is SessionState.STARTUP and len(self._buf) >= 4:
+                length = _unpack_int32(self._buf, 0)[0]
+                if length < 8 or length > MAX_STARTUP_PACKET:
+                    raise ProtocolViolation(f"invalid length of startup packet: {length}")
+                if len(self._buf) < length:
+                    return
+                packet = bytes(self._buf[:length])
+                del self._buf[:length]
+                self._startup_packet(packet)
+            return
+        if self.state is SessionState.CONNECTING:
+            self._pending_to_backend += data
+            return
+        if self.state is SessionState.AUTHENTICATING:
+            self._check_auth_frames(data)
+            b = self.backend
+            if b is not None and b.transport is not None:
+                b.transport.write(data)
+
+    def _check_auth_frames(self, data: bytes) -> None:
+        """During authentication the client may only send password/SASL messages or Terminate."""
+        self._buf += data
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= 5:
+            t = buf[pos]
+            ln = _unpack_int32(buf, pos + 1)[0]
+            if t not in (F_PASSWORD, F_TERMINATE):
+                raise ProtocolViolation(
+                    f"unexpected message type {chr(t)!r} during authentication"
+                )
+            if ln < 4 or ln > 65536:
+                raise ProtocolViolation(f"invalid message length {ln} during authentication")
+            if len(buf) - pos < 1 + ln:
+                break
+            pos += 1 + ln
+        del buf[:pos]
+
+    def _startup_packet(self, packet: bytes) -> None:
+        msg = parse_startup_packet(packet)
+        transport = self.client_transport
+        assert transport is not None
+        if isinstance(msg, SSLRequest | GSSENCRequest):
+            if self._buf:
+                # Bytes after an SSLRequest before our answer: a TLS ClientHello sent blindly or
+                # a confused client. PostgreSQL refuses this too.
+                raise ProtocolViolation("received unencrypted data after SSL request")
+            transport.write(b"N")
+            return
+        if isinstance(msg, CancelRequest):
+            self.server.forward_cancel(msg.pid, msg.secret)
+            self._closing = True
+            transport.close()
+            self.state = SessionState.CLOSED
+            return
+        self.startup = msg
+        self.application_name = msg.application_name
+        problem = self.server.admit(self)
+        if problem is not None:
+            raise problem
+        self.state = SessionState.CONNECTING
+        log.info("client_connected", session=self.id, client=self.peer, user=msg.user,
+                 database=msg.database, application_name=msg.application_name)
+        asyncio.get_running_loop().create_task(self._connect_backend(msg))
+
+    async def _connect_backend(self, msg: StartupMessage) -> None:
+        url = self.config.proxy.primary_url
+        address = (url.host, url.port)
+        loop = asyncio.get_running_loop()
+        try:
+            _, backend = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: BackendConnection(self, address), url.host, url.port
+                ),
+                timeout=self.config.proxy.connect_timeout,
+            )
+        except (TimeoutError, OSError) as exc:
+            reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else (
+                exc.strerror or str(exc))
+            self.fail(ConnectionFailure(
+                f'connection to server at "{url.host}", port {url.port} failed: {reason}',
+            ))
+            return
+        if self.state is SessionState.CLOSED:
+            if backend.transport is not None:
+                backend.transport.close()
+            return
+        self.backend = backend
+        self.state = SessionState.AUTHENTICATING
+        assert backend.transport is not None
+        backend.transport.write(msg.raw)
+        if self._pending_to_backend:
+            pending = bytes(self._pending_to_backend)
+            self._pending_to_backend.clear()
+            self._startup_data(pending)
+
+    def backend_startup_data(self, backend: BackendConnection, data: bytes) -> None:
+        """Messages from the server before its first ReadyForQuery: relay, swapping the key."""
+        buf = backend._buf
+        buf += data
+        out = bytearray()
+        pos = 0
+        n = len(buf)
+        transport = self.client_transport
+        while n - pos >= 5:
+            t = buf[pos]
+            ln = _unpack_int32(buf, pos + 1)[0]
+            end = pos + 1 + ln
+            if ln < 4 or ln > 1 << 24:
+                self.fail(ProtocolViolation(
+                    f"invalid message from server during startup (length {ln})"
+                ))
+                return
+            if end > n:
+                break
+            if t == B_BACKEND_KEY_DATA:
+                pid = _unpack_int32(buf, pos + 5)[0]
+                secret = bytes(buf[pos + 9 : end])
+                backend.key = (pid, secret)
+                self.proxy_key = self.server.register_cancel_key(self, len(secret))
+                out += backend_key_data(self.proxy_key[0], self.proxy_key[1])
+            else:
+                out += buf[pos:end]
+                if t == B_READY_FOR_QUERY:
+                    pos = end
+                    del buf[:pos]
+                    rest = bytes(buf)
+                    buf.clear()
+                    if transport is not None:
+                        transport.write(bytes(out))
+                    self._go_hot(backend, rest)
+                    return
+                if t == B_ERROR_RESPONSE:
+                    self._relayed_fatal = True
+                    fields = parse_error_fields(bytes(buf[pos + 5 : end]))
+                    log.info("authentication_failed", session=self.id, client=self.peer,
+                             user=self.startup.user if self.startup else None,
+                             sqlstate=fields.get("C"), message=fields.get("M"))
+                elif t == B_PARAMETER_STATUS:
+                    body = bytes(buf[pos + 5 : end - 1])
+                    k, _, v = body.partition(b"\x00")
+                    self.parameter_status(k.decode(), v.decode("utf-8", "replace"))
+                elif t == B_AUTHENTICATION:
+                    code = _unpack_int32(buf, pos + 5)[0]
+                    if code == AUTH_OK:
+                        self._check_auth_done()
+            pos = end
+        del buf[:pos]
+        if out and transport is not None:
+            transport.write(bytes(out))
+
+    def _check_auth_done(self) -> None:
+        pass
+
+    def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
+        self._cancel_startup_timer()
+        self.conv = Conversation(self, self.config.proxy.max_message_bytes)
+        self.state = SessionState.READY
+        backend.go_hot(self.conv)
+        self._buf.clear()
+        self._hot = True
+        if rest:
+            backend.data_received(rest)
+
+    # ------------------------------------------------------------------ conversation listener
+    def statement_done(
+        self,
+        pending: Pending,
+        index: int,
+        tag: bytes | None,
+        rows: int,
+        sqlstate: str | None,
+        started: float,
+        ended: float,
+    ) -> None:
+        rec = self.recorder
+        if rec is not None:
+            rec.record(self, pending, index, tag, rows, sqlstate, started, ended)
+
+    def parameter_status(self, name: str, value: str) -> None:
+        self.parameters[name] = value
+        if name == "application_name":
+            self.application_name = value
+
+    # ------------------------------------------------------------------ errors and teardown
+    def _startup_timed_out(self) -> None:
+        self._startup_timer = None
+        if self.state in (SessionState.STARTUP, SessionState.CONNECTING,
+                          SessionState.AUTHENTICATING):
+            self.fail(ProtocolViolation(
+                "startup did not complete within "
+                f"{self.config.proxy.startup_timeout:g} s (proxy.startup_timeout)"
+            ))
+
+    def _cancel_startup_timer(self) -> None:
+        if self._startup_timer is not None:
+            self._startup_timer.cancel()
+            self._startup_timer = None
+
+    def fail(self, exc: ProxyError) -> None:
+        """Send the client an ErrorResponse for ``exc`` and close the session."""
+        if self._closing:
+            return
+        self._closing = True
+        log.warning("session_error", session=self.id, client=self.peer, sqlstate=exc.sqlstate,
+                    error=exc.message)
+        t = self.client_transport
+        if t is not None and not t.is_closing():
+            t.write(error_response(exc.sqlstate, exc.message, detail=exc.detail))
+            t.close()
+        b = self.backend
+        if b is not None and b.transport is not None and not b.transport.is_closing():
+            if self.conv is not None and self.conv.busy and b.key is not None:
+                self.server.send_cancel(b.address, b.key)
+            b.transport.close()
+
+    def backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
+        t = self.client_transport
+        if t is None or t.is_closing() or self.state is SessionState.CLOSED:
+            return
+        if self._relayed_fatal or (self.conv is not None and self.conv.terminated):
+            t.close()
+            return
+        self.fail(ConnectionFailure(
+            "server closed the connection unexpectedly",
+            detail=f"backend {backend.address[0]}:{backend.address[1]}"
+            + (f": {exc}" if exc else ""),
+        ))
+
+    def cancel_backend_query(self) -> None:
+        b = self.backend
+        if b is not None and b.key is not None:
+            self.server.send_cancel(b.address, b.key)
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able view of the session for the admin API."""
+        conv = self.conv
+        current: dict[str, Any] | None = None
+        if conv is not None and conv.pending:
+            head = conv.pending[0]
+            current = {"query": head.sql[:1000], "running_ms": (_perf() - head.sent) * 1000}
+        return {
+            "id": self.id,
+            "client": self.peer,
+            "user": self.startup.user if self.startup else None,
+            "database": self.startup.database if self.startup else None,
+            "application_name": self.application_name,
+            "state": self.state.value,
+            "transaction_status": chr(conv.tx_status) if conv else None,
+            "current": current,
+            "backends": ["primary"] if self.backend is not None else [],
+            "connected_at": self.connected_at,
+        }
+
+
+def random_secret(length: int) -> bytes:
+    return os.urandom(length)

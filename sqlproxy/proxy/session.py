@@ -12,7 +12,7 @@ import os
 import struct
 import time
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
@@ -69,8 +69,7 @@ class BackendConnection(asyncio.Protocol):
         self.conv: Conversation | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._hot:
@@ -125,7 +124,7 @@ class ClientSession(asyncio.Protocol):
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.client_transport = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
@@ -425,8 +424,9 @@ class ClientSession(asyncio.Protocol):
         """A JSON-able view of the session for the admin API."""
         conv = self.conv
         current: dict[str, Any] | None = None
-        if conv is not None and conv.pending:
-            head = conv.pending[0]
+        pending = conv.pending() if conv is not None else []
+        if pending:
+            head = pending[0]
             current = {"query": head.sql[:1000], "running_ms": (_perf() - head.sent) * 1000}
         return {
             "id": self.id,

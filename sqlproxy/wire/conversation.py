@@ -25,81 +25,61 @@ completion of the previous statement if that was later. Pipelined statements are
 after the other by the server, so this gives each its own share instead of charging the whole
 pipeline's wait to the last one.
 
-The hot loops walk frame headers in place with ``struct.unpack_from`` on the received buffer and
-never slice a message they merely count (DataRow) or ignore. Only a message whose body we need and
-that straddles two reads is buffered, in a ``bytearray`` that grows by appending.
+Speed
+-----
+This module is on the hot path of every message and is compiled with mypyc when the package is
+installed (it stays valid, slower, plain Python). It is written for that: frame headers are read
+in place with integer arithmetic on the received ``bytes`` (no slices, no struct tuples), message
+types are plain ``int`` constants, the FIFO is a list with a head index, and a Sync shares one
+immutable entry. A message whose body we need and that straddles two reads is buffered in a
+``bytearray``; messages we only count (DataRow) or ignore are skipped across reads without
+copying.
 """
 
 from __future__ import annotations
 
-import struct
-from collections import deque
-from enum import IntEnum
-from typing import Protocol
+from typing import Final, Protocol
 
 from sqlproxy.errors import ProtocolViolation
-from sqlproxy.wire.messages import (
-    B_COMMAND_COMPLETE,
-    B_COPY_BOTH_RESPONSE,
-    B_COPY_IN_RESPONSE,
-    B_COPY_OUT_RESPONSE,
-    B_DATA_ROW,
-    B_EMPTY_QUERY_RESPONSE,
-    B_ERROR_RESPONSE,
-    B_PARAMETER_STATUS,
-    B_PORTAL_SUSPENDED,
-    B_READY_FOR_QUERY,
-    F_BIND,
-    F_CLOSE,
-    F_EXECUTE,
-    F_FUNCTION_CALL,
-    F_PARSE,
-    F_QUERY,
-    F_SYNC,
-    F_TERMINATE,
-    FRONTEND_TYPES,
-    command_tag_rows,
-    parse_error_fields,
-)
 
-_unpack_int32 = struct.Struct("!I").unpack_from
+# Kinds of pending requests.
+QUERY: Final = 1
+EXECUTE: Final = 2
+SYNC: Final = 3
+FUNCTION_CALL: Final = 4
 
-# Backend message types whose bodies the tracker reads.
-_BACKEND_INTERESTING = frozenset(
-    {
-        B_COMMAND_COMPLETE, B_EMPTY_QUERY_RESPONSE, B_ERROR_RESPONSE, B_PORTAL_SUSPENDED,
-        B_READY_FOR_QUERY, B_PARAMETER_STATUS, B_COPY_IN_RESPONSE, B_COPY_OUT_RESPONSE,
-        B_COPY_BOTH_RESPONSE,
-    }
-)
-# Frontend message types whose bodies the tracker reads.
-_FRONTEND_INTERESTING = frozenset({F_QUERY, F_PARSE, F_BIND, F_EXECUTE, F_CLOSE, F_SYNC,
-                                   F_FUNCTION_CALL, F_TERMINATE})
+# COPY sub-modes.
+COPY_NONE: Final = 0
+COPY_IN: Final = 1
+COPY_OUT: Final = 2
+COPY_BOTH: Final = 3
 
-MAX_NAMED = 10_000  # bound on remembered prepared statements / portals per connection
+MAX_NAMED: Final = 10_000  # bound on remembered prepared statements / portals per connection
+
+# Per message type (the byte value): 0 = invalid, 1 = valid and ignored, 2 = valid, body needed.
+_FE_BODY_NEEDED: Final = b"QPBESCFX"
+_FE_VALID_ONLY: Final = b"dcfDHp"
+_BE_BODY_NEEDED: Final = b"CIEsZSGHW"
 
 
-class PendingKind(IntEnum):
-    QUERY = 1
-    EXECUTE = 2
-    SYNC = 3
-    FUNCTION_CALL = 4
+def _table(needed: bytes, valid: bytes) -> bytes:
+    t = bytearray(256)
+    for c in valid:
+        t[c] = 1
+    for c in needed:
+        t[c] = 2
+    return bytes(t)
 
 
-class CopyMode(IntEnum):
-    NONE = 0
-    IN = 1
-    OUT = 2
-    BOTH = 3
+FE_TABLE: Final = _table(_FE_BODY_NEEDED, _FE_VALID_ONLY)
+BE_TABLE: Final = _table(_BE_BODY_NEEDED, b"")
 
 
 class Pending:
     """One request awaiting its result."""
 
-    __slots__ = ("index", "kind", "params", "portal", "rows", "sent", "sql", "statement")
-
-    def __init__(self, kind: PendingKind, sql: str, sent: float, statement: str = "",
-                 params: int = 0, portal: str = "") -> None:
+    def __init__(self, kind: int, sql: str, sent: float, statement: bytes = b"",
+                 params: int = 0, portal: bytes = b"") -> None:
         self.kind = kind
         self.sql = sql
         self.sent = sent
@@ -107,7 +87,9 @@ class Pending:
         self.params = params  # digest of the Bind parameter values (0 when none)
         self.index = 0  # next statement of a multi-statement Query
         self.portal = portal
-        self.rows = 0
+
+
+_SYNC_ENTRY: Final = Pending(SYNC, "", 0.0)
 
 
 class ConversationListener(Protocol):
@@ -127,165 +109,208 @@ class ConversationListener(Protocol):
     def parameter_status(self, name: str, value: str) -> None: ...
 
 
+def command_tag_rows(tag: bytes) -> int:
+    """The row count a CommandComplete tag carries ("INSERT 0 5" -> 5, "SELECT 3" -> 3), else 0."""
+    n = len(tag)
+    i = n
+    while i > 0 and 48 <= tag[i - 1] <= 57:
+        i -= 1
+    if i == n or i == 0 or tag[i - 1] != 32:
+        return 0
+    value = 0
+    while i < n:
+        value = value * 10 + (tag[i] - 48)
+        i += 1
+    return value
+
+
+def _find_nul(data: bytes, start: int, end: int) -> int:
+    i = start
+    while i < end:
+        if data[i] == 0:
+            return i
+        i += 1
+    raise ProtocolViolation("invalid message format: missing string terminator")
+
+
+def _error_sqlstate(data: bytes, start: int, end: int) -> str:
+    """The SQLSTATE ('C' field) of an ErrorResponse body."""
+    i = start
+    while i < end and data[i] != 0:
+        code = data[i]
+        j = _find_nul(data, i + 1, end)
+        if code == 67:  # 'C'
+            return data[i + 1 : j].decode("ascii", "replace")
+        i = j + 1
+    return "XX000"
+
+
 class Conversation:
     """Observes both directions of one session after startup (see the module docstring)."""
-
-    __slots__ = (
-        "_be_buf", "_be_skip", "_be_want", "_fe_buf", "_fe_skip", "_fe_want", "_last_end",
-        "_portal_rows", "_portals", "_rows", "copy_mode", "listener", "max_message", "pending",
-        "statements", "terminated", "tx_status",
-    )
 
     def __init__(self, listener: ConversationListener | None, max_message: int) -> None:
         self.listener = listener
         self.max_message = max_message
-        self.pending: deque[Pending] = deque()
-        self.statements: dict[str, str] = {}  # prepared statement name -> SQL text
-        self._portals: dict[str, tuple[str, str, int]] = {}  # portal -> (stmt name, sql, params)
-        self._portal_rows: dict[str, tuple[int, float]] = {}  # suspended portal carry
-        self.tx_status = ord("I")
-        self.copy_mode = CopyMode.NONE
+        self.queue: list[Pending] = []
+        self.head = 0  # index of the first live entry in ``queue``
+        self.statements: dict[bytes, str] = {}  # prepared statement name -> SQL text
+        self.portals: dict[bytes, tuple[bytes, str, int]] = {}  # portal -> (stmt, sql, params)
+        self.portal_carry: dict[bytes, tuple[int, float]] = {}  # suspended portals
+        self.tx_status = 73  # 'I'
+        self.copy_mode = COPY_NONE
         self.terminated = False
-        self._fe_buf = bytearray()
-        self._fe_want = 0  # bytes still missing from the buffered frontend message
-        self._fe_skip = 0  # bytes of an uninteresting frontend message still to skip
-        self._be_buf = bytearray()
-        self._be_want = 0
-        self._be_skip = 0
-        self._rows = 0  # DataRows since the last completion
-        self._last_end = 0.0
+        self.fe_buf = bytearray()
+        self.fe_want = 0  # bytes still missing from the buffered frontend message
+        self.fe_skip = 0  # bytes of an ignored frontend message still to skip
+        self.be_buf = bytearray()
+        self.be_want = 0
+        self.be_skip = 0
+        self.rows = 0  # DataRows since the last completion
+        self.last_end = 0.0
+        self.sql_errors = 0
 
     # ------------------------------------------------------------------ state queries
     @property
     def busy(self) -> bool:
         """True while the server owes a response (a query is in flight)."""
-        return bool(self.pending) or self.copy_mode != CopyMode.NONE
+        return self.head < len(self.queue) or self.copy_mode != COPY_NONE
+
+    def pending(self) -> list[Pending]:
+        return self.queue[self.head :]
+
+    def _push(self, entry: Pending) -> None:
+        self.queue.append(entry)
+
+    def _pop(self) -> None:
+        self.head += 1
+        if self.head >= len(self.queue):
+            self.queue.clear()
+            self.head = 0
 
     # ------------------------------------------------------------------ frontend side
     def feed_frontend(self, data: bytes, now: float) -> None:
         """Observe bytes sent by the client. Raises ProtocolViolation on malformed framing."""
         n = len(data)
         pos = 0
-        if self._fe_skip:
-            if n <= self._fe_skip:
-                self._fe_skip -= n
+        if self.fe_skip:
+            if n <= self.fe_skip:
+                self.fe_skip -= n
                 return
-            pos = self._fe_skip
-            self._fe_skip = 0
-        elif self._fe_want or self._fe_buf:
+            pos = self.fe_skip
+            self.fe_skip = 0
+        elif self.fe_want or self.fe_buf:
             pos = self._fe_resume(data, now)
             if pos < 0:
                 return
         max_message = self.max_message
+        table = FE_TABLE
         while pos < n:
             if n - pos < 5:
-                self._fe_buf += data[pos:]
-                self._fe_want = 0
+                self.fe_buf += data[pos:]
+                self.fe_want = 0
                 return
             t = data[pos]
-            ln = _unpack_int32(data, pos + 1)[0]
-            if t not in FRONTEND_TYPES:
-                raise ProtocolViolation(f"invalid frontend message type {t}")
-            if ln < 4 or ln > max_message:
-                raise ProtocolViolation(
-                    f"invalid message length {ln} for message type {chr(t)!r}"
-                    + (f" (max_message_bytes is {max_message})" if ln > max_message else "")
-                )
+            ln = (
+                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            )
+            kind = table[t]
+            if kind == 0 or ln < 4 or ln > max_message:
+                _bad_frontend(t, ln, max_message)
             end = pos + 1 + ln
-            if t in _FRONTEND_INTERESTING:
+            if kind == 2:
                 if end > n:
-                    self._fe_buf += data[pos:]
-                    self._fe_want = end - n
+                    self.fe_buf += data[pos:]
+                    self.fe_want = end - n
                     return
                 self._frontend_message(t, data, pos + 5, end, now)
             elif end > n:
-                self._fe_skip = end - n
+                self.fe_skip = end - n
                 return
             pos = end
 
     def _fe_resume(self, data: bytes, now: float) -> int:
         """Complete a buffered frontend message; returns the position after it, or -1."""
-        buf = self._fe_buf
-        if not self._fe_want:
-            # Only a partial header was buffered: prepend it and re-scan from the start.
+        buf = self.fe_buf
+        data_pos = 0
+        if not self.fe_want:
+            # Only a partial header was buffered: complete it first.
             need = 5 - len(buf)
             if len(data) < need:
                 buf += data
                 return -1
             buf += data[:need]
             t = buf[0]
-            ln: int = _unpack_int32(buf, 1)[0]
-            if t not in FRONTEND_TYPES:
-                raise ProtocolViolation(f"invalid frontend message type {t}")
-            if ln < 4 or ln > self.max_message:
-                raise ProtocolViolation(f"invalid message length {ln} for message type {chr(t)!r}")
+            ln = (buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]
+            kind = FE_TABLE[t]
+            if kind == 0 or ln < 4 or ln > self.max_message:
+                _bad_frontend(t, ln, self.max_message)
             rest = ln - 4
-            if t not in _FRONTEND_INTERESTING:
-                self._fe_buf = bytearray()
+            if kind == 1:
+                self.fe_buf = bytearray()
                 if len(data) - need < rest:
-                    self._fe_skip = rest - (len(data) - need)
+                    self.fe_skip = rest - (len(data) - need)
                     return -1
                 return need + rest
-            self._fe_want = rest
             if rest == 0:
-                self._fe_buf = bytearray()
+                self.fe_buf = bytearray()
                 self._frontend_message(t, bytes(buf), 5, 5, now)
-                self._fe_want = 0
                 return need
+            self.fe_want = rest
             data_pos = need
-        else:
-            data_pos = 0
-        want = self._fe_want
+        want = self.fe_want
         avail = len(data) - data_pos
         if avail < want:
             buf += data[data_pos:]
-            self._fe_want = want - avail
+            self.fe_want = want - avail
             return -1
         buf += data[data_pos : data_pos + want]
-        self._fe_buf = bytearray()
-        self._fe_want = 0
+        self.fe_buf = bytearray()
+        self.fe_want = 0
         msg = bytes(buf)
         self._frontend_message(msg[0], msg, 5, len(msg), now)
         return data_pos + want
 
     def _frontend_message(self, t: int, data: bytes, start: int, end: int, now: float) -> None:
-        if t == F_EXECUTE:
-            nul = data.index(b"\x00", start, end)
-            portal = data[start:nul].decode() if nul > start else ""
-            stmt, sql, params = self._portals.get(portal, ("", "", 0))
-            self.pending.append(Pending(PendingKind.EXECUTE, sql, now, stmt, params, portal))
-        elif t == F_SYNC:
-            self.pending.append(Pending(PendingKind.SYNC, "", now))
-        elif t == F_BIND:
-            nul1 = data.index(b"\x00", start, end)
-            nul2 = data.index(b"\x00", nul1 + 1, end)
-            portal = data[start:nul1].decode() if nul1 > start else ""
-            stmt = data[nul1 + 1 : nul2].decode() if nul2 > nul1 + 1 else ""
-            portals = self._portals
+        if t == 69:  # 'E' Execute
+            portal = b"" if data[start] == 0 else data[start : _find_nul(data, start, end)]
+            entry = self.portals.get(portal)
+            if entry is None:
+                self.queue.append(Pending(EXECUTE, "", now, b"", 0, portal))
+            else:
+                self.queue.append(Pending(EXECUTE, entry[1], now, entry[0], entry[2], portal))
+        elif t == 83:  # 'S' Sync
+            self.queue.append(_SYNC_ENTRY)
+        elif t == 66:  # 'B' Bind
+            nul1 = _find_nul(data, start, end)
+            nul2 = _find_nul(data, nul1 + 1, end)
+            portal = data[start:nul1]
+            stmt = data[nul1 + 1 : nul2]
+            portals = self.portals
             if len(portals) >= MAX_NAMED and portal not in portals:
                 portals.clear()
             portals[portal] = (stmt, self.statements.get(stmt, ""), hash(data[nul2 + 1 : end]))
-        elif t == F_PARSE:
-            nul1 = data.index(b"\x00", start, end)
-            nul2 = data.index(b"\x00", nul1 + 1, end)
-            name = data[start:nul1].decode() if nul1 > start else ""
+        elif t == 80:  # 'P' Parse
+            nul1 = _find_nul(data, start, end)
+            nul2 = _find_nul(data, nul1 + 1, end)
+            name = data[start:nul1]
             statements = self.statements
             if len(statements) >= MAX_NAMED and name not in statements:
                 del statements[next(iter(statements))]
             statements[name] = data[nul1 + 1 : nul2].decode("utf-8", "replace")
-        elif t == F_QUERY:
-            sql = data[start : end - 1].decode("utf-8", "replace")
-            self.pending.append(Pending(PendingKind.QUERY, sql, now))
-        elif t == F_CLOSE:
-            kind = data[start]
-            name = data[start + 1 : end - 1].decode()
-            if kind == 83:  # 'S'
+        elif t == 81:  # 'Q' Query
+            sql = data[start : _find_nul(data, start, end)].decode("utf-8", "replace")
+            self.queue.append(Pending(QUERY, sql, now))
+        elif t == 67:  # 'C' Close
+            if end - start < 2:
+                raise ProtocolViolation("invalid Close message")
+            name = data[start + 1 : _find_nul(data, start + 1, end)]
+            if data[start] == 83:  # 'S'
                 self.statements.pop(name, None)
             else:
-                self._portals.pop(name, None)
-        elif t == F_FUNCTION_CALL:
-            self.pending.append(Pending(PendingKind.FUNCTION_CALL, "", now))
-        elif t == F_TERMINATE:
+                self.portals.pop(name, None)
+        elif t == 70:  # 'F' FunctionCall
+            self.queue.append(Pending(FUNCTION_CALL, "", now))
+        elif t == 88:  # 'X' Terminate
             self.terminated = True
 
     # ------------------------------------------------------------------ backend side
@@ -293,177 +318,193 @@ class Conversation:
         """Observe bytes sent by the server."""
         n = len(data)
         pos = 0
-        if self._be_skip:
-            if n <= self._be_skip:
-                self._be_skip -= n
+        if self.be_skip:
+            if n <= self.be_skip:
+                self.be_skip -= n
                 return
-            pos = self._be_skip
-            self._be_skip = 0
-        elif self._be_want or self._be_buf:
+            pos = self.be_skip
+            self.be_skip = 0
+        elif self.be_want or self.be_buf:
             pos = self._be_resume(data, now)
             if pos < 0:
                 return
         rows = 0
+        table = BE_TABLE
         while pos < n:
             if n - pos < 5:
-                self._be_buf += data[pos:]
-                self._be_want = 0
+                self.be_buf += data[pos:]
+                self.be_want = 0
                 break
             t = data[pos]
-            end = pos + 1 + _unpack_int32(data, pos + 1)[0]
-            if t == B_DATA_ROW:
+            end = pos + 1 + (
+                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            )
+            if t == 68:  # 'D' DataRow: counted, never decoded
                 rows += 1
                 if end > n:
-                    self._be_skip = end - n
+                    self.be_skip = end - n
                     break
-            elif t in _BACKEND_INTERESTING:
+            elif table[t] == 2:
                 if end > n:
-                    self._be_buf += data[pos:]
-                    self._be_want = end - n
+                    self.be_buf += data[pos:]
+                    self.be_want = end - n
                     break
-                self._rows += rows
+                self.rows += rows
                 rows = 0
                 self._backend_message(t, data, pos + 5, end, now)
             elif end > n:
-                self._be_skip = end - n
+                self.be_skip = end - n
                 break
             pos = end
-        self._rows += rows
+        self.rows += rows
 
     def _be_resume(self, data: bytes, now: float) -> int:
-        buf = self._be_buf
-        if not self._be_want:
+        buf = self.be_buf
+        data_pos = 0
+        if not self.be_want:
             need = 5 - len(buf)
             if len(data) < need:
                 buf += data
                 return -1
             buf += data[:need]
             t = buf[0]
-            rest: int = _unpack_int32(buf, 1)[0] - 4
-            if t not in _BACKEND_INTERESTING:
-                self._be_buf = bytearray()
-                if t == B_DATA_ROW:
-                    self._rows += 1
+            rest = ((buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]) - 4
+            if BE_TABLE[t] != 2:
+                self.be_buf = bytearray()
+                if t == 68:
+                    self.rows += 1
                 if len(data) - need < rest:
-                    self._be_skip = rest - (len(data) - need)
+                    self.be_skip = rest - (len(data) - need)
                     return -1
                 return need + rest
-            self._be_want = rest
             if rest <= 0:
-                self._be_buf = bytearray()
-                self._be_want = 0
+                self.be_buf = bytearray()
                 self._backend_message(t, bytes(buf), 5, 5, now)
                 return need
+            self.be_want = rest
             data_pos = need
-        else:
-            data_pos = 0
-        want = self._be_want
+        want = self.be_want
         avail = len(data) - data_pos
         if avail < want:
             buf += data[data_pos:]
-            self._be_want = want - avail
+            self.be_want = want - avail
             return -1
         buf += data[data_pos : data_pos + want]
-        self._be_buf = bytearray()
-        self._be_want = 0
+        self.be_buf = bytearray()
+        self.be_want = 0
         msg = bytes(buf)
         self._backend_message(msg[0], msg, 5, len(msg), now)
         return data_pos + want
 
     def _backend_message(self, t: int, data: bytes, start: int, end: int, now: float) -> None:
-        if t == B_COMMAND_COMPLETE:
-            tag = data[start : end - 1]
-            self._complete(tag, None, now)
-            self.copy_mode = CopyMode.NONE
-        elif t == B_READY_FOR_QUERY:
+        if t == 67:  # 'C' CommandComplete
+            self._complete(data[start : end - 1], None, now)
+        elif t == 90:  # 'Z' ReadyForQuery
             self.tx_status = data[start]
-            self.copy_mode = CopyMode.NONE
-            pending = self.pending
-            while pending:
-                kind = pending.popleft().kind
-                if kind != PendingKind.EXECUTE:
+            self.copy_mode = COPY_NONE
+            queue = self.queue
+            while self.head < len(queue):
+                kind = queue[self.head].kind
+                self._pop()
+                if kind != EXECUTE:
                     break
-            self._rows = 0
-        elif t == B_ERROR_RESPONSE:
-            fields = parse_error_fields(data[start:end])
-            self._fail(fields.get("C", "XX000"), now)
-            self.copy_mode = CopyMode.NONE
-        elif t == B_EMPTY_QUERY_RESPONSE:
+            self.rows = 0
+        elif t == 69:  # 'E' ErrorResponse
+            self._fail(_error_sqlstate(data, start, end), now)
+        elif t == 73:  # 'I' EmptyQueryResponse
             self._complete(None, None, now)
-        elif t == B_PORTAL_SUSPENDED:
+        elif t == 115:  # 's' PortalSuspended
             self._suspend(now)
-        elif t == B_PARAMETER_STATUS:
-            if self.listener is not None:
-                nul = data.index(b"\x00", start, end)
-                self.listener.parameter_status(
+        elif t == 83:  # 'S' ParameterStatus
+            listener = self.listener
+            if listener is not None:
+                nul = _find_nul(data, start, end)
+                listener.parameter_status(
                     data[start:nul].decode("utf-8", "replace"),
                     data[nul + 1 : end - 1].decode("utf-8", "replace"),
                 )
-        elif t == B_COPY_IN_RESPONSE:
-            self.copy_mode = CopyMode.IN
-        elif t == B_COPY_OUT_RESPONSE:
-            self.copy_mode = CopyMode.OUT
-        elif t == B_COPY_BOTH_RESPONSE:
-            self.copy_mode = CopyMode.BOTH
+        elif t == 71:  # 'G' CopyInResponse
+            self.copy_mode = COPY_IN
+        elif t == 72:  # 'H' CopyOutResponse
+            self.copy_mode = COPY_OUT
+        elif t == 87:  # 'W' CopyBothResponse
+            self.copy_mode = COPY_BOTH
 
-    def _head(self) -> Pending | None:
-        pending = self.pending
-        # A stale Sync at the head cannot own a statement result; results belong to the first
-        # Execute/Query/FunctionCall in the queue.
-        for entry in pending:
-            if entry.kind != PendingKind.SYNC:
+    def _current(self) -> Pending | None:
+        """The request the next result belongs to (a Sync at the head owns none)."""
+        if self.head < len(self.queue):
+            entry = self.queue[self.head]
+            if entry.kind != SYNC:
                 return entry
-            break
         return None
 
     def _complete(self, tag: bytes | None, sqlstate: str | None, now: float) -> None:
-        head = self._head()
-        rows = self._rows
-        self._rows = 0
-        if head is None:
+        self.copy_mode = COPY_NONE
+        entry = self._current()
+        rows = self.rows
+        self.rows = 0
+        if entry is None:
             return
-        started = head.sent if head.sent > self._last_end else self._last_end
-        self._last_end = now
+        started = entry.sent if entry.sent > self.last_end else self.last_end
+        self.last_end = now
         if tag is not None:
             tag_rows = command_tag_rows(tag)
             if tag_rows:
                 rows = tag_rows
-        if head.kind == PendingKind.EXECUTE:
-            self.pending.popleft()
-            carry = self._portal_rows.pop(head.portal, None) if self._portal_rows else None
-            if carry is not None:
-                rows += carry[0]
-                started -= carry[1]
-            if self.listener is not None:
-                self.listener.statement_done(head, 0, tag, rows, sqlstate, started, now)
+        index = 0
+        if entry.kind == EXECUTE:
+            self._pop()
+            if self.portal_carry:
+                carry = self.portal_carry.pop(entry.portal, None)
+                if carry is not None:
+                    rows += carry[0]
+                    started -= carry[1]
         else:
-            index = head.index
-            head.index = index + 1
-            if self.listener is not None:
-                self.listener.statement_done(head, index, tag, rows, sqlstate, started, now)
+            index = entry.index
+            entry.index = index + 1
+        listener = self.listener
+        if listener is not None:
+            listener.statement_done(entry, index, tag, rows, sqlstate, started, now)
 
     def _suspend(self, now: float) -> None:
-        """PortalSuspended: the Execute ends, the portal's statement goes on in a later one."""
-        head = self._head()
-        rows = self._rows
-        self._rows = 0
-        if head is None or head.kind != PendingKind.EXECUTE:
+        """PortalSuspended: this Execute ends; the portal's statement goes on in a later one."""
+        entry = self._current()
+        rows = self.rows
+        self.rows = 0
+        if entry is None or entry.kind != EXECUTE:
             return
-        self.pending.popleft()
-        started = head.sent if head.sent > self._last_end else self._last_end
-        self._last_end = now
-        prev = self._portal_rows.get(head.portal, (0, 0.0))
-        self._portal_rows[head.portal] = (prev[0] + rows, prev[1] + (now - started))
+        self._pop()
+        started = entry.sent if entry.sent > self.last_end else self.last_end
+        self.last_end = now
+        prev = self.portal_carry.get(entry.portal)
+        if prev is None:
+            self.portal_carry[entry.portal] = (rows, now - started)
+        else:
+            self.portal_carry[entry.portal] = (prev[0] + rows, prev[1] + (now - started))
 
     def _fail(self, sqlstate: str, now: float) -> None:
-        head = self._head()
-        if head is None:
-            self._rows = 0
+        self.sql_errors += 1
+        entry = self._current()
+        if entry is None:
+            self.rows = 0
+            self.copy_mode = COPY_NONE
             return
         self._complete(None, sqlstate, now)
-        if head.kind == PendingKind.EXECUTE:
+        if entry.kind == EXECUTE:
             # The server now skips to Sync: so do we.
-            pending = self.pending
-            while pending and pending[0].kind == PendingKind.EXECUTE:
-                pending.popleft()
-            self._portal_rows.pop(head.portal, None)
+            queue = self.queue
+            while self.head < len(queue) and queue[self.head].kind == EXECUTE:
+                self._pop()
+            self.portal_carry.pop(entry.portal, None)
+
+
+def _bad_frontend(t: int, ln: int, max_message: int) -> None:
+    if FE_TABLE[t] == 0:
+        shown = chr(t) if 32 < t < 127 else f"0x{t:02x}"
+        raise ProtocolViolation(f"invalid frontend message type {shown!r}")
+    if ln > max_message:
+        raise ProtocolViolation(
+            f"message of type {chr(t)!r} is {ln} bytes, over proxy.max_message_bytes "
+            f"({max_message})"
+        )
+    raise ProtocolViolation(f"invalid message length {ln} for message type {chr(t)!r}")

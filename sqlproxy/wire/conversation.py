@@ -272,6 +272,8 @@ class Conversation:
 
     def _frontend_message(self, t: int, data: bytes, start: int, end: int, now: float) -> None:
         if t == 69:  # 'E' Execute
+            if end - start < 5:
+                raise ProtocolViolation("invalid Execute message")
             portal = b"" if data[start] == 0 else data[start : _find_nul(data, start, end)]
             entry = self.portals.get(portal)
             if entry is None:
@@ -400,7 +402,8 @@ class Conversation:
         if t == 67:  # 'C' CommandComplete
             self._complete(data[start : end - 1], None, now)
         elif t == 90:  # 'Z' ReadyForQuery
-            self.tx_status = data[start]
+            if end > start:
+                self.tx_status = data[start]
             self.copy_mode = COPY_NONE
             queue = self.queue
             while self.head < len(queue):

@@ -1,0 +1,243 @@
+"""Unit tests of the sans-IO conversation tracker: no event loop, no server."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sqlproxy.errors import ProtocolViolation
+from sqlproxy.wire.conversation import Conversation, Pending, command_tag_rows
+
+
+def msg(t: bytes, body: bytes = b"") -> bytes:
+    return t + struct.pack("!I", len(body) + 4) + body
+
+
+def query(sql: str) -> bytes:
+    return msg(b"Q", sql.encode() + b"\x00")
+
+
+def parse(name: str, sql: str) -> bytes:
+    return msg(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
+
+
+def bind(portal: str, stmt: str, params: list[bytes]) -> bytes:
+    body = portal.encode() + b"\x00" + stmt.encode() + b"\x00" + struct.pack("!hh", 1, 0)
+    body += struct.pack("!h", len(params))
+    for p in params:
+        body += struct.pack("!i", len(p)) + p
+    body += struct.pack("!h", 0)
+    return msg(b"B", body)
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return msg(b"E", portal.encode() + b"\x00" + struct.pack("!i", max_rows))
+
+
+SYNC = msg(b"S")
+
+
+def complete(tag: str) -> bytes:
+    return msg(b"C", tag.encode() + b"\x00")
+
+
+def data_row(value: bytes = b"x") -> bytes:
+    return msg(b"D", struct.pack("!hi", 1, len(value)) + value)
+
+
+def ready(status: bytes = b"I") -> bytes:
+    return msg(b"Z", status)
+
+
+def error(code: str) -> bytes:
+    return msg(b"E", b"SERROR\x00C" + code.encode() + b"\x00Mboom\x00\x00")
+
+
+@dataclass
+class Recorder:
+    done: list[tuple[str, int, str | None, int, str | None]] = field(default_factory=list)
+    params: dict[str, str] = field(default_factory=dict)
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        assert ended >= started
+        self.done.append((pending.sql, index, tag.decode() if tag else None, rows, sqlstate))
+
+    def parameter_status(self, name: str, value: str) -> None:
+        self.params[name] = value
+
+
+def run(frontend: list[bytes], backend: list[bytes]) -> Recorder:
+    rec = Recorder()
+    conv = Conversation(rec, 1 << 20)
+    for chunk in frontend:
+        conv.feed_frontend(chunk, 1.0)
+    for chunk in backend:
+        conv.feed_backend(chunk, 2.0)
+    return rec
+
+
+def test_simple_multi_statement_query() -> None:
+    rec = run([query("select 1; select 2; insert into t values (1)")],
+              [msg(b"T", b"\x00\x00"), data_row(), complete("SELECT 1"), msg(b"T", b"\x00\x00"),
+               data_row(), data_row(), complete("SELECT 2"), complete("INSERT 0 1"), ready()])
+    sql = "select 1; select 2; insert into t values (1)"
+    assert rec.done == [(sql, 0, "SELECT 1", 1, None), (sql, 1, "SELECT 2", 2, None),
+                        (sql, 2, "INSERT 0 1", 1, None)]
+
+
+def test_extended_pipeline_attributes_each_execute() -> None:
+    fe = parse("s1", "select $1") + bind("", "s1", [b"1"]) + execute() + bind("", "s1", [b"2"])
+    fe += execute() + SYNC + parse("", "update t set a = 1") + bind("", "", []) + execute() + SYNC
+    be = (msg(b"1") + msg(b"2") + data_row() + complete("SELECT 1") + msg(b"2") + data_row()
+          + complete("SELECT 1") + ready() + msg(b"1") + msg(b"2") + complete("UPDATE 7")
+          + ready())
+    rec = run([fe], [be])
+    assert rec.done == [("select $1", 0, "SELECT 1", 1, None), ("select $1", 0, "SELECT 1", 1, None),
+                        ("update t set a = 1", 0, "UPDATE 7", 7, None)]
+
+
+def test_error_skips_to_sync() -> None:
+    fe = parse("", "select 1/0") + bind("", "", []) + execute() + parse("", "select 2")
+    fe += bind("", "", []) + execute() + SYNC + parse("", "select 3") + bind("", "", [])
+    fe += execute() + SYNC
+    be = msg(b"1") + msg(b"2") + error("22012") + ready() + msg(b"1") + msg(b"2") + data_row()
+    be += complete("SELECT 1") + ready()
+    rec = run([fe], [be])
+    # The second Execute was skipped by the server: it must not steal the third's result.
+    assert rec.done == [("select 1/0", 0, None, 0, "22012"), ("select 3", 0, "SELECT 1", 1, None)]
+
+
+def test_error_in_simple_query_stops_the_string() -> None:
+    rec = run([query("select 1; select 1/0; select 3")],
+              [data_row(), complete("SELECT 1"), error("22012"), ready(b"I")])
+    assert [(d[1], d[4]) for d in rec.done] == [(0, None), (1, "22012")]
+
+
+def test_portal_suspended_accumulates_rows() -> None:
+    fe = parse("", "select g from generate_series(1, 5) g") + bind("c1", "", [])
+    fe += execute("c1", 2) + SYNC + execute("c1", 2) + SYNC + execute("c1", 2) + SYNC
+    be = msg(b"1") + msg(b"2") + data_row() + data_row() + msg(b"s") + ready(b"T")
+    be += data_row() + data_row() + msg(b"s") + ready(b"T") + data_row() + complete("SELECT 1")
+    be += ready(b"T")
+    rec = run([fe], [be])
+    assert len(rec.done) == 1
+    assert rec.done[0][3] == 5
+
+
+def test_empty_query_and_parameter_status() -> None:
+    rec = run([query("")], [msg(b"I"), msg(b"S", b"application_name\x00app\x00"), ready()])
+    assert rec.done == [("", 0, None, 0, None)]
+    assert rec.params == {"application_name": "app"}
+
+
+def test_transaction_status_and_busy() -> None:
+    conv = Conversation(None, 1 << 20)
+    conv.feed_frontend(query("begin"), 0.0)
+    assert conv.busy
+    conv.feed_backend(complete("BEGIN") + ready(b"T"), 0.0)
+    assert not conv.busy
+    assert conv.tx_status == ord("T")
+
+
+def test_copy_in_mode() -> None:
+    conv = Conversation(None, 1 << 20)
+    conv.feed_frontend(query("copy t from stdin"), 0.0)
+    conv.feed_backend(msg(b"G", b"\x00\x00\x00"), 0.0)
+    assert conv.copy_mode == 1
+    conv.feed_frontend(msg(b"d", b"1\n") + msg(b"c"), 0.0)
+    conv.feed_backend(complete("COPY 1") + ready(), 0.0)
+    assert conv.copy_mode == 0 and not conv.busy
+
+
+@pytest.mark.parametrize("data", [
+    b"\x00\x00\x00\x00\x08",  # type 0
+    b"Q\x00\x00\x00\x02",  # length below 4
+    b"Z\x00\x00\x00\x04",  # a backend-only type
+])
+def test_malformed_frontend_is_rejected(data: bytes) -> None:
+    conv = Conversation(None, 1 << 20)
+    with pytest.raises(ProtocolViolation):
+        conv.feed_frontend(data, 0.0)
+
+
+def test_oversized_message_names_the_setting() -> None:
+    conv = Conversation(None, 1024)
+    with pytest.raises(ProtocolViolation, match="max_message_bytes"):
+        conv.feed_frontend(b"Q" + struct.pack("!I", 5000), 0.0)
+
+
+def test_command_tag_rows() -> None:
+    assert command_tag_rows(b"INSERT 0 5") == 5
+    assert command_tag_rows(b"SELECT 12") == 12
+    assert command_tag_rows(b"UPDATE 0") == 0
+    assert command_tag_rows(b"BEGIN") == 0
+    assert command_tag_rows(b"CREATE TABLE") == 0
+    assert command_tag_rows(b"COPY 3") == 3
+    assert command_tag_rows(b"") == 0
+
+
+FRONTEND = (parse("s", "select $1") + bind("", "s", [b"42"]) + execute() + SYNC
+            + query("select 1; select 2") + msg(b"d", b"x" * 300) + msg(b"c") + msg(b"H"))
+BACKEND = (msg(b"1") + msg(b"2") + msg(b"T", b"\x00\x00") + data_row(b"y" * 200) + complete("SELECT 1")
+           + ready() + data_row() + complete("SELECT 1") + data_row() + data_row()
+           + complete("SELECT 2") + msg(b"N", b"SNOTICE\x00\x00") + ready())
+
+
+def _chunks(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    out, prev = [], 0
+    for p in [*points, len(data)]:
+        out.append(data[prev:p])
+        prev = p
+    return [c for c in out if c]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=10_000), max_size=30),
+       st.lists(st.integers(min_value=0, max_value=10_000), max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_any_chunking_gives_the_same_events(fe_cuts: list[int], be_cuts: list[int]) -> None:
+    whole = run([FRONTEND], [BACKEND])
+    split = run(_chunks(FRONTEND, fe_cuts), _chunks(BACKEND, be_cuts))
+    assert split.done == whole.done
+    assert len(whole.done) == 3
+
+
+@given(st.binary(max_size=400), st.lists(st.integers(0, 400), max_size=8))
+@settings(max_examples=500, deadline=None)
+def test_random_frontend_bytes_never_crash(data: bytes, cuts: list[int]) -> None:
+    conv = Conversation(Recorder(), 1 << 16)
+    try:
+        for chunk in _chunks(data, cuts):
+            conv.feed_frontend(chunk, 0.0)
+    except ProtocolViolation:
+        pass
+
+
+@given(st.binary(max_size=400), st.integers(0, len(FRONTEND)))
+@settings(max_examples=300, deadline=None)
+def test_random_backend_bytes_and_truncation_never_crash(data: bytes, cut: int) -> None:
+    conv = Conversation(Recorder(), 1 << 16)
+    conv.feed_frontend(FRONTEND[:cut], 0.0)
+    conv.feed_backend(data, 0.0)
+    conv.feed_backend(BACKEND[: len(data) % (len(BACKEND) + 1)], 0.0)
+
+
+@given(st.lists(st.tuples(st.sampled_from(list(b"QPBESCFXdcfDHp")), st.binary(max_size=40)),
+                max_size=12),
+       st.lists(st.integers(0, 600), max_size=6))
+@settings(max_examples=500, deadline=None)
+def test_well_framed_random_bodies_never_crash(msgs: list[tuple[int, bytes]],
+                                               cuts: list[int]) -> None:
+    stream = b"".join(msg(bytes([t]), body) for t, body in msgs)
+    conv = Conversation(Recorder(), 1 << 16)
+    try:
+        for chunk in _chunks(stream, cuts):
+            conv.feed_frontend(chunk, 0.0)
+    except ProtocolViolation:
+        pass
+    conv.feed_backend(BACKEND, 1.0)

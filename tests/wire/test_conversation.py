@@ -97,7 +97,8 @@ def test_extended_pipeline_attributes_each_execute() -> None:
           + complete("SELECT 1") + ready() + msg(b"1") + msg(b"2") + complete("UPDATE 7")
           + ready())
     rec = run([fe], [be])
-    assert rec.done == [("select $1", 0, "SELECT 1", 1, None), ("select $1", 0, "SELECT 1", 1, None),
+    assert rec.done == [("select $1", 0, "SELECT 1", 1, None),
+                        ("select $1", 0, "SELECT 1", 1, None),
                         ("update t set a = 1", 0, "UPDATE 7", 7, None)]
 
 
@@ -183,8 +184,9 @@ def test_command_tag_rows() -> None:
 
 FRONTEND = (parse("s", "select $1") + bind("", "s", [b"42"]) + execute() + SYNC
             + query("select 1; select 2") + msg(b"d", b"x" * 300) + msg(b"c") + msg(b"H"))
-BACKEND = (msg(b"1") + msg(b"2") + msg(b"T", b"\x00\x00") + data_row(b"y" * 200) + complete("SELECT 1")
-           + ready() + data_row() + complete("SELECT 1") + data_row() + data_row()
+BACKEND = (msg(b"1") + msg(b"2") + msg(b"T", b"\x00\x00") + data_row(b"y" * 200)
+           + complete("SELECT 1") + ready() + data_row() + complete("SELECT 1")
+           + data_row() + data_row()
            + complete("SELECT 2") + msg(b"N", b"SNOTICE\x00\x00") + ready())
 
 

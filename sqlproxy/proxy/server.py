@@ -58,8 +58,11 @@ class ProxyServer:
                 s.backend.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ limits
     def admit(self, session: ClientSession) -> ProxyError | None:

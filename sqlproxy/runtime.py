@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
 
+from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.config import Config
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.server import ProxyServer
@@ -18,8 +18,11 @@ class Runtime:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.recorder: Any = None
-        self.proxy = ProxyServer(config, self.recorder)
+        self.profiler: Profiler | None = (
+            Profiler(config.analysis, get_logger("sqlproxy.analysis"))
+            if config.analysis.enabled else None
+        )
+        self.proxy = ProxyServer(config, self.profiler)
         self._stop = asyncio.Event()
         self._started = False
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from typing import Any
 
+from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.config import Config, parse_hostport
 from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.logs import get_logger
@@ -17,9 +17,9 @@ log = get_logger("sqlproxy.server")
 
 
 class ProxyServer:
-    def __init__(self, config: Config, recorder: Any = None) -> None:
+    def __init__(self, config: Config, profiler: Profiler | None = None) -> None:
         self.config = config
-        self.recorder = recorder
+        self.profiler = profiler
         self.sessions: dict[int, ClientSession] = {}
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
         self._next_id = 0

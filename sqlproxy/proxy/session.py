@@ -14,6 +14,8 @@ import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
+from sqlproxy.analysis.classify import StatementKind
+from sqlproxy.analysis.profiler import Profiler, Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.wire.conversation import Conversation, Pending
@@ -120,7 +122,15 @@ class ClientSession(asyncio.Protocol):
         self._relayed_fatal = False
         self._closing = False
         self.parameters: dict[str, str] = {}
-        self.recorder: Any = server.recorder
+        self.profiler: Profiler | None = server.profiler
+        self.memo: dict[str, list[Statement]] = {}
+        self.route = "primary"
+        # Explicit transaction block bookkeeping (for transaction statistics).
+        self._tx_start = 0.0
+        self._tx_statements = 0
+        self._tx_idle = 0.0
+        self._tx_last = 0.0
+        self._last_started = 0.0
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -361,14 +371,41 @@ class ClientSession(asyncio.Protocol):
         started: float,
         ended: float,
     ) -> None:
-        rec = self.recorder
-        if rec is not None:
-            rec.record(self, pending, index, tag, rows, sqlstate, started, ended)
+        profiler = self.profiler
+        if profiler is None:
+            return
+        stmt = profiler.record(self, pending.sql, index, pending.params, rows, sqlstate,
+                               started, ended, self.route)
+        self._last_started = started
+        if self.conv is not None and self.conv.tx_status != 73 and stmt is not None:  # in a block
+            if stmt.shape.kind is not StatementKind.TRANSACTION:
+                self._tx_statements += 1
+            if pending.sent > self._tx_last:
+                self._tx_idle += pending.sent - self._tx_last
+            self._tx_last = ended
 
     def parameter_status(self, name: str, value: str) -> None:
         self.parameters[name] = value
         if name == "application_name":
             self.application_name = value
+
+    def transaction_status(self, previous: int, current: int, now: float) -> None:
+        if previous == 73:  # 'I' -> in a transaction block
+            self._tx_start = self._last_started or now
+            self._tx_statements = 0
+            self._tx_idle = 0.0
+            self._tx_last = now
+        elif current == 73 and self.profiler is not None:
+            self.profiler.transaction_done(self, now - self._tx_start, self._tx_statements,
+                                           self._tx_idle, previous == 69)  # 'E': failed
+
+    @property
+    def database(self) -> str:
+        return self.startup.database if self.startup is not None else ""
+
+    @property
+    def user(self) -> str:
+        return self.startup.user if self.startup is not None else ""
 
     # ------------------------------------------------------------------ errors and teardown
     def _startup_timed_out(self) -> None:

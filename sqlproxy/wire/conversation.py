@@ -108,6 +108,8 @@ class ConversationListener(Protocol):
 
     def parameter_status(self, name: str, value: str) -> None: ...
 
+    def transaction_status(self, previous: int, current: int, now: float) -> None: ...
+
 
 def command_tag_rows(tag: bytes) -> int:
     """The row count a CommandComplete tag carries ("INSERT 0 5" -> 5, "SELECT 3" -> 3), else 0."""
@@ -403,7 +405,12 @@ class Conversation:
             self._complete(data[start : end - 1], None, now)
         elif t == 90:  # 'Z' ReadyForQuery
             if end > start:
-                self.tx_status = data[start]
+                status = data[start]
+                if status != self.tx_status:
+                    previous = self.tx_status
+                    self.tx_status = status
+                    if self.listener is not None:
+                        self.listener.transaction_status(previous, status, now)
             self.copy_mode = COPY_NONE
             queue = self.queue
             while self.head < len(queue):

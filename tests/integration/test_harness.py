@@ -28,6 +28,9 @@ def test_primary_is_up(pg_primary: PgCluster) -> None:
 
 @pytest.mark.parametrize("dbname", ["postgres", pg.APP_DATABASE])
 def test_pg_stat_statements_records_queries(pg_primary: PgCluster, dbname: str) -> None:
+    # Other tests send huge statements (20,000-parameter IN lists) whose stored texts can
+    # make pg_stat_statements garbage-collect its text file; start from a clean slate.
+    pg_primary.psql("SELECT pg_stat_statements_reset()", dbname=dbname)
     pg_primary.psql("SELECT 4242 AS harness_probe", dbname=dbname)
     count = pg_primary.psql(
         "SELECT count(*) FROM pg_stat_statements WHERE query LIKE '%harness_probe%'",

@@ -70,6 +70,9 @@ class Recorder:
     def parameter_status(self, name: str, value: str) -> None:
         self.params[name] = value
 
+    def transaction_status(self, previous: int, current: int, now: float) -> None:
+        self.params["tx"] = chr(previous) + chr(current)
+
 
 def run(frontend: list[bytes], backend: list[bytes]) -> Recorder:
     rec = Recorder()

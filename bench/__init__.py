@@ -1,0 +1,1 @@
+"""Benchmarks for sqlproxy (not part of the installed package)."""

@@ -1,0 +1,174 @@
+"""The profiler: turns each completed execution into statistics, slow-log entries and
+pattern-detector input. Pure bookkeeping; the proxy calls ``record`` from its event loop.
+
+Cost per execution matters (see DESIGN.md, "The hot path"): a statement text seen before on a
+session is found in that session's memo (one dict lookup on a ``str`` whose hash is cached),
+which already holds its normalized form, its classification and its statistics entry. Only new
+texts go through the literal scanner, and only new shapes through sqlglot.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Protocol
+
+from sqlproxy.analysis.cache import StatementCache
+from sqlproxy.analysis.classify import Shape
+from sqlproxy.analysis.normalize import Normalized
+from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
+from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
+from sqlproxy.config import AnalysisSection
+
+MEMO_LIMIT = 1024  # distinct statement texts remembered per session
+
+
+class Statement:
+    """One statement of a memoized text: its shape and where its numbers go."""
+
+    __slots__ = ("entry", "normalized", "shape")
+
+    def __init__(self, normalized: Normalized, shape: Shape, entry: StatEntry | None) -> None:
+        self.normalized = normalized
+        self.shape = shape
+        self.entry = entry
+
+
+class SessionContext(Protocol):
+    """What the profiler needs to know about the session an execution came from."""
+
+    id: int
+    peer: str
+    application_name: str
+    memo: dict[str, list[Statement]]
+
+    @property
+    def database(self) -> str: ...
+
+    @property
+    def user(self) -> str: ...
+
+
+class Profiler:
+    def __init__(self, config: AnalysisSection, log: Any = None) -> None:
+        self.config = config
+        self.cache = StatementCache()
+        self.stats = StatsStore(config.max_fingerprints)
+        self.slow = SlowLog(config.slow_log_size)
+        self.transactions: dict[tuple[str, str], TransactionStats] = {}
+        self.log = log
+        # perf_counter -> wall clock, fixed once: one addition per record instead of a call.
+        self.wall_offset = time.time() - time.perf_counter()
+        self.executions = 0
+        self.started_at = time.time()
+
+    def configure(self, config: AnalysisSection) -> None:
+        """Apply a reloaded [analysis] section (thresholds change live)."""
+        self.config = config
+        self.stats.max_entries = config.max_fingerprints
+
+    # ------------------------------------------------------------------ hot path
+    def statements(self, ctx: SessionContext, sql: str) -> list[Statement]:
+        memo = ctx.memo
+        stmts = memo.get(sql)
+        if stmts is None:
+            stmts = [Statement(n, self.cache.shape(n), None) for n in self.cache.scan(sql)]
+            if len(memo) >= MEMO_LIMIT:
+                memo.clear()
+            memo[sql] = stmts
+        return stmts
+
+    def record(
+        self,
+        ctx: SessionContext,
+        sql: str,
+        index: int,
+        params: int,
+        rows: int,
+        sqlstate: str | None,
+        started: float,
+        ended: float,
+        route: str = "primary",
+    ) -> Statement | None:
+        stmts = self.statements(ctx, sql)
+        if index >= len(stmts):
+            return None  # e.g. an empty query string
+        stmt = stmts[index]
+        now = ended + self.wall_offset
+        entry = stmt.entry
+        if entry is None or entry.evicted:
+            n = stmt.normalized
+            entry = self.stats.entry(n.fingerprint, ctx.database, ctx.user, n.text,
+                                     stmt.shape.kind.value, now)
+            if not entry.example:
+                entry.example = n.text
+                entry.tables = stmt.shape.tables
+            if self.config.capture_parameters and entry.example_params is None:
+                entry.example = sql if len(stmts) == 1 else n.text
+                entry.example_params = n.values
+            stmt.entry = entry
+        seconds = ended - started
+        entry.add(seconds, rows, sqlstate, ctx.application_name, route, now)
+        self.executions += 1
+        if seconds * 1000 >= self.config.slow_query_ms:
+            self._slow(ctx, stmt, entry, seconds, rows, sqlstate, route, now)
+        return stmt
+
+    # ------------------------------------------------------------------ rare events
+    def _slow(self, ctx: SessionContext, stmt: Statement, entry: StatEntry, seconds: float,
+              rows: int, sqlstate: str | None, route: str, now: float) -> None:
+        params = stmt.normalized.values if self.config.capture_parameters else None
+        item = SlowQuery(now, seconds, entry.fingerprint, entry.query, ctx.database, ctx.user,
+                         ctx.application_name, ctx.peer, ctx.id, rows, sqlstate, route, params)
+        self.slow.add(item)
+        if self.log is not None:
+            self.log.warning("slow_query", duration_ms=round(seconds * 1000, 3),
+                             fingerprint=entry.fingerprint, query=entry.query[:2000],
+                             database=ctx.database, user=ctx.user,
+                             application_name=ctx.application_name, client=ctx.peer,
+                             connection_id=ctx.id, rows=rows, sqlstate=sqlstate, route=route,
+                             parameters=list(params) if params is not None else None)
+
+    def transaction_done(self, ctx: SessionContext, seconds: float, statements: int,
+                         idle: float, failed: bool) -> None:
+        key = (ctx.database, ctx.user)
+        tx = self.transactions.get(key)
+        if tx is None:
+            tx = self.transactions[key] = TransactionStats()
+        tx.add(seconds, statements, idle, failed)
+
+    # ------------------------------------------------------------------ read access
+    def top(self, sort: str = "total_ms", limit: int = 50, offset: int = 0,
+            database: str | None = None, user: str | None = None,
+            application: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        rows = self.stats.select(sort, database, user, application)
+        return [e.to_dict() for e in rows[offset : offset + limit]], len(rows)
+
+    def detail(self, fingerprint: str) -> dict[str, Any] | None:
+        entries = self.stats.by_fingerprint(fingerprint)
+        if not entries:
+            return None
+        main = max(entries, key=lambda e: e.calls)
+        out = main.to_dict()
+        out["example"] = main.example
+        if self.config.capture_parameters and main.example_params is not None:
+            out["example_parameters"] = list(main.example_params)
+        out["by_database_user"] = [e.to_dict() for e in entries]
+        out["slow"] = [s.to_dict() for s in self.slow.select(fingerprint=fingerprint)[:50]]
+        return out
+
+    def slow_log(self, since: float | None = None, min_ms: float | None = None,
+                 limit: int = 100, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+        items = self.slow.select(since, min_ms)
+        return [s.to_dict() for s in items[offset : offset + limit]], len(items)
+
+    def transaction_summary(self) -> list[dict[str, Any]]:
+        return [{"database": db, "user": user, **tx.to_dict()}
+                for (db, user), tx in sorted(self.transactions.items())]
+
+    def reset(self, what: str = "all") -> None:
+        if what in ("all", "statistics"):
+            self.stats.reset()
+            self.transactions.clear()
+            self.executions = 0
+        if what in ("all", "slow"):
+            self.slow.reset()

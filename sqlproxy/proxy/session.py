@@ -443,7 +443,9 @@ class ClientSession(asyncio.Protocol):
         t = self.client_transport
         if t is None or t.is_closing() or self.state is SessionState.CLOSED:
             return
-        if self._relayed_fatal or (self.conv is not None and self.conv.terminated):
+        conv = self.conv
+        if self._relayed_fatal or (conv is not None and (conv.terminated or conv.fatal)):
+            # The client already has the server's own FATAL error (or asked to leave).
             t.close()
             return
         self.fail(ConnectionFailure(

@@ -57,8 +57,8 @@ COPY_BOTH: Final = 3
 MAX_NAMED: Final = 10_000  # bound on remembered prepared statements / portals per connection
 
 # Per message type (the byte value): 0 = invalid, 1 = valid and ignored, 2 = valid, body needed.
-_FE_BODY_NEEDED: Final = b"QPBESCFX"
-_FE_VALID_ONLY: Final = b"dcfDHp"
+_FE_BODY_NEEDED: Final = b"QPBESCFXcf"
+_FE_VALID_ONLY: Final = b"dDHp"
 _BE_BODY_NEEDED: Final = b"CIEsZSGHW"
 
 
@@ -79,7 +79,7 @@ class Pending:
     """One request awaiting its result."""
 
     def __init__(self, kind: int, sql: str, sent: float, statement: bytes = b"",
-                 params: int = 0, portal: bytes = b"") -> None:
+                 params: int = 0, portal: bytes = b"", bind: int = 0) -> None:
         self.kind = kind
         self.sql = sql
         self.sent = sent
@@ -87,6 +87,7 @@ class Pending:
         self.params = params  # digest of the Bind parameter values (0 when none)
         self.index = 0  # next statement of a multi-statement Query
         self.portal = portal
+        self.bind = bind  # which Bind created the portal (a portal name is reused)
 
 
 _SYNC_ENTRY: Final = Pending(SYNC, "", 0.0)
@@ -135,16 +136,20 @@ def _find_nul(data: bytes, start: int, end: int) -> int:
     raise ProtocolViolation("invalid message format: missing string terminator")
 
 
-def _error_sqlstate(data: bytes, start: int, end: int) -> str:
-    """The SQLSTATE ('C' field) of an ErrorResponse body."""
+def _error_fields(data: bytes, start: int, end: int) -> tuple[str, bool]:
+    """The SQLSTATE ('C' field) of an ErrorResponse body, and whether it ends the session."""
     i = start
+    sqlstate = "XX000"
+    fatal = False
     while i < end and data[i] != 0:
         code = data[i]
         j = _find_nul(data, i + 1, end)
         if code == 67:  # 'C'
-            return data[i + 1 : j].decode("ascii", "replace")
+            sqlstate = data[i + 1 : j].decode("ascii", "replace")
+        elif code == 86:  # 'V': severity, never localized
+            fatal = data[i + 1 : j] in (b"FATAL", b"PANIC")
         i = j + 1
-    return "XX000"
+    return sqlstate, fatal
 
 
 class Conversation:
@@ -156,11 +161,15 @@ class Conversation:
         self.queue: list[Pending] = []
         self.head = 0  # index of the first live entry in ``queue``
         self.statements: dict[bytes, str] = {}  # prepared statement name -> SQL text
-        self.portals: dict[bytes, tuple[bytes, str, int]] = {}  # portal -> (stmt, sql, params)
-        self.portal_carry: dict[bytes, tuple[int, float]] = {}  # suspended portals
+        # portal -> (statement name, sql, parameters digest, bind sequence number)
+        self.portals: dict[bytes, tuple[bytes, str, int, int]] = {}
+        self.binds = 0
+        # Suspended portals: portal -> (its Execute, rows so far, seconds so far, last suspend)
+        self.portal_carry: dict[bytes, tuple[Pending, int, float, float]] = {}
         self.tx_status = 73  # 'I'
         self.copy_mode = COPY_NONE
         self.terminated = False
+        self.fatal = False  # the server sent a FATAL error: it is closing the session
         self.fe_buf = bytearray()
         self.fe_want = 0  # bytes still missing from the buffered frontend message
         self.fe_skip = 0  # bytes of an ignored frontend message still to skip
@@ -281,7 +290,9 @@ class Conversation:
             if entry is None:
                 self.queue.append(Pending(EXECUTE, "", now, b"", 0, portal))
             else:
-                self.queue.append(Pending(EXECUTE, entry[1], now, entry[0], entry[2], portal))
+                self.queue.append(
+                    Pending(EXECUTE, entry[1], now, entry[0], entry[2], portal, entry[3])
+                )
         elif t == 83:  # 'S' Sync
             self.queue.append(_SYNC_ENTRY)
         elif t == 66:  # 'B' Bind
@@ -292,7 +303,10 @@ class Conversation:
             portals = self.portals
             if len(portals) >= MAX_NAMED and portal not in portals:
                 portals.clear()
-            portals[portal] = (stmt, self.statements.get(stmt, ""), hash(data[nul2 + 1 : end]))
+            self.binds += 1
+            portals[portal] = (
+                stmt, self.statements.get(stmt, ""), hash(data[nul2 + 1 : end]), self.binds
+            )
         elif t == 80:  # 'P' Parse
             nul1 = _find_nul(data, start, end)
             nul2 = _find_nul(data, nul1 + 1, end)
@@ -316,6 +330,19 @@ class Conversation:
             self.queue.append(Pending(FUNCTION_CALL, "", now))
         elif t == 88:  # 'X' Terminate
             self.terminated = True
+        elif t == 99 or t == 102:  # 'c' CopyDone, 'f' CopyFail
+            # The server ignores a Sync that reaches it during COPY FROM STDIN; libpq sends
+            # one right after the Execute of a COPY in the extended protocol (it cannot know it
+            # is a COPY) and another after CopyDone. Forget those it will not answer.
+            queue = self.queue
+            if (
+                self.copy_mode == COPY_IN
+                and self.head < len(queue)
+                and queue[self.head].kind == EXECUTE
+            ):
+                i = self.head + 1
+                while i < len(queue) and queue[i].kind == SYNC:
+                    del queue[i]
 
     # ------------------------------------------------------------------ backend side
     def feed_backend(self, data: bytes, now: float) -> None:
@@ -419,8 +446,13 @@ class Conversation:
                 if kind != EXECUTE:
                     break
             self.rows = 0
+            if self.portal_carry and self.tx_status != 84:  # not 'T': the portals are gone
+                self._flush_carry()
         elif t == 69:  # 'E' ErrorResponse
-            self._fail(_error_sqlstate(data, start, end), now)
+            sqlstate, fatal = _error_fields(data, start, end)
+            if fatal:
+                self.fatal = True
+            self._fail(sqlstate, now)
         elif t == 73:  # 'I' EmptyQueryResponse
             self._complete(None, None, now)
         elif t == 115:  # 's' PortalSuspended
@@ -467,8 +499,11 @@ class Conversation:
             if self.portal_carry:
                 carry = self.portal_carry.pop(entry.portal, None)
                 if carry is not None:
-                    rows += carry[0]
-                    started -= carry[1]
+                    if carry[0].bind == entry.bind:
+                        rows += carry[1]
+                        started -= carry[2]
+                    else:  # the portal was bound anew: the suspended one ended unseen
+                        self._emit_carry(carry)
         else:
             index = entry.index
             entry.index = index + 1
@@ -487,10 +522,28 @@ class Conversation:
         started = entry.sent if entry.sent > self.last_end else self.last_end
         self.last_end = now
         prev = self.portal_carry.get(entry.portal)
+        if prev is not None and prev[0].bind != entry.bind:
+            self._emit_carry(prev)
+            prev = None
         if prev is None:
-            self.portal_carry[entry.portal] = (rows, now - started)
+            self.portal_carry[entry.portal] = (entry, rows, now - started, now)
         else:
-            self.portal_carry[entry.portal] = (prev[0] + rows, prev[1] + (now - started))
+            self.portal_carry[entry.portal] = (
+                prev[0], prev[1] + rows, prev[2] + (now - started), now
+            )
+
+    def _flush_carry(self) -> None:
+        """The suspended portals were closed (transaction end): their statements are done."""
+        carried = list(self.portal_carry.values())
+        self.portal_carry.clear()
+        for carry in carried:
+            self._emit_carry(carry)
+
+    def _emit_carry(self, carry: tuple[Pending, int, float, float]) -> None:
+        listener = self.listener
+        if listener is not None:
+            entry, rows, seconds, last = carry
+            listener.statement_done(entry, 0, None, rows, None, last - seconds, last)
 
     def _fail(self, sqlstate: str, now: float) -> None:
         self.sql_errors += 1
@@ -505,7 +558,6 @@ class Conversation:
             queue = self.queue
             while self.head < len(queue) and queue[self.head].kind == EXECUTE:
                 self._pop()
-            self.portal_carry.pop(entry.portal, None)
 
 
 def _bad_frontend(t: int, ln: int, max_message: int) -> None:

@@ -61,13 +61,6 @@ INVALID_PASSWORD = "28P01"
 UNIQUE_VIOLATION = "23505"
 ADMIN_SHUTDOWN = "57P01"
 
-FATAL_BUG = (
-    "proxy bug: when the server ends a session with a FATAL ErrorResponse (pg_terminate_backend, "
-    "idle_session_timeout, shutdown), the proxy relays it and then, on the backend's EOF, sends "
-    "its own ErrorResponse 08006 'server closed the connection unexpectedly' (DETAIL: backend "
-    "host:port) before closing: ClientSession.backend_lost only treats a FATAL relayed during "
-    "startup (_relayed_fatal) as expected, never one relayed on the hot path"
-)
 
 
 def arun(coro: Awaitable[T]) -> T:
@@ -394,7 +387,6 @@ def test_psql_session_terminated_by_server(psql_targets: dict[str, str]) -> None
 
 
 @needs_psql
-@pytest.mark.xfail(reason=FATAL_BUG, strict=True)
 def test_psql_session_terminated_by_server_reports_only_the_server_error(
     psql_targets: dict[str, str],
 ) -> None:
@@ -952,7 +944,6 @@ def test_asyncpg_session_terminated_by_server(pg_primary: PgCluster, proxy_dsn: 
     assert "connection was closed in the middle of operation" in str(error)
 
 
-@pytest.mark.xfail(reason=FATAL_BUG, strict=True)
 def test_asyncpg_session_terminated_by_server_reports_the_server_error(
     pg_primary: PgCluster, proxy_dsn: str, direct_dsn: str
 ) -> None:
@@ -1384,17 +1375,8 @@ def test_libpq_extended_protocol_copy_in(
     ]
 
 
-EXTENDED_COPY_BUG = (
-    "proxy bug: after a COPY FROM STDIN sent with the extended protocol (Parse/Bind/Execute/"
-    "Sync, CopyData, CopyDone, Sync) the server answers the two Syncs with one ReadyForQuery; "
-    "Conversation queues a Pending entry for each Sync, so one stale Sync stays queued: the idle "
-    "session stays 'busy' with a request pending, and every later statement's result is "
-    "attributed to the statement before it (its duration then spans the client's idle time: "
-    "false slow queries)"
-)
 
 
-@pytest.mark.xfail(reason=EXTENDED_COPY_BUG, strict=True, raises=AssertionError)
 def test_libpq_extended_protocol_copy_in_keeps_the_proxy_in_step(
     proxy: ProxyThread, names: Names
 ) -> None:

@@ -133,6 +133,51 @@ def test_portal_suspended_accumulates_rows() -> None:
     assert rec.done[0][3] == 5
 
 
+def test_suspended_portal_closed_at_sync_is_one_execution() -> None:
+    # asyncpg's fetchrow/fetchval: Execute with a row limit, then Sync ends the transaction
+    # and with it the portal; the next query on the unnamed portal must not inherit its rows.
+    fe = parse("a", "select name from items where id = $1") + bind("", "a", [b"1"])
+    fe += execute("", 1) + SYNC
+    fe += parse("b", "select * from items") + bind("", "b", []) + execute() + SYNC
+    be = msg(b"1") + msg(b"2") + data_row() + msg(b"s") + ready(b"I")
+    be += msg(b"1") + msg(b"2") + data_row() + data_row() + complete("SELECT 2") + ready(b"I")
+    rec = run([fe], [be])
+    assert rec.done == [("select name from items where id = $1", 0, None, 1, None),
+                        ("select * from items", 0, "SELECT 2", 2, None)]
+
+
+def test_suspended_portal_rebound_in_a_transaction() -> None:
+    fe = parse("a", "select 1") + bind("p", "a", []) + execute("p", 1) + SYNC
+    fe += bind("p", "a", []) + execute("p") + SYNC
+    be = msg(b"1") + msg(b"2") + data_row() + msg(b"s") + ready(b"T")
+    be += msg(b"2") + data_row() + complete("SELECT 1") + ready(b"T")
+    rec = run([fe], [be])
+    assert [(d[0], d[3]) for d in rec.done] == [("select 1", 1), ("select 1", 1)]
+
+
+def test_extended_copy_in_ignored_sync() -> None:
+    # libpq: Parse/Bind/Execute/Sync for the COPY, CopyData, CopyDone, Sync. The server ignores
+    # the first Sync (it arrives in copy-in mode) and answers one ReadyForQuery.
+    rec = Recorder()
+    conv = Conversation(rec, 1 << 20)
+    conv.feed_frontend(parse("", "copy t from stdin") + bind("", "", []) + execute() + SYNC, 1.0)
+    conv.feed_backend(msg(b"1") + msg(b"2") + msg(b"G", b"\x00\x00\x00"), 1.5)
+    conv.feed_frontend(msg(b"d", b"1\n") + msg(b"c") + SYNC, 2.0)
+    conv.feed_backend(complete("COPY 1") + ready(), 2.5)
+    assert rec.done == [("copy t from stdin", 0, "COPY 1", 1, None)]
+    assert not conv.busy
+    conv.feed_frontend(query("select 1"), 3.0)
+    conv.feed_backend(data_row() + complete("SELECT 1") + ready(), 3.5)
+    assert rec.done[-1] == ("select 1", 0, "SELECT 1", 1, None)
+
+
+def test_fatal_error_is_noticed() -> None:
+    conv = Conversation(Recorder(), 1 << 20)
+    conv.feed_frontend(query("select 1"), 1.0)
+    conv.feed_backend(msg(b"E", b"SFATAL\x00VFATAL\x00C57P01\x00Mterminating\x00\x00"), 2.0)
+    assert conv.fatal
+
+
 def test_empty_query_and_parameter_status() -> None:
     rec = run([query("")], [msg(b"I"), msg(b"S", b"application_name\x00app\x00"), ready()])
     assert rec.done == [("", 0, None, 0, None)]

@@ -9,12 +9,40 @@ the scanner, but never sqlglot, which runs once per fingerprint.
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 
 from sqlproxy.analysis.classify import Shape, classify
 from sqlproxy.analysis.normalize import Normalized, scan
 
-__all__ = ["StatementCache"]
+__all__ = ["StatementCache", "skeleton"]
+
+# The skeleton of a statement: its text with plain literals — unsigned decimal numbers that
+# touch no word, and '...' strings without backslashes — cut out. Statements that differ only
+# in such literals (pgbench -M simple, ORMs that inline ids) share a skeleton, and re.split
+# finds both the skeleton and the literals in one pass of compiled code, several times cheaper
+# than the full scanner. A skeleton is trusted only after the full scanner, run on the first
+# text that has it, found exactly these literals and nothing else that depends on their values
+# (see StatementCache.template).
+# Both alternatives start with a character from a small set (the number's look-behind comes
+# after its first digit), which lets the regex engine skip ahead between candidates.
+_SKELETON_RE = re.compile(r"('[^'\\]*+'|[0-9](?<![\w$.][0-9])[0-9]*+(?:\.[0-9]++)?+(?![\w.]))")
+_MARK = "\x00"  # joins the skeleton's pieces; NUL never occurs in SQL text
+
+
+def skeleton(sql: str) -> tuple[str, tuple[str, ...]] | None:
+    """(skeleton, literals) of a statement, or None when it must go through the full scanner:
+    no literal at all, or characters whose meaning the skeleton cannot see (comments, quoted
+    identifiers, dollar quotes and parameters, backslashes, several statements)."""
+    if "$" in sql or '"' in sql or "\\" in sql or "--" in sql or "/*" in sql:
+        return None
+    parts = _SKELETON_RE.split(sql)
+    if len(parts) == 1:
+        return None
+    skel = _MARK.join(parts[::2])
+    if ";" in skel.rstrip(" \t\n\r\f\v;"):
+        return None
+    return skel, tuple(parts[1::2])
 
 
 class StatementCache:
@@ -28,6 +56,7 @@ class StatementCache:
     __slots__ = (
         "_raw",
         "_shapes",
+        "_skeletons",
         "max_raw",
         "max_shapes",
         "max_text_length",
@@ -47,6 +76,9 @@ class StatementCache:
         self.max_text_length = max_text_length
         self._raw: OrderedDict[str, list[Normalized]] = OrderedDict()
         self._shapes: OrderedDict[str, Shape] = OrderedDict()
+        # skeleton -> its statement's normalized form (values from the first text), or None
+        # when the skeleton cannot stand for the full scan.
+        self._skeletons: OrderedDict[str, Normalized | None] = OrderedDict()
         self.raw_hits = 0
         self.raw_misses = 0
         self.shape_hits = 0
@@ -68,6 +100,32 @@ class StatementCache:
                 raw.popitem(last=False)
         return statements
 
+    def template(self, skel: str, literals: tuple[str, ...], sql: str) -> Normalized | None:
+        """The normalized statement every text with skeleton ``skel`` has, or None.
+
+        The first text of a skeleton goes through the full scanner. The skeleton stands for it
+        when the scanner found one statement whose literals are exactly the skeleton's (in
+        order), with no literal OFFSET and no hints: then the scanner's output depends only on
+        the text around the literals, which all texts of the skeleton share. Otherwise (a
+        boolean, a signed number, a type modifier, a literal OFFSET, E'' strings, ...) the
+        skeleton is remembered as unusable and its texts take the full path.
+        """
+        cache = self._skeletons
+        if skel in cache:
+            cache.move_to_end(skel)
+            return cache[skel]
+        found = self.scan(sql)
+        n: Normalized | None = None
+        # OFFSET's value matters (deep-OFFSET detection): such statements take the full path.
+        if len(found) == 1 and "offset" not in skel.lower():
+            first = found[0]
+            if first.values == literals and first.offset is None and not first.hints:
+                n = first
+        cache[skel] = n
+        if len(cache) > self.max_shapes:
+            cache.popitem(last=False)
+        return n
+
     def shape(self, n: Normalized) -> Shape:
         """`classify.classify` of the statement's normalized text, cached by fingerprint."""
         shapes = self._shapes
@@ -87,6 +145,7 @@ class StatementCache:
     def clear(self) -> None:
         self._raw.clear()
         self._shapes.clear()
+        self._skeletons.clear()
 
     def __len__(self) -> int:
         return len(self._raw)

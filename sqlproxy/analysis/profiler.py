@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-from sqlproxy.analysis.cache import StatementCache
+from sqlproxy.analysis.cache import StatementCache, skeleton
 from sqlproxy.analysis.classify import Shape
 from sqlproxy.analysis.normalize import Normalized
 from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
@@ -23,14 +23,20 @@ MEMO_LIMIT = 1024  # distinct statement texts remembered per session
 
 
 class Statement:
-    """One statement of a memoized text: its shape and where its numbers go."""
+    """One statement of a memoized text: its shape and where its numbers go.
 
-    __slots__ = ("entry", "normalized", "shape")
+    ``values`` are the literal values of this execution: ``normalized.values`` for a text seen
+    before, the literals cut out of its skeleton for a text that only shares a skeleton.
+    """
 
-    def __init__(self, normalized: Normalized, shape: Shape, entry: StatEntry | None) -> None:
+    __slots__ = ("entry", "normalized", "shape", "values")
+
+    def __init__(self, normalized: Normalized, shape: Shape, entry: StatEntry | None,
+                 values: tuple[str, ...] | None = None) -> None:
         self.normalized = normalized
         self.shape = shape
         self.entry = entry
+        self.values = normalized.values if values is None else values
 
 
 class SessionContext(Protocol):
@@ -70,12 +76,42 @@ class Profiler:
     def statements(self, ctx: SessionContext, sql: str) -> list[Statement]:
         memo = ctx.memo
         stmts = memo.get(sql)
-        if stmts is None:
-            stmts = [Statement(n, self.cache.shape(n), None) for n in self.cache.scan(sql)]
-            if len(memo) >= MEMO_LIMIT:
-                memo.clear()
-            memo[sql] = stmts
+        if stmts is not None:
+            return stmts
+        # A text not seen on this session. If it differs from one seen before only in plain
+        # literals (a simple-protocol client inlining values), its skeleton finds the
+        # statement without the full scanner, and the one-off text stays out of the memo.
+        cut = skeleton(sql)
+        if cut is not None:
+            skel, literals = cut
+            base = memo.get(skel)  # skeletons hold a NUL: they never equal a SQL text
+            if base is None:
+                n = self.cache.template(skel, literals, sql)
+                if n is not None:
+                    base = [Statement(n, self.cache.shape(n), None)]
+                    if len(memo) >= MEMO_LIMIT:
+                        memo.clear()
+                    memo[skel] = base
+            if base is not None:
+                t = base[0]
+                if t.entry is None or t.entry.evicted:
+                    t.entry = self._entry(ctx, t)
+                return [Statement(t.normalized, t.shape, t.entry, literals)]
+        stmts = [Statement(n, self.cache.shape(n), None) for n in self.cache.scan(sql)]
+        if len(memo) >= MEMO_LIMIT:
+            memo.clear()
+        memo[sql] = stmts
         return stmts
+
+    def _entry(self, ctx: SessionContext, stmt: Statement) -> StatEntry:
+        n = stmt.normalized
+        now = time.time()
+        entry = self.stats.entry(n.fingerprint, ctx.database, ctx.user, n.text,
+                                 stmt.shape.kind.value, now)
+        if not entry.example:
+            entry.example = n.text
+            entry.tables = stmt.shape.tables
+        return entry
 
     def record(
         self,
@@ -96,16 +132,10 @@ class Profiler:
         now = ended + self.wall_offset
         entry = stmt.entry
         if entry is None or entry.evicted:
-            n = stmt.normalized
-            entry = self.stats.entry(n.fingerprint, ctx.database, ctx.user, n.text,
-                                     stmt.shape.kind.value, now)
-            if not entry.example:
-                entry.example = n.text
-                entry.tables = stmt.shape.tables
-            if self.config.capture_parameters and entry.example_params is None:
-                entry.example = sql if len(stmts) == 1 else n.text
-                entry.example_params = n.values
-            stmt.entry = entry
+            entry = stmt.entry = self._entry(ctx, stmt)
+        if self.config.capture_parameters and entry.example_params is None:
+            entry.example = sql if len(stmts) == 1 else stmt.normalized.text
+            entry.example_params = stmt.values
         seconds = ended - started
         entry.add(seconds, rows, sqlstate, ctx.application_name, route, now)
         self.executions += 1
@@ -116,7 +146,7 @@ class Profiler:
     # ------------------------------------------------------------------ rare events
     def _slow(self, ctx: SessionContext, stmt: Statement, entry: StatEntry, seconds: float,
               rows: int, sqlstate: str | None, route: str, now: float) -> None:
-        params = stmt.normalized.values if self.config.capture_parameters else None
+        params = stmt.values if self.config.capture_parameters else None
         item = SlowQuery(now, seconds, entry.fingerprint, entry.query, ctx.database, ctx.user,
                          ctx.application_name, ctx.peer, ctx.id, rows, sqlstate, route, params)
         self.slow.add(item)

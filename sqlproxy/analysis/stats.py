@@ -3,16 +3,18 @@
 Like ``pg_stat_statements``: one entry per (fingerprint, database, user), bounded in number; when
 full, the least-used 5 % are evicted (usage decays so that old heavy hitters can leave too) and
 the evictions are counted. Latency percentiles come from a DDSketch (1 % relative error,
-mergeable), never from stored samples.
+mergeable; see sketch.py), never from stored samples.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from math import ceil as _ceil
+from math import log as _log
 from typing import Any
 
-from ddsketch import DDSketch
+from sqlproxy.analysis.sketch import LogSketch
 
 SORT_KEYS = ("total_ms", "mean_ms", "calls", "rows", "p99_ms", "p95_ms", "errors", "max_ms")
 MAX_APPLICATIONS = 16  # application names remembered per entry
@@ -36,19 +38,22 @@ class StatEntry:
         self.min = math.inf
         self.max = 0.0
         self.errors: dict[str, int] = {}
-        self.applications: dict[str, int] = {}
-        self.routes: dict[str, int] = {}
+        self.applications: dict[str, int] = {}  # names seen (bounded); values unused
+        self.other_routes: dict[str, int] = {}  # executions not on the primary, by route
+        self._last_application: str | None = None
         self.first_seen = now
         self.last_seen = now
         self.example = ""
         self.example_params: tuple[str, ...] | None = None
-        self.sketch = DDSketch(SKETCH_ACCURACY)
+        self.sketch = LogSketch(SKETCH_ACCURACY)
         self.usage = 0.0
         self.evicted = False
         self.tables: tuple[str, ...] = ()
 
     def add(self, seconds: float, rows: int, sqlstate: str | None, application: str,
             route: str, now: float) -> None:
+        # Once per executed statement: kept to plain attribute arithmetic and at most two dict
+        # operations in the common case (same application as last time, primary route).
         self.calls += 1
         self.rows += rows
         self.total += seconds
@@ -59,16 +64,29 @@ class StatEntry:
             self.max = seconds
         self.last_seen = now
         self.usage += 1.0
-        self.sketch.add(seconds if seconds > 0 else 1e-9)
+        sketch = self.sketch  # LogSketch.add, inlined
+        key = _ceil(_log(seconds if seconds > 1e-9 else 1e-9) * sketch._inv_log_gamma)
+        bins = sketch.bins
+        bins[key] = bins.get(key, 0) + 1
+        sketch.count += 1
         if sqlstate is not None:
             self.errors[sqlstate] = self.errors.get(sqlstate, 0) + 1
-        apps = self.applications
-        if application in apps:
-            apps[application] += 1
-        elif len(apps) < MAX_APPLICATIONS:
-            apps[application] = 1
-        routes = self.routes
-        routes[route] = routes.get(route, 0) + 1
+        if application is not self._last_application:
+            self._last_application = application
+            apps = self.applications
+            if application not in apps and len(apps) < MAX_APPLICATIONS:
+                apps[application] = 1
+        if route != "primary":
+            self.other_routes[route] = self.other_routes.get(route, 0) + 1
+
+    @property
+    def routes(self) -> dict[str, int]:
+        """Executions per route: "primary" and each replica's name."""
+        other = self.other_routes
+        primary = self.calls - sum(other.values())
+        out = {"primary": primary} if primary else {}
+        out.update(other)
+        return out
 
     @property
     def error_count(self) -> int:
@@ -87,10 +105,7 @@ class StatEntry:
         return math.sqrt(var) if var > 0 else 0.0
 
     def quantile(self, q: float) -> float:
-        if self.sketch.count == 0:
-            return 0.0
-        v = self.sketch.get_quantile_value(q)
-        return float(v) if v is not None else 0.0
+        return self.sketch.quantile(q)
 
     def sort_value(self, key: str) -> float:
         if key == "total_ms":
@@ -211,7 +226,7 @@ class TransactionStats:
         self.max = 0.0
         self.statements = 0
         self.idle = 0.0  # client think time inside transactions
-        self.sketch = DDSketch(SKETCH_ACCURACY)
+        self.sketch = LogSketch(SKETCH_ACCURACY)
         self.rolled_back = 0
 
     def add(self, seconds: float, statements: int, idle: float, failed: bool) -> None:
@@ -220,13 +235,13 @@ class TransactionStats:
         self.max = max(self.max, seconds)
         self.statements += statements
         self.idle += idle
-        self.sketch.add(seconds if seconds > 0 else 1e-9)
+        self.sketch.add(seconds)
         if failed:
             self.rolled_back += 1
 
     def to_dict(self) -> dict[str, Any]:
         c = self.count or 1
-        p = self.sketch.get_quantile_value(0.99) if self.count else 0.0
+        p = self.sketch.quantile(0.99)
         return {
             "transactions": self.count,
             "failed": self.rolled_back,

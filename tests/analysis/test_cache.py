@@ -1,0 +1,63 @@
+"""The statement cache: the skeleton shortcut gives exactly what the full scanner gives."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sqlproxy.analysis.cache import StatementCache, skeleton
+from sqlproxy.analysis.normalize import scan
+
+# Statement templates with holes ({}) where literals of any kind go.
+TEMPLATES = [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = {};",
+    "select * from t where a = {} and b in ({}, {}) limit {}",
+    "select * from t where a = {} offset {}",
+    "select x::varchar({}) from t where y = {}",
+    "insert into t (a, b) values ({}, {})",
+    "insert into t (a, b) values ({}, {}), ({}, {})",
+    "update t set a = {} where b = {} and c is true",
+    "select a -{} from t where b = -{} and c = {}",
+    "select * from t1 where c2 = {} and 'x' = {}",
+    "select {}; select {}",
+    "select * from t where d = interval {} and e = {}::text",
+]
+LITERALS = st.one_of(
+    st.integers(min_value=0, max_value=10**12).map(str),
+    st.integers(min_value=-1000, max_value=-1).map(str),
+    st.decimals(min_value=0, max_value=1000, places=3).map(str),
+    st.text(alphabet="ab ';-$\\\"x1", max_size=6).map(lambda t: "'" + t.replace("'", "''") + "'"),
+    st.sampled_from(["true", "false", "null", "E'a\\'b'", "X'1F'", "1e5", "0x1F", "$1"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(TEMPLATES), st.data())
+def test_skeleton_stands_for_the_full_scan(template: str, data: st.DataObject) -> None:
+    holes = template.count("{}")
+    first = template.format(*data.draw(st.lists(LITERALS, min_size=holes, max_size=holes)))
+    second = template.format(*data.draw(st.lists(LITERALS, min_size=holes, max_size=holes)))
+    a, b = skeleton(first), skeleton(second)
+    if a is None or b is None or a[0] != b[0]:
+        return
+    cache = StatementCache()
+    n = cache.template(a[0], a[1], first)
+    if n is None:
+        return
+    want = scan(second)
+    assert len(want) == 1
+    assert (want[0].text, want[0].fingerprint) == (n.text, n.fingerprint)
+    assert want[0].values == b[1]
+    assert want[0].offset is None and not want[0].hints
+
+
+def test_skeleton_shortcut_is_used_for_pgbench_simple() -> None:
+    cache = StatementCache()
+    texts = [f"SELECT abalance FROM pgbench_accounts WHERE aid = {i};" for i in (7, 42)]
+    cuts = [skeleton(t) for t in texts]
+    assert cuts[0] is not None and cuts[1] is not None and cuts[0][0] == cuts[1][0]
+    assert cuts[1][1] == ("42",)
+    assert cache.template(cuts[0][0], cuts[0][1], texts[0]) is not None
+    assert skeleton("select 1 -- comment") is None
+    assert skeleton('select "a1" from t where b = 2') is None
+    assert skeleton("select a from t") is None  # nothing to cut

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from sqlproxy.runtime import run
 
-        run(cfg)
+        run(cfg, config_path=getattr(args, "config", None), overrides=overrides_from_args(args))
         return 0
     return 2
 

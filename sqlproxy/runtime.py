@@ -1,41 +1,95 @@
-"""Process runtime: the event loop, signals, the proxy and its companions, shutdown."""
+"""Process runtime: the event loop, signals, the proxy and its companions, shutdown.
+
+Signals: SIGTERM and SIGINT stop the process cleanly (stop accepting, drain sessions for up to
+``proxy.shutdown_grace_seconds``, write a final state snapshot); SIGHUP reloads the
+configuration from the same file, environment and command-line flags it was started with and
+applies what can change live. An invalid new configuration is rejected as a whole: the old one
+stays in force and the error, which names the key, is logged.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
+from typing import Any
 
 from sqlproxy.analysis.profiler import Profiler
-from sqlproxy.config import Config
+from sqlproxy.config import Config, load_config
+from sqlproxy.errors import ConfigError
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.server import ProxyServer
+from sqlproxy.state import StateContributor, StateFile, profiler_contributors
 
 log = get_logger("sqlproxy.runtime")
+
+# Keys whose new value only takes effect after a restart: sockets already bound, components
+# built once. A reload that changes them keeps the running value and says so.
+RESTART_KEYS: tuple[tuple[str, str], ...] = (
+    ("proxy", "listen"),
+    ("admin", "listen"),
+    ("admin", "enabled"),
+    ("analysis", "enabled"),
+    ("state", "enabled"),
+    ("state", "path"),
+    ("log", "format"),
+)
+
+ReloadHook = Callable[[Config, Config], None]
 
 
 class Runtime:
     """Everything one sqlproxy process runs, started and stopped together."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
+        # What the config was built from, so that SIGHUP can build it again.
+        self.config_path = config_path
+        self.overrides = overrides
+        self.environ = environ
         self.profiler: Profiler | None = (
             Profiler(config.analysis, get_logger("sqlproxy.analysis"))
             if config.analysis.enabled else None
         )
         self.proxy = ProxyServer(config, self.profiler)
+        self.state: StateFile | None = (
+            StateFile(config.state.path) if config.state.enabled else None
+        )
+        # Components started elsewhere (routing, admin) register here to see reloads.
+        self.reload_hooks: list[ReloadHook] = []
+        self.reloads = 0
         self._stop = asyncio.Event()
         self._started = False
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self._snapshot_lock = asyncio.Lock()
 
+    # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.state is not None:
+            self.state.load(self.state_contributors())
         await self.proxy.start()
         self._started = True
+        if self.state is not None:
+            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_loop())
         log.info("started", listen=f"{self.proxy.host}:{self.proxy.port}")
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
+        if self._snapshot_task is not None:
+            self._snapshot_task.cancel()
+            await asyncio.gather(self._snapshot_task, return_exceptions=True)
+            self._snapshot_task = None
         await self.proxy.stop(self.config.proxy.shutdown_grace_seconds)
+        await self.snapshot()  # after the drain: includes what the last sessions did
         log.info("stopped")
 
     def request_stop(self) -> None:
@@ -45,12 +99,85 @@ class Runtime:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         await self.start()
         try:
             await self._stop.wait()
         finally:
             log.info("stopping")
             await self.stop()
+
+    # ------------------------------------------------------------------ durable state
+    def state_contributors(self) -> list[StateContributor]:
+        return profiler_contributors(self.profiler) if self.profiler is not None else []
+
+    async def snapshot(self) -> bool:
+        """Write a state snapshot now; False (and an error logged) if it could not be written."""
+        if self.state is None:
+            return False
+        async with self._snapshot_lock:
+            try:
+                sections = StateFile.collect(self.state_contributors())
+                await asyncio.to_thread(self.state.write, sections)
+            except Exception as exc:  # a full disk must not take the proxy down
+                log.error("state_snapshot_failed", path=str(self.state.path),
+                          error=f"{type(exc).__name__}: {exc}")
+                return False
+        return True
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.state.snapshot_seconds)
+            await self.snapshot()
+
+    # ------------------------------------------------------------------ reload (SIGHUP)
+    def reload(self) -> bool:
+        """Re-read the configuration and apply what can change live. Never raises."""
+        try:
+            new = load_config(self.config_path, self.overrides, self.environ)
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=exc.message, kept="previous configuration")
+            return False
+        old = self.config
+        kept = []
+        for section, key in RESTART_KEYS:
+            if getattr(getattr(new, section), key) != getattr(getattr(old, section), key):
+                kept.append(f"{section}.{key}")
+                sect = getattr(new, section).model_copy(
+                    update={key: getattr(getattr(old, section), key)})
+                new = new.model_copy(update={section: sect})
+        changed = _changed_keys(old, new)
+        self.config = new
+        if new.log.level != old.log.level:
+            from sqlproxy.logs import configure_logging
+
+            configure_logging(new.log.format, new.log.level)
+        self.proxy.reconfigure(new)
+        if self.profiler is not None:
+            self.profiler.configure(new.analysis)
+        for hook in list(self.reload_hooks):
+            try:
+                hook(old, new)
+            except Exception as exc:  # one component's failure must not undo the others
+                log.error("config_reload_hook_failed", hook=getattr(hook, "__qualname__", "?"),
+                          error=f"{type(exc).__name__}: {exc}")
+        self.reloads += 1
+        if kept:
+            log.warning("config_reload_needs_restart", keys=kept)
+        log.info("config_reloaded", changed=changed)
+        return True
+
+
+def _changed_keys(old: Config, new: Config) -> list[str]:
+    a = old.model_dump()
+    b = new.model_dump()
+    out = []
+    for section in b:
+        if isinstance(b[section], dict) and isinstance(a.get(section), dict):
+            out += [f"{section}.{k}" for k in b[section] if b[section][k] != a[section].get(k)]
+        elif b[section] != a.get(section):
+            out.append(section)
+    return out
 
 
 def install_uvloop() -> None:
@@ -61,12 +188,17 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run(config: Config) -> None:
+def run(
+    config: Config,
+    *,
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> None:
     install_uvloop()
     runtime_holder: list[Runtime] = []
 
     async def main() -> None:
-        rt = Runtime(config)
+        rt = Runtime(config, config_path=config_path, overrides=overrides)
         runtime_holder.append(rt)
         await rt.serve_forever()
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.config import Config, parse_hostport
 from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.logs import get_logger
-from sqlproxy.proxy.session import ClientSession
+from sqlproxy.proxy.session import ClientSession, SessionState
 from sqlproxy.wire.messages import cancel_request
 
 log = get_logger("sqlproxy.server")
@@ -27,6 +28,20 @@ class ProxyServer:
         self.accepting = False
         self.host, self.port = parse_hostport(config.proxy.listen, "proxy.listen")
         self._tasks: set[asyncio.Task[None]] = set()
+        # Admitted sessions (startup packet accepted), in total and per user / database:
+        # counters, so that admission stays O(1) with thousands of clients.
+        self.admitted = 0
+        self.per_user: dict[str, int] = {}
+        self.per_database: dict[str, int] = {}
+        self.rejected = {"max_client_connections": 0, "max_connections_per_user": 0,
+                         "max_connections_per_database": 0, "shutting_down": 0}
+        self.timeouts = {"idle_client_timeout": 0, "idle_in_transaction_timeout": 0}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded configuration: limits and timeouts apply to new checks at once;
+        sessions keep the per-session settings they started with."""
+        self.config = config
 
     def next_session_id(self) -> int:
         self._next_id += 1
@@ -40,63 +55,152 @@ class ProxyServer:
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self.accepting = True
+        self._sweeper = loop.create_task(self._sweep_loop())
         log.info("proxy_listening", listen=f"{self.host}:{self.port}",
                  primary=self.config.proxy.primary_url.address)
 
     async def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting, let sessions finish their transactions for up to ``grace`` seconds
+        (idle ones are closed at once), then close whatever is left, with 57P01 like a
+        PostgreSQL fast shutdown."""
         self.accepting = False
         if self._server is not None:
             self._server.close()
-        if grace > 0:
-            deadline = asyncio.get_running_loop().time() + grace
-            while self.sessions and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        drained = 0
+        while self.sessions:
+            for s in list(self.sessions.values()):
+                conv = s.conv
+                if s.state is SessionState.READY and conv is not None and not conv.busy \
+                        and conv.tx_status == 73:  # idle, outside a transaction
+                    drained += 1
+                    s.fail(_shutdown_error(), quiet=True)
+            if not self.sessions or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        forced = len(self.sessions)
         for s in list(self.sessions.values()):
+            s.fail(_shutdown_error(), quiet=True)
             if s.client_transport is not None:
                 s.client_transport.close()
             if s.backend is not None and s.backend.transport is not None:
                 s.backend.transport.close()
+        if drained or forced:
+            log.info("sessions_drained", closed_idle=drained, closed_busy=forced)
         if self._server is not None:
             await self._server.wait_closed()
         tasks = list(self._tasks)
+        if tasks:  # let cancel requests for interrupted queries reach the server
+            await asyncio.wait(tasks, timeout=2.0)
         for t in tasks:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    # ------------------------------------------------------------------ idle timeouts
+    async def _sweep_loop(self) -> None:
+        """A periodic sweep over sessions for the idle timeouts: nothing on the per-message path.
+
+        Each session's idle time is measured from the end of its last statement (kept by the
+        conversation anyway), so the sweep's period only bounds how late a timeout fires.
+        """
+        while True:
+            cfg = self.config.proxy
+            limits = [t for t in (cfg.idle_client_timeout, cfg.idle_in_transaction_timeout) if t]
+            await asyncio.sleep(max(0.05, min([t / 4 for t in limits] + [1.0])))
+            if limits:
+                self.sweep(time.perf_counter())
+
+    def sweep(self, now: float) -> None:
+        cfg = self.config.proxy
+        idle_limit = cfg.idle_client_timeout
+        tx_limit = cfg.idle_in_transaction_timeout
+        for s in list(self.sessions.values()):
+            conv = s.conv
+            if s.state is not SessionState.READY or conv is None or conv.busy:
+                continue
+            if conv.fe_buf or conv.fe_want or conv.fe_skip:
+                continue  # a message is arriving
+            idle = now - max(conv.last_end, s.ready_at)
+            if conv.tx_status == 73:
+                if idle_limit and idle >= idle_limit:
+                    self.timeouts["idle_client_timeout"] += 1
+                    log.warning("idle_client_timeout", session=s.id, client=s.peer,
+                                user=s.user, database=s.database, idle_s=round(idle, 3))
+                    s.fail(ProxyError("terminating connection due to idle-session timeout",
+                                      sqlstate="57P05",
+                                      detail=f"proxy.idle_client_timeout is {idle_limit:g} s"),
+                           quiet=True)
+            elif tx_limit and idle >= tx_limit:
+                self.timeouts["idle_in_transaction_timeout"] += 1
+                log.warning("idle_in_transaction_timeout", session=s.id, client=s.peer,
+                            user=s.user, database=s.database, idle_s=round(idle, 3))
+                s.fail(ProxyError("terminating connection due to idle-in-transaction timeout",
+                                  sqlstate="25P03",
+                                  detail=f"proxy.idle_in_transaction_timeout is {tx_limit:g} s"),
+                       quiet=True)
+
     # ------------------------------------------------------------------ limits
     def admit(self, session: ClientSession) -> ProxyError | None:
+        """Check the connection limits for a session whose startup packet just arrived; count
+        it if admitted (``session_closed`` uncounts it)."""
         cfg = self.config.proxy
-        active = sum(1 for s in self.sessions.values() if s.startup is not None)
-        if active > cfg.max_client_connections:
-            return TooManyConnections(
+        st = session.startup
+        assert st is not None
+        problem: ProxyError | None = None
+        key = ""
+        if not self.accepting:
+            key = "shutting_down"
+            problem = ProxyError("the database system is shutting down", sqlstate="57P03",
+                                 detail="sqlproxy is draining its sessions")
+        elif self.admitted >= cfg.max_client_connections:
+            key = "max_client_connections"
+            problem = TooManyConnections(
                 "sorry, too many clients already",
                 detail=f"proxy.max_client_connections is {cfg.max_client_connections}",
             )
-        st = session.startup
-        assert st is not None
-        if cfg.max_connections_per_user:
-            n = sum(1 for s in self.sessions.values() if s.startup and s.startup.user == st.user)
-            if n > cfg.max_connections_per_user:
-                return TooManyConnections(
-                    f'too many connections for role "{st.user}"',
-                    detail=f"proxy.max_connections_per_user is {cfg.max_connections_per_user}",
-                )
-        if cfg.max_connections_per_database:
-            n = sum(1 for s in self.sessions.values()
-                    if s.startup and s.startup.database == st.database)
-            if n > cfg.max_connections_per_database:
-                return TooManyConnections(
-                    f'too many connections for database "{st.database}"',
-                    detail="proxy.max_connections_per_database is "
-                    f"{cfg.max_connections_per_database}",
-                )
+        elif cfg.max_connections_per_user and \
+                self.per_user.get(st.user, 0) >= cfg.max_connections_per_user:
+            key = "max_connections_per_user"
+            problem = TooManyConnections(
+                f'too many connections for role "{st.user}"',
+                detail=f"proxy.max_connections_per_user is {cfg.max_connections_per_user}",
+            )
+        elif cfg.max_connections_per_database and \
+                self.per_database.get(st.database, 0) >= cfg.max_connections_per_database:
+            key = "max_connections_per_database"
+            problem = TooManyConnections(
+                f'too many connections for database "{st.database}"',
+                detail="proxy.max_connections_per_database is "
+                f"{cfg.max_connections_per_database}",
+            )
+        if problem is not None:
+            self.rejected[key] += 1
+            log.warning("connection_rejected", limit=key, client=session.peer, user=st.user,
+                        database=st.database, sqlstate=problem.sqlstate)
+            return problem
+        session.admitted = True
+        self.admitted += 1
+        self.per_user[st.user] = self.per_user.get(st.user, 0) + 1
+        self.per_database[st.database] = self.per_database.get(st.database, 0) + 1
         return None
 
     def session_closed(self, session: ClientSession) -> None:
         self.sessions.pop(session.id, None)
         if session.proxy_key is not None:
             self.cancel_keys.pop(session.proxy_key, None)
+        if session.admitted:
+            session.admitted = False
+            self.admitted -= 1
+            st = session.startup
+            if st is not None:
+                _decrement(self.per_user, st.user)
+                _decrement(self.per_database, st.database)
 
     # ------------------------------------------------------------------ cancellation
     def register_cancel_key(self, session: ClientSession, secret_len: int) -> tuple[int, bytes]:
@@ -132,3 +236,16 @@ class ProxyServer:
             writer.close()
         except (TimeoutError, OSError) as exc:
             log.warning("cancel_failed", backend=f"{address[0]}:{address[1]}", error=str(exc))
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
+
+
+def _shutdown_error() -> ProxyError:
+    return ProxyError("terminating connection due to administrator command", sqlstate="57P01",
+                      detail="sqlproxy is shutting down")

@@ -115,6 +115,8 @@ class ClientSession(asyncio.Protocol):
         self.conv: Conversation | None = None
         self.proxy_key: tuple[int, bytes] | None = None
         self.connected_at = time.time()
+        self.ready_at = 0.0  # perf_counter when startup completed (for the idle sweep)
+        self.admitted = False  # counted against the connection limits (ProxyServer.admit)
         self._hot = False
         self._buf = bytearray()
         self._startup_timer: asyncio.TimerHandle | None = None
@@ -352,6 +354,7 @@ class ClientSession(asyncio.Protocol):
 
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
         self._cancel_startup_timer()
+        self.ready_at = _perf()
         self.conv = Conversation(self, self.config.proxy.max_message_bytes)
         self.state = SessionState.READY
         backend.go_hot(self.conv)
@@ -422,13 +425,16 @@ class ClientSession(asyncio.Protocol):
             self._startup_timer.cancel()
             self._startup_timer = None
 
-    def fail(self, exc: ProxyError) -> None:
-        """Send the client an ErrorResponse for ``exc`` and close the session."""
+    def fail(self, exc: ProxyError, *, quiet: bool = False) -> None:
+        """Send the client an ErrorResponse for ``exc`` and close the session.
+
+        ``quiet``: the caller has logged its own event (timeouts, shutdown)."""
         if self._closing:
             return
         self._closing = True
-        log.warning("session_error", session=self.id, client=self.peer, sqlstate=exc.sqlstate,
-                    error=exc.message)
+        if not quiet:
+            log.warning("session_error", session=self.id, client=self.peer,
+                        sqlstate=exc.sqlstate, error=exc.message)
         t = self.client_transport
         if t is not None and not t.is_closing():
             t.write(error_response(exc.sqlstate, exc.message, detail=exc.detail))
@@ -437,6 +443,8 @@ class ClientSession(asyncio.Protocol):
         if b is not None and b.transport is not None and not b.transport.is_closing():
             if self.conv is not None and self.conv.busy and b.key is not None:
                 self.server.send_cancel(b.address, b.key)
+            elif self.state is SessionState.READY:
+                b.transport.write(TERMINATE)  # a clean goodbye: no "unexpected EOF" logged
             b.transport.close()
 
     def backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:

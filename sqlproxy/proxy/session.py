@@ -120,6 +120,7 @@ class ClientSession(asyncio.Protocol):
         self._hot = False
         self._buf = bytearray()
         self._startup_timer: asyncio.TimerHandle | None = None
+        self._backend_timer: asyncio.TimerHandle | None = None
         self._pending_to_backend = bytearray()
         self._relayed_fatal = False
         self._closing = False
@@ -275,8 +276,9 @@ class ClientSession(asyncio.Protocol):
                 timeout=self.config.proxy.connect_timeout,
             )
         except (TimeoutError, OSError) as exc:
-            reason = "timeout" if isinstance(exc, asyncio.TimeoutError) else (
-                exc.strerror or str(exc))
+            reason = (
+                f"timeout after {self.config.proxy.connect_timeout:g} s (proxy.connect_timeout)"
+                if isinstance(exc, asyncio.TimeoutError) else (exc.strerror or str(exc)))
             self.fail(ConnectionFailure(
                 f'connection to server at "{url.host}", port {url.port} failed: {reason}',
             ))
@@ -289,6 +291,10 @@ class ClientSession(asyncio.Protocol):
         self.state = SessionState.AUTHENTICATING
         assert backend.transport is not None
         backend.transport.write(msg.raw)
+        # proxy.connect_timeout also covers a server that accepts TCP but never answers.
+        self._backend_timer = loop.call_later(
+            self.config.proxy.connect_timeout, self._backend_silent, backend
+        )
         if self._pending_to_backend:
             pending = bytes(self._pending_to_backend)
             self._pending_to_backend.clear()
@@ -296,6 +302,9 @@ class ClientSession(asyncio.Protocol):
 
     def backend_startup_data(self, backend: BackendConnection, data: bytes) -> None:
         """Messages from the server before its first ReadyForQuery: relay, swapping the key."""
+        if self._backend_timer is not None:
+            self._backend_timer.cancel()
+            self._backend_timer = None
         buf = backend._buf
         buf += data
         out = bytearray()
@@ -424,6 +433,20 @@ class ClientSession(asyncio.Protocol):
         if self._startup_timer is not None:
             self._startup_timer.cancel()
             self._startup_timer = None
+        if self._backend_timer is not None:
+            self._backend_timer.cancel()
+            self._backend_timer = None
+
+    def _backend_silent(self, backend: BackendConnection) -> None:
+        self._backend_timer = None
+        if self.backend is backend and self.state is SessionState.AUTHENTICATING:
+            host, port = backend.address
+            log.warning("backend_connect_timeout", session=self.id, backend=f"{host}:{port}",
+                        timeout_s=self.config.proxy.connect_timeout)
+            self.fail(ConnectionFailure(
+                f'connection to server at "{host}", port {port} failed: no answer within '
+                f"{self.config.proxy.connect_timeout:g} s (proxy.connect_timeout)"
+            ), quiet=True)
 
     def fail(self, exc: ProxyError, *, quiet: bool = False) -> None:
         """Send the client an ErrorResponse for ``exc`` and close the session.

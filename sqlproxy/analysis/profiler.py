@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from sqlproxy.analysis.cache import StatementCache, skeleton
 from sqlproxy.analysis.classify import Shape
+from sqlproxy.analysis.detector import PatternDetector
 from sqlproxy.analysis.normalize import Normalized
 from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
 from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
@@ -66,11 +67,15 @@ class Profiler:
         self.wall_offset = time.time() - time.perf_counter()
         self.executions = 0
         self.started_at = time.time()
+        # Pattern detection: one detector per session, findings aggregated (issue #4).
+        self.detector = PatternDetector(config, log, self.wall_offset)
+        self.detectors = self.detector.connections
 
     def configure(self, config: AnalysisSection) -> None:
         """Apply a reloaded [analysis] section (thresholds change live)."""
         self.config = config
         self.stats.max_entries = config.max_fingerprints
+        self.detector.configure(config)
 
     # ------------------------------------------------------------------ hot path
     def statements(self, ctx: SessionContext, sql: str) -> list[Statement]:
@@ -141,7 +146,15 @@ class Profiler:
         self.executions += 1
         if seconds * 1000 >= self.config.slow_query_ms:
             self._slow(ctx, stmt, entry, seconds, rows, sqlstate, route, now)
+        det = self.detectors.get(ctx.id)
+        if det is None or det.application != ctx.application_name:
+            det = self.detector.connection(ctx)
+        det.observe(stmt, params, rows, sqlstate is not None, started, ended, ctx)
         return stmt
+
+    def session_closed(self, ctx: SessionContext) -> None:
+        """The session ended: its last burst is judged and its detector dropped."""
+        self.detector.closed(ctx)
 
     # ------------------------------------------------------------------ rare events
     def _slow(self, ctx: SessionContext, stmt: Statement, entry: StatEntry, seconds: float,
@@ -195,7 +208,34 @@ class Profiler:
         return [{"database": db, "user": user, **tx.to_dict()}
                 for (db, user), tx in sorted(self.transactions.items())]
 
+    def findings(self, kind: str | None = None, application: str | None = None,
+                 limit: int = 50, offset: int = 0, database: str | None = None,
+                 sort: str = "total_ms") -> tuple[list[dict[str, Any]], int]:
+        """Pattern findings, most costly first; ``kind`` one of ``findings.KINDS``."""
+        self.detector.flush_idle(time.perf_counter())
+        items = self.detector.findings.select(kind, application, database, sort=sort)
+        return [f.to_dict() for f in items[offset : offset + limit]], len(items)
+
+    def n_plus_one(self, application: str | None = None, limit: int = 50, offset: int = 0,
+                   database: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        return self.findings("n_plus_one", application, limit, offset, database)
+
+    def finding(self, finding_id: str) -> dict[str, Any] | None:
+        """One finding (by its ``id``) in detail, with the statistics of its statements."""
+        self.detector.flush_idle(time.perf_counter())
+        f = self.detector.findings.get(finding_id)
+        if f is None:
+            return None
+        out = f.detail()
+        for key, fp in (("statement", f.fingerprint), ("parent_statement",
+                                                        f.parent_fingerprint)):
+            entries = self.stats.by_fingerprint(fp) if fp else []
+            out[key] = max(entries, key=lambda e: e.calls).to_dict() if entries else None
+        return out
+
     def reset(self, what: str = "all") -> None:
+        if what in ("all", "findings"):
+            self.detector.reset()
         if what in ("all", "statistics"):
             self.stats.reset()
             self.transactions.clear()

@@ -181,6 +181,8 @@ class ClientSession(asyncio.Protocol):
         self._hot = False
         self._cancel_startup_timer()
         self.server.session_closed(self)
+        if self.profiler is not None:
+            self.profiler.session_closed(self)  # judges the session's last burst
         backend = self.backend
         if backend is not None and backend.transport is not None:
             if self.conv is not None and self.conv.busy and backend.key is not None:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from sqlproxy.errors import ConfigError
 
@@ -164,6 +171,18 @@ class TLSSection(_Section):
     client_mode: Literal["disable", "allow", "require"] = "allow"
     server_sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "prefer"
     ca_file: str | None = None
+
+    @model_validator(mode="after")
+    def _check_files(self) -> TLSSection:
+        if bool(self.cert_file) != bool(self.key_file):
+            missing = "key_file" if self.cert_file else "cert_file"
+            raise ValueError(f"tls.{missing} is required when the other is set")
+        if self.client_mode == "require" and not self.cert_file:
+            raise ValueError('tls.client_mode "require" needs tls.cert_file and tls.key_file')
+        if self.server_sslmode in ("verify-ca", "verify-full") and not self.ca_file:
+            raise ValueError(f"tls.ca_file is required for tls.server_sslmode "
+                             f"{self.server_sslmode!r}")
+        return self
 
 
 class StateSection(_Section):

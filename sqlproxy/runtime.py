@@ -147,12 +147,16 @@ class Runtime:
                     update={key: getattr(getattr(old, section), key)})
                 new = new.model_copy(update={section: sect})
         changed = _changed_keys(old, new)
+        try:
+            self.proxy.reconfigure(new)  # first: it may refuse (e.g. unreadable certificate)
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=exc.message, kept="previous configuration")
+            return False
         self.config = new
         if new.log.level != old.log.level:
             from sqlproxy.logs import configure_logging
 
             configure_logging(new.log.format, new.log.level)
-        self.proxy.reconfigure(new)
         if self.profiler is not None:
             self.profiler.configure(new.analysis)
         for hook in list(self.reload_hooks):

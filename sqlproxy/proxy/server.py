@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import ssl
 import time
 
 from sqlproxy.analysis.profiler import Profiler
@@ -12,6 +13,7 @@ from sqlproxy.config import Config, parse_hostport
 from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.session import ClientSession, SessionState
+from sqlproxy.proxy.tls import client_context, server_context
 from sqlproxy.wire.messages import cancel_request
 
 log = get_logger("sqlproxy.server")
@@ -37,10 +39,23 @@ class ProxyServer:
                          "max_connections_per_database": 0, "shutting_down": 0}
         self.timeouts = {"idle_client_timeout": 0, "idle_in_transaction_timeout": 0}
         self._sweeper: asyncio.Task[None] | None = None
+        # TLS contexts: built once (a bad certificate is a startup error naming the key), and
+        # again on reload, so a renewed certificate is picked up without a restart.
+        self.tls_context: ssl.SSLContext | None = client_context(config.tls)
+        self._backend_tls: dict[str, ssl.SSLContext | None] = {}
+
+    def backend_tls_context(self, mode: str) -> ssl.SSLContext | None:
+        if mode not in self._backend_tls:
+            self._backend_tls[mode] = server_context(mode, self.config.tls.ca_file)
+        return self._backend_tls[mode]
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded configuration: limits and timeouts apply to new checks at once;
-        sessions keep the per-session settings they started with."""
+        sessions keep the per-session settings they started with. Raises ConfigError (and
+        changes nothing) if the new TLS files cannot be loaded."""
+        if config.tls != self.config.tls:
+            self.tls_context = client_context(config.tls)
+            self._backend_tls = {}
         self.config = config
 
     def next_session_id(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import struct
 import time
 from enum import Enum
@@ -18,9 +19,11 @@ from sqlproxy.analysis.classify import StatementKind
 from sqlproxy.analysis.profiler import Profiler, Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket, strip_channel_binding
 from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.messages import (
     AUTH_OK,
+    AUTH_SASL,
     B_AUTHENTICATION,
     B_BACKEND_KEY_DATA,
     B_ERROR_RESPONSE,
@@ -116,6 +119,7 @@ class ClientSession(asyncio.Protocol):
         self.proxy_key: tuple[int, bytes] | None = None
         self.connected_at = time.time()
         self.ready_at = 0.0  # perf_counter when startup completed (for the idle sweep)
+        self.tls: str | None = None  # the client's TLS version once the handshake is done
         self.admitted = False  # counted against the connection limits (ProxyServer.admit)
         self._hot = False
         self._buf = bytearray()
@@ -248,7 +252,15 @@ class ClientSession(asyncio.Protocol):
                 # Bytes after an SSLRequest before our answer: a TLS ClientHello sent blindly or
                 # a confused client. PostgreSQL refuses this too.
                 raise ProtocolViolation("received unencrypted data after SSL request")
-            transport.write(b"N")
+            ctx = self.server.tls_context
+            if isinstance(msg, GSSENCRequest) or ctx is None or self.tls is not None:
+                transport.write(b"N")
+                return
+            # No byte may reach this protocol until the handshake is done: pause now, not
+            # when the start_tls task first runs.
+            transport.pause_reading()
+            transport.write(b"S")
+            asyncio.get_running_loop().create_task(self._start_tls(transport, ctx))
             return
         if isinstance(msg, CancelRequest):
             self.server.forward_cancel(msg.pid, msg.secret)
@@ -256,6 +268,11 @@ class ClientSession(asyncio.Protocol):
             transport.close()
             self.state = SessionState.CLOSED
             return
+        if self.tls is None and self.config.tls.client_mode == "require":
+            raise ProxyError(
+                "connection without TLS refused: tls.client_mode is \"require\"",
+                sqlstate="28000", detail="connect with sslmode=require or stronger",
+            )
         self.startup = msg
         self.application_name = msg.application_name
         problem = self.server.admit(self)
@@ -266,17 +283,45 @@ class ClientSession(asyncio.Protocol):
                  database=msg.database, application_name=msg.application_name)
         asyncio.get_running_loop().create_task(self._connect_backend(msg))
 
+    async def _start_tls(self, transport: asyncio.Transport, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.start_tls(transport, self, ctx, server_side=True)
+        except (OSError, ConnectionError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            log.info("tls_handshake_failed", session=self.id, client=self.peer,
+                     error=f"{type(exc).__name__}: {exc}")
+            self._closing = True
+            transport.abort()
+            return
+        if new is None or self.state is SessionState.CLOSED:
+            return
+        self.client_transport = new
+        obj = new.get_extra_info("ssl_object")
+        self.tls = obj.version() if obj is not None else "TLS"
+        if self._buf:  # cannot happen (reading was paused); refuse rather than mix layers
+            self.fail(ProtocolViolation("received unencrypted data after SSL request"))
+
     async def _connect_backend(self, msg: StartupMessage) -> None:
         url = self.config.proxy.primary_url
         address = (url.host, url.port)
         loop = asyncio.get_running_loop()
         try:
-            _, backend = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: BackendConnection(self, address), url.host, url.port
-                ),
-                timeout=self.config.proxy.connect_timeout,
-            )
+            mode = backend_sslmode(self.config, url)
+            if mode == "disable":
+                _, backend = await asyncio.wait_for(
+                    loop.create_connection(
+                        lambda: BackendConnection(self, address), url.host, url.port
+                    ),
+                    timeout=self.config.proxy.connect_timeout,
+                )
+            else:
+                _, backend = await asyncio.wait_for(
+                    self._connect_backend_tls(url.host, url.port, mode, address),
+                    timeout=self.config.proxy.connect_timeout,
+                )
+        except ProxyError as exc:
+            self.fail(exc)
+            return
         except (TimeoutError, OSError) as exc:
             reason = (
                 f"timeout after {self.config.proxy.connect_timeout:g} s (proxy.connect_timeout)"
@@ -301,6 +346,21 @@ class ClientSession(asyncio.Protocol):
             pending = bytes(self._pending_to_backend)
             self._pending_to_backend.clear()
             self._startup_data(pending)
+
+    async def _connect_backend_tls(
+        self, host: str, port: int, mode: str, address: tuple[str, int]
+    ) -> tuple[asyncio.BaseTransport, BackendConnection]:
+        sock, use_tls = await open_backend_socket(host, port, mode)
+        ctx = self.server.backend_tls_context(mode) if use_tls else None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.create_connection(
+                lambda: BackendConnection(self, address), sock=sock, ssl=ctx,
+                server_hostname=host if ctx is not None else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     def backend_startup_data(self, backend: BackendConnection, data: bytes) -> None:
         """Messages from the server before its first ReadyForQuery: relay, swapping the key."""
@@ -331,7 +391,12 @@ class ClientSession(asyncio.Protocol):
                 self.proxy_key = self.server.register_cancel_key(self, len(secret))
                 out += backend_key_data(self.proxy_key[0], self.proxy_key[1])
             else:
-                out += buf[pos:end]
+                if t == B_AUTHENTICATION and ln >= 8 and \
+                        _unpack_int32(buf, pos + 5)[0] == AUTH_SASL:
+                    # Channel binding cannot span two TLS sessions: offer plain SCRAM only.
+                    out += strip_channel_binding(bytes(buf[pos:end]))
+                else:
+                    out += buf[pos:end]
                 if t == B_READY_FOR_QUERY:
                     pos = end
                     del buf[:pos]
@@ -511,6 +576,7 @@ class ClientSession(asyncio.Protocol):
             "current": current,
             "backends": ["primary"] if self.backend is not None else [],
             "connected_at": self.connected_at,
+            "tls": self.tls,
         }
 
 

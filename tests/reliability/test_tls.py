@@ -1,0 +1,187 @@
+"""TLS on both sides: psql and asyncpg with sslmode=require/verify-full against the proxy (a
+test CA made here), tls.client_mode=require, proxy-to-server TLS with verify-full, and SCRAM
+through two TLS sessions (channel binding is not offered across the proxy)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.support import pg
+from tests.support.certs import TestCA, make_ca
+from tests.support.clients import client_env, describe, run
+from tests.support.proxy import ProxyThread
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
+    return make_ca(tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="module")
+def proxy_cert(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return ca.issue(tmp_path_factory.mktemp("proxycert"), "proxy")
+
+
+@pytest.fixture(scope="module")
+def tls_primary(pg_bindir: Path, pg_base_dir: Path, ca: TestCA,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[pg.PgCluster]:
+    """A separate primary with ssl = on (the shared one stays clear-text)."""
+    cluster = pg.start_primary(pg_base_dir, "tlsprimary", bindir=pg_bindir)
+    try:
+        cert, key = ca.issue(tmp_path_factory.mktemp("pgcert"), "server")
+        for src, name in ((cert, "server.crt"), (key, "server.key")):
+            dst = cluster.datadir / name
+            shutil.copy(src, dst)
+            pg._chown_to(dst, cluster.os_user, 0o600)
+        cluster.settings.update(ssl=True, ssl_cert_file="server.crt", ssl_key_file="server.key")
+        cluster.restart()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _tls_proxy(make_proxy: Callable[..., ProxyThread], cert: tuple[Path, Path],
+               primary: str | None = None, **tls: str) -> ProxyThread:
+    return make_proxy(primary, tls={"cert_file": str(cert[0]), "key_file": str(cert[1]), **tls})
+
+
+def _psql(proxy: ProxyThread, conninfo: str, sql: str,
+          password: str | None = None) -> tuple[int, str, str]:
+    env = client_env({"PGPASSWORD": password} if password else None)
+    r = run([pg.find_pg_bindir() / "psql", "-X", "-At", "-d",
+             f"port={proxy.port} {conninfo}", "-c", sql], env=env, timeout=60)
+    return r.returncode, r.stdout.strip(), r.stderr + describe(r)
+
+
+def _verify_full(ca: TestCA) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca.ca_cert))
+
+
+def test_psql_and_asyncpg_verify_full(make_proxy: Callable[..., ProxyThread], ca: TestCA,
+                                      proxy_cert: tuple[Path, Path]) -> None:
+    proxy = _tls_proxy(make_proxy, proxy_cert)
+    for host in ("localhost", "127.0.0.1"):
+        rc, out, err = _psql(proxy, f"host={host} user=postgres dbname=postgres "
+                             f"sslmode=verify-full sslrootcert={ca.ca_cert}", "select 6 * 7")
+        assert rc == 0 and out == "42", err
+    rc, out, err = _psql(proxy, "host=127.0.0.1 user=postgres dbname=postgres sslmode=require",
+                         "select 1")
+    assert rc == 0 and out == "1", err
+
+    async def main() -> None:
+        conn = await asyncpg.connect(host="localhost", port=proxy.port, user="postgres",
+                                     database="postgres", ssl=_verify_full(ca))
+        assert await conn.fetchval("select $1::int + 1", 41) == 42
+        tls = proxy.call(lambda: [s.tls for s in proxy.runtime.proxy.sessions.values()])  # type: ignore[union-attr]
+        assert tls and all(t is not None and t.startswith("TLS") for t in tls)
+        await conn.close()
+        # Clear text is still allowed with the default client_mode "allow".
+        conn = await asyncpg.connect(proxy.dsn(), ssl=False)
+        assert await conn.fetchval("select 1") == 1
+        await conn.close()
+
+    asyncio.run(main())
+
+
+def test_wrong_ca_is_rejected_by_the_client(make_proxy: Callable[..., ProxyThread],
+                                            proxy_cert: tuple[Path, Path],
+                                            tmp_path: Path) -> None:
+    other = make_ca(tmp_path, "other")
+    proxy = _tls_proxy(make_proxy, proxy_cert)
+    rc, _, err = _psql(proxy, f"host=localhost user=postgres sslmode=verify-full "
+                       f"sslrootcert={other.ca_cert}", "select 1")
+    assert rc != 0 and "certificate verify failed" in err
+    rc, _, err = _psql(proxy, "host=localhost user=postgres sslmode=disable", "select 1")
+    assert rc == 0, err  # the failed handshake did not hurt the proxy
+
+
+def test_client_mode_require_refuses_clear_text(make_proxy: Callable[..., ProxyThread],
+                                                ca: TestCA,
+                                                proxy_cert: tuple[Path, Path]) -> None:
+    proxy = _tls_proxy(make_proxy, proxy_cert, client_mode="require")
+    rc, _, err = _psql(proxy, "host=localhost user=postgres sslmode=disable", "select 1")
+    assert rc != 0 and 'tls.client_mode is "require"' in err
+
+    async def main() -> None:
+        with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+            await asyncpg.connect(proxy.dsn(), ssl=False)
+        conn = await asyncpg.connect(host="localhost", port=proxy.port, user="postgres",
+                                     database="postgres", ssl=_verify_full(ca))
+        assert await conn.fetchval("select 1") == 1
+        await conn.close()
+
+    asyncio.run(main())
+
+
+def test_proxy_to_server_tls_and_scram_through_both(
+    make_proxy: Callable[..., ProxyThread], tls_primary: pg.PgCluster, ca: TestCA,
+    proxy_cert: tuple[Path, Path],
+) -> None:
+    proxy = _tls_proxy(make_proxy, proxy_cert, tls_primary.dsn(),
+                       server_sslmode="verify-full", ca_file=str(ca.ca_cert))
+    user = pg.SCRAM_USER
+    check = "select ssl from pg_stat_ssl where pid = pg_backend_pid()"
+    # SCRAM-SHA-256-PLUS is not relayed: channel binding cannot span two TLS sessions.
+    rc, out, err = _psql(proxy, f"host=localhost user={user.name} dbname=postgres "
+                         f"sslmode=verify-full sslrootcert={ca.ca_cert} channel_binding=disable",
+                         check, password=user.password)
+    assert rc == 0 and out == "t", err
+    rc, _, err = _psql(proxy, f"host=localhost user={user.name} dbname=postgres "
+                       f"sslmode=require channel_binding=require", check, password=user.password)
+    assert rc != 0 and "channel binding" in err
+    # libpq's default (channel_binding=prefer) over TLS, not offered PLUS, sends the SCRAM
+    # "y" flag ("I could bind, the server cannot"); a TLS server treats that as a downgrade
+    # attack and refuses. The flag is covered by the client's proof, so a proxy cannot
+    # rewrite it: such clients need channel_binding=disable (see docs/reliability.md).
+    rc, _, err = _psql(proxy, f"host=localhost user={user.name} dbname=postgres "
+                       "sslmode=require", check, password=user.password)
+    assert rc != 0 and "channel binding negotiation" in err
+    rc, out, err = _psql(proxy, f"host=localhost user={user.name} dbname=postgres "
+                         "sslmode=disable", check, password=user.password)
+    assert rc == 0 and out == "t", err  # the server side is TLS whatever the client does
+
+    async def main() -> None:
+        conn = await asyncpg.connect(host="localhost", port=proxy.port, user=user.name,
+                                     password=user.password, database="postgres",
+                                     ssl=_verify_full(ca))
+        assert await conn.fetchval(check) is True
+        await conn.close()
+
+    asyncio.run(main())
+
+
+def test_server_sslmode_failures_are_08006(
+    make_proxy: Callable[..., ProxyThread], pg_primary: pg.PgCluster,
+    tls_primary: pg.PgCluster, tmp_path: Path,
+) -> None:
+    async def error_of(proxy: ProxyThread) -> asyncpg.PostgresError:
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await asyncpg.connect(proxy.dsn())
+        return info.value
+
+    plain = make_proxy(tls={"server_sslmode": "require"})  # the shared primary has ssl off
+    err = asyncio.run(error_of(plain))
+    assert err.sqlstate == "08006" and "does not support SSL" in str(err)
+    other = make_ca(tmp_path, "other")
+    wrong_ca = make_proxy(tls_primary.dsn(), tls={"server_sslmode": "verify-ca",
+                                                  "ca_file": str(other.ca_cert)})
+    err = asyncio.run(error_of(wrong_ca))
+    assert err.sqlstate == "08006" and "certificate verify failed" in str(err).lower()
+    # A per-backend ?sslmode= in the URL wins over tls.server_sslmode.
+    url = make_proxy(tls_primary.dsn() + "?sslmode=disable",
+                     tls={"server_sslmode": "verify-full", "ca_file": str(other.ca_cert)})
+
+    async def main() -> None:
+        conn = await asyncpg.connect(url.dsn())
+        assert await conn.fetchval(
+            "select ssl from pg_stat_ssl where pid = pg_backend_pid()") is False
+        await conn.close()
+
+    asyncio.run(main())

@@ -392,8 +392,8 @@ def suggest(
         col = lookup_column(query) or "id"
         if interleaved_tables:
             also = _names(interleaved_tables)
-            per = _names(parent_tables) if parent_tables else "parent"
-            return (f"load {what} and {also} for all {per} rows up front: one selectinload/"
+            per = f"the {_names(parent_tables)}" if parent_tables else "the parent rows"
+            return (f"load {what} and {also} for all {per} up front: one selectinload/"
                     f"joinedload per relationship, or one query per table with "
                     f"`{col} = ANY($1)`, instead of a query per row for each")
         if parent_tables:

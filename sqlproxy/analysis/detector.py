@@ -26,6 +26,11 @@ examined once:
   it counts once per round trip. When each counted write was its own transaction — alone
   between BEGIN and COMMIT, or in autocommit — the run is also a commit per row.
 
+A run must also be dense: on average at most ``LOOP_BODY_MAX`` statements from one of its
+executions to the next. A loop leaves its body's statements close together; a connection that
+is simply busy (a pooled connection serving request after request with no idle gap) repeats
+its common lookups now and then among many others, and that is not a loop.
+
 Unbounded results and deep OFFSETs need no burst: a single execution is the finding.
 
 The transaction state comes from the statements themselves (BEGIN … COMMIT/ROLLBACK), which
@@ -70,6 +75,7 @@ MAX_RUNS = 256  # distinct fingerprints tracked per burst
 MAX_DIGESTS = 8192  # distinct (fingerprint, values) tracked per burst
 MAX_BURST = 10_000  # statements: a longer burst is judged and a new one begun
 _MAX_CHAIN = 32  # loop bodies followed when looking for an interleaved run's parent
+LOOP_BODY_MAX = 16  # statements per loop iteration: a sparser repetition is no loop
 
 _SELECT = StatementKind.SELECT
 _INSERT = StatementKind.INSERT
@@ -354,7 +360,7 @@ class ConnectionDetector:
         need = self.repeats
         loops: dict[int, list[tuple[Run, StatementLike | None]]] = {}
         for run in runs.values():
-            if run.count < need:
+            if run.count < need or (run.count - 1) * LOOP_BODY_MAX < run.last - run.first:
                 continue
             kind = run.stmt.shape.kind
             if kind is _SELECT:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sqlproxy.analysis.detector import MAX_BURST, thresholds_for
+from sqlproxy.analysis.detector import LOOP_BODY_MAX, MAX_BURST, thresholds_for
 from sqlproxy.analysis.findings import KINDS, FindingsStore, lookup_column
 from sqlproxy.analysis.normalize import normalize
 from sqlproxy.analysis.profiler import Profiler, Statement
@@ -544,3 +544,23 @@ def test_repeated_query_with_writes_between_is_not_a_cache_hint() -> None:
     f.run("commit")
     f.close()
     assert found(prof) == []
+
+
+def test_sparse_repetition_on_a_busy_connection_is_no_loop() -> None:
+    prof = profiler()
+    f = Feed(prof)
+    for i in range(8):  # a busy connection: one lookup among many other statements
+        f.run(PLAYERS, params=i)
+        for j in range(LOOP_BODY_MAX):
+            f.run(f"select * from other{i}_{j} where id = $1", params=i)
+    f.close()
+    assert found(prof, "n_plus_one") == []
+
+    prof = profiler()
+    f = Feed(prof)
+    for i in range(8):  # the same with a loop body of LOOP_BODY_MAX statements
+        f.run(PLAYERS, params=i)
+        for j in range(LOOP_BODY_MAX - 1):
+            f.run(f"select * from other{j} where id = $1", params=i)
+    f.close()
+    assert len(found(prof, "n_plus_one")) == LOOP_BODY_MAX

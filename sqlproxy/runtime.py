@@ -14,7 +14,9 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from sqlproxy.admin.server import AdminServer
 from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.analysis.timefmt import iso
 from sqlproxy.config import Config, load_config
 from sqlproxy.errors import ConfigError
 from sqlproxy.logs import get_logger
@@ -65,6 +67,7 @@ class Runtime:
         # Components started elsewhere (routing, admin) register here to see reloads.
         self.reload_hooks: list[ReloadHook] = []
         self.reloads = 0
+        self.admin: AdminServer | None = AdminServer(self) if config.admin.enabled else None
         self._stop = asyncio.Event()
         self._started = False
         self._snapshot_task: asyncio.Task[None] | None = None
@@ -72,9 +75,17 @@ class Runtime:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.admin is not None:
+            self.admin.check()  # refuse an open admin address without a token, before anything
         if self.state is not None:
             self.state.load(self.state_contributors())
         await self.proxy.start()
+        if self.admin is not None:
+            try:
+                await self.admin.start()
+            except BaseException:
+                await self.proxy.stop()
+                raise
         self._started = True
         if self.state is not None:
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_loop())
@@ -88,12 +99,57 @@ class Runtime:
             self._snapshot_task.cancel()
             await asyncio.gather(self._snapshot_task, return_exceptions=True)
             self._snapshot_task = None
+        if self.admin is not None:
+            await self.admin.stop()
         await self.proxy.stop(self.config.proxy.shutdown_grace_seconds)
         await self.snapshot()  # after the drain: includes what the last sessions did
         log.info("stopped")
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def admin_port(self) -> int | None:
+        """The admin API's bound port (useful with ``admin.listen = "127.0.0.1:0"``)."""
+        return self.admin.port if self.admin is not None else None
+
+    # ------------------------------------------------------------------ admin API view
+    def backends(self) -> list[dict[str, Any]]:
+        """The backends as /api/backends and /metrics show them: primary first, then replicas.
+
+        Keys: ``name`` (the route label used in statistics: "primary", replica names),
+        ``role`` ("primary" | "replica"), ``address``, ``healthy`` (reachable; None = not
+        probed here — the admin's own probe fills it in for the primary), ``in_rotation``,
+        ``lag_ms`` and ``lag_bytes`` (None when unknown), ``server_connections`` (open server
+        connections), ``error`` (last probe error), ``checked_at`` (ISO 8601 or None). The
+        admin adds ``routed`` from the statistics when absent.
+        """
+        primary = self.config.proxy.primary_url
+        pool = sum(1 for s in self.proxy.sessions.values() if getattr(s, "backend", None))
+        out: list[dict[str, Any]] = [{
+            "name": "primary", "role": "primary", "address": primary.address,
+            "healthy": None, "in_rotation": True, "lag_ms": 0.0, "lag_bytes": 0,
+            "server_connections": pool, "error": None, "checked_at": None,
+        }]
+        router = getattr(self, "router", None)
+        for rep in getattr(router, "replicas", ()):
+            primary_lsn = getattr(router, "primary_lsn", 0)
+            replay = getattr(rep, "replay_lsn", 0)
+            last = getattr(rep, "last_probe", 0.0)
+            out.append({
+                "name": rep.name, "role": "replica", "address": rep.url.address,
+                "healthy": bool(getattr(rep, "up", False)) if last else None,
+                "in_rotation": bool(getattr(rep, "healthy", False)),
+                "lag_ms": getattr(rep, "lag_ms", None),
+                "lag_bytes": max(0, primary_lsn - replay) if primary_lsn and replay else None,
+                "routed": getattr(rep, "routed", 0),
+                "server_connections": sum(
+                    1 for s in self.proxy.sessions.values()
+                    if rep.name in getattr(s, "replica_backends", {})),
+                "error": getattr(rep, "last_error", None),
+                "checked_at": iso(last) if last else None,
+            })
+        return out
 
     async def serve_forever(self) -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,60 @@
+"""Read access to the pattern detector's findings (``Profiler.findings`` and friends), as the
+API serves them: unknown kinds or sort keys become 400s, and a profiler without a detector
+(analysis off) answers empty lists."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlproxy.admin.params import bad_parameter
+from sqlproxy.analysis.profiler import Profiler
+
+FINDING_KEYS = (
+    "kind", "fingerprint", "query", "parent_fingerprint", "parent_query", "occurrences",
+    "max_burst", "total_ms", "application", "suggestion", "first_seen", "last_seen",
+)
+N_PLUS_ONE = "n_plus_one"
+_ALL = 1_000_000_000
+
+
+class Findings:
+    def __init__(self, profiler: Profiler | None) -> None:
+        self.profiler = profiler
+
+    def select(self, kind: str | None = None, application: str | None = None,
+               limit: int = 50, offset: int = 0, database: str | None = None,
+               sort: str = "total_ms") -> tuple[list[dict[str, Any]], int]:
+        if self.profiler is None:
+            return [], 0
+        try:
+            return self.profiler.findings(kind, application, limit, offset, database, sort)
+        except ValueError as exc:
+            raise bad_parameter("sort" if "sort" in str(exc) else "kind", str(exc)) from None
+
+    def n_plus_one(self, application: str | None = None, limit: int = 50, offset: int = 0,
+                   database: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        return self.select(N_PLUS_ONE, application, limit, offset, database)
+
+    def detail(self, finding_id: str) -> dict[str, Any] | None:
+        return self.profiler.finding(finding_id) if self.profiler is not None else None
+
+    def for_fingerprint(self, fingerprint: str) -> list[dict[str, Any]]:
+        """Findings about a statement: as the repeated one or as the parent of a burst."""
+        if self.profiler is None:
+            return []
+        self.profiler.detector.flush_idle(time.perf_counter())
+        found = self.profiler.detector.findings.select(fingerprint=fingerprint)
+        return [f.to_dict() for f in found]
+
+    def counts(self) -> dict[str, int]:
+        if self.profiler is None:
+            return {}
+        out: dict[str, int] = {}
+        for f in self.profiler.detector.findings.entries.values():
+            out[f.kind] = out.get(f.kind, 0) + 1
+        return out
+
+    @property
+    def evictions(self) -> int:
+        return self.profiler.detector.findings.evictions if self.profiler is not None else 0

@@ -1,0 +1,282 @@
+"""Prometheus exposition, computed at scrape time from what the profiler already keeps.
+
+Nothing here runs per statement: a custom collector reads the statistics when ``/metrics`` is
+scraped. Counters must never go down, but statistics entries are evicted and reset; so the
+collector remembers, per live entry, what it had already counted, and adds only the difference
+since the previous scrape (an evicted entry's last increments are still read from the entry
+object, which the collector holds until it has counted them). Entries whose call count did not
+change cost one comparison. Latency histograms per statement kind come from the entries'
+log-bucket sketches, re-bucketed into Prometheus buckets (within the sketch's 1 %).
+
+Per-fingerprint series exist only for the top ``admin.metrics_top_n`` fingerprints by total
+time, to keep cardinality bounded.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from sqlproxy import __version__
+from sqlproxy.admin.findings import Findings
+from sqlproxy.admin.history import sketch_bins
+from sqlproxy.admin.source import AdminSource
+from sqlproxy.analysis.stats import StatEntry
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUERY_LABEL_CHARS = 200
+
+
+class _Seen:
+    """What the collector has counted of one entry so far."""
+
+    __slots__ = ("buckets", "calls", "entry", "errors", "routes", "total")
+
+    def __init__(self, entry: StatEntry) -> None:
+        self.entry = entry
+        self.calls = 0
+        self.total = 0.0
+        self.routes: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)
+
+
+def entry_buckets(entry: StatEntry) -> list[int]:
+    """Non-cumulative counts of an entry's latencies per Prometheus bucket (last: > 10 s)."""
+    out = [0] * (len(BUCKETS) + 1)
+    sb = sketch_bins(entry)
+    if sb is None:
+        # No bucket view of this sketch: put everything at its mean.
+        out[bisect.bisect_left(BUCKETS, entry.mean)] = entry.calls
+        return out
+    gamma, bins = sb
+    scale = 2.0 / (gamma + 1.0)
+    for key, n in bins.items():
+        out[bisect.bisect_left(BUCKETS, gamma**key * scale)] += n
+    return out
+
+
+class ProfilerCollector(Collector):
+    def __init__(self, source: AdminSource, findings: Findings,
+                 backends: Callable[[], list[dict[str, Any]]], explainer: Any = None) -> None:
+        self.source = source
+        self.backends = backends
+        self.findings = findings
+        self.explainer = explainer
+        self._seen: dict[int, _Seen] = {}
+        self.statements: dict[str, float] = {}
+        self.errors: dict[str, float] = {}
+        self.hist: dict[str, list[float]] = {}  # kind -> non-cumulative bucket counts
+        self.hist_sum: dict[str, float] = {}
+        self.evictions = 0.0
+        self._last_evictions = 0
+        self.slow = 0.0
+        self._last_slow = 0
+        self.finding_evictions = 0.0
+        self._last_finding_evictions = 0
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected lazily; nothing to check at registration
+
+    # ------------------------------------------------------------------ monotonic totals
+    def _account(self, entries: list[StatEntry]) -> None:
+        seen = self._seen
+        live: set[int] = set()
+        for e in entries:
+            key = id(e)
+            live.add(key)
+            s = seen.get(key)
+            if s is None or s.entry is not e:
+                s = seen[key] = _Seen(e)
+            if e.calls != s.calls:
+                self._count(s)
+        for key in [k for k in seen if k not in live]:
+            s = seen.pop(key)
+            if s.entry.calls != s.calls:
+                self._count(s)  # increments between the last scrape and the eviction
+
+    def _count(self, s: _Seen) -> None:
+        e = s.entry
+        for route, n in e.routes.items():
+            d = n - s.routes.get(route, 0)
+            if d > 0:
+                self.statements[route] = self.statements.get(route, 0) + d
+        for state, n in e.errors.items():
+            d = n - s.errors.get(state, 0)
+            if d > 0:
+                self.errors[state] = self.errors.get(state, 0) + d
+        buckets = entry_buckets(e)
+        hist = self.hist.get(e.kind)
+        if hist is None:
+            hist = self.hist[e.kind] = [0.0] * (len(BUCKETS) + 1)
+        for i, n in enumerate(buckets):
+            d = n - s.buckets[i]
+            if d > 0:
+                hist[i] += d
+        d_total = e.total - s.total
+        if d_total > 0:
+            self.hist_sum[e.kind] = self.hist_sum.get(e.kind, 0.0) + d_total
+        s.calls = e.calls
+        s.total = e.total
+        s.routes = dict(e.routes)
+        s.errors = dict(e.errors)
+        s.buckets = buckets
+
+    @staticmethod
+    def _monotonic(total: float, last: int, now: int) -> float:
+        return total + (now - last if now >= last else now)  # a reset starts from zero
+
+    def _finding_evictions(self) -> float:
+        now = self.findings.evictions
+        self.finding_evictions = self._monotonic(self.finding_evictions,
+                                                 self._last_finding_evictions, now)
+        self._last_finding_evictions = now
+        return self.finding_evictions
+
+    # ------------------------------------------------------------------ collect
+    def collect(self) -> Iterator[Metric]:
+        src = self.source
+        profiler = src.profiler
+
+        info = GaugeMetricFamily("sqlproxy_info", "sqlproxy build information",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+
+        conns = GaugeMetricFamily("sqlproxy_client_connections",
+                                  "Client sessions by state", labels=["state"])
+        states: dict[str, int] = {}
+        for s in list(src.proxy.sessions.values()):
+            state = getattr(getattr(s, "state", None), "value", "unknown")
+            states[state] = states.get(state, 0) + 1
+        for state in ("startup", "connecting", "authenticating", "ready"):
+            states.setdefault(state, 0)
+        for state, n in sorted(states.items()):
+            conns.add_metric([state], n)
+        yield conns
+        yield GaugeMetricFamily("sqlproxy_accepting",
+                                "1 when the proxy accepts new client connections",
+                                value=1 if src.proxy.accepting else 0)
+
+        backends = self.backends()
+        up = GaugeMetricFamily("sqlproxy_backend_up", "Backend reachable (1) or not (0)",
+                               labels=["backend", "role"])
+        rotation = GaugeMetricFamily("sqlproxy_backend_in_rotation",
+                                     "Backend receives routed statements", labels=["backend"])
+        lag_s = GaugeMetricFamily("sqlproxy_backend_lag_seconds", "Replication lag (time)",
+                                  labels=["backend"])
+        lag_b = GaugeMetricFamily("sqlproxy_backend_lag_bytes", "Replication lag (WAL bytes)",
+                                  labels=["backend"])
+        pool = GaugeMetricFamily("sqlproxy_server_connections",
+                                 "Server connections open", labels=["backend"])
+        for b in backends:
+            name = str(b.get("name"))
+            if b.get("healthy") is not None:
+                up.add_metric([name, str(b.get("role"))], 1 if b["healthy"] else 0)
+            rotation.add_metric([name], 1 if b.get("in_rotation") else 0)
+            if b.get("lag_ms") is not None:
+                lag_s.add_metric([name], float(b["lag_ms"]) / 1000)
+            if b.get("lag_bytes") is not None:
+                lag_b.add_metric([name], float(b["lag_bytes"]))
+            pool.add_metric([name], float(b.get("server_connections") or 0))
+        yield from (up, rotation, lag_s, lag_b, pool)
+
+        findings = GaugeMetricFamily("sqlproxy_findings", "Current findings by kind",
+                                     labels=["kind"])
+        for kind, n in sorted(self.findings.counts().items()):
+            findings.add_metric([kind], n)
+        yield findings
+        yield CounterMetricFamily("sqlproxy_finding_evictions",
+                                  "Findings evicted to stay within max_findings",
+                                  value=self._finding_evictions())
+
+        if self.explainer is not None:
+            yield CounterMetricFamily("sqlproxy_explains", "EXPLAINs run by the admin API",
+                                      value=self.explainer.count)
+
+        if profiler is None:
+            return
+        entries = list(profiler.stats.entries.values())
+        self._account(entries)
+        ev = profiler.stats.evictions
+        self.evictions = self._monotonic(self.evictions, self._last_evictions, ev)
+        self._last_evictions = ev
+        slow = profiler.slow.total
+        self.slow = self._monotonic(self.slow, self._last_slow, slow)
+        self._last_slow = slow
+
+        stm = CounterMetricFamily("sqlproxy_statements", "Statements executed, by route",
+                                  labels=["route"])
+        for route, value in sorted(self.statements.items()):
+            stm.add_metric([route], value)
+        yield stm
+        err = CounterMetricFamily("sqlproxy_statement_errors",
+                                  "Statements that failed, by SQLSTATE", labels=["sqlstate"])
+        for sqlstate, value in sorted(self.errors.items()):
+            err.add_metric([sqlstate], value)
+        yield err
+        hist = HistogramMetricFamily("sqlproxy_statement_duration_seconds",
+                                     "Statement round-trip time seen by the proxy, by kind",
+                                     labels=["kind"])
+        for kind, counts in sorted(self.hist.items()):
+            cum = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, c in zip(BUCKETS, counts, strict=False):
+                cum += c
+                buckets.append((repr(bound), cum))
+            buckets.append(("+Inf", cum + counts[-1]))
+            hist.add_metric([kind], buckets, self.hist_sum.get(kind, 0.0))
+        yield hist
+        yield CounterMetricFamily("sqlproxy_fingerprint_evictions",
+                                  "Statistics entries evicted to stay within max_fingerprints",
+                                  value=self.evictions)
+        yield CounterMetricFamily("sqlproxy_slow_queries", "Executions over slow_query_ms",
+                                  value=self.slow)
+        yield GaugeMetricFamily("sqlproxy_fingerprints", "Statistics entries held",
+                                value=len(entries))
+
+        yield from self._top(entries)
+
+    def _top(self, entries: list[StatEntry]) -> Iterator[Metric]:
+        n = self.source.config.admin.metrics_top_n
+        top = sorted(entries, key=lambda e: e.total, reverse=True)[:n]
+        labels = ["fingerprint", "database", "user"]
+        qinfo = GaugeMetricFamily("sqlproxy_query_info", "Normalized text of a top fingerprint",
+                                  labels=[*labels, "kind", "query"])
+        calls = CounterMetricFamily("sqlproxy_query_calls", "Calls of a top fingerprint",
+                                    labels=labels)
+        secs = CounterMetricFamily("sqlproxy_query_seconds", "Total time of a top fingerprint",
+                                   labels=labels)
+        rows = CounterMetricFamily("sqlproxy_query_rows", "Rows of a top fingerprint",
+                                   labels=labels)
+        errs = CounterMetricFamily("sqlproxy_query_errors", "Errors of a top fingerprint",
+                                   labels=labels)
+        quant = GaugeMetricFamily("sqlproxy_query_latency_seconds",
+                                  "Latency quantiles of a top fingerprint",
+                                  labels=[*labels, "quantile"])
+        for e in top:
+            lv = [e.fingerprint, e.database, e.user]
+            qinfo.add_metric([*lv, e.kind, e.query[:QUERY_LABEL_CHARS]], 1)
+            calls.add_metric(lv, e.calls)
+            secs.add_metric(lv, e.total)
+            rows.add_metric(lv, e.rows)
+            errs.add_metric(lv, e.error_count)
+            for q in (0.5, 0.95, 0.99):
+                quant.add_metric([*lv, str(q)], e.quantile(q))
+        yield from (qinfo, calls, secs, rows, errs, quant)
+
+
+def make_registry(collector: ProfilerCollector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return registry

@@ -12,8 +12,10 @@ from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.config import Config, parse_hostport
 from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy.routed import RoutedSession
 from sqlproxy.proxy.session import ClientSession, SessionState
 from sqlproxy.proxy.tls import client_context, server_context
+from sqlproxy.routing.health import Router
 from sqlproxy.wire.messages import cancel_request
 
 log = get_logger("sqlproxy.server")
@@ -43,6 +45,11 @@ class ProxyServer:
         # again on reload, so a renewed certificate is picked up without a restart.
         self.tls_context: ssl.SSLContext | None = client_context(config.tls)
         self._backend_tls: dict[str, ssl.SSLContext | None] = {}
+        # Read replicas: chosen once here, so that routing off leaves the plain session and
+        # its hot path exactly as they are.
+        self.router: Router | None = (
+            Router(config) if config.routing.enabled and config.replicas else None
+        )
 
     def backend_tls_context(self, mode: str) -> ssl.SSLContext | None:
         if mode not in self._backend_tls:
@@ -64,8 +71,11 @@ class ProxyServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        session_class = ClientSession if self.router is None else RoutedSession
+        if self.router is not None:
+            await self.router.start()
         self._server = await loop.create_server(
-            lambda: ClientSession(self), self.host, self.port, backlog=4096, reuse_address=True
+            lambda: session_class(self), self.host, self.port, backlog=4096, reuse_address=True
         )
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
@@ -116,6 +126,8 @@ class ProxyServer:
             t.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        if self.router is not None:
+            await self.router.stop()
 
     # ------------------------------------------------------------------ idle timeouts
     async def _sweep_loop(self) -> None:

@@ -1,0 +1,1011 @@
+"""A client session whose read-only units may run on read replicas.
+
+Only used when ``routing.enabled`` and replicas are configured (the server picks the session
+class once at startup): the plain ``ClientSession`` hot path stays untouched.
+
+How it works
+------------
+Startup and authentication are the plain session's: the client authenticates against the
+primary. After that, the client's bytes are cut into *units* — one Query, or the extended-
+protocol messages up to a Sync (or a Flush, after which the rest up to the Sync follows the same
+backend: the client is waiting for answers) — and each unit is routed as a whole by
+``routing.policy.decide`` when nothing is in flight. Units pipelined behind a unit running on the
+primary follow it there; a unit on a replica runs alone, so its responses can be held back and,
+if the replica proves it could not run it (read-only transaction, recovery conflict, shutdown,
+lost connection), thrown away and the unit retried on the primary before the client has seen any
+of it.
+
+Each backend (a *link*) has its own ``Conversation`` for statistics and transaction status.
+Before a unit is sent to a link, what the session built elsewhere is replayed there as extra
+units whose responses are swallowed: session settings (SET/RESET, applied in order), and the
+named prepared statements the unit uses (Parse with the client's own Parse message, Close for
+statements the client closed elsewhere).
+
+Read-your-writes: after a unit that may write completes on the primary (outside a transaction
+block), the session's reads stay on the primary until a replica has replayed past the primary's
+WAL position read after the write (see ``routing.health``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import re
+import struct
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlproxy.analysis.classify import Shape, StatementKind
+from sqlproxy.analysis.normalize import Normalized
+from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
+from sqlproxy.logs import get_logger
+from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
+from sqlproxy.routing.health import ReplicaState, Router
+from sqlproxy.routing.policy import Decision, RoutedStatement, SessionView, Target, decide
+from sqlproxy.wire.conversation import Conversation, Pending
+from sqlproxy.wire.messages import TERMINATE, build, cstr
+
+if TYPE_CHECKING:
+    from sqlproxy.proxy.server import ProxyServer
+
+log = get_logger("sqlproxy.routing")
+_perf = time.perf_counter
+_int32 = struct.Struct("!I")
+_unpack_int32 = _int32.unpack_from
+
+_SYNC = build(b"S", b"")
+_IDLE = 73  # 'I'
+#: Errors from a replica that prove the unit could not run there: retry on the primary.
+RETRY_ON_PRIMARY = frozenset(
+    {
+        "25006",  # read_only_sql_transaction: it wrote after all
+        "40001",  # serialization_failure: recovery conflict
+        "40P01",  # deadlock_detected: recovery conflict on buffer pins
+        "55000",  # object_not_in_prerequisite_state: "recovery is in progress"
+        "0A000",  # feature_not_supported: e.g. SERIALIZABLE on a standby
+        "57P01", "57P02", "57P03",  # shutdown, crash, not accepting connections
+        "26000", "42P05",  # our prepared-statement bookkeeping was wrong: be safe
+    }
+)  # fmt: skip
+HOLD_LIMIT = 256 * 1024  # bytes of a replica's answer held back for a possible retry
+_DEALLOCATE_RE = re.compile(r"deallocate\s+(?:prepare\s+)?(.+)$")
+
+
+class Unit:
+    """One routed unit: the client's raw messages and what the router must know of them."""
+
+    __slots__ = (
+        "binds",
+        "closes",
+        "data",
+        "describes",
+        "has_query",
+        "in_tx",
+        "open",
+        "parses",
+        "queries",
+        "sent",
+        "unknown",
+    )
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.queries: list[str] = []  # simple Query texts
+        self.parses: list[tuple[bytes, str, bytes]] = []  # (name, sql, whole Parse message)
+        self.binds: list[bytes] = []  # statement names bound
+        self.describes: list[bytes] = []  # statement names described
+        self.closes: list[bytes] = []  # statement names closed
+        self.has_query = False
+        self.open = False  # ended by Flush: the rest follows until Sync
+        self.unknown = False  # an Execute of an earlier portal, a FunctionCall
+        self.sent = 0.0
+        self.in_tx = False  # sent inside a transaction block: never retried elsewhere
+
+
+class Link:
+    """One backend connection of a routed session."""
+
+    def __init__(self, name: str, conv: Conversation, replica: ReplicaState | None) -> None:
+        self.name = name
+        self.conv = conv
+        self.replica = replica
+        self.transport: asyncio.Transport | None = None
+        self.address: tuple[str, int] = ("", 0)
+        self.key: tuple[int, bytes] | None = None
+        self.prepared: dict[bytes, bytes] = {}  # statement name -> the Parse message sent
+        self.to_close: set[bytes] = set()
+        self.settings_gen = 0
+        self.settings_applied = 0
+        self.swallow = 0  # ReadyForQuery messages of injected units still to swallow
+        self.swallow_failed = False
+        self.rbuf = bytearray()  # an incomplete message, while framing
+        self.unit: Unit | None = None  # the replica unit in flight
+        self.hold: bytearray | None = None  # its answer, held back (None: streaming)
+        self.error: str | None = None  # SQLSTATE of an error in the held answer
+        self.ready = replica is None
+        self.closed = False
+
+    @property
+    def busy(self) -> bool:
+        if self.swallow:
+            return True
+        if self.replica is not None:
+            return self.unit is not None
+        return self.conv.busy
+
+
+class ReplicaConnection(asyncio.Protocol):
+    """The transport protocol of a replica link: our own startup and authentication."""
+
+    def __init__(self, session: RoutedSession, link: Link, password: str | None) -> None:
+        self.session = session
+        self.link = link
+        self.password = password
+        self.buf = bytearray()
+        self.started = False
+        self.waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._scram: tuple[str, str] | None = None  # (client-first-bare, nonce)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.link.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.started:
+            self.session.link_data(self.link, data)
+            return
+        self.buf += data
+        buf = self.buf
+        pos = 0
+        while len(buf) - pos >= 5:
+            t = buf[pos]
+            end = pos + 1 + _unpack_int32(buf, pos + 1)[0]
+            if end > len(buf):
+                break
+            body = bytes(buf[pos + 5 : end])
+            pos = end
+            if t == 82:  # 'R'
+                problem = self._auth(body)
+                if problem is not None:
+                    self._done(problem)
+                    return
+            elif t == 75:  # 'K' BackendKeyData
+                self.link.key = (_unpack_int32(body, 0)[0], body[4:])
+            elif t == 69:  # 'E'
+                fields = dict(
+                    (chr(f[0]), f[1:].decode("utf-8", "replace"))
+                    for f in body.split(b"\x00") if f
+                )
+                self._done(f"{fields.get('C', '?')}: {fields.get('M', '')}")
+                return
+            elif t == 90:  # 'Z' ReadyForQuery: ready
+                self.started = True
+                rest = bytes(buf[pos:])
+                buf.clear()
+                self._done(None)
+                if rest:
+                    self.session.link_data(self.link, rest)
+                return
+        del buf[:pos]
+
+    def _send(self, msg: bytes) -> None:
+        if self.link.transport is not None:
+            self.link.transport.write(msg)
+
+    def _auth(self, body: bytes) -> str | None:
+        code = _unpack_int32(body, 0)[0]
+        if code == 0:
+            return None
+        pw = self.password
+        user = self.session.user
+        if pw is None:
+            return "password required (no routing.passwords entry for this user)"
+        if code == 3:  # cleartext
+            self._send(build(b"p", cstr(pw)))
+        elif code == 5:  # MD5
+            salt = body[4:8]
+            inner = hashlib.md5((pw + user).encode()).hexdigest().encode()
+            self._send(build(b"p", cstr("md5" + hashlib.md5(inner + salt).hexdigest())))
+        elif code == 10:  # SASL
+            if b"SCRAM-SHA-256\x00" not in body[4:]:
+                return "no supported SASL mechanism"
+            nonce = base64.b64encode(os.urandom(18)).decode()
+            bare = f"n=,r={nonce}"
+            first = ("n,," + bare).encode()
+            self._scram = (bare, nonce)
+            self._send(build(b"p", cstr("SCRAM-SHA-256") + _int32.pack(len(first)) + first))
+        elif code == 11 and self._scram is not None:  # SASLContinue
+            server_first = body[4:].decode()
+            attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
+            if not attrs.get("r", "").startswith(self._scram[1]):
+                return "SCRAM nonce mismatch"
+            salted = hashlib.pbkdf2_hmac("sha256", pw.encode(), base64.b64decode(attrs["s"]),
+                                         int(attrs["i"]))
+            client_key = hmac.digest(salted, b"Client Key", "sha256")
+            stored = hashlib.sha256(client_key).digest()
+            without_proof = f"c=biws,r={attrs['r']}"
+            auth_message = f"{self._scram[0]},{server_first},{without_proof}".encode()
+            sig = hmac.digest(stored, auth_message, "sha256")
+            proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
+            self._send(build(b"p", f"{without_proof},p={proof.decode()}".encode()))
+        elif code == 12:  # SASLFinal
+            pass
+        else:
+            return f"unsupported authentication request {code}"
+        return None
+
+    def _done(self, problem: str | None) -> None:
+        if not self.waiter.done():
+            self.waiter.set_result(problem)
+
+    def pause_writing(self) -> None:
+        t = self.session.client_transport
+        if t is not None:
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.session.client_transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._done(f"connection lost: {exc}" if exc else "connection closed")
+        self.session.link_lost(self.link, exc)
+
+
+class RoutedSession(ClientSession):
+    """A ClientSession that routes units between the primary and the replicas."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        super().__init__(server)
+        router = server.router
+        assert router is not None
+        self.router: Router = router
+        self.primary_link: Link | None = None
+        self.links: dict[str, Link] = {}  # replica name -> link
+        self.fbuf = bytearray()
+        self.cur = Unit()
+        self.units: deque[Unit] = deque()
+        self.open_link: Link | None = None  # a unit ended by Flush continues there
+        self.tx_link: Link | None = None  # where the last unit ran (its transaction)
+        self.statements: dict[bytes, tuple[str, bytes]] = {}  # the client's named statements
+        self.pinned = False
+        self.dirty = False  # a unit that may write is in flight on the primary
+        self.horizon = 0  # read-your-writes: cycle whose primary LSN replicas must pass
+        self.settings: list[str] = []
+        self.settings_gen = 0
+        self.pending_settings: list[str] = []
+        self.unit_failed = False
+        self.no_replica = False  # authentication to replicas impossible for this session
+        self.failed_replicas: set[str] = set()
+        self.connecting: str | None = None
+        self._current = "primary"
+
+    # ------------------------------------------------------------------ startup hand-over
+    def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
+        # Like the plain session, except that the primary's bytes keep coming through
+        # backend_startup_data (the backend is never put on its own hot path).
+        self._cancel_startup_timer()
+        self.ready_at = _perf()
+        conv = Conversation(self, self.config.proxy.max_message_bytes)
+        self.conv = conv
+        link = Link("primary", conv, None)
+        link.transport = backend.transport
+        link.address = backend.address
+        link.key = backend.key
+        self.primary_link = link
+        self.state = SessionState.READY
+        self._buf.clear()
+        self.router.functions(self.database)
+        if rest:
+            self.link_data(link, rest)
+
+    def backend_startup_data(self, backend: BackendConnection, data: bytes) -> None:
+        if self.primary_link is not None:
+            self.link_data(self.primary_link, data)
+        else:
+            super().backend_startup_data(backend, data)
+
+    # ------------------------------------------------------------------ client side
+    def data_received(self, data: bytes) -> None:
+        if self.state is not SessionState.READY:
+            super().data_received(data)
+            return
+        try:
+            self._client_data(data)
+        except ProtocolViolation as exc:
+            self.fail(exc)
+
+    def _client_data(self, data: bytes) -> None:
+        buf = self.fbuf
+        buf += data
+        n = len(buf)
+        pos = 0
+        max_message = self.config.proxy.max_message_bytes
+        while n - pos >= 5:
+            t = buf[pos]
+            ln = _unpack_int32(buf, pos + 1)[0]
+            if ln < 4 or ln > max_message:
+                raise ProtocolViolation(f"invalid message length {ln} for message type "
+                                        f"{chr(t)!r}")
+            end = pos + 1 + ln
+            if end > n:
+                break
+            self._client_message(t, bytes(buf[pos:end]))
+            pos = end
+        del buf[:pos]
+        self._pump()
+
+    def _client_message(self, t: int, msg: bytes) -> None:
+        link = self.open_link
+        if link is not None:
+            self._forward(link, msg)
+            if t == 83:  # Sync ends the open unit
+                self.open_link = None
+            return
+        if t in (100, 99, 102):  # CopyData, CopyDone, CopyFail: to the COPY (on the primary)
+            target = self.primary_link
+            if self.tx_link is not None and self.tx_link.conv.copy_mode:
+                target = self.tx_link
+            if target is not None:
+                self._forward(target, msg)
+            return
+        if t == 88:  # Terminate
+            for lk in self._all_links():
+                if lk.transport is not None and not lk.transport.is_closing():
+                    lk.conv.feed_frontend(msg, _perf())
+                    lk.transport.write(msg)
+            return
+        unit = self.cur
+        if t == 72 and not unit.data:  # a bare Flush: to whoever owes answers
+            for lk in self._all_links():
+                if lk.busy:
+                    self._forward(lk, msg)
+                    break
+            return
+        unit.data += msg
+        if t == 80:  # Parse
+            nul = msg.index(0, 5)
+            name = msg[5:nul]
+            sql = msg[nul + 1 : msg.index(0, nul + 1)].decode("utf-8", "replace")
+            unit.parses.append((name, sql, msg))
+        elif t == 66:  # Bind
+            nul = msg.index(0, 5)
+            unit.binds.append(msg[nul + 1 : msg.index(0, nul + 1)])
+        elif t == 69:  # Execute
+            if not unit.binds:
+                unit.unknown = True
+        elif t == 68:  # Describe
+            if msg[5] == 83:
+                unit.describes.append(msg[6 : msg.index(0, 6)])
+        elif t == 67:  # Close
+            if msg[5] == 83:
+                unit.closes.append(msg[6 : msg.index(0, 6)])
+        elif t == 81:  # Query
+            unit.queries.append(msg[5 : msg.index(0, 5)].decode("utf-8", "replace"))
+            unit.has_query = True
+            self._end_unit()
+        elif t == 70:  # FunctionCall
+            unit.unknown = True
+            self._end_unit()
+        elif t == 83:  # Sync
+            self._end_unit()
+        elif t == 72:  # Flush
+            unit.open = True
+            self._end_unit()
+
+    def _end_unit(self) -> None:
+        self.units.append(self.cur)
+        self.cur = Unit()
+
+    def _forward(self, link: Link, msg: bytes) -> None:
+        if link.transport is None or link.transport.is_closing():
+            return
+        if link.replica is None or link.hold is None:
+            self._current = link.name
+            link.conv.feed_frontend(msg, _perf())
+        elif link.unit is not None:
+            link.unit.data += msg
+        link.transport.write(msg)
+
+    # ------------------------------------------------------------------ dispatch
+    def _all_links(self) -> list[Link]:
+        links = list(self.links.values())
+        if self.primary_link is not None:
+            links.insert(0, self.primary_link)
+        return links
+
+    def _pump(self) -> None:
+        primary = self.primary_link
+        if primary is None or self.state is not SessionState.READY:
+            return
+        while self.units and self.open_link is None and self.connecting is None:
+            unit = self.units[0]
+            if any(lk.busy for lk in self.links.values()):
+                return  # a replica unit runs alone
+            if primary.busy:
+                # Pipelined behind the primary: follow it there (always correct).
+                if self._preamble(primary, unit, dry_run=True):
+                    return
+                self._decide(unit)
+                self.units.popleft()
+                self._send(primary, unit)
+                continue
+            link = self._route(unit)
+            if link is None:
+                return  # connecting to a replica; pumped again when done
+            self.units.popleft()
+            self._send(link, unit)
+
+    def _unit_statements(self, unit: Unit) -> list[RoutedStatement] | None:
+        out: list[RoutedStatement] = []
+        for sql in unit.queries:
+            out.extend(self._statements(sql))
+        parsed = set()
+        for name, sql, _ in unit.parses:
+            parsed.add(name)
+            out.extend(self._statements(sql))
+        for name in unit.binds:
+            if name in parsed:
+                continue
+            known = self.statements.get(name)
+            if known is None:
+                return None
+            out.extend(self._statements(known[0]))
+        return out
+
+    def _statements(self, sql: str) -> list[RoutedStatement]:
+        return [RoutedStatement(n.text, shape, n.hints) for n, shape in self._statements_nr(sql)]
+
+    def _in_tx(self) -> Link | None:
+        tx = self.tx_link
+        if tx is not None and tx.conv.tx_status != _IDLE and not tx.closed:
+            return tx
+        return None
+
+    def _decide(self, unit: Unit) -> Decision | None:
+        """The policy's decision for ``unit`` (None: unknown statements), noting pins and
+        writes for the session."""
+        tx = self._in_tx()
+        stmts = None if unit.unknown else self._unit_statements(unit)
+        if stmts is None:
+            self.dirty = True
+            return None
+        view = SessionView(
+            pinned=self.pinned,
+            in_transaction=tx is not None,
+            transaction_on_replica=tx is not None and tx.replica is not None,
+            replicas_usable=not self.no_replica,
+        )
+        decision = decide(stmts, view, self.router.functions(self.database))
+        if decision.pin and not self.pinned:
+            self.pinned = True
+            self.router.pinned_sessions += 1
+            log.info("session_pinned", session=self.id, reason=decision.reason)
+        if decision.writes:
+            self.dirty = True
+        if decision.target is Target.PRIMARY and "volatile function" in decision.reason:
+            self.router.load_functions(self.database)  # maybe a function we do not know yet
+        if not stmts:
+            return None
+        if decision.target is Target.REPLICA and all(
+            st.shape.kind is StatementKind.TRANSACTION and not st.shape.read_only_txn
+            for st in stmts
+        ):
+            return None  # a lone COMMIT outside a block: nothing to gain
+        return decision
+
+    def _route(self, unit: Unit) -> Link | None:
+        primary = self.primary_link
+        assert primary is not None
+        tx = self._in_tx()
+        decision = self._decide(unit)
+        unit.in_tx = tx is not None
+        if tx is not None:
+            return tx  # transactions stay on one backend, whatever the statement
+        if decision is None or decision.target is Target.PRIMARY:
+            return primary
+        min_lsn = None
+        if self.horizon:
+            min_lsn = self.router.lsn_after(self.horizon)
+            if min_lsn is None:
+                self.router.fallbacks += 1
+                return primary
+        rep = self.router.choose(min_lsn, frozenset(self.failed_replicas))
+        if rep is None:
+            self.router.fallbacks += 1
+            return primary
+        link = self.links.get(rep.name)
+        if link is None or link.closed:
+            self._connect_replica(rep)
+            return None
+        return link
+
+    def _connect_replica(self, rep: ReplicaState) -> None:
+        self.connecting = rep.name
+        task = asyncio.get_running_loop().create_task(self._open_replica(rep))
+        self.server._tasks.add(task)
+        task.add_done_callback(self.server._tasks.discard)
+
+    async def _open_replica(self, rep: ReplicaState) -> None:
+        link = Link(rep.name, Conversation(self, self.config.proxy.max_message_bytes), rep)
+        link.address = (rep.url.host, rep.url.port)
+        link.settings_gen = -1  # a fresh connection: replay everything
+        problem: str | None
+        password = self.router.routing.passwords.get(self.user)
+        proto: ReplicaConnection | None = None
+        try:
+            loop = asyncio.get_running_loop()
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: ReplicaConnection(self, link, password),
+                                       rep.url.host, rep.url.port),
+                timeout=self.config.proxy.connect_timeout,
+            )
+            assert self.startup is not None and proto is not None
+            assert link.transport is not None
+            link.transport.write(self.startup.raw)
+            problem = await asyncio.wait_for(proto.waiter, self.config.proxy.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            problem = f"connection failed: {exc}"
+            self.router.mark_down(rep, problem)
+        self.connecting = None
+        if self.state is not SessionState.READY:
+            if link.transport is not None:
+                link.transport.close()
+            return
+        if problem is not None:
+            link.closed = True
+            if link.transport is not None:
+                link.transport.close()
+            if "password" in problem or "authentication" in problem or "28P01" in problem \
+                    or "28000" in problem:
+                self.no_replica = True
+                self.router.warn_once(
+                    f"auth:{self.user}", "replica_authentication_impossible", user=self.user,
+                    replica=rep.name, reason=problem,
+                    consequence="this user's reads stay on the primary")
+            else:
+                self.failed_replicas.add(rep.name)
+        else:
+            link.ready = True
+            self.links[rep.name] = link
+        self._pump()
+
+    def _preamble(self, link: Link, unit: Unit, dry_run: bool = False) -> bytes:
+        """The injected units that make ``link`` ready for ``unit`` (settings, statements)."""
+        out = bytearray()
+        units = 0
+        if link.settings_gen != self.settings_gen or link.settings_applied < len(self.settings):
+            if link.settings_gen != self.settings_gen:
+                todo = (["RESET ALL"] if link.settings_gen >= 0 else []) + self.settings
+            else:
+                todo = self.settings[link.settings_applied :]
+            if todo:
+                out += build(b"Q", cstr("; ".join(todo)))
+                units += 1
+            if not dry_run:
+                link.settings_gen = self.settings_gen
+                link.settings_applied = len(self.settings)
+        ext = bytearray()
+        for name in list(link.to_close):
+            ext += build(b"C", b"S" + name + b"\x00")
+            if not dry_run:
+                link.prepared.pop(name, None)
+                link.to_close.discard(name)
+        parsed_here = {name for name, _, _ in unit.parses}
+        for name in (*unit.binds, *unit.describes):
+            if name in parsed_here:
+                continue
+            known = self.statements.get(name)
+            if known is None or link.prepared.get(name) == known[1]:
+                continue
+            if name in link.prepared and name != b"":
+                ext += build(b"C", b"S" + name + b"\x00")
+            ext += known[1]
+            if not dry_run:
+                link.prepared[name] = known[1]
+                link.conv.statements[name] = known[0]
+        for name, _, _ in unit.parses:
+            if name and name in link.prepared and name not in self.statements:
+                ext += build(b"C", b"S" + name + b"\x00")
+                if not dry_run:
+                    link.prepared.pop(name, None)
+        if unit.has_query and b"" in link.prepared and unit.binds:
+            pass  # a Query drops the unnamed statement; the Bind re-parses it above
+        if ext:
+            out += ext + _SYNC
+            units += 1
+        if not dry_run:
+            link.swallow += units
+        return bytes(out)
+
+    def _send(self, link: Link, unit: Unit) -> None:
+        transport = link.transport
+        if transport is None or transport.is_closing():
+            if link.replica is not None:
+                self._retry_on_primary(link, unit, "connection closed")
+                return
+            self.fail(ConnectionFailure("server closed the connection unexpectedly"))
+            return
+        pre = self._preamble(link, unit)
+        now = _perf()
+        unit.sent = now
+        data = bytes(unit.data)
+        rep = link.replica
+        if rep is None:
+            self._current = "primary"
+            link.conv.feed_frontend(data, now)
+            self.router.primary_routed += 1
+        else:
+            link.unit = unit
+            rep.outstanding += 1
+            rep.routed += 1
+            if unit.open:
+                link.hold = None
+                link.conv.feed_frontend(data, now)
+            else:
+                link.hold = bytearray()
+                link.error = None
+        transport.write(pre + data if pre else data)
+        # Bookkeeping of the client's statements as they now exist on this link.
+        for name, sql, msg in unit.parses:
+            self.statements[name] = (sql, msg)
+            link.prepared[name] = msg
+        for name in unit.closes:
+            self.statements.pop(name, None)
+            link.prepared.pop(name, None)
+            for other in self._all_links():
+                if other is not link and name in other.prepared:
+                    other.to_close.add(name)
+        if unit.has_query:
+            self.statements.pop(b"", None)
+            link.prepared.pop(b"", None)
+        if unit.open:
+            self.open_link = link
+        self.tx_link = link
+
+    # ------------------------------------------------------------------ backend side
+    def link_data(self, link: Link, data: bytes) -> None:
+        """Bytes from a backend of this session."""
+        if link.replica is not None:
+            self._replica_data(link, data)
+        elif link.swallow or link.rbuf:
+            self._primary_framed(link, data)
+        else:
+            self._deliver(link, data)
+        self._after(link)
+
+    def _deliver(self, link: Link, data: bytes) -> None:
+        t = self.client_transport
+        if t is not None and not t.is_closing():
+            t.write(data)
+        self._current = link.name
+        link.conv.feed_backend(data, _perf())
+
+    def _primary_framed(self, link: Link, data: bytes) -> None:
+        """Swallow the answers to injected units, then pass the rest on untouched."""
+        buf = link.rbuf
+        buf += data
+        n = len(buf)
+        pos = 0
+        while link.swallow and n - pos >= 5:
+            t = buf[pos]
+            end = pos + 1 + _unpack_int32(buf, pos + 1)[0]
+            if end > n:
+                break
+            if t == 69:
+                self._replay_failed(link, bytes(buf[pos + 5 : end]))
+            elif t == 90:
+                link.swallow -= 1
+            pos = end
+        if link.swallow:
+            del buf[:pos]
+            return
+        rest = bytes(buf[pos:])
+        buf.clear()
+        if rest:
+            self._deliver(link, rest)
+
+    def _replay_failed(self, link: Link, body: bytes) -> None:
+        link.swallow_failed = True
+        log.info("routing_replay_failed", session=self.id, backend=link.name,
+                 error=_error_text(body))
+
+    def _replica_data(self, link: Link, data: bytes) -> None:
+        """A replica's answer: framed, held back for a retry until complete (or too big)."""
+        buf = link.rbuf
+        buf += data
+        n = len(buf)
+        pos = 0
+        out = bytearray()
+        while n - pos >= 5:
+            t = buf[pos]
+            end = pos + 1 + _unpack_int32(buf, pos + 1)[0]
+            if end > n:
+                break
+            if link.swallow:
+                if t == 69:
+                    self._replay_failed(link, bytes(buf[pos + 5 : end]))
+                elif t == 90:
+                    link.swallow -= 1
+            elif link.unit is None:
+                # An idle replica link speaks: a shutdown FATAL, a notice. Not the client's.
+                if t == 69:
+                    link.closed = True
+            else:
+                if t == 69 and link.error is None:
+                    link.error = _sqlstate(bytes(buf[pos + 5 : end]))
+                out += buf[pos:end]
+                if t == 90:
+                    self._replica_unit_end(link, out)
+                    out = bytearray()
+            pos = end
+        del buf[:pos]
+        if out:
+            if link.hold is not None:
+                link.hold += out
+                if len(link.hold) > HOLD_LIMIT:
+                    self._release(link)
+            else:
+                self._deliver(link, bytes(out))
+
+    def _replica_unit_end(self, link: Link, out: bytearray) -> None:
+        if link.hold is None:
+            self._deliver(link, bytes(out))
+            self._finish_replica_unit(link)
+            return
+        link.hold += out
+        self._replica_done(link)
+
+    def _release(self, link: Link) -> None:
+        """Stop holding the replica's answer: pass on what is held and stream the rest."""
+        unit = link.unit
+        hold = link.hold
+        link.hold = None
+        if unit is None or hold is None:
+            return
+        self._current = link.name
+        link.conv.feed_frontend(bytes(unit.data), unit.sent)
+        self._deliver(link, bytes(hold))
+
+    def _replica_done(self, link: Link) -> None:
+        unit = link.unit
+        assert unit is not None
+        retry = link.swallow_failed or (link.error in RETRY_ON_PRIMARY and not unit.in_tx)
+        link.swallow_failed = False
+        if retry:
+            reason = f"error {link.error}" if link.error else "replay failed"
+            link.hold = None
+            self._finish_replica_unit(link)
+            if link.error in ("57P01", "57P02", "57P03") and link.replica is not None:
+                self.router.mark_down(link.replica, reason)
+                self._drop_link(link)
+            self._retry_on_primary(link, unit, reason)
+            return
+        self._release(link)
+        self._finish_replica_unit(link)
+
+    def _finish_replica_unit(self, link: Link) -> None:
+        if link.unit is not None and link.replica is not None:
+            link.replica.outstanding -= 1
+        link.unit = None
+        link.error = None
+
+    def _retry_on_primary(self, link: Link, unit: Unit, reason: str) -> None:
+        if link.replica is not None:
+            link.replica.retried += 1
+        log.info("routing_retry_on_primary", session=self.id, replica=link.name, reason=reason)
+        primary = self.primary_link
+        if primary is None:
+            return
+        unit.open = False
+        self.units.appendleft(unit)
+        if not primary.busy:
+            self.units.popleft()
+            self._send(primary, unit)
+
+    def _after(self, link: Link) -> None:
+        """After a backend's bytes: a finished unit frees the session for the next."""
+        if link.replica is not None and link.closed and link.unit is None:
+            self._drop_link(link)
+        if link.busy:
+            return
+        if link.conv.tx_status == _IDLE:
+            if self.pending_settings and not self.unit_failed:
+                self._commit_settings(link)
+            self.pending_settings.clear()
+            self.unit_failed = False
+            if link.replica is None and self.dirty:
+                self.dirty = False
+                self.horizon = self.router.horizon()
+        self._pump()
+
+    # ------------------------------------------------------------------ settings
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        self.route = self._current
+        super().statement_done(pending, index, tag, rows, sqlstate, started, ended)
+        if sqlstate is not None:
+            self.unit_failed = True
+            return
+        if tag == b"ROLLBACK":
+            self.pending_settings.clear()
+            return
+        if not pending.sql:
+            return
+        stmts = self._statements_nr(pending.sql)
+        if index >= len(stmts):
+            return
+        n, shape = stmts[index]
+        if shape.kind is StatementKind.SET:
+            if n.text.startswith(("set local ", "set transaction ")):
+                return
+            self.pending_settings.append(_literal_text(n))
+        elif shape.kind is StatementKind.UTILITY and shape.command in ("deallocate", "discard"):
+            self._forget_statements(n.text)
+
+    def _statements_nr(self, sql: str) -> list[tuple[Normalized, Shape]]:
+        profiler = self.profiler
+        if profiler is not None:
+            return [(s.normalized, s.shape) for s in profiler.statements(self, sql)]
+        cache = self.router.cache
+        return [(n, cache.shape(n)) for n in cache.scan(sql)]
+
+    def _commit_settings(self, link: Link) -> None:
+        for text in self.pending_settings:
+            if text.lower().startswith(("reset all", "discard all")):
+                self.settings.clear()
+                self.settings_gen += 1
+            else:
+                self.settings.append(text)
+        link.settings_gen = self.settings_gen
+        link.settings_applied = len(self.settings)
+
+    def _forget_statements(self, text: str) -> None:
+        if text.startswith("discard"):
+            if text not in ("discard all",):
+                return
+            self.pending_settings.append("discard all")
+            names = None
+        else:
+            m = _DEALLOCATE_RE.match(text)
+            if m is None:
+                return
+            arg = m.group(1).strip()
+            names = None if arg == "all" else {arg.strip('"').encode()}
+        for lk in self._all_links():
+            if lk.name != self._current:
+                lk.to_close.update(lk.prepared if names is None else
+                                   (x for x in names if x in lk.prepared))
+            else:
+                for x in (list(lk.prepared) if names is None else names):
+                    lk.prepared.pop(x, None)
+        if names is None:
+            self.statements.clear()
+        else:
+            for x in names:
+                self.statements.pop(x, None)
+
+    # ------------------------------------------------------------------ teardown
+    def link_lost(self, link: Link, exc: Exception | None) -> None:
+        link.transport = None
+        link.closed = True
+        unit = link.unit
+        if unit is not None and link.replica is not None:
+            self.router.mark_down(link.replica, f"connection lost: {exc}" if exc else
+                                  "connection lost")
+            held = link.hold is not None
+            link.hold = None
+            self._finish_replica_unit(link)
+            self.links.pop(link.name, None)
+            if held and self.state is SessionState.READY and not unit.in_tx:
+                self._retry_on_primary(link, unit, "connection lost")
+                return
+            if self.state is SessionState.READY:
+                self.fail(ConnectionFailure(
+                    "replica connection lost in the middle of a statement",
+                    detail=f"replica {link.name}"))
+            return
+        if self.links.get(link.name) is link:
+            del self.links[link.name]
+        if self.tx_link is link:
+            self.tx_link = None
+            if link.conv.tx_status != _IDLE and self.state is SessionState.READY:
+                self.fail(ConnectionFailure(
+                    "replica connection lost inside a transaction block",
+                    detail=f"replica {link.name}"))
+                return
+        if self.state is SessionState.READY:
+            self._pump()
+
+    def _drop_link(self, link: Link) -> None:
+        if self.links.get(link.name) is link:
+            del self.links[link.name]
+        link.closed = True
+        if self.tx_link is link and link.unit is None:
+            self.tx_link = None
+        t = link.transport
+        if t is not None and not t.is_closing():
+            t.write(TERMINATE)
+            t.close()
+
+    def _close_replicas(self) -> None:
+        for link in list(self.links.values()):
+            self._drop_link(link)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for link in list(self.links.values()):
+            if link.unit is not None and link.key is not None:
+                self.server.send_cancel(link.address, link.key)
+        self._close_replicas()
+        super().connection_lost(exc)
+
+    def fail(self, exc: ProxyError, *, quiet: bool = False) -> None:
+        self._close_replicas()
+        super().fail(exc, quiet=quiet)
+
+    def cancel_backend_query(self) -> None:
+        for link in self.links.values():
+            if link.unit is not None and link.key is not None:
+                self.server.send_cancel(link.address, link.key)
+                return
+        super().cancel_backend_query()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        for link in self.links.values():
+            if link.transport is not None:
+                link.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        for link in self.links.values():
+            if link.transport is not None and not link.transport.is_closing():
+                link.transport.resume_reading()
+
+    @property
+    def replica_backends(self) -> dict[str, Link]:
+        """This session's open replica connections, by replica name."""
+        return self.links
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out["backends"] = (["primary"] if self.primary_link is not None else []) + list(
+            self.links)
+        out["pinned"] = self.pinned
+        return out
+
+
+def _ends_with_rfq(out: bytearray) -> bool:
+    return len(out) >= 6 and out[-6] == 90 and _unpack_int32(out, len(out) - 5)[0] == 5
+
+
+def _sqlstate(body: bytes) -> str:
+    for field in body.split(b"\x00"):
+        if field[:1] == b"C":
+            return field[1:].decode("ascii", "replace")
+    return "XX000"
+
+
+def _error_text(body: bytes) -> str:
+    fields = {f[:1]: f[1:].decode("utf-8", "replace") for f in body.split(b"\x00") if f}
+    return f"{fields.get(b'C', '?')}: {fields.get(b'M', '')}"
+
+
+_PARAM_RE = re.compile(r"\$([0-9]+)")
+
+
+def _literal_text(n: Normalized) -> str:
+    """A statement's text with its literals back in place (for replaying SET elsewhere)."""
+    values = n.values
+    if not values:
+        return n.text
+
+    def put(m: re.Match[str]) -> str:
+        i = int(m.group(1)) - 1
+        return values[i] if 0 <= i < len(values) else m.group(0)
+
+    return _PARAM_RE.sub(put, n.text)

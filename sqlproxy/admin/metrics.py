@@ -3,10 +3,11 @@
 Nothing here runs per statement: a custom collector reads the statistics when ``/metrics`` is
 scraped. Counters must never go down, but statistics entries are evicted and reset; so the
 collector remembers, per live entry, what it had already counted, and adds only the difference
-since the previous scrape (an evicted entry's last increments are still read from the entry
-object, which the collector holds until it has counted them). Entries whose call count did not
-change cost one comparison. Latency histograms per statement kind come from the entries'
-log-bucket sketches, re-bucketed into Prometheus buckets (within the sketch's 1 %).
+since the previous scrape; entries about to be evicted or reset are handed to it first
+(``StatsStore.on_retire``, a rare event) so their last increments are counted too. Entries whose
+call count did not change cost one comparison per scrape. Latency histograms per statement
+kind come from the entries' log-bucket sketches, re-bucketed into Prometheus buckets (within
+the sketch's 1 %).
 
 Per-fingerprint series exist only for the top ``admin.metrics_top_n`` fingerprints by total
 time, to keep cardinality bounded.
@@ -71,6 +72,8 @@ class ProfilerCollector(Collector):
                  backends: Callable[[], list[dict[str, Any]]], explainer: Any = None) -> None:
         self.source = source
         self.backends = backends
+        if source.profiler is not None:
+            source.profiler.stats.on_retire = self.retire
         self.findings = findings
         self.explainer = explainer
         self._seen: dict[int, _Seen] = {}
@@ -101,9 +104,17 @@ class ProfilerCollector(Collector):
             if e.calls != s.calls:
                 self._count(s)
         for key in [k for k in seen if k not in live]:
-            s = seen.pop(key)
-            if s.entry.calls != s.calls:
-                self._count(s)  # increments between the last scrape and the eviction
+            del seen[key]  # dropped entries were counted by retire()
+
+    def retire(self, entries: list[StatEntry]) -> None:
+        """``StatsStore.on_retire``: count what entries about to be dropped did since the last
+        scrape (or ever, if they were born and evicted between two scrapes)."""
+        for e in entries:
+            s = self._seen.pop(id(e), None)
+            if s is None or s.entry is not e:
+                s = _Seen(e)
+            if e.calls != s.calls:
+                self._count(s)
 
     def _count(self, s: _Seen) -> None:
         e = s.entry

@@ -9,7 +9,7 @@ mergeable; see sketch.py), never from stored samples.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from math import ceil as _ceil
 from math import log as _log
 from typing import Any
@@ -163,6 +163,9 @@ class StatsStore:
         self.entries: dict[tuple[str, str, str], StatEntry] = {}
         self.evictions = 0
         self.reset_at = 0.0
+        # Called with entries about to be dropped (eviction, reset): a rare event, so that a
+        # reader keeping process-lifetime totals (the Prometheus collector) loses nothing.
+        self.on_retire: Callable[[list[StatEntry]], None] | None = None
 
     def entry(self, fingerprint: str, database: str, user: str, query: str, kind: str,
               now: float) -> StatEntry:
@@ -179,6 +182,8 @@ class StatsStore:
         """Drop the least-used 5 % (at least one), as pg_stat_statements does, and decay."""
         victims = sorted(self.entries.items(), key=lambda kv: kv[1].usage)
         n = max(1, len(victims) * 5 // 100)
+        if self.on_retire is not None:
+            self.on_retire([e for _, e in victims[:n]])
         for key, e in victims[:n]:
             e.evicted = True
             del self.entries[key]
@@ -211,6 +216,8 @@ class StatsStore:
         return [e for e in self.entries.values() if e.fingerprint == fingerprint]
 
     def reset(self) -> None:
+        if self.on_retire is not None:
+            self.on_retire(list(self.entries.values()))
         for e in self.entries.values():
             e.evicted = True
         self.entries.clear()

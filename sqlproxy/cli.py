@@ -40,6 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
         "effective settings as JSON. Exit status 2 when invalid.",
     )
     check.add_argument("file", metavar="FILE", nargs="?", help="TOML configuration file")
+    demo = sub.add_parser(
+        "demo", help="see it work: throwaway servers, a sample app, a report",
+        description="Start a throwaway PostgreSQL primary and streaming replica (from the "
+        "installed server binaries), sqlproxy in front of them with replica routing and the "
+        "admin API, run a small SQLAlchemy application with typical ORM anti-patterns through "
+        "it, and print what sqlproxy found. Then keep serving (dashboard, psql) until Ctrl-C. "
+        "Everything it starts is removed on exit.",
+    )
+    demo.add_argument("--exit", action="store_true",
+                      help="stop after the report instead of serving until Ctrl-C")
+    demo.add_argument("--listen", metavar="HOST:PORT",
+                      help="proxy address (default 127.0.0.1:6432, or a free port if taken)")
+    demo.add_argument("--admin", metavar="HOST:PORT",
+                      help="admin/dashboard address (default 127.0.0.1:8080, or a free port)")
+    demo.add_argument("--no-replica", action="store_true",
+                      help="no replica: everything runs on the primary")
     return parser
 
 
@@ -66,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "demo":
+        from sqlproxy.demo import run_demo
+
+        return run_demo(args)
     if args.command == "check-config":
         try:
             cfg = load_config(args.file)

@@ -1,0 +1,170 @@
+"""``sqlproxy demo``: throwaway PostgreSQL primary and replica, sqlproxy in front with routing
+and the admin API, a small application workload through it, and a report in the terminal.
+
+Everything started here is stopped and removed on exit (Ctrl-C, or ``--exit`` after the
+report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlproxy import devcluster
+from sqlproxy.config import Config
+
+__all__ = ["run_demo"]
+
+DEMO_DATABASE = "league"
+DEMO_APPLICATION = "league-site"
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _listen(address: str | None, default_port: int) -> str:
+    if address:
+        return address
+    port = default_port if _port_free("127.0.0.1", default_port) else devcluster.free_port()
+    return f"127.0.0.1:{port}"
+
+
+def demo_config(primary: devcluster.PgCluster, replica: devcluster.PgCluster | None,
+                listen: str, admin: str, state_dir: Path) -> Config:
+    return Config.model_validate({
+        "proxy": {"listen": listen, "primary": primary.dsn()},
+        "routing": {"enabled": replica is not None},
+        "replicas": [{"url": replica.dsn(), "name": "replica1"}] if replica else [],
+        "admin": {"listen": admin},
+        # Seconds, not minutes, for a demo: a sequential scan of 400,000 rows counts as slow.
+        "analysis": {"slow_query_ms": 20.0},
+        "state": {"enabled": False, "path": str(state_dir / "state.sqlite")},
+        "log": {"level": "error"},
+    })
+
+
+async def _run(args: Any) -> int:
+    from rich.console import Console
+
+    from sqlproxy.demo.report import print_report
+    from sqlproxy.runtime import Runtime
+
+    # Tables need room: at least 120 columns, also when the output is not a terminal.
+    probe = Console()
+    console = Console(width=max(probe.width, 120) if probe.is_terminal else 120)
+    try:
+        bindir = devcluster.find_pg_bindir()
+    except devcluster.PgNotInstalledError as exc:
+        console.print(f"[red]sqlproxy demo:[/red] {exc}")
+        return 1
+    base = devcluster.make_base_dir()
+    primary: devcluster.PgCluster | None = None
+    replica: devcluster.PgCluster | None = None
+    runtime: Runtime | None = None
+    try:
+        with console.status("starting a throwaway PostgreSQL primary and streaming replica"):
+            primary = await asyncio.to_thread(devcluster.start_primary, base, bindir=bindir)
+            await asyncio.to_thread(primary.psql, f"CREATE DATABASE {DEMO_DATABASE}")
+            if not args.no_replica:
+                replica = await asyncio.to_thread(devcluster.start_replica, primary, base)
+        console.print(f"PostgreSQL {primary.psql('SHOW server_version')}: primary "
+                      f"{primary.host}:{primary.port}"
+                      + (f", replica {replica.host}:{replica.port}" if replica else ""))
+        cfg = demo_config(primary, replica, _listen(args.listen, 6432),
+                          _listen(args.admin, 8080), base)
+        from sqlproxy.logs import configure_logging
+
+        configure_logging(cfg.log.format, cfg.log.level)
+        runtime = Runtime(cfg)
+        await runtime.start()
+        host, port = cfg.proxy.listen.rsplit(":", 1)
+        url = f"postgresql://postgres@{host}:{port}/{DEMO_DATABASE}"
+        console.print(f"sqlproxy listening on {cfg.proxy.listen} (routing "
+                      f"{'on' if replica else 'off'}), admin on http://{cfg.admin.listen}/")
+        await _workload(console, url, replica, runtime)
+        print_report(console, runtime, cfg, DEMO_DATABASE)
+        console.print(f"\nDashboard: [bold]http://{cfg.admin.listen}/[/bold]    "
+                      f"psql: [bold]psql {url}[/bold]")
+        if not args.exit:
+            console.print("Serving until Ctrl-C.")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            import signal
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        return 0
+    finally:
+        with console.status("stopping and removing everything the demo started"):
+            if runtime is not None:
+                with contextlib.suppress(Exception):
+                    await runtime.stop()
+            for cluster in (replica, primary):
+                if cluster is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(cluster.stop)
+            devcluster.remove_base_dir(base)
+
+
+async def _workload(console: Any, url: str, replica: devcluster.PgCluster | None,
+                    runtime: Any) -> None:
+    from rich.progress import Progress
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+    from sqlproxy.demo import workload
+
+    engine = create_async_engine(
+        url.replace("postgresql://", "postgresql+asyncpg://", 1),
+        connect_args={"server_settings": {"application_name": DEMO_APPLICATION}},
+        pool_size=2,
+    )
+    try:
+        with Progress(console=console, transient=False) as progress:
+            task = progress.add_task("loading the league", total=len(workload.SCENES) + 1)
+            await workload.setup_schema(engine)
+            if replica is not None:
+                await asyncio.to_thread(replica.wait_for_replay)
+            # The report is about the application's requests, not the seeding above.
+            if runtime.profiler is not None:
+                runtime.profiler.reset()
+            progress.advance(task)
+            maker = async_sessionmaker(engine, expire_on_commit=False)
+            for scene in workload.SCENES:
+                progress.update(task, description=scene.title)
+                await scene.run(maker)
+                # A pause ends the connection's burst, as a user's next click would.
+                await asyncio.sleep(0.25)
+                progress.advance(task)
+            progress.update(task, description="workload done")
+    finally:
+        await engine.dispose()
+    await asyncio.sleep(0.2)
+
+
+def run_demo(args: Any) -> int:
+    from sqlproxy.runtime import install_uvloop
+
+    install_uvloop()
+    started = time.monotonic()
+    try:
+        code = asyncio.run(_run(args))
+    except KeyboardInterrupt:
+        code = 130
+    except devcluster.PgHarnessError as exc:
+        print(f"sqlproxy demo: {exc}", file=sys.stderr)
+        code = 1
+    if args.exit:
+        print(f"demo finished in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    return code

@@ -1,0 +1,91 @@
+"""The demo's terminal report: what sqlproxy saw, in a few rich tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from sqlproxy.config import Config
+
+KIND_TITLES = {
+    "n_plus_one": "N+1 select",
+    "repeated_query": "repeated query",
+    "row_by_row_write": "row-by-row write",
+    "commit_per_row": "commit per row",
+    "unbounded_result": "unbounded result",
+    "deep_offset": "deep OFFSET",
+}
+
+
+def _short(sql: str, width: int = 70) -> str:
+    sql = " ".join(sql.split())
+    return sql if len(sql) <= width else sql[: width - 1] + "…"
+
+
+def gather(runtime: Any, database: str) -> dict[str, Any]:
+    """Everything the report shows, as plain data (also what the demo's test checks)."""
+    prof = runtime.profiler
+    if prof is None:
+        return {"top": [], "slow": [], "findings": [], "routes": {}}
+    top, _ = prof.top(sort="total_ms", limit=10_000, database=database)
+    slow, _ = prof.slow_log(limit=10)
+    findings: list[dict[str, Any]] = []
+    if hasattr(prof, "findings"):
+        findings, _ = prof.findings(limit=100, database=database)
+    routes: dict[str, dict[str, int]] = {}
+    for item in top:
+        kind = item.get("kind", "")
+        for route, n in item.get("routes", {}).items():
+            per_kind = routes.setdefault(route, {})
+            per_kind[kind] = per_kind.get(kind, 0) + n
+    return {"top": top, "slow": [s for s in slow if s.get("database") == database],
+            "findings": findings, "routes": routes}
+
+
+def print_report(console: Console, runtime: Any, config: Config, database: str) -> dict[str, Any]:
+    data = gather(runtime, database)
+
+    table = Table(title="Top statements by total time", title_justify="left")
+    for col in ("calls", "total ms", "mean ms", "p95 ms", "rows"):
+        table.add_column(col, justify="right")
+    table.add_column("route")
+    table.add_column("statement")
+    shown = [i for i in data["top"] if i.get("kind") != "transaction"]
+    for item in shown[:10]:
+        route = ", ".join(f"{r} {n}" for r, n in sorted(item.get("routes", {}).items()))
+        table.add_row(str(item["calls"]), f"{item['total_ms']:.1f}", f"{item['mean_ms']:.2f}",
+                      f"{item['p95_ms']:.2f}", str(item["rows"]), route, _short(item["query"]))
+    console.print(table)
+
+    slow = Table(title=f"Slow statements (over {config.analysis.slow_query_ms:g} ms)",
+                 title_justify="left")
+    slow.add_column("ms", justify="right")
+    slow.add_column("rows", justify="right")
+    slow.add_column("statement")
+    for s in data["slow"][:5]:
+        slow.add_row(f"{s['duration_ms']:.1f}", str(s["rows"]), _short(s["query"]))
+    console.print(slow)
+
+    found = Table(title="Findings", title_justify="left", show_lines=True)
+    found.add_column("pattern")
+    found.add_column("seen", justify="right")
+    found.add_column("ms", justify="right")
+    found.add_column("statement")
+    found.add_column("what to change")
+    for f in data["findings"]:
+        statement = _short(f["query"], 60)
+        if f.get("parent_query"):
+            statement += f"\nafter: {_short(f['parent_query'], 52)}"
+        found.add_row(KIND_TITLES.get(f["kind"], f["kind"]), str(f["occurrences"]),
+                      f"{f['total_ms']:.1f}", statement, f["suggestion"])
+    console.print(found)
+
+    routing = Table(title="Where statements ran", title_justify="left")
+    routing.add_column("backend")
+    routing.add_column("statements by kind")
+    for route, kinds in sorted(data["routes"].items()):
+        routing.add_row(route, ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    console.print(routing)
+    return data

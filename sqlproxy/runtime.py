@@ -21,6 +21,7 @@ from sqlproxy.config import Config, load_config
 from sqlproxy.errors import ConfigError
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.server import ProxyServer
+from sqlproxy.routing.health import Router
 from sqlproxy.state import StateContributor, StateFile, profiler_contributors
 
 log = get_logger("sqlproxy.runtime")
@@ -61,6 +62,8 @@ class Runtime:
             if config.analysis.enabled else None
         )
         self.proxy = ProxyServer(config, self.profiler)
+        # Read-replica routing (None when off): health, lag and counters for the admin API.
+        self.router: Router | None = self.proxy.router
         self.state: StateFile | None = (
             StateFile(config.state.path) if config.state.enabled else None
         )

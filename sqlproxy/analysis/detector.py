@@ -467,11 +467,11 @@ def _own_round_trip(ctx: Any) -> bool:
     another Execute (a batch: executemany, a pipeline) or nothing yet (a pipeline still being
     written). For a simple Query the head is the Query itself until its ReadyForQuery.
     """
-    conv = getattr(ctx, "conv", None)
-    if conv is None:
+    conv: Any = getattr(ctx, "conv", None)
+    queue = getattr(conv, "queue", None)
+    if queue is None:
         return True
-    queue = conv.queue
-    head = conv.head
+    head: int = conv.head
     return bool(head < len(queue) and queue[head].kind != _EXECUTE)
 
 

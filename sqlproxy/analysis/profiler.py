@@ -9,9 +9,11 @@ texts go through the literal scanner, and only new shapes through sqlglot.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Protocol
 
+from sqlproxy.analysis.bindparams import bound_integer, bound_texts, offset_parameter
 from sqlproxy.analysis.cache import StatementCache, skeleton
 from sqlproxy.analysis.classify import Shape
 from sqlproxy.analysis.detector import PatternDetector
@@ -66,6 +68,7 @@ class Profiler:
         # perf_counter -> wall clock, fixed once: one addition per record instead of a call.
         self.wall_offset = time.time() - time.perf_counter()
         self.executions = 0
+        self._offset_params: dict[str, int] = {}  # SQL text -> its OFFSET $n number, or -1
         self.started_at = time.time()
         # Pattern detection: one detector per session, findings aggregated (issue #4).
         self.detector = PatternDetector(config, log, self.wall_offset)
@@ -129,7 +132,10 @@ class Profiler:
         started: float,
         ended: float,
         route: str = "primary",
+        bind: bytes = b"",
     ) -> Statement | None:
+        """One completed execution. ``bind`` is the Bind message body of an extended-protocol
+        execution (from its parameter format codes on), read only when a value is needed."""
         stmts = self.statements(ctx, sql)
         if index >= len(stmts):
             return None  # e.g. an empty query string
@@ -138,9 +144,10 @@ class Profiler:
         entry = stmt.entry
         if entry is None or entry.evicted:
             entry = stmt.entry = self._entry(ctx, stmt)
+        if bind and stmt.shape.has_offset and stmt.normalized.offset is None:
+            stmt = self._bound_offset(stmt, sql, bind)
         if self.config.capture_parameters and entry.example_params is None:
-            entry.example = sql if len(stmts) == 1 else stmt.normalized.text
-            entry.example_params = stmt.values
+            self._capture(entry, stmt, sql, len(stmts), bind)
         seconds = ended - started
         entry.add(seconds, rows, sqlstate, ctx.application_name, route, now)
         self.executions += 1
@@ -157,6 +164,33 @@ class Profiler:
         self.detector.closed(ctx)
 
     # ------------------------------------------------------------------ rare events
+    def _bound_offset(self, stmt: Statement, sql: str, bind: bytes) -> Statement:
+        """This execution's statement with the value bound to its ``OFFSET $n``."""
+        number = self._offset_params.get(sql, 0)
+        if number == 0:
+            number = offset_parameter(sql) or -1
+            if len(self._offset_params) >= MEMO_LIMIT:
+                self._offset_params.clear()
+            self._offset_params[sql] = number
+        value = bound_integer(bind, number) if number > 0 else None
+        if value is None:
+            return stmt
+        n = dataclasses.replace(stmt.normalized, offset=value)
+        return Statement(n, stmt.shape, stmt.entry, stmt.values)
+
+    def _capture(self, entry: StatEntry, stmt: Statement, sql: str, count: int,
+                 bind: bytes) -> None:
+        """Keep one example with its values (capture_parameters = true only)."""
+        if bind:
+            values = bound_texts(bind)
+            if values is None:
+                return  # binary parameters: wait for an example we can show
+            entry.example = sql
+            entry.example_params = values
+            return
+        entry.example = sql if count == 1 else stmt.normalized.text
+        entry.example_params = stmt.values
+
     def _slow(self, ctx: SessionContext, stmt: Statement, entry: StatEntry, seconds: float,
               rows: int, sqlstate: str | None, route: str, now: float) -> None:
         params = stmt.values if self.config.capture_parameters else None

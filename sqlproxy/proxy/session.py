@@ -454,7 +454,7 @@ class ClientSession(asyncio.Protocol):
         if profiler is None:
             return
         stmt = profiler.record(self, pending.sql, index, pending.params, rows, sqlstate,
-                               started, ended, self.route)
+                               started, ended, self.route, pending.bind_params)
         self._last_started = started
         if self.conv is not None and self.conv.tx_status != 73 and stmt is not None:  # in a block
             if stmt.shape.kind is not StatementKind.TRANSACTION:

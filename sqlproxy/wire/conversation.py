@@ -79,7 +79,8 @@ class Pending:
     """One request awaiting its result."""
 
     def __init__(self, kind: int, sql: str, sent: float, statement: bytes = b"",
-                 params: int = 0, portal: bytes = b"", bind: int = 0) -> None:
+                 params: int = 0, portal: bytes = b"", bind: int = 0,
+                 bind_params: bytes = b"") -> None:
         self.kind = kind
         self.sql = sql
         self.sent = sent
@@ -88,6 +89,9 @@ class Pending:
         self.index = 0  # next statement of a multi-statement Query
         self.portal = portal
         self.bind = bind  # which Bind created the portal (a portal name is reused)
+        # The Bind message's body from its parameter format codes on (read only for the rare
+        # statements that need a parameter's value, such as OFFSET $n).
+        self.bind_params = bind_params
 
 
 _SYNC_ENTRY: Final = Pending(SYNC, "", 0.0)
@@ -161,8 +165,8 @@ class Conversation:
         self.queue: list[Pending] = []
         self.head = 0  # index of the first live entry in ``queue``
         self.statements: dict[bytes, str] = {}  # prepared statement name -> SQL text
-        # portal -> (statement name, sql, parameters digest, bind sequence number)
-        self.portals: dict[bytes, tuple[bytes, str, int, int]] = {}
+        # portal -> (statement name, sql, parameters digest, bind sequence number, parameters)
+        self.portals: dict[bytes, tuple[bytes, str, int, int, bytes]] = {}
         self.binds = 0
         # Suspended portals: portal -> (its Execute, rows so far, seconds so far, last suspend)
         self.portal_carry: dict[bytes, tuple[Pending, int, float, float]] = {}
@@ -291,7 +295,7 @@ class Conversation:
                 self.queue.append(Pending(EXECUTE, "", now, b"", 0, portal))
             else:
                 self.queue.append(
-                    Pending(EXECUTE, entry[1], now, entry[0], entry[2], portal, entry[3])
+                    Pending(EXECUTE, entry[1], now, entry[0], entry[2], portal, entry[3], entry[4])
                 )
         elif t == 83:  # 'S' Sync
             self.queue.append(_SYNC_ENTRY)
@@ -304,9 +308,9 @@ class Conversation:
             if len(portals) >= MAX_NAMED and portal not in portals:
                 portals.clear()
             self.binds += 1
-            portals[portal] = (
-                stmt, self.statements.get(stmt, ""), hash(data[nul2 + 1 : end]), self.binds
-            )
+            params = data[nul2 + 1 : end]
+            sql = self.statements.get(stmt, "")
+            portals[portal] = (stmt, sql, hash(params), self.binds, params)
         elif t == 80:  # 'P' Parse
             nul1 = _find_nul(data, start, end)
             nul2 = _find_nul(data, nul1 + 1, end)

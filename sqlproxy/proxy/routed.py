@@ -82,6 +82,7 @@ class Unit:
         "binds",
         "closes",
         "data",
+        "describe_only",
         "describes",
         "has_query",
         "in_tx",
@@ -101,6 +102,7 @@ class Unit:
         self.closes: list[bytes] = []  # statement names closed
         self.has_query = False
         self.open = False  # ended by Flush: the rest follows until Sync
+        self.describe_only = False  # Parse/Describe/Close then Flush: see RoutedSession._send
         self.unknown = False  # an Execute of an earlier portal, a FunctionCall
         self.sent = 0.0
         self.in_tx = False  # sent inside a transaction block: never retried elsewhere
@@ -122,6 +124,7 @@ class Link:
         self.settings_applied = 0
         self.swallow = 0  # ReadyForQuery messages of injected units still to swallow
         self.swallow_failed = False
+        self.strip = 0  # ReadyForQuery messages to keep from the client (our own Syncs)
         self.rbuf = bytearray()  # an incomplete message, while framing
         self.unit: Unit | None = None  # the replica unit in flight
         self.hold: bytearray | None = None  # its answer, held back (None: streaming)
@@ -131,7 +134,7 @@ class Link:
 
     @property
     def busy(self) -> bool:
-        if self.swallow:
+        if self.swallow or self.strip:
             return True
         if self.replica is not None:
             return self.unit is not None
@@ -394,7 +397,10 @@ class RoutedSession(ClientSession):
         elif t == 83:  # Sync
             self._end_unit()
         elif t == 72:  # Flush
-            unit.open = True
+            if not unit.binds and not unit.unknown and not unit.has_query:
+                unit.describe_only = True  # (asyncpg prepares this way)
+            else:
+                unit.open = True
             self._end_unit()
 
     def _end_unit(self) -> None:
@@ -506,6 +512,8 @@ class RoutedSession(ClientSession):
         unit.in_tx = tx is not None
         if tx is not None:
             return tx  # transactions stay on one backend, whatever the statement
+        if unit.describe_only:
+            return primary
         if decision is None or decision.target is Target.PRIMARY:
             return primary
         min_lsn = None
@@ -634,6 +642,15 @@ class RoutedSession(ClientSession):
         now = _perf()
         unit.sent = now
         data = bytes(unit.data)
+        if unit.describe_only and link.replica is None and not unit.in_tx:
+            # Parse/Describe answered by the primary, closed with a Sync of our own (its
+            # ReadyForQuery kept from the client), so that the Bind/Execute the client sends
+            # next is a unit of its own, routed — and retried — like any other. The Sync also
+            # ends the implicit transaction, so the primary holds no locks meanwhile.
+            data += _SYNC
+            link.strip += 1
+        elif unit.describe_only:
+            unit.open = True
         rep = link.replica
         if rep is None:
             self._current = "primary"
@@ -672,7 +689,7 @@ class RoutedSession(ClientSession):
         """Bytes from a backend of this session."""
         if link.replica is not None:
             self._replica_data(link, data)
-        elif link.swallow or link.rbuf:
+        elif link.swallow or link.strip or link.rbuf:
             self._primary_framed(link, data)
         else:
             self._deliver(link, data)
@@ -686,28 +703,47 @@ class RoutedSession(ClientSession):
         link.conv.feed_backend(data, _perf())
 
     def _primary_framed(self, link: Link, data: bytes) -> None:
-        """Swallow the answers to injected units, then pass the rest on untouched."""
+        """Swallow the answers to injected units, keep our own Syncs' ReadyForQuery from the
+        client, pass the rest on untouched."""
         buf = link.rbuf
         buf += data
         n = len(buf)
         pos = 0
-        while link.swallow and n - pos >= 5:
+        client = bytearray()
+        conv_start = 0  # what the conversation sees: all but the injected units' answers
+        conv_out = bytearray()
+        while (link.swallow or link.strip) and n - pos >= 5:
             t = buf[pos]
             end = pos + 1 + _unpack_int32(buf, pos + 1)[0]
             if end > n:
                 break
-            if t == 69:
-                self._replay_failed(link, bytes(buf[pos + 5 : end]))
-            elif t == 90:
-                link.swallow -= 1
+            if link.swallow:
+                if t == 69:
+                    self._replay_failed(link, bytes(buf[pos + 5 : end]))
+                elif t == 90:
+                    link.swallow -= 1
+                conv_start = end
+            else:
+                conv_out += buf[pos:end]
+                if t == 90:
+                    link.strip -= 1
+                else:
+                    client += buf[pos:end]
             pos = end
-        if link.swallow:
+        del conv_start
+        if link.swallow or link.strip:
             del buf[:pos]
-            return
-        rest = bytes(buf[pos:])
-        buf.clear()
-        if rest:
-            self._deliver(link, rest)
+        else:
+            rest = bytes(buf[pos:])
+            buf.clear()
+            client += rest
+            conv_out += rest
+        transport = self.client_transport
+        if client and transport is not None and not transport.is_closing():
+            transport.write(bytes(client))
+        if conv_out:
+            self._current = link.name
+            link.conv.feed_backend(bytes(conv_out), _perf())
 
     def _replay_failed(self, link: Link, body: bytes) -> None:
         link.swallow_failed = True
@@ -774,15 +810,18 @@ class RoutedSession(ClientSession):
     def _replica_done(self, link: Link) -> None:
         unit = link.unit
         assert unit is not None
-        retry = link.swallow_failed or (link.error in RETRY_ON_PRIMARY and not unit.in_tx)
+        error = link.error
+        replay_failed = link.swallow_failed
+        retry = replay_failed or (error in RETRY_ON_PRIMARY and not unit.in_tx)
         link.swallow_failed = False
         if retry:
-            reason = f"error {link.error}" if link.error else "replay failed"
+            reason = f"error {error}" if error else "replay failed"
             link.hold = None
             self._finish_replica_unit(link)
-            if link.error in ("57P01", "57P02", "57P03") and link.replica is not None:
+            if error in ("57P01", "57P02", "57P03") and link.replica is not None:
                 self.router.mark_down(link.replica, reason)
-                self._drop_link(link)
+            if replay_failed or error in ("57P01", "57P02", "57P03", "26000", "42P05"):
+                self._drop_link(link)  # its state is not what we think: start afresh
             self._retry_on_primary(link, unit, reason)
             return
         self._release(link)

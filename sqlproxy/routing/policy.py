@@ -200,7 +200,7 @@ def _statement(st: RoutedStatement, functions: FunctionPolicy) -> tuple[bool, st
         if op == "begin":
             if shape.read_only_txn and "serializable" not in st.text:
                 return True, "read-only transaction", False
-            return False, "transaction block", True
+            return False, "transaction block", False  # its statements say if it writes
         if op in _NEUTRAL_TX_OPS:
             return True, "transaction control", False
         return False, f"transaction {op}", False
@@ -255,7 +255,7 @@ def decide(
     if session.in_transaction:
         if session.transaction_on_replica:
             return Decision(Target.REPLICA, "read-only transaction", writes=False)
-        return Decision(Target.PRIMARY, "transaction block", writes=writes or not read_only)
+        return Decision(Target.PRIMARY, "transaction block", writes=writes)
     if any("primary" in st.hints for st in statements):
         return Decision(Target.PRIMARY, "hint", writes=writes)
     if not statements:

@@ -110,7 +110,8 @@ def test_modifying_cte_reason() -> None:
 def test_writes_mark_read_your_writes_but_settings_do_not() -> None:
     assert route("UPDATE orders SET n = 1").writes
     assert route("SELECT nextval('s')").writes
-    assert route("BEGIN").writes  # the block may write: conservative
+    assert not route("BEGIN").writes  # the statements in the block say whether it writes
+    assert route("INSERT INTO t VALUES (1)", SessionView(in_transaction=True)).writes
     assert not route("SET search_path = app").writes
     assert not route("SELECT 1").writes
 

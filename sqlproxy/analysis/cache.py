@@ -17,8 +17,8 @@ from sqlproxy.analysis.normalize import Normalized, scan
 
 __all__ = ["StatementCache", "skeleton"]
 
-# The skeleton of a statement: its text with plain literals — unsigned decimal numbers that
-# touch no word, and '...' strings without backslashes — cut out. Statements that differ only
+# The skeleton of a statement: its text with plain literals — unsigned integers that touch
+# no word, and '...' strings without backslashes — cut out. Statements that differ only
 # in such literals (pgbench -M simple, ORMs that inline ids) share a skeleton, and re.split
 # finds both the skeleton and the literals in one pass of compiled code, several times cheaper
 # than the full scanner. A skeleton is trusted only after the full scanner, run on the first
@@ -26,7 +26,9 @@ __all__ = ["StatementCache", "skeleton"]
 # (see StatementCache.template).
 # Both alternatives start with a character from a small set (the number's look-behind comes
 # after its first digit), which lets the regex engine skip ahead between candidates.
-_SKELETON_RE = re.compile(r"('[^'\\]*+'|[0-9](?<![\w$.][0-9])[0-9]*+(?:\.[0-9]++)?+(?![\w.]))")
+# Only integers: a decimal where an integer was (`varchar(0.5)` vs `varchar(5)`) can change
+# what the scanner makes of the text around it, so decimals stay in the skeleton.
+_SKELETON_RE = re.compile(r"('[^'\\]*+'|[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.]))")
 _MARK = "\x00"  # joins the skeleton's pieces; NUL never occurs in SQL text
 
 
@@ -42,7 +44,12 @@ def skeleton(sql: str) -> tuple[str, tuple[str, ...]] | None:
     skel = _MARK.join(parts[::2])
     if ";" in skel.rstrip(" \t\n\r\f\v;"):
         return None
-    return skel, tuple(parts[1::2])
+    literals = parts[1::2]
+    if "'" in sql:
+        # Which literals were strings and which numbers is part of the skeleton: the scanner
+        # reads `varchar('')` and `varchar(0)` differently.
+        skel += _MARK + "".join(["s" if v[0] == "'" else "n" for v in literals])
+    return skel, tuple(literals)
 
 
 class StatementCache:

@@ -841,6 +841,7 @@ class RoutedSession(ClientSession):
         if primary is None:
             return
         unit.open = False
+        self.dirty = True  # it may have been a write in disguise: read-your-writes
         self.units.appendleft(unit)
         if not primary.busy:
             self.units.popleft()

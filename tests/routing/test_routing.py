@@ -329,3 +329,21 @@ def test_routes_in_statistics_and_backends(routed: ProxyThread, table: str) -> N
     mine = [r for r in rows if "and $2 = $3" in r["query"] and table in r["query"]]
     assert mine, rows
     assert mine[0]["routes"] == {"r1": 3}
+
+
+def test_replica_error_is_retried_on_the_primary(
+    routed: ProxyThread, table: str, pg_primary: PgCluster, pg_replica: PgCluster
+) -> None:
+    # The hint waives the volatility check: nextval() reaches the replica, which refuses it
+    # (25006); nothing was sent to the client yet, so the primary answers instead.
+    seq = f"{table}_rseq"
+    pg_primary.psql(f"CREATE SEQUENCE {seq}")
+    pg_replica.wait_for_replay()
+    with psycopg.connect(routed.dsn(), autocommit=True) as conn:
+        for i in range(1, 4):
+            time.sleep(0.2)  # past the read-your-writes horizon of the previous nextval
+            got = conn.execute(f"/* sqlproxy:replica */ SELECT nextval('{seq}')").fetchone()
+            assert got == (i,)
+    router = router_of(routed)
+    assert routed.call(lambda: router.replicas[0].retried) >= 1
+    assert calls(pg_primary, "nextval") >= 3

@@ -192,3 +192,26 @@ def test_corrupted_state_file_does_not_stop_the_proxy(
 
     asyncio.run(main())
     assert len(_aside(path)) == 1
+
+
+def test_findings_survive_a_restart(tmp_path: Path) -> None:
+    """The pattern detector's findings are a state section too."""
+    before = _profiler()
+    ctx = _Ctx()
+    t = 10.0
+    before.record(ctx, "select id from teams", 0, 0, 10, None, t, t + 0.001)
+    for i in range(10):
+        t += 0.002
+        before.record(ctx, "select * from players where team_id = $1", 0, 100 + i, 3, None,
+                      t, t + 0.0005)
+    before.session_closed(ctx)
+    found = before.findings(None, limit=100)[0]
+    assert [f["kind"] for f in found] == ["n_plus_one"]
+    path = tmp_path / "state.sqlite"
+    StateFile(path).save(profiler_contributors(before))
+    with sqlite3.connect(path) as conn:
+        names = {r[0] for r in conn.execute("select name from sections")}
+    assert names == {"statistics", "slow_log", "transactions", "findings"}
+    after = _profiler()
+    assert StateFile(path).load(profiler_contributors(after))
+    assert after.findings(None, limit=100)[0] == found

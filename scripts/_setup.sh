@@ -8,7 +8,9 @@
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO_ROOT/.venv"
 VENV_BIN="$VENV/bin"
-SYSTEM_PACKAGES=(postgresql-15 postgresql-contrib pgbouncer)
+# chromium + chromium-driver: the dashboard's browser test (tests/admin/test_dashboard.py).
+SYSTEM_PACKAGES=(postgresql-15 postgresql-contrib pgbouncer
+                 chromium chromium-driver fonts-dejavu-core)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -43,7 +45,8 @@ _find_python() {
 
 ensure_system_packages() {
     if ! command -v dpkg-query >/dev/null 2>&1; then
-        log "not a Debian system: install PostgreSQL 15 server binaries and pgbouncer yourself"
+        log "not a Debian system: install PostgreSQL 15 server binaries, pgbouncer and" \
+            "chromium with chromedriver yourself"
         return 0
     fi
     local missing=() pkg

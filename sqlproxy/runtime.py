@@ -128,30 +128,42 @@ class Runtime:
         admin adds ``routed`` from the statistics when absent.
         """
         primary = self.config.proxy.primary_url
-        pool = sum(1 for s in self.proxy.sessions.values() if getattr(s, "backend", None))
+        sessions = list(self.proxy.sessions.values())
+
+        def pool(name: str) -> int:
+            if name == "primary":  # a plain session's backend, or a routed one's primary link
+                return sum(1 for s in sessions if getattr(s, "backend", None) is not None
+                           or getattr(s, "primary_link", None) is not None)
+            return sum(1 for s in sessions if name in getattr(s, "links", {}))
+
+        router = self.router
+        probed = router is not None and router.cycle_started > 0
         out: list[dict[str, Any]] = [{
             "name": "primary", "role": "primary", "address": primary.address,
-            "healthy": None, "in_rotation": True, "lag_ms": 0.0, "lag_bytes": 0,
-            "server_connections": pool, "error": None, "checked_at": None,
+            "healthy": router.primary_up if router is not None and probed else None,
+            "in_rotation": True, "lag_ms": 0.0, "lag_bytes": 0,
+            "server_connections": pool("primary"),
+            "error": router.primary_error if router is not None else None, "checked_at": None,
         }]
-        router = getattr(self, "router", None)
-        for rep in getattr(router, "replicas", ()):
-            primary_lsn = getattr(router, "primary_lsn", 0)
-            replay = getattr(rep, "replay_lsn", 0)
-            last = getattr(rep, "last_probe", 0.0)
-            out.append({
+        if router is None:
+            return out
+        if self.profiler is None:  # no statistics to count routes from: the router's counts
+            out[0]["routed"] = router.primary_routed
+        for rep in router.replicas:
+            item: dict[str, Any] = {
                 "name": rep.name, "role": "replica", "address": rep.url.address,
-                "healthy": bool(getattr(rep, "up", False)) if last else None,
-                "in_rotation": bool(getattr(rep, "healthy", False)),
-                "lag_ms": getattr(rep, "lag_ms", None),
-                "lag_bytes": max(0, primary_lsn - replay) if primary_lsn and replay else None,
-                "routed": getattr(rep, "routed", 0),
-                "server_connections": sum(
-                    1 for s in self.proxy.sessions.values()
-                    if rep.name in getattr(s, "replica_backends", {})),
-                "error": getattr(rep, "last_error", None),
-                "checked_at": iso(last) if last else None,
-            })
+                "healthy": rep.up if rep.last_probe else None,
+                "in_rotation": rep.healthy,
+                "lag_ms": rep.lag_ms,
+                "lag_bytes": (max(0, router.primary_lsn - rep.replay_lsn)
+                              if router.primary_lsn and rep.replay_lsn else None),
+                "server_connections": pool(rep.name),
+                "error": rep.last_error,
+                "checked_at": iso(rep.last_probe) if rep.last_probe else None,
+            }
+            if self.profiler is None:
+                item["routed"] = rep.routed
+            out.append(item)
         return out
 
     async def serve_forever(self) -> None:

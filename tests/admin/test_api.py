@@ -336,3 +336,30 @@ def test_dashboard_page_is_served(admin_proxy: MakeAdmin) -> None:
     r = admin.get("/")
     assert r.status_code == 200
     assert "<html" in r.text.lower() and "sqlproxy" in r.text
+
+
+def test_backends_with_a_replica(admin_proxy: MakeAdmin, pg_replica: pg.PgCluster,
+                                 db: str) -> None:
+    pg_replica.wait_for_replay()
+    proxy, admin = admin_proxy(routing={"enabled": True, "health_interval_ms": 100},
+                               replicas=[{"url": pg_replica.dsn(), "name": "r1"}])
+    deadline = time.monotonic() + 30
+    while True:
+        items = admin.json("/api/backends")["items"]
+        if len(items) == 2 and items[1]["in_rotation"]:
+            break
+        assert time.monotonic() < deadline, items
+        time.sleep(0.1)
+    pg_replica.wait_for_replay()
+    run(proxy, db, *["select 1"] * 5)
+    primary, replica = admin.json("/api/backends")["items"]
+    assert primary["name"] == "primary" and primary["healthy"] is True
+    assert replica["name"] == "r1" and replica["role"] == "replica"
+    assert replica["healthy"] is True and replica["address"] == f"127.0.0.1:{pg_replica.port}"
+    assert replica["lag_ms"] is not None and replica["checked_at"]
+    assert replica["routed"] >= 1, replica
+    assert primary["routed"] + replica["routed"] >= 5
+    metrics = admin.get("/metrics").text
+    assert 'sqlproxy_backend_up{backend="r1",role="replica"} 1.0' in metrics
+    assert 'sqlproxy_backend_in_rotation{backend="r1"} 1.0' in metrics
+    assert 'sqlproxy_backend_lag_seconds{backend="r1"}' in metrics

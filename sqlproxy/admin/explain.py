@@ -154,7 +154,8 @@ class Explainer:
                    readonly_tx: bool) -> tuple[Any, dict[tuple[str, str], TableInfo]]:
         url = self.source.config.proxy.primary_url
         conn = await asyncpg.connect(url.dsn(database=database), timeout=CONNECT_TIMEOUT,
-                                     statement_cache_size=0)
+                                     statement_cache_size=0,
+                                     server_settings={"application_name": "sqlproxy-explain"})
         try:
             tx = conn.transaction(readonly=readonly_tx)
             await tx.start()

@@ -66,7 +66,9 @@ class PrimaryProbe:
     async def _check(self) -> tuple[bool, str | None]:
         try:
             if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncpg.connect(self.dsn, timeout=self.timeout)
+                self._conn = await asyncpg.connect(
+                    self.dsn, timeout=self.timeout, statement_cache_size=0,
+                    server_settings={"application_name": "sqlproxy-admin-probe"})
             await self._conn.fetchval("SELECT 1", timeout=self.timeout)
             return True, None
         except _LOGIN_REFUSED as exc:

@@ -92,8 +92,8 @@ async def _run(args: Any) -> int:
         url = f"postgresql://postgres@{host}:{port}/{DEMO_DATABASE}"
         console.print(f"sqlproxy listening on {cfg.proxy.listen} (routing "
                       f"{'on' if replica else 'off'}), admin on http://{cfg.admin.listen}/")
-        await _workload(console, url, replica, runtime)
-        print_report(console, runtime, cfg, DEMO_DATABASE)
+        fallbacks_before = await _workload(console, url, replica, runtime)
+        print_report(console, runtime, cfg, DEMO_DATABASE, fallbacks_before)
         console.print(f"\nDashboard: [bold]http://{cfg.admin.listen}/[/bold]    "
                       f"psql: [bold]psql {url}[/bold]")
         if not args.exit:
@@ -119,17 +119,14 @@ async def _run(args: Any) -> int:
 
 
 async def _workload(console: Any, url: str, replica: devcluster.PgCluster | None,
-                    runtime: Any) -> None:
+                    runtime: Any) -> int:
+    """Seed the database, then run the scenes; returns the router's fallback count at the
+    start of the scenes (the report counts only the scenes' own)."""
     from rich.progress import Progress
-    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
     from sqlproxy.demo import workload
 
-    engine = create_async_engine(
-        url.replace("postgresql://", "postgresql+asyncpg://", 1),
-        connect_args={"server_settings": {"application_name": DEMO_APPLICATION}},
-        pool_size=2,
-    )
+    engine = workload.make_engine(url, DEMO_APPLICATION)
     try:
         with Progress(console=console, transient=False) as progress:
             task = progress.add_task("loading the league", total=len(workload.SCENES) + 1)
@@ -139,18 +136,18 @@ async def _workload(console: Any, url: str, replica: devcluster.PgCluster | None
             # The report is about the application's requests, not the seeding above.
             if runtime.profiler is not None:
                 runtime.profiler.reset()
+            fallbacks_before = runtime.router.fallbacks if runtime.router is not None else 0
             progress.advance(task)
-            maker = async_sessionmaker(engine, expire_on_commit=False)
-            for scene in workload.SCENES:
-                progress.update(task, description=scene.title)
-                await scene.run(maker)
-                # A pause ends the connection's burst, as a user's next click would.
-                await asyncio.sleep(0.25)
-                progress.advance(task)
+            await workload.run_scenes(
+                engine,
+                on_scene=lambda scene: progress.update(task, description=scene.title),
+                on_done=lambda scene: progress.advance(task),
+            )
             progress.update(task, description="workload done")
     finally:
         await engine.dispose()
     await asyncio.sleep(0.2)
+    return fallbacks_before
 
 
 def run_demo(args: Any) -> int:

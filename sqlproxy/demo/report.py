@@ -24,11 +24,16 @@ def _short(sql: str, width: int = 70) -> str:
     return sql if len(sql) <= width else sql[: width - 1] + "…"
 
 
-def gather(runtime: Any, database: str) -> dict[str, Any]:
-    """Everything the report shows, as plain data (also what the demo's test checks)."""
+def gather(runtime: Any, database: str, fallbacks_before: int = 0) -> dict[str, Any]:
+    """Everything the report shows, as plain data (also what the demo's test checks).
+
+    ``fallbacks_before``: the router's count of reads kept on the primary when the workload
+    started (the seeding before it is not part of the report)."""
+    router = getattr(runtime, "router", None)
+    fallbacks = router.fallbacks - fallbacks_before if router is not None else 0
     prof = runtime.profiler
     if prof is None:
-        return {"top": [], "slow": [], "findings": [], "routes": {}}
+        return {"top": [], "slow": [], "findings": [], "routes": {}, "fallbacks": fallbacks}
     top, _ = prof.top(sort="total_ms", limit=10_000, database=database)
     slow, _ = prof.slow_log(limit=10)
     findings: list[dict[str, Any]] = []
@@ -41,11 +46,12 @@ def gather(runtime: Any, database: str) -> dict[str, Any]:
             per_kind = routes.setdefault(route, {})
             per_kind[kind] = per_kind.get(kind, 0) + n
     return {"top": top, "slow": [s for s in slow if s.get("database") == database],
-            "findings": findings, "routes": routes}
+            "findings": findings, "routes": routes, "fallbacks": fallbacks}
 
 
-def print_report(console: Console, runtime: Any, config: Config, database: str) -> dict[str, Any]:
-    data = gather(runtime, database)
+def print_report(console: Console, runtime: Any, config: Config, database: str,
+                 fallbacks_before: int = 0) -> dict[str, Any]:
+    data = gather(runtime, database, fallbacks_before)
 
     table = Table(title="Top statements by total time", title_justify="left")
     for col in ("calls", "total ms", "mean ms", "p95 ms", "rows"):
@@ -82,7 +88,18 @@ def print_report(console: Console, runtime: Any, config: Config, database: str) 
                       f"{f['total_ms']:.1f}", statement, f["suggestion"])
     console.print(found)
 
-    routing = Table(title="Where statements ran", title_justify="left")
+    caption = None
+    if config.routing.enabled and config.replicas:
+        n = data["fallbacks"]
+        caption = (
+            "Replica routing: read-only transactions (BEGIN READ ONLY) and statements outside a "
+            "transaction may run on a replica; read-write transactions stay on the primary. "
+            f"{n} read-only unit{'s' if n != 1 else ''} stayed on the primary because no "
+            "replica had yet replayed the session's last write (read-your-writes) or none was "
+            "healthy."
+        )
+    routing = Table(title="Where statements ran", title_justify="left", caption=caption,
+                    caption_justify="left")
     routing.add_column("backend")
     routing.add_column("statements by kind")
     for route, kinds in sorted(data["routes"].items()):

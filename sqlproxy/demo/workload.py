@@ -4,16 +4,29 @@ Each scene does one thing the way ORMs make easy and costly — lazy loading in 
 per inserted row, reading a whole table, deep OFFSET pages, filtering on an unindexed column,
 asking the same question again and again — and then the same work done well. sqlproxy sees
 only the wire; the report shows what it made of each.
+
+SQLAlchemy opens a transaction block for everything, and a transaction stays on the backend it
+began on — the primary, for a plain ``BEGIN``. So, as an application that wants its reads on
+replicas would, the read-only pages run in read-only sessions
+(``execution_options(postgresql_readonly=True)``: asyncpg sends ``BEGIN READ ONLY``), which
+sqlproxy may route to a replica; the sign-up pages run in ordinary sessions on the primary.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import ForeignKey, String, func, select, text
-from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncAttrs,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
 
 TEAMS = 12
@@ -79,6 +92,19 @@ class Scene:
     title: str
     well_behaved: bool
     run: Callable[[async_sessionmaker[AsyncSession]], Awaitable[None]]
+    read_only: bool = True  # runs in a read-only session (BEGIN READ ONLY): may use a replica
+
+
+def make_engine(url: str, application_name: str, pool_size: int = 2) -> AsyncEngine:
+    """An async engine (asyncpg) for a ``postgresql://`` URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres", "postgresql+asyncpg"):
+        raise ValueError(f"expected a postgresql:// URL, got {url!r}")
+    return create_async_engine(
+        f"postgresql+asyncpg://{rest}",
+        connect_args={"server_settings": {"application_name": application_name}},
+        pool_size=pool_size,
+    )
 
 
 async def setup_schema(engine: AsyncEngine) -> None:
@@ -199,11 +225,34 @@ SCENES = [
     Scene("N+1: players loaded team by team", False, n_plus_one),
     Scene("N+1, interleaved: players and coach per team", False, n_plus_one_interleaved),
     Scene("eager loading with selectinload", True, eager_loading),
-    Scene("one INSERT and one COMMIT per sign-up", False, commit_per_row),
-    Scene("sign-ups in one batch", True, batched_insert),
+    Scene("one INSERT and one COMMIT per sign-up", False, commit_per_row, read_only=False),
+    Scene("sign-ups in one batch", True, batched_insert, read_only=False),
     Scene("all users in one result", False, unbounded_read),
     Scene("keyset pagination", True, paginated_read),
     Scene("deep OFFSET page", False, deep_offset),
     Scene("filter on an unindexed column", False, slow_filter),
     Scene("the same lookup, repeated", False, repeated_query),
 ]
+
+
+async def run_scenes(
+    engine: AsyncEngine,
+    scenes: list[Scene] | None = None,
+    *,
+    pause: float = 0.25,
+    on_scene: Callable[[Scene], None] | None = None,
+    on_done: Callable[[Scene], None] | None = None,
+) -> None:
+    """Run ``scenes`` (all by default) in order against ``engine``: read-only scenes in
+    read-only sessions, the others in ordinary ones."""
+    writer = async_sessionmaker(engine, expire_on_commit=False)
+    reader = async_sessionmaker(engine.execution_options(postgresql_readonly=True),
+                                expire_on_commit=False)
+    for scene in SCENES if scenes is None else scenes:
+        if on_scene is not None:
+            on_scene(scene)
+        await scene.run(reader if scene.read_only else writer)
+        # A pause ends the connection's burst, as a user's next click would.
+        await asyncio.sleep(pause)
+        if on_done is not None:
+            on_done(scene)

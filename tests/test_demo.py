@@ -1,0 +1,159 @@
+"""``sqlproxy demo`` end to end, and the league app on its own (``python -m sqlproxy.demo.app``).
+
+The demo is run as a user would run it (a subprocess, ``--exit``); the test reads its report
+and then checks that everything it started is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sqlproxy.devcluster import BASE_DIR_PREFIX
+from tests.support.pg import PgCluster, free_port
+from tests.support.proxy import ProxyThread
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_TIMEOUT = 600  # seconds: two initdb, 400,000 seeded rows, on a busy 2-core machine
+
+
+def _postmasters() -> dict[int, str]:
+    """Running ``postgres -D DATADIR`` processes: pid -> data directory."""
+    out = subprocess.run(["pgrep", "-af", "postgres -D"], capture_output=True, text=True)
+    found: dict[int, str] = {}
+    for line in out.stdout.splitlines():
+        pid, _, cmd = line.partition(" ")
+        m = re.search(r"postgres -D (\S+)", cmd)
+        if m and "pgrep" not in cmd:
+            found[int(pid)] = m.group(1)
+    return found
+
+
+def _owned_by(datadir: str, pid: int) -> bool:
+    """Whether the cluster at ``datadir`` was started by process ``pid`` (devcluster writes its
+    owner's pid next to the clusters), or its directory is gone (removed under it)."""
+    base = Path(datadir).parent
+    owner = base / "harness.pid"
+    if not base.name.startswith(BASE_DIR_PREFIX):
+        return False
+    try:
+        return int(owner.read_text().split()[0]) == pid
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _accepting(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _table_section(report: str, title: str) -> str:
+    start = report.index(title)
+    end = report.find("\n\n", start)
+    return report[start:] if end < 0 else report[start:end]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end() -> None:
+    before = _postmasters()
+    listen, admin = free_port(), free_port()
+    env = {**os.environ, "COLUMNS": "160"}  # room for the tables, as in a wide terminal
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sqlproxy", "demo", "--exit",
+         "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        report, errors = proc.communicate(timeout=DEMO_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its postmasters die with it (PR_SET_PDEATHSIG in devcluster)
+        report, errors = proc.communicate()
+        pytest.fail(f"sqlproxy demo did not finish in {DEMO_TIMEOUT} s:\n{report}\n{errors}")
+    context = f"\n--- stdout ---\n{report}\n--- stderr ---\n{errors}"
+    assert proc.returncode == 0, context
+    assert "demo finished" in errors, context
+
+    # What it started, where it said it would.
+    m = re.search(r"primary 127\.0\.0\.1:(\d+), replica 127\.0\.0\.1:(\d+)", report)
+    assert m, context
+    pg_ports = [int(m.group(1)), int(m.group(2))]
+    assert f"sqlproxy listening on 127.0.0.1:{listen} (routing on)" in report, context
+    assert f"admin on http://127.0.0.1:{admin}/" in report, context
+
+    # The findings: the N+1 loops, the row-by-row insert with a commit per row.
+    findings = _table_section(report, "Findings")
+    assert "N+1 select" in findings, context
+    assert "after: select teams.id" in findings, context  # the loop's parent query
+    assert "row-by-row write" in findings, context
+    assert "commit per row" in findings, context
+    assert "insert into users" in findings, context
+    assert "unbounded result" in findings and "deep OFFSET" in findings, context
+    assert "Slow statements" in report and "page_views" in report, context
+
+    # Replica routing: the read-only scenes' SELECTs ran on the replica, the writes did not.
+    routes = _table_section(report, "Where statements ran")
+    rows = {line.split("│")[1].strip(): line.split("│")[2]
+            for line in routes.splitlines() if line.startswith("│") and line.count("│") >= 3}
+    assert "replica1" in rows and "primary" in rows, context
+    replica_selects = re.search(r"select (\d+)", rows["replica1"])
+    assert replica_selects and int(replica_selects.group(1)) > 0, context
+    assert "insert" not in rows["replica1"], context
+    assert "insert" in rows["primary"], context
+    assert "read-your-writes" in routes, context
+
+    # Everything it started is stopped and removed.
+    for port in (listen, admin, *pg_ports):
+        assert not _accepting(port), f"port {port} still accepting after the demo{context}"
+    leaked = {pid: d for pid, d in _postmasters().items()
+              if pid not in before and _owned_by(d, proc.pid)}
+    assert not leaked, f"postgres left running by the demo: {leaked}"
+
+
+# ------------------------------------------------------------------ the app on its own
+@pytest.fixture
+def league_db(pg_primary: PgCluster) -> str:
+    name = "league_app_test"
+    pg_primary.psql(f"DROP DATABASE IF EXISTS {name}")
+    pg_primary.psql(f"CREATE DATABASE {name}")
+    return name
+
+
+@pytest.mark.slow
+def test_league_app_through_the_proxy(proxy: ProxyThread, league_db: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "sqlproxy.demo.app", "--connect-timeout", "30"],
+        cwd=ROOT, env={**os.environ, "DATABASE_URL": proxy.dsn(dbname=league_db)},
+        capture_output=True, text=True, timeout=DEMO_TIMEOUT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "league app: round 1 done" in out.stdout
+    profiler = proxy.runtime.profiler if proxy.runtime is not None else None
+    assert profiler is not None
+    found, _ = proxy.call(lambda: profiler.findings(limit=100, database=league_db))
+    kinds = {(f["kind"], f["application"]) for f in found}
+    for kind in ("n_plus_one", "commit_per_row", "row_by_row_write", "unbounded_result",
+                 "deep_offset", "repeated_query"):
+        assert (kind, "league-site") in kinds, found
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    ([], {}, "no database URL"),
+    (["--url", "mysql://x/y"], {}, "expected a postgresql:// URL"),
+    ([], {"DATABASE_URL": "sqlite:///x"}, "expected a postgresql:// URL"),
+])
+def test_league_app_refuses_bad_urls(args: list[str], env: dict[str, str], message: str) -> None:
+    base = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    out = subprocess.run([sys.executable, "-m", "sqlproxy.demo.app", *args],
+                         cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert message in out.stderr

@@ -21,6 +21,11 @@ units whose responses are swallowed: session settings (SET/RESET, applied in ord
 named prepared statements the unit uses (Parse with the client's own Parse message, Close for
 statements the client closed elsewhere).
 
+Replica connections are opened lazily as the client's user and database. A trusted user needs
+nothing; a SCRAM-SHA-256 user is authenticated with the ClientKey recovered from the exchange the
+client had with the primary (observed during startup only, see ``routing.scram``); otherwise
+``routing.passwords``. When none works, the session's reads stay on the primary (warned once).
+
 Read-your-writes: after a unit that may write completes on the primary (outside a transaction
 block), the session's reads stay on the primary until a replica has replayed past the primary's
 WAL position read after the write (see ``routing.health``).
@@ -29,10 +34,7 @@ WAL position read after the write (see ``routing.health``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
-import hmac
-import os
 import re
 import struct
 import time
@@ -46,6 +48,7 @@ from sqlproxy.logs import get_logger
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.health import ReplicaState, Router
 from sqlproxy.routing.policy import Decision, RoutedStatement, SessionView, Target, decide
+from sqlproxy.routing.scram import ScramCapture, ScramClient, ScramError, ScramKeys
 from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.messages import TERMINATE, build, cstr
 
@@ -142,16 +145,22 @@ class Link:
 
 
 class ReplicaConnection(asyncio.Protocol):
-    """The transport protocol of a replica link: our own startup and authentication."""
+    """The transport protocol of a replica link: our own startup and authentication.
 
-    def __init__(self, session: RoutedSession, link: Link, password: str | None) -> None:
+    Credentials, in order: the client's SCRAM keys recovered from its exchange with the primary
+    (``keys``, see ``routing.scram``), or ``routing.passwords[user]``; trust needs neither.
+    """
+
+    def __init__(self, session: RoutedSession, link: Link, password: str | None,
+                 keys: ScramKeys | None = None) -> None:
         self.session = session
         self.link = link
         self.password = password
+        self.keys = keys
         self.buf = bytearray()
         self.started = False
         self.waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._scram: tuple[str, str] | None = None  # (client-first-bare, nonce)
+        self._scram: ScramClient | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.link.transport = cast(asyncio.Transport, transport)
@@ -171,7 +180,10 @@ class ReplicaConnection(asyncio.Protocol):
             body = bytes(buf[pos + 5 : end])
             pos = end
             if t == 82:  # 'R'
-                problem = self._auth(body)
+                try:
+                    problem = self._auth(body)
+                except (ScramError, UnicodeDecodeError) as exc:
+                    problem = f"SCRAM authentication failed: {exc}"
                 if problem is not None:
                     self._done(problem)
                     return
@@ -204,40 +216,34 @@ class ReplicaConnection(asyncio.Protocol):
             return None
         pw = self.password
         user = self.session.user
+        if code == 10:  # SASL
+            if b"SCRAM-SHA-256\x00" not in body[4:]:
+                return "authentication: no supported SASL mechanism"
+            if self.keys is not None:
+                self._scram = ScramClient(keys=self.keys)
+            elif pw is not None:
+                self._scram = ScramClient(password=pw)
+            else:
+                return ("password required: SCRAM keys not derivable and no routing.passwords "
+                        "entry for this user")
+            self._send(build(b"p", self._scram.initial_response()))
+            return None
+        if code == 11 and self._scram is not None:  # SASLContinue
+            self._send(build(b"p", self._scram.final_message(body[4:].decode())))
+            return None
+        if code == 12 and self._scram is not None:  # SASLFinal
+            self._scram.verify_final(body[4:].decode())
+            return None
+        if code not in (3, 5):
+            return f"authentication: unsupported authentication request {code}"
         if pw is None:
             return "password required (no routing.passwords entry for this user)"
         if code == 3:  # cleartext
             self._send(build(b"p", cstr(pw)))
-        elif code == 5:  # MD5
+        else:  # MD5
             salt = body[4:8]
             inner = hashlib.md5((pw + user).encode()).hexdigest().encode()
             self._send(build(b"p", cstr("md5" + hashlib.md5(inner + salt).hexdigest())))
-        elif code == 10:  # SASL
-            if b"SCRAM-SHA-256\x00" not in body[4:]:
-                return "no supported SASL mechanism"
-            nonce = base64.b64encode(os.urandom(18)).decode()
-            bare = f"n=,r={nonce}"
-            first = ("n,," + bare).encode()
-            self._scram = (bare, nonce)
-            self._send(build(b"p", cstr("SCRAM-SHA-256") + _int32.pack(len(first)) + first))
-        elif code == 11 and self._scram is not None:  # SASLContinue
-            server_first = body[4:].decode()
-            attrs = dict(kv.split("=", 1) for kv in server_first.split(","))
-            if not attrs.get("r", "").startswith(self._scram[1]):
-                return "SCRAM nonce mismatch"
-            salted = hashlib.pbkdf2_hmac("sha256", pw.encode(), base64.b64decode(attrs["s"]),
-                                         int(attrs["i"]))
-            client_key = hmac.digest(salted, b"Client Key", "sha256")
-            stored = hashlib.sha256(client_key).digest()
-            without_proof = f"c=biws,r={attrs['r']}"
-            auth_message = f"{self._scram[0]},{server_first},{without_proof}".encode()
-            sig = hmac.digest(stored, auth_message, "sha256")
-            proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True)))
-            self._send(build(b"p", f"{without_proof},p={proof.decode()}".encode()))
-        elif code == 12:  # SASLFinal
-            pass
-        else:
-            return f"unsupported authentication request {code}"
         return None
 
     def _done(self, problem: str | None) -> None:
@@ -286,6 +292,39 @@ class RoutedSession(ClientSession):
         self.failed_replicas: set[str] = set()
         self.connecting: str | None = None
         self._current = "primary"
+        self.scram_capture: ScramCapture | None = None  # the client's exchange with the primary
+        self.scram_keys: ScramKeys | None = None
+
+    # ------------------------------------------------------------------ authentication
+    def _server_auth_message(self, code: int, body: bytes) -> None:
+        if code == 10:  # AuthenticationSASL: watch the exchange (startup only, never hot)
+            self.scram_capture = ScramCapture()
+            return
+        capture = self.scram_capture
+        if capture is not None:
+            try:
+                capture.server_message(code, body)
+            except (ScramError, UnicodeDecodeError):
+                self.scram_capture = None
+
+    def _client_auth_message(self, body: bytes) -> None:
+        capture = self.scram_capture
+        if capture is not None and not capture.complete:
+            try:
+                capture.client_message(body)
+            except (ScramError, UnicodeDecodeError):
+                self.scram_capture = None
+
+    async def _replica_keys(self) -> ScramKeys | None:
+        """The client's SCRAM keys, recovered once per session from its exchange."""
+        if self.scram_keys is None:
+            capture = self.scram_capture
+            if capture is None or not capture.complete:
+                return None
+            self.scram_keys = await self.router.scram_keys(self.user, capture)
+            if self.scram_keys is not None:
+                self.scram_capture = None  # not needed any more
+        return self.scram_keys
 
     # ------------------------------------------------------------------ startup hand-over
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
@@ -546,9 +585,10 @@ class RoutedSession(ClientSession):
         password = self.router.routing.passwords.get(self.user)
         proto: ReplicaConnection | None = None
         try:
+            keys = await self._replica_keys()
             loop = asyncio.get_running_loop()
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: ReplicaConnection(self, link, password),
+                loop.create_connection(lambda: ReplicaConnection(self, link, password, keys),
                                        rep.url.host, rep.url.port),
                 timeout=self.config.proxy.connect_timeout,
             )

@@ -240,8 +240,17 @@ class ClientSession(asyncio.Protocol):
                 raise ProtocolViolation(f"invalid message length {ln} during authentication")
             if len(buf) - pos < 1 + ln:
                 break
+            if t == F_PASSWORD:
+                self._client_auth_message(bytes(buf[pos + 5 : pos + 1 + ln]))
             pos += 1 + ln
         del buf[:pos]
+
+    def _client_auth_message(self, body: bytes) -> None:
+        """A password/SASL message from the client (startup only; a routed session watches
+        the SCRAM exchange to authenticate to replicas)."""
+
+    def _server_auth_message(self, code: int, body: bytes) -> None:
+        """An Authentication message from the server: its code and the bytes after it."""
 
     def _startup_packet(self, packet: bytes) -> None:
         msg = parse_startup_packet(packet)
@@ -418,6 +427,7 @@ class ClientSession(asyncio.Protocol):
                     self.parameter_status(k.decode(), v.decode("utf-8", "replace"))
                 elif t == B_AUTHENTICATION:
                     code = _unpack_int32(buf, pos + 5)[0]
+                    self._server_auth_message(code, bytes(buf[pos + 9 : end]))
                     if code == AUTH_OK:
                         self._check_auth_done()
             pos = end

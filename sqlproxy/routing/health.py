@@ -32,6 +32,13 @@ from sqlproxy.analysis.cache import StatementCache
 from sqlproxy.config import BackendURL, Config
 from sqlproxy.logs import get_logger
 from sqlproxy.routing.policy import FunctionPolicy
+from sqlproxy.routing.scram import (
+    ScramCapture,
+    ScramError,
+    ScramKeys,
+    ScramVerifier,
+    derive_keys,
+)
 
 __all__ = ["ReplicaState", "Router", "caught_up"]
 
@@ -44,6 +51,7 @@ _LSN_SQL = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
 _REPLICA_SQL = (
     "SELECT pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint"
 )
+_AUTHID_SQL = "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1"
 _PROC_SQL = (
     "SELECT p.proname, n.nspname, p.provolatile FROM pg_catalog.pg_proc p "
     "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
@@ -128,11 +136,13 @@ class Router:
         self._catalogs: dict[str, dict[str, str]] = {}
         self._policies: dict[str, FunctionPolicy] = {}
         self._loading: dict[str, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.primary_routed = 0
         self.pinned_sessions = 0
         self.fallbacks = 0  # reads kept on the primary for want of a usable replica
         self._warned: set[str] = set()
+        self._verifiers: dict[str, ScramVerifier] = {}  # user -> verifier on the primary
+        self._verifier_reads: dict[str, asyncio.Task[ScramVerifier | None]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -331,6 +341,63 @@ class Router:
         self._catalogs[database] = catalog
         self._policies[database] = FunctionPolicy(
             self.routing.read_only_functions, self.routing.write_functions, catalog)
+
+    # ------------------------------------------------------------------ SCRAM pass-through
+    async def scram_keys(self, user: str, capture: ScramCapture) -> ScramKeys | None:
+        """The client key of ``user`` recovered from its exchange with the primary, using the
+        verifier read from the primary's ``pg_authid`` (None, warned once, when impossible)."""
+        try:
+            salt_iterations = capture.salt_iterations
+        except ScramError:
+            return None
+        verifier = self._verifiers.get(user)
+        for attempt in range(2):
+            if verifier is None or attempt or (verifier.salt, verifier.iterations) != \
+                    salt_iterations:
+                verifier = await self._read_verifier(user)
+                if verifier is None:
+                    return None
+            try:
+                return derive_keys(capture, verifier)
+            except ScramError as exc:
+                if attempt:
+                    self.warn_once(f"scram:{user}", "scram_passthrough_failed", user=user,
+                                   error=str(exc))
+        return None
+
+    async def _read_verifier(self, user: str) -> ScramVerifier | None:
+        task = self._verifier_reads.get(user)
+        if task is None:  # one read per user at a time, however many sessions ask
+            task = asyncio.get_running_loop().create_task(self._fetch_verifier(user))
+            self._verifier_reads[user] = task
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(lambda _: self._verifier_reads.pop(user, None))
+        return await asyncio.shield(task)
+
+    async def _fetch_verifier(self, user: str) -> ScramVerifier | None:
+        url = self.primary_url
+        try:
+            conn = await asyncio.wait_for(
+                asyncpg.connect(url.dsn(database=url.database or "postgres"),
+                                statement_cache_size=0,
+                                server_settings={"application_name": "sqlproxy-auth"}),
+                timeout=self.config.proxy.connect_timeout,
+            )
+            try:
+                text = await conn.fetchval(_AUTHID_SQL, user, timeout=10)
+            finally:
+                await conn.close()
+            verifier = ScramVerifier.parse(str(text or ""))
+        except (ScramError, OSError, TimeoutError, asyncpg.PostgresError,
+                asyncpg.InterfaceError) as exc:
+            self.warn_once(f"verifier:{user}", "scram_verifier_unavailable", user=user,
+                           error=str(exc) or type(exc).__name__,
+                           hint="proxy.primary needs a superuser to read pg_authid")
+            self._verifiers.pop(user, None)
+            return None
+        self._verifiers[user] = verifier
+        return verifier
 
     # ------------------------------------------------------------------ visibility
     def backends(self) -> list[dict[str, Any]]:

@@ -7,7 +7,19 @@ import os
 
 from setuptools import setup
 
-HOT_MODULES = ["sqlproxy/wire/conversation.py"]
+# The per-message conversation tracker and the per-statement profiling path (statistics,
+# latency sketch, statement cache, pattern detector). The regex-driven normalizer and the
+# sqlglot classifier stay interpreted: their time is spent in re and sqlglot, and they run
+# once per new text or shape.
+HOT_MODULES = [
+    "sqlproxy/wire/conversation.py",
+    "sqlproxy/analysis/cache.py",
+    "sqlproxy/analysis/detector.py",
+    "sqlproxy/analysis/findings.py",
+    "sqlproxy/analysis/profiler.py",
+    "sqlproxy/analysis/sketch.py",
+    "sqlproxy/analysis/stats.py",
+]
 
 ext_modules = []
 if not os.environ.get("SQLPROXY_NO_MYPYC"):

@@ -180,7 +180,11 @@ def _fields(obj: Any) -> dict[str, Any]:
     d = getattr(obj, "__dict__", None)
     if d is not None:
         return dict(d)
-    names = [n for cls in type(obj).__mro__ for n in getattr(cls, "__slots__", ())]
+    # Slotted classes, and mypyc-compiled (native) classes, which list theirs in
+    # __mypyc_attrs__ and have no __dict__.
+    names = [n for cls in type(obj).__mro__
+             for n in (*getattr(cls, "__slots__", ()), *getattr(cls, "__mypyc_attrs__", ()))
+             if not n.startswith("__")]
     return {n: getattr(obj, n) for n in names if hasattr(obj, n)}
 
 

@@ -77,8 +77,11 @@ def make_proxy(pg_primary: pg.PgCluster) -> Iterator[Callable[..., ProxyThread]]
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Refuse to test a stale mypyc build: the compiled module would shadow edited source."""
     import importlib
+    import re
 
-    for name in ("sqlproxy.wire.conversation",):
+    setup_py = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
+    hot = re.findall(r"sqlproxy/[a-z_/]*\.py", setup_py)  # the modules mypyc compiles
+    for name in (h[:-3].replace("/", ".") for h in hot):
         mod = importlib.import_module(name)
         compiled = Path(mod.__file__ or "")
         source = compiled.with_name(name.rsplit(".", 1)[1] + ".py")

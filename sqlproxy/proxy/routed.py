@@ -289,7 +289,8 @@ class RoutedSession(ClientSession):
         self.pending_settings: list[str] = []
         self.unit_failed = False
         self.no_replica = False  # authentication to replicas impossible for this session
-        self.failed_replicas: set[str] = set()
+        # Replicas this session could not connect to: name -> (retry after, failures).
+        self.failed_replicas: dict[str, tuple[float, int]] = {}
         self.connecting: str | None = None
         self._current = "primary"
         self.scram_capture: ScramCapture | None = None  # the client's exchange with the primary
@@ -561,7 +562,7 @@ class RoutedSession(ClientSession):
             if min_lsn is None:
                 self.router.fallbacks += 1
                 return primary
-        rep = self.router.choose(min_lsn, frozenset(self.failed_replicas))
+        rep = self.router.choose(min_lsn, self._excluded())
         if rep is None:
             self.router.fallbacks += 1
             return primary
@@ -570,6 +571,13 @@ class RoutedSession(ClientSession):
             self._connect_replica(rep)
             return None
         return link
+
+    def _excluded(self) -> frozenset[str]:
+        failed = self.failed_replicas
+        if not failed:
+            return frozenset()
+        now = time.monotonic()
+        return frozenset(name for name, (until, _) in failed.items() if now < until)
 
     def _connect_replica(self, rep: ReplicaState) -> None:
         self.connecting = rep.name
@@ -616,10 +624,14 @@ class RoutedSession(ClientSession):
                     replica=rep.name, reason=problem,
                     consequence="this user's reads stay on the primary")
             else:
-                self.failed_replicas.add(rep.name)
+                # Try again later (it may be restarting), backing off: 0.25 s .. 30 s.
+                _, failures = self.failed_replicas.get(rep.name, (0.0, 0))
+                self.failed_replicas[rep.name] = (
+                    time.monotonic() + min(30.0, 0.25 * 2**failures), failures + 1)
         else:
             link.ready = True
             self.links[rep.name] = link
+            self.failed_replicas.pop(rep.name, None)
         self._pump()
 
     def _preamble(self, link: Link, unit: Unit, dry_run: bool = False) -> bytes:

@@ -204,11 +204,13 @@ def test_compose_proxy_env_keys_are_real_config_keys(compose: dict[str, Any]) ->
     primary = cfg.proxy.primary_url
     assert primary.host == "primary" and primary.port == 5432
     assert [urlsplit(r.url).hostname for r in cfg.replicas] == ["replica"]
-    user = primary.user
-    assert user is not None and user in cfg.routing.passwords, \
-        "replica logins need the app user's password (SCRAM)"
+    # The proxy logs in as the image's superuser (it reads pg_authid for SCRAM pass-through
+    # to the replica), and the app as the same user.
     penv = _env(compose["services"]["primary"])
-    assert user == penv["POSTGRES_USER"] and primary.password == penv["POSTGRES_PASSWORD"]
+    assert primary.user == penv["POSTGRES_USER"]
+    assert primary.password == penv["POSTGRES_PASSWORD"]
+    assert urlsplit(_env(compose["services"]["app"])["DATABASE_URL"]).username in (
+        primary.user, *cfg.routing.passwords)
     host, _ = parse_hostport(cfg.admin.listen, "admin.listen")
     if not is_loopback(host):
         assert cfg.admin.token, "an admin API on a non-loopback address needs admin.token"

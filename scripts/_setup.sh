@@ -89,9 +89,10 @@ ensure_venv() {
         log "installing sqlproxy[test] into .venv"
         local pip_log="$VENV/pip-install.log"
         # The build compiles hot modules with mypyc, which reads the project's mypy config
-        # (pydantic plugin included): build inside the venv, with those already installed.
+        # (pydantic plugin included) and type-checks the modules' imports (pydantic, sqlglot): build
+        # inside the venv, with those already installed.
         if ! { "$VENV_BIN/python" -m pip install -q --disable-pip-version-check \
-                "setuptools>=68" wheel "mypy>=1.10" "pydantic>=2.6" \
+                "setuptools>=68" wheel "mypy>=1.10" "pydantic>=2.6" "sqlglot>=30.0" \
             && "$VENV_BIN/python" -m pip install -q --disable-pip-version-check \
                 --no-build-isolation -e "$REPO_ROOT[test]"; } >"$pip_log" 2>&1; then
             cat "$pip_log" >&2

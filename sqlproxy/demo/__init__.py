@@ -133,6 +133,7 @@ async def _workload(console: Any, url: str, replica: devcluster.PgCluster | None
             await workload.setup_schema(engine)
             if replica is not None:
                 await asyncio.to_thread(replica.wait_for_replay)
+                await _router_caught_up(runtime)
             # The report is about the application's requests, not the seeding above.
             if runtime.profiler is not None:
                 runtime.profiler.reset()
@@ -148,6 +149,27 @@ async def _workload(console: Any, url: str, replica: devcluster.PgCluster | None
         await engine.dispose()
     await asyncio.sleep(0.2)
     return fallbacks_before
+
+
+async def _router_caught_up(runtime: Any, timeout: float = 10.0) -> None:
+    """Wait until the router has seen a replica replay everything written so far.
+
+    The seeding connection is in the application's pool: read-your-writes would keep its first
+    reads on the primary until the router's next probes show a replica past the seed (which
+    a real application, whose last write is older, would not notice)."""
+    from sqlproxy.routing.health import caught_up
+
+    router = runtime.router
+    if router is None:
+        return
+    target = router.horizon()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lsn = router.lsn_after(target)
+        if lsn is not None and any(r.healthy and caught_up(r.replay_lsn, lsn)
+                                   for r in router.replicas):
+            return
+        await asyncio.sleep(0.05)
 
 
 def run_demo(args: Any) -> int:

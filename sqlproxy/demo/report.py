@@ -88,21 +88,20 @@ def print_report(console: Console, runtime: Any, config: Config, database: str,
                       f"{f['total_ms']:.1f}", statement, f["suggestion"])
     console.print(found)
 
-    caption = None
-    if config.routing.enabled and config.replicas:
-        n = data["fallbacks"]
-        caption = (
-            "Replica routing: read-only transactions (BEGIN READ ONLY) and statements outside a "
-            "transaction may run on a replica; read-write transactions stay on the primary. "
-            f"{n} read-only unit{'s' if n != 1 else ''} stayed on the primary because no "
-            "replica had yet replayed the session's last write (read-your-writes) or none was "
-            "healthy."
-        )
-    routing = Table(title="Where statements ran", title_justify="left", caption=caption,
-                    caption_justify="left")
+    routing = Table(title="Where statements ran", title_justify="left")
     routing.add_column("backend")
     routing.add_column("statements by kind")
     for route, kinds in sorted(data["routes"].items()):
         routing.add_row(route, ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
     console.print(routing)
+    if config.routing.enabled and config.replicas:
+        n = data["fallbacks"]
+        console.print(
+            "Read-only transactions (BEGIN READ ONLY) and statements outside a transaction may "
+            "run on a replica; read-write transactions stay on the primary. "
+            f"{n} read-only transaction{'s' if n != 1 else ''} or statement{'s' if n != 1 else ''}"
+            " stayed on the primary because no replica had yet replayed the session's last "
+            "write (read-your-writes) or none was healthy.",
+            style="dim",
+        )
     return data

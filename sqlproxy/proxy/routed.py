@@ -28,7 +28,9 @@ client had with the primary (observed during startup only, see ``routing.scram``
 
 Read-your-writes: after a unit that may write completes on the primary (outside a transaction
 block), the session's reads stay on the primary until a replica has replayed past the primary's
-WAL position read after the write (see ``routing.health``).
+WAL position read after the write (see ``routing.health``). With ``read_your_writes = "table"``
+the tables written are noted in the router too, and any session's read of such a table waits
+for a replica that has replayed past it (see ``routing.tables``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionStat
 from sqlproxy.routing.health import ReplicaState, Router
 from sqlproxy.routing.policy import Decision, RoutedStatement, SessionView, Target, decide
 from sqlproxy.routing.scram import ScramCapture, ScramClient, ScramError, ScramKeys
+from sqlproxy.routing.tables import ALL, written_tables
 from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.messages import TERMINATE, build, cstr
 
@@ -93,6 +96,7 @@ class Unit:
         "parses",
         "queries",
         "sent",
+        "tables",
         "unknown",
     )
 
@@ -109,6 +113,7 @@ class Unit:
         self.unknown = False  # an Execute of an earlier portal, a FunctionCall
         self.sent = 0.0
         self.in_tx = False  # sent inside a transaction block: never retried elsewhere
+        self.tables: frozenset[str] = frozenset()  # what it reads (read_your_writes = "table")
 
 
 class Link:
@@ -284,6 +289,7 @@ class RoutedSession(ClientSession):
         self.pinned = False
         self.dirty = False  # a unit that may write is in flight on the primary
         self.horizon = 0  # read-your-writes: cycle whose primary LSN replicas must pass
+        self.written: set[str] = set()  # tables written by the dirty unit(s) ("table" mode)
         self.settings: list[str] = []
         self.settings_gen = 0
         self.pending_settings: list[str] = []
@@ -517,8 +523,11 @@ class RoutedSession(ClientSession):
         writes for the session."""
         tx = self._in_tx()
         stmts = None if unit.unknown else self._unit_statements(unit)
+        table_mode = self.router.table_mode
         if stmts is None:
             self.dirty = True
+            if table_mode:
+                self.written.add(ALL)
             return None
         view = SessionView(
             pinned=self.pinned,
@@ -533,6 +542,10 @@ class RoutedSession(ClientSession):
             log.info("session_pinned", session=self.id, reason=decision.reason)
         if decision.writes:
             self.dirty = True
+            if table_mode:
+                self.written |= written_tables(stmts, self.router.functions(self.database))
+        elif table_mode and decision.target is Target.REPLICA:
+            unit.tables = frozenset(t for st in stmts for t in st.shape.tables)
         if decision.target is Target.PRIMARY and "volatile function" in decision.reason:
             self.router.load_functions(self.database)  # maybe a function we do not know yet
         if not stmts:
@@ -557,8 +570,11 @@ class RoutedSession(ClientSession):
         if decision is None or decision.target is Target.PRIMARY:
             return primary
         min_lsn = None
-        if self.horizon:
-            min_lsn = self.router.lsn_after(self.horizon)
+        horizon = self.horizon
+        if unit.tables:
+            horizon = max(horizon, self.router.table_horizon(self.database, unit.tables))
+        if horizon:
+            min_lsn = self.router.lsn_after(horizon)
             if min_lsn is None:
                 self.router.fallbacks += 1
                 return primary
@@ -894,6 +910,8 @@ class RoutedSession(ClientSession):
             return
         unit.open = False
         self.dirty = True  # it may have been a write in disguise: read-your-writes
+        if self.router.table_mode:
+            self.written.add(ALL)
         self.units.appendleft(unit)
         if not primary.busy:
             self.units.popleft()
@@ -913,6 +931,9 @@ class RoutedSession(ClientSession):
             if link.replica is None and self.dirty:
                 self.dirty = False
                 self.horizon = self.router.horizon()
+                if self.written:
+                    self.router.note_writes(self.database, self.written, self.horizon)
+                    self.written = set()
         self._pump()
 
     # ------------------------------------------------------------------ settings

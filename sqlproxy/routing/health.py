@@ -19,6 +19,7 @@ proxy's own credentials from ``proxy.primary``.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import time
@@ -39,6 +40,7 @@ from sqlproxy.routing.scram import (
     ScramVerifier,
     derive_keys,
 )
+from sqlproxy.routing.tables import TableHorizons, view_closure
 
 __all__ = ["ReplicaState", "Router", "caught_up"]
 
@@ -52,6 +54,19 @@ _REPLICA_SQL = (
     "SELECT pg_is_in_recovery(), (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint"
 )
 _AUTHID_SQL = "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = $1"
+_RELATIONS_SQL = (
+    "SELECT relname FROM pg_catalog.pg_class WHERE relkind IN ('r', 'p', 'v', 'm', 'f')"
+)
+#: (view, relation it reads) pairs from the views' rewrite rules.
+_VIEW_DEPS_SQL = (
+    "SELECT DISTINCT v.relname, t.relname FROM pg_catalog.pg_rewrite r "
+    "JOIN pg_catalog.pg_class v ON v.oid = r.ev_class "
+    "JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass "
+    "AND d.objid = r.oid AND d.refclassid = 'pg_catalog.pg_class'::regclass "
+    "JOIN pg_catalog.pg_class t ON t.oid = d.refobjid "
+    "WHERE t.oid <> v.oid AND v.relkind IN ('v', 'm')"
+)
+_CYCLE_HISTORY = 2048
 _PROC_SQL = (
     "SELECT p.proname, n.nspname, p.provolatile FROM pg_catalog.pg_proc p "
     "JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
@@ -127,6 +142,11 @@ class Router:
         self.cycle_started = 0
         self.primary_cycle = 0
         self.primary_lsn = 0
+        # The primary's position per cycle (ascending), for lsn_after.
+        self._cycles: list[int] = []
+        self._cycle_lsns: list[int] = []
+        self.table_mode = config.routing.read_your_writes == "table"
+        self._tables: dict[str, TableHorizons] = {}  # database -> table horizons
         self.primary_up = False
         self.primary_error: str | None = None
         self._history: deque[tuple[float, int]] = deque(maxlen=4096)
@@ -195,12 +215,24 @@ class Router:
             self.primary_up = True
             self.primary_error = None
             self._history.append((time.monotonic(), self.primary_lsn))
+            self._cycles.append(cycle)
+            self._cycle_lsns.append(self.primary_lsn)
+            if len(self._cycles) > _CYCLE_HISTORY:
+                del self._cycles[: _CYCLE_HISTORY // 2]
+                del self._cycle_lsns[: _CYCLE_HISTORY // 2]
         except (OSError, asyncpg.PostgresError, TimeoutError, asyncpg.InterfaceError) as exc:
             self.primary_up = False
             self.primary_error = str(exc) or type(exc).__name__
             await self._drop(self._primary_conn)
             self._primary_conn = None
         await asyncio.gather(*(self._probe_replica(r) for r in self.replicas))
+        if self._tables:
+            for horizons in self._tables.values():
+                horizons.prune(self._replayed_everywhere)
+
+    def _replayed_everywhere(self, cycle: int) -> bool:
+        lsn = self.lsn_after(cycle)
+        return lsn is not None and all(caught_up(r.replay_lsn, lsn) for r in self.replicas)
 
     async def _probe_replica(self, rep: ReplicaState) -> None:
         rep.last_probe = time.time()
@@ -259,8 +291,30 @@ class Router:
         return self.cycle_started + 1
 
     def lsn_after(self, cycle: int) -> int | None:
-        """The primary's position read in a cycle >= ``cycle``; None if none yet."""
-        return self.primary_lsn if self.primary_cycle >= cycle else None
+        """The primary's position read in the first cycle >= ``cycle``; None if none yet."""
+        if self.primary_cycle < cycle:
+            return None
+        i = bisect.bisect_left(self._cycles, cycle)
+        return self._cycle_lsns[i] if i < len(self._cycles) else self.primary_lsn
+
+    # ------------------------------------------------------------------ read_your_writes = table
+    def note_writes(self, database: str, tables: frozenset[str] | set[str], cycle: int) -> None:
+        """A session finished writing ``tables`` (see ``routing.tables``) at ``cycle``."""
+        horizons = self._tables.get(database)
+        if horizons is None:
+            horizons = self._tables[database] = TableHorizons()
+            self.load_functions(database)  # with the relation catalog
+        horizons.note_writes(tables, cycle)
+
+    def table_horizon(self, database: str, tables: tuple[str, ...] | frozenset[str]) -> int:
+        """The cycle a read of ``tables`` must wait for in ``database`` (0: none)."""
+        horizons = self._tables.get(database)
+        if horizons is None or not horizons.written:
+            return 0
+        if horizons.relations is not None and any(
+                t.rsplit(".", 1)[-1] not in horizons.relations for t in tables):
+            self.load_functions(database)  # a relation created since: reload (<= 1/s)
+        return horizons.horizon(tables)
 
     def choose(self, min_lsn: int | None, exclude: frozenset[str] = frozenset()
                ) -> ReplicaState | None:
@@ -324,6 +378,10 @@ class Router:
             )
             try:
                 rows = await conn.fetch(_PROC_SQL, timeout=30)
+                relations = views = None
+                if self.table_mode:
+                    relations = await conn.fetch(_RELATIONS_SQL, timeout=30)
+                    views = await conn.fetch(_VIEW_DEPS_SQL, timeout=30)
             finally:
                 await conn.close()
         except Exception as exc:
@@ -339,6 +397,10 @@ class Router:
                 if old is None or _VOLATILITY_RANK.get(vol, 2) > _VOLATILITY_RANK.get(old, 2):
                     catalog[key] = vol
         self._catalogs[database] = catalog
+        if relations is not None and views is not None:
+            horizons = self._tables.setdefault(database, TableHorizons())
+            horizons.relations = frozenset(r[0] for r in relations)
+            horizons.views = view_closure((v[0], v[1]) for v in views)
         self._policies[database] = FunctionPolicy(
             self.routing.read_only_functions, self.routing.write_functions, catalog)
 

@@ -23,14 +23,18 @@ RUN apt-get update \
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/sqlproxy
 ENV PATH=/opt/sqlproxy/bin:$PATH
-# mypyc reads the project's mypy configuration (pydantic plugin): build inside the venv, with
-# the build requirements installed there (as scripts/_setup.sh does).
+# mypyc reads the project's mypy configuration (pydantic plugin) and type-checks the compiled
+# modules against their imports (sqlglot, ...): build inside the venv, with the build
+# requirements and the dependencies already installed there. So: first an interpreted install
+# (SQLPROXY_NO_MYPYC=1) for the dependencies, then the compiled build over it.
 RUN pip install "setuptools>=68" wheel "mypy>=1.10" "pydantic>=2.6"
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY sqlproxy ./sqlproxy
 ARG EXTRAS=demo
-RUN pip install --no-build-isolation ".${EXTRAS:+[$EXTRAS]}" \
+RUN SQLPROXY_NO_MYPYC=1 pip install --no-build-isolation ".${EXTRAS:+[$EXTRAS]}" \
+    && rm -rf build \
+    && pip install --no-build-isolation --no-deps --force-reinstall . \
     && pip uninstall -y mypy mypy_extensions wheel setuptools \
     && cd / && python -c "import sqlproxy.wire.conversation as c; assert c.__file__.endswith('.so'), c.__file__"
 

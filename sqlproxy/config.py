@@ -238,6 +238,11 @@ def _format_error(exc: ValidationError) -> str:
     return "invalid configuration: " + "; ".join(lines)
 
 
+#: SQLPROXY_* variables that are not configuration keys: the config file's path, and the
+#: build's, test harness's and docs' own switches.
+NOT_CONFIG_VARIABLES = frozenset({"", "config", "no_mypyc", "test_pg_bindir", "docs_screenshot"})
+
+
 def _env_keys_check(environ: dict[str, str]) -> None:
     """Reject SQLPROXY_* variables that name no key (pydantic-settings would ignore them)."""
     sections = set(Config.model_fields)
@@ -245,7 +250,7 @@ def _env_keys_check(environ: dict[str, str]) -> None:
         if not name.upper().startswith("SQLPROXY_"):
             continue
         rest = name[len("SQLPROXY_") :].lower()
-        if rest in ("", "config"):
+        if rest in NOT_CONFIG_VARIABLES:
             continue
         section, sep, key = rest.partition("__")
         if section not in sections:
@@ -294,7 +299,8 @@ def _env_values(environ: dict[str, str]) -> dict[str, Any]:
     scalars where possible, so ``true``, ``5``, ``["a","b"]`` work as expected)."""
     out: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.upper().startswith("SQLPROXY_") or name.upper() == "SQLPROXY_CONFIG":
+        if (not name.upper().startswith("SQLPROXY_")
+                or name[len("SQLPROXY_") :].lower() in NOT_CONFIG_VARIABLES):
             continue
         path = name[len("SQLPROXY_") :].lower().split("__")
         value: Any

@@ -80,6 +80,8 @@ def test_environment_overrides_and_precedence(tmp_path: Path) -> None:
     assert cfg.analysis.slow_query_ms == 250
     assert cfg.routing.enabled is True
     assert cfg.proxy.listen == "127.0.0.1:7002"  # flags win over the environment
+    # The build's and test harness's own switches are not configuration keys.
+    assert load_config(None, environ={"SQLPROXY_TEST_PG_BINDIR": "/x", "SQLPROXY_NO_MYPYC": "1"})
     with pytest.raises(ConfigError, match="SQLPROXY_ANALYSIS__SLOW_QUERYMS"):
         load_config(None, environ={"SQLPROXY_ANALYSIS__SLOW_QUERYMS": "1"})
 

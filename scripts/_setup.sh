@@ -8,9 +8,10 @@
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO_ROOT/.venv"
 VENV_BIN="$VENV/bin"
-# chromium + chromium-driver: the dashboard's browser test (tests/admin/test_dashboard.py).
+# chromium + chromium-driver: the dashboard's browser test (tests/admin/test_dashboard.py);
+# curl + jq: the README's examples, which tests/test_readme.py runs.
 SYSTEM_PACKAGES=(postgresql-15 postgresql-contrib pgbouncer
-                 chromium chromium-driver fonts-dejavu-core)
+                 chromium chromium-driver fonts-dejavu-core curl jq)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }

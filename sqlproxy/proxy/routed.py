@@ -78,6 +78,7 @@ RETRY_ON_PRIMARY = frozenset(
     }
 )  # fmt: skip
 HOLD_LIMIT = 256 * 1024  # bytes of a replica's answer held back for a possible retry
+_SESSION_TAGS = (b"SET", b"RESET", b"DISCARD", b"DEALLOCATE")
 _DEALLOCATE_RE = re.compile(r"deallocate\s+(?:prepare\s+)?(.+)$")
 
 
@@ -947,8 +948,8 @@ class RoutedSession(ClientSession):
         if tag == b"ROLLBACK":
             self.pending_settings.clear()
             return
-        if not pending.sql:
-            return
+        if not pending.sql or (tag is not None and not tag.startswith(_SESSION_TAGS)):
+            return  # only SET / RESET / DISCARD / DEALLOCATE change what a replica must replay
         stmts = self._statements_nr(pending.sql)
         if index >= len(stmts):
             return

@@ -32,12 +32,43 @@ _SKELETON_RE = re.compile(r"('[^'\\]*+'|[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.]))")
 _MARK = "\x00"  # joins the skeleton's pieces; NUL never occurs in SQL text
 
 
+_BLANK = " \t\n\r\f\v"
+
+
+def _strip_edge_comments(sql: str) -> str | None:
+    """``sql`` without the comments before and after the statement, or None.
+
+    Tags that frameworks add to every statement (sqlcommenter's ``/*traceparent='...'*/``,
+    Rails' query log tags) make each text unique; normalization drops comments anyway, so the
+    skeleton may ignore them — unless they hold a ``sqlproxy:`` hint, or a comment is anywhere
+    else in the text (then the full scanner decides).
+    """
+    text = sql.strip(_BLANK + ";")
+    while text.endswith("*/"):
+        start = text.rfind("/*")
+        if start < 0 or "sqlproxy:" in text[start:]:
+            return None
+        text = text[:start].rstrip(_BLANK + ";")
+    while text.startswith("/*"):
+        end = text.find("*/")
+        if end < 0 or "sqlproxy:" in text[:end]:
+            return None
+        text = text[end + 2 :].lstrip(_BLANK)
+    return None if "/*" in text or "*/" in text else text
+
+
 def skeleton(sql: str) -> tuple[str, tuple[str, ...]] | None:
     """(skeleton, literals) of a statement, or None when it must go through the full scanner:
-    no literal at all, or characters whose meaning the skeleton cannot see (comments, quoted
-    identifiers, dollar quotes and parameters, backslashes, several statements)."""
-    if "$" in sql or '"' in sql or "\\" in sql or "--" in sql or "/*" in sql:
+    no literal at all, or characters whose meaning the skeleton cannot see (comments other than
+    leading and trailing ones, quoted identifiers, dollar quotes and parameters, backslashes,
+    several statements)."""
+    if "$" in sql or '"' in sql or "\\" in sql or "--" in sql:
         return None
+    if "/*" in sql:
+        stripped = _strip_edge_comments(sql)
+        if stripped is None:
+            return None
+        sql = stripped
     parts = _SKELETON_RE.split(sql)
     if len(parts) == 1:
         return None

@@ -34,7 +34,12 @@ TEMPLATES = [
     "select * from t limit {} offset {}",
     "select * from t where a = {} -- {}",
     "select {}, {};",
+    "select * from t where a = {} /*traceparent='{c}'*/",
+    "/* {c} */ select {} from t where b = {} /* {c} */;",
+    "select * from t /* {c} */ where a = {}",
+    "select * from t where a = '{c}' and b = {} /*{c}*/",
 ]
+COMMENT_TEXT = st.text(alphabet="ab */'-$;sqlproxy:ignore", max_size=12)
 LITERALS = st.one_of(
     st.integers(min_value=0, max_value=10**12).map(str),
     st.integers(min_value=-1000, max_value=-1).map(str),
@@ -48,8 +53,16 @@ LITERALS = st.one_of(
 @given(st.sampled_from(TEMPLATES), st.data())
 def test_skeleton_stands_for_the_full_scan(template: str, data: st.DataObject) -> None:
     holes = template.count("{}")
-    first = template.format(*data.draw(st.lists(LITERALS, min_size=holes, max_size=holes)))
-    second = template.format(*data.draw(st.lists(LITERALS, min_size=holes, max_size=holes)))
+
+    def fill() -> str:
+        out = template.replace("{c}", "{%c}")
+        for value in data.draw(st.lists(LITERALS, min_size=holes, max_size=holes)):
+            out = out.replace("{}", value.replace("{", "{{").replace("}", "}}"), 1)
+        while "{%c}" in out:
+            out = out.replace("{%c}", data.draw(COMMENT_TEXT), 1)
+        return out
+
+    first, second = fill(), fill()
     a, b = skeleton(first), skeleton(second)
     if a is None or b is None or a[0] != b[0]:
         return
@@ -72,5 +85,9 @@ def test_skeleton_shortcut_is_used_for_pgbench_simple() -> None:
     assert cuts[1][1] == ("42",)
     assert cache.template(cuts[0][0], cuts[0][1], texts[0]) is not None
     assert skeleton("select 1 -- comment") is None
+    tagged = [skeleton(f"select * from t where id = {i} /*traceparent='00-{i}'*/") for i in (1, 2)]
+    assert tagged[0] is not None and tagged[1] is not None and tagged[0][0] == tagged[1][0]
+    assert skeleton("select 1 /* sqlproxy:replica */") is None
+    assert skeleton("select 1 /* a */ + /* b */ 2") is None
     assert skeleton('select "a1" from t where b = 2') is None
     assert skeleton("select a from t") is None  # nothing to cut

@@ -149,6 +149,10 @@ class Runtime:
             return out
         if self.profiler is None:  # no statistics to count routes from: the router's counts
             out[0]["routed"] = router.primary_routed
+        # Routing decisions: read-only units sent to the primary for want of a replica, and
+        # sessions pinned to the primary for good (temp tables, LISTEN, ...).
+        out[0]["fallbacks"] = router.fallbacks
+        out[0]["pinned_sessions"] = router.pinned_sessions
         for rep in router.replicas:
             item: dict[str, Any] = {
                 "name": rep.name, "role": "replica", "address": rep.url.address,
@@ -160,6 +164,9 @@ class Runtime:
                 "server_connections": pool(rep.name),
                 "error": rep.last_error,
                 "checked_at": iso(rep.last_probe) if rep.last_probe else None,
+                "outstanding": rep.outstanding,
+                "retried": rep.retried,  # statements re-run on the primary after failing here
+                "failures": rep.failures,
             }
             if self.profiler is None:
                 item["routed"] = rep.routed

@@ -362,6 +362,8 @@ def test_backends_with_a_replica(admin_proxy: MakeAdmin, pg_replica: pg.PgCluste
     assert replica["lag_ms"] is not None and replica["checked_at"]
     assert replica["routed"] >= 1, replica
     assert primary["routed"] + replica["routed"] >= 5
+    assert replica["retried"] == 0 and replica["failures"] == 0 and replica["outstanding"] == 0
+    assert primary["fallbacks"] >= 0 and primary["pinned_sessions"] == 0
     metrics = admin.get("/metrics").text
     assert 'sqlproxy_backend_up{backend="r1",role="replica"} 1.0' in metrics
     assert 'sqlproxy_backend_in_rotation{backend="r1"} 1.0' in metrics

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from sqlproxy.analysis.classify import Shape, classify
 from sqlproxy.analysis.normalize import Normalized, scan
 
-__all__ = ["StatementCache", "skeleton"]
+__all__ = ["StatementCache", "skeleton", "strip_edge_comments"]
 
 # The skeleton of a statement: its text with plain literals — unsigned integers that touch
 # no word, and '...' strings without backslashes — cut out. Statements that differ only
@@ -35,7 +35,7 @@ _MARK = "\x00"  # joins the skeleton's pieces; NUL never occurs in SQL text
 _BLANK = " \t\n\r\f\v"
 
 
-def _strip_edge_comments(sql: str) -> str | None:
+def strip_edge_comments(sql: str) -> str | None:
     """``sql`` without the comments before and after the statement, or None.
 
     Tags that frameworks add to every statement (sqlcommenter's ``/*traceparent='...'*/``,
@@ -65,7 +65,7 @@ def skeleton(sql: str) -> tuple[str, tuple[str, ...]] | None:
     if "$" in sql or '"' in sql or "\\" in sql or "--" in sql:
         return None
     if "/*" in sql:
-        stripped = _strip_edge_comments(sql)
+        stripped = strip_edge_comments(sql)
         if stripped is None:
             return None
         sql = stripped

@@ -14,7 +14,7 @@ import time
 from typing import Any, Protocol
 
 from sqlproxy.analysis.bindparams import bound_integer, bound_texts, offset_parameter
-from sqlproxy.analysis.cache import StatementCache, skeleton
+from sqlproxy.analysis.cache import StatementCache, skeleton, strip_edge_comments
 from sqlproxy.analysis.classify import Shape
 from sqlproxy.analysis.detector import PatternDetector
 from sqlproxy.analysis.normalize import Normalized
@@ -86,6 +86,12 @@ class Profiler:
         stmts = memo.get(sql)
         if stmts is not None:
             return stmts
+        if "/*" in sql:
+            # Tag comments that make every text unique (sqlcommenter's traceparent, query log
+            # tags): the statement without them is the one to find or remember.
+            bare = strip_edge_comments(sql)
+            if bare is not None and bare != sql:
+                return self.statements(ctx, bare)
         # A text not seen on this session. If it differs from one seen before only in plain
         # literals (a simple-protocol client inlining values), its skeleton finds the
         # statement without the full scanner, and the one-off text stays out of the memo.

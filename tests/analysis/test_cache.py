@@ -91,3 +91,30 @@ def test_skeleton_shortcut_is_used_for_pgbench_simple() -> None:
     assert skeleton("select 1 /* a */ + /* b */ 2") is None
     assert skeleton('select "a1" from t where b = 2') is None
     assert skeleton("select a from t") is None  # nothing to cut
+
+
+def test_tagged_statements_share_one_memo_entry() -> None:
+    from sqlproxy.analysis.profiler import Profiler
+    from sqlproxy.config import Config
+
+    class Ctx:
+        id = 1
+        peer = "127.0.0.1:1"
+        application_name = "app"
+        database = "db"
+        user = "u"
+
+        def __init__(self) -> None:
+            self.memo: dict[str, list[object]] = {}
+
+    prof = Profiler(Config().analysis)
+    ctx = Ctx()
+    for i in range(50):
+        sql = f"SELECT * FROM users WHERE id = $1 /*traceparent='00-{i:032x}-01'*/"
+        stmt = prof.record(ctx, sql, 0, i, 1, None, float(i), i + 0.001)  # type: ignore[arg-type]
+        assert stmt is not None
+    assert list(ctx.memo) == ["SELECT * FROM users WHERE id = $1"]
+    [item] = prof.top()[0]
+    assert item["calls"] == 50 and item["query"] == "select * from users where id = $1"
+    hinted = prof.record(ctx, "select 1 /* sqlproxy:ignore */", 0, 0, 1, None, 0.0, 0.1)  # type: ignore[arg-type]
+    assert hinted is not None and "ignore" in hinted.normalized.hints

@@ -12,6 +12,7 @@ from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.config import Config, parse_hostport
 from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy.listener import Listener
 from sqlproxy.proxy.routed import RoutedSession
 from sqlproxy.proxy.session import ClientSession, SessionState
 from sqlproxy.proxy.tls import client_context, server_context
@@ -29,6 +30,7 @@ class ProxyServer:
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
         self._next_id = 0
         self._server: asyncio.AbstractServer | None = None
+        self._listener: Listener | None = None  # instead of _server when client TLS is on
         self.accepting = False
         self.host, self.port = parse_hostport(config.proxy.listen, "proxy.listen")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,10 +76,19 @@ class ProxyServer:
         session_class = ClientSession if self.router is None else RoutedSession
         if self.router is not None:
             await self.router.start()
-        self._server = await loop.create_server(
-            lambda: session_class(self), self.host, self.port, backlog=4096, reuse_address=True
-        )
-        sock = self._server.sockets[0]
+        if self.tls_context is None:
+            self._server = await loop.create_server(
+                lambda: session_class(self), self.host, self.port, backlog=4096,
+                reuse_address=True,
+            )
+            sock = self._server.sockets[0]
+        else:
+            # Clients may start TLS directly (sslnegotiation=direct): look at the first byte
+            # before asyncio reads it (see listener.py). Without a certificate at start there
+            # is no TLS to offer, and the plain server above is kept as it always was.
+            self._listener = Listener(self, lambda: session_class(self))
+            await self._listener.start(self.host, self.port, backlog=4096)
+            sock = self._listener.sockets[0]
         self.port = sock.getsockname()[1]
         self.accepting = True
         self._sweeper = loop.create_task(self._sweep_loop())
@@ -91,6 +102,8 @@ class ProxyServer:
         self.accepting = False
         if self._server is not None:
             self._server.close()
+        if self._listener is not None:
+            self._listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
@@ -119,6 +132,8 @@ class ProxyServer:
             log.info("sessions_drained", closed_idle=drained, closed_busy=forced)
         if self._server is not None:
             await self._server.wait_closed()
+        if self._listener is not None:
+            await self._listener.wait_closed()
         tasks = list(self._tasks)
         if tasks:  # let cancel requests for interrupted queries reach the server
             await asyncio.wait(tasks, timeout=2.0)

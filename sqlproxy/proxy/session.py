@@ -19,6 +19,7 @@ from sqlproxy.analysis.classify import StatementKind
 from sqlproxy.analysis.profiler import Profiler, Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy.listener import TLS_HANDSHAKE
 from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket, strip_channel_binding
 from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.messages import (
@@ -208,6 +209,10 @@ class ClientSession(asyncio.Protocol):
             while self.state is SessionState.STARTUP and len(self._buf) >= 4:
                 length = _unpack_int32(self._buf, 0)[0]
                 if length < 8 or length > MAX_STARTUP_PACKET:
+                    if self._buf[0] == TLS_HANDSHAKE:  # only when started without a certificate
+                        raise ProtocolViolation(
+                            "direct TLS connection (sslnegotiation=direct) refused: no "
+                            "certificate (tls.cert_file, tls.key_file) when sqlproxy started")
                     raise ProtocolViolation(f"invalid length of startup packet: {length}")
                 if len(self._buf) < length:
                     return

@@ -13,6 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.reliability import rawclient
 from tests.support import pg
 from tests.support.certs import TestCA, make_ca
 from tests.support.clients import client_env, describe, run
@@ -185,3 +186,122 @@ def test_server_sslmode_failures_are_08006(
         await conn.close()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct TLS (PostgreSQL 17 sslnegotiation=direct): the first byte is a ClientHello, no SSLRequest
+# ---------------------------------------------------------------------------------------------
+
+def _direct(proxy: ProxyThread, ca: TestCA | None = None,
+            alpn: list[str] | None = None) -> ssl.SSLSocket:
+    """A TLS connection started at once (no SSLRequest), with Python's ssl module."""
+    if ca is not None:
+        ctx = _verify_full(ca)
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if alpn is not None:
+        ctx.set_alpn_protocols(alpn)
+    return ctx.wrap_socket(rawclient.connect(proxy.host, proxy.port), server_hostname="localhost")
+
+
+def _libpq_direct_tls() -> str | None:
+    """Why psycopg's libpq cannot test sslnegotiation=direct here, or None if it can."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed"
+    if psycopg.pq.version() < 170000:
+        return f"psycopg's libpq {psycopg.pq.version()} predates sslnegotiation=direct (17)"
+    return None
+
+
+def test_direct_tls_end_to_end_with_alpn(make_proxy: Callable[..., ProxyThread], ca: TestCA,
+                                         proxy_cert: tuple[Path, Path]) -> None:
+    proxy = _tls_proxy(make_proxy, proxy_cert, client_mode="require")
+    with _direct(proxy, ca, alpn=["postgresql"]) as sock:
+        assert sock.selected_alpn_protocol() == "postgresql"
+        rawclient.startup(sock)
+        rawclient.query(sock, "select 6 * 7")
+        msgs = rawclient.until_ready(sock)
+        rows = [body for t, body in msgs if t == b"D"]
+        assert len(rows) == 1 and rows[0].endswith(b"42")
+        assert [t for t, _ in msgs][-2:] == [b"C", b"Z"]
+        # client_mode "require" accepted it: the session knows it is on TLS.
+        tls = proxy.call(lambda: [s.tls for s in proxy.runtime.proxy.sessions.values()])  # type: ignore[union-attr]
+        assert tls and all(t is not None and t.startswith("TLS") for t in tls)
+        sock.sendall(b"X\x00\x00\x00\x04")
+    # The negotiated path (SSLRequest) and its refusal of clear text are unchanged.
+    rc, out, err = _psql(proxy, f"host=localhost user=postgres dbname=postgres "
+                         f"sslmode=verify-full sslrootcert={ca.ca_cert}", "select 1")
+    assert rc == 0 and out == "1", err
+    rc, _, err = _psql(proxy, "host=localhost user=postgres sslmode=disable", "select 1")
+    assert rc != 0 and 'tls.client_mode is "require"' in err
+    assert proxy.call(lambda: proxy.runtime.proxy._listener.direct_tls) == 1  # type: ignore[union-attr]
+
+
+def test_direct_tls_without_alpn_is_refused(make_proxy: Callable[..., ProxyThread],
+                                            proxy_cert: tuple[Path, Path]) -> None:
+    proxy = _tls_proxy(make_proxy, proxy_cert)
+    for alpn in (None, ["http/1.1"]):
+        with _direct(proxy, alpn=alpn) as sock:
+            assert sock.selected_alpn_protocol() is None
+            err = rawclient.error_of(sock)
+            assert err["C"] == "08P01" and "ALPN" in err["M"], err
+            assert rawclient.closed(sock)
+    assert proxy.call(lambda: proxy.runtime.proxy._listener.refused) == 2  # type: ignore[union-attr]
+    assert proxy.call(lambda: len(proxy.runtime.proxy.sessions)) == 0  # type: ignore[union-attr]
+
+
+def test_libpq_sslnegotiation_direct(make_proxy: Callable[..., ProxyThread], ca: TestCA,
+                                     proxy_cert: tuple[Path, Path]) -> None:
+    reason = _libpq_direct_tls()
+    if reason is not None:
+        pytest.skip(reason)
+    import psycopg
+
+    proxy = _tls_proxy(make_proxy, proxy_cert)
+    for conninfo in (f"sslmode=verify-full sslrootcert={ca.ca_cert}", "sslmode=require"):
+        with psycopg.connect(f"host=localhost port={proxy.port} user=postgres dbname=postgres "
+                             f"sslnegotiation=direct {conninfo}", autocommit=True) as conn:
+            assert conn.pgconn.ssl_in_use
+            assert conn.execute("select %s::int + 1", [41]).fetchone() == (42,)
+            with conn.cursor() as cur:  # a larger result over the same TLS session
+                cur.execute("select g, repeat('x', 100) from generate_series(1, 20000) g")
+                assert len(cur.fetchall()) == 20000
+    assert proxy.call(lambda: proxy.runtime.proxy._listener.direct_tls) == 2  # type: ignore[union-attr]
+
+
+def test_direct_tls_without_certificate_is_closed(make_proxy: Callable[..., ProxyThread],
+                                                  proxy_cert: tuple[Path, Path]) -> None:
+    plain = make_proxy()  # no certificate: the plain server, as before
+    disabled = _tls_proxy(make_proxy, proxy_cert, client_mode="disable")
+    for proxy in (plain, disabled):
+        with pytest.raises((ssl.SSLError, OSError)):
+            _direct(proxy, alpn=["postgresql"]).close()
+        rc, out, err = _psql(proxy, "host=localhost user=postgres sslmode=prefer", "select 1")
+        assert rc == 0 and out == "1", err
+    reason = _libpq_direct_tls()
+    if reason is None:
+        import psycopg
+
+        with pytest.raises(psycopg.OperationalError):
+            psycopg.connect(f"host=localhost port={plain.port} user=postgres "
+                            "sslmode=require sslnegotiation=direct", connect_timeout=10)
+
+
+def test_listener_keeps_startup_timeout(make_proxy: Callable[..., ProxyThread],
+                                        proxy_cert: tuple[Path, Path]) -> None:
+    proxy = make_proxy(proxy={"startup_timeout": 0.5},
+                       tls={"cert_file": str(proxy_cert[0]), "key_file": str(proxy_cert[1])})
+    for first in (b"", b"\x00\x00"):  # silent, then half a length word
+        with rawclient.connect(proxy.host, proxy.port) as sock:
+            if first:
+                sock.sendall(first)
+            err = rawclient.error_of(sock)
+            assert err["C"] == "08P01" and "startup_timeout" in err["M"], err
+            assert rawclient.closed(sock)
+    with _direct(proxy, alpn=["postgresql"]) as sock:  # a TLS client that then says nothing
+        err = rawclient.error_of(sock)
+        assert err["C"] == "08P01" and "startup_timeout" in err["M"], err

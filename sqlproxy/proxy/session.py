@@ -211,8 +211,9 @@ class ClientSession(asyncio.Protocol):
                 if length < 8 or length > MAX_STARTUP_PACKET:
                     if self._buf[0] == TLS_HANDSHAKE:  # only when started without a certificate
                         raise ProtocolViolation(
-                            "direct TLS connection (sslnegotiation=direct) refused: no "
-                            "certificate (tls.cert_file, tls.key_file) when sqlproxy started")
+                            "direct TLS connection (sslnegotiation=direct) refused: TLS was "
+                            "not enabled when sqlproxy started (tls.cert_file, tls.key_file, "
+                            "tls.client_mode)")
                     raise ProtocolViolation(f"invalid length of startup packet: {length}")
                 if len(self._buf) < length:
                     return

@@ -282,6 +282,12 @@ def test_direct_tls_without_certificate_is_closed(make_proxy: Callable[..., Prox
             _direct(proxy, alpn=["postgresql"]).close()
         rc, out, err = _psql(proxy, "host=localhost user=postgres sslmode=prefer", "select 1")
         assert rc == 0 and out == "1", err
+        # What the proxy says (and logs), seen by a client that can read clear text.
+        with rawclient.connect(proxy.host, proxy.port) as sock:
+            sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+            err_fields = rawclient.error_of(sock)
+            assert err_fields["C"] == "08P01" and "tls.cert_file" in err_fields["M"], err_fields
+            assert rawclient.closed(sock)
     reason = _libpq_direct_tls()
     if reason is None:
         import psycopg

@@ -178,8 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                        capture_output=True, check=True, env=client_env())
         replica = pg.start_replica(primary, base)
         off = Proxy("routing-off", primary, None, base)
+        proxies.append(off)  # registered at once: stopped in `finally` whatever follows
         on = Proxy("routing-on", primary, replica, base)
-        proxies += [off, on]
+        proxies.append(on)
         psql = str(primary.bindir / "psql")
         for p in proxies:
             wait_accepting(psql, LOOPBACK, p.port, None)

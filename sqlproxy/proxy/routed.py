@@ -41,6 +41,7 @@ import re
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlproxy.analysis.classify import Shape, StatementKind
@@ -48,6 +49,7 @@ from sqlproxy.analysis.normalize import Normalized
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
+from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket
 from sqlproxy.routing.health import ReplicaState, Router
 from sqlproxy.routing.policy import Decision, RoutedStatement, SessionView, Target, decide
 from sqlproxy.routing.scram import ScramCapture, ScramClient, ScramError, ScramKeys
@@ -602,6 +604,25 @@ class RoutedSession(ClientSession):
         self.server._tasks.add(task)
         task.add_done_callback(self.server._tasks.discard)
 
+    async def _replica_transport(
+        self, rep: ReplicaState, factory: Callable[[], ReplicaConnection]
+    ) -> tuple[asyncio.BaseTransport, ReplicaConnection]:
+        """Connect to a replica, with TLS as its URL's sslmode or tls.server_sslmode says."""
+        loop = asyncio.get_running_loop()
+        mode = backend_sslmode(self.config, rep.url)
+        if mode == "disable":
+            return await loop.create_connection(factory, rep.url.host, rep.url.port)
+        sock, use_tls = await open_backend_socket(rep.url.host, rep.url.port, mode)
+        ctx = self.server.backend_tls_context(mode) if use_tls else None
+        try:
+            return await loop.create_connection(
+                factory, sock=sock, ssl=ctx,
+                server_hostname=rep.url.host if ctx is not None else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
+
     async def _open_replica(self, rep: ReplicaState) -> None:
         link = Link(rep.name, Conversation(self, self.config.proxy.max_message_bytes), rep)
         link.address = (rep.url.host, rep.url.port)
@@ -611,17 +632,16 @@ class RoutedSession(ClientSession):
         proto: ReplicaConnection | None = None
         try:
             keys = await self._replica_keys()
-            loop = asyncio.get_running_loop()
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: ReplicaConnection(self, link, password, keys),
-                                       rep.url.host, rep.url.port),
+                self._replica_transport(rep, lambda: ReplicaConnection(self, link, password,
+                                                                       keys)),
                 timeout=self.config.proxy.connect_timeout,
             )
             assert self.startup is not None and proto is not None
             assert link.transport is not None
             link.transport.write(self.startup.raw)
             problem = await asyncio.wait_for(proto.waiter, self.config.proxy.connect_timeout)
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, ProxyError) as exc:
             problem = f"connection failed: {exc}"
             self.router.mark_down(rep, problem)
         self.connecting = None

@@ -311,3 +311,41 @@ def test_listener_keeps_startup_timeout(make_proxy: Callable[..., ProxyThread],
     with _direct(proxy, alpn=["postgresql"]) as sock:  # a TLS client that then says nothing
         err = rawclient.error_of(sock)
         assert err["C"] == "08P01" and "startup_timeout" in err["M"], err
+
+
+def test_replica_connections_use_tls(
+    make_proxy: Callable[..., ProxyThread], tls_primary: pg.PgCluster, ca: TestCA,
+    pg_base_dir: Path,
+) -> None:
+    """Routed reads reach a TLS replica over verify-full TLS, as the primary's do."""
+    replica = pg.start_replica(tls_primary, pg_base_dir, "tlsreplica")
+    try:
+        replica.settings.update(ssl=True, ssl_cert_file="server.crt", ssl_key_file="server.key")
+        replica.restart()
+        replica.wait_for_replay()
+        proxy = make_proxy(tls_primary.dsn(),
+                           tls={"server_sslmode": "verify-full", "ca_file": str(ca.ca_cert)},
+                           routing={"enabled": True, "health_interval_ms": 100},
+                           replicas=[{"url": replica.dsn(),
+                                      "name": "tlsr"}])
+
+        async def main() -> tuple[bool, bool]:
+            conn = await asyncpg.connect(proxy.dsn(), ssl=False)
+            try:
+                for _ in range(100):  # until the router has the replica in rotation
+                    row = await conn.fetchrow(
+                        "select pg_is_in_recovery() as standby, ssl from pg_stat_ssl "
+                        "where pid = pg_backend_pid()")
+                    assert row is not None
+                    if row["standby"]:
+                        return row["standby"], row["ssl"]
+                    await asyncio.sleep(0.1)
+                return False, False
+            finally:
+                await conn.close()
+
+        standby, encrypted = asyncio.run(main())
+        assert standby, "no read reached the replica"
+        assert encrypted, "the replica connection is not TLS"
+    finally:
+        replica.stop()

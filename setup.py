@@ -19,6 +19,7 @@ HOT_MODULES = [
     "sqlproxy/analysis/profiler.py",
     "sqlproxy/analysis/sketch.py",
     "sqlproxy/analysis/stats.py",
+    "sqlproxy/proxy/recorder.py",
 ]
 
 ext_modules = []

@@ -20,8 +20,9 @@ from sqlproxy.analysis.profiler import Profiler, Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.listener import TLS_HANDSHAKE
+from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket, strip_channel_binding
-from sqlproxy.wire.conversation import Conversation, Pending
+from sqlproxy.wire.conversation import Conversation, ConversationListener, Pending
 from sqlproxy.wire.messages import (
     AUTH_OK,
     AUTH_SASL,
@@ -447,7 +448,12 @@ class ClientSession(asyncio.Protocol):
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
         self._cancel_startup_timer()
         self.ready_at = _perf()
-        self.conv = Conversation(self, self.config.proxy.max_message_bytes)
+        # Profiled: a compiled listener records each statement (see recorder.py); else the
+        # session only hears of parameter changes.
+        listener: ConversationListener = (
+            self if self.profiler is None else SessionRecorder(self.profiler, self, self.route)
+        )
+        self.conv = Conversation(listener, self.config.proxy.max_message_bytes)
         self.state = SessionState.READY
         backend.go_hot(self.conv)
         self._buf.clear()

@@ -1,0 +1,62 @@
+"""The conversation listener of a profiled session.
+
+The conversation tracker calls its listener once per completed statement. Were that listener
+the session itself (an ``asyncio.Protocol``, interpreted), every statement would cross from
+compiled code into a Python method and back into the compiled profiler. This small class is
+compiled with mypyc together with the tracker and the profiler (see setup.py), so the whole
+per-statement chain — attribution, statistics, pattern detection — stays in native code. It
+also keeps the session's transaction-block figures (duration, statements, idle time).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlproxy.analysis.classify import StatementKind
+from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.wire.conversation import Pending
+
+__all__ = ["SessionRecorder"]
+
+_IDLE = 73  # ReadyForQuery status 'I'
+_FAILED = 69  # 'E'
+
+
+class SessionRecorder:
+    def __init__(self, profiler: Profiler, session: Any, route: str = "primary") -> None:
+        self.profiler = profiler
+        self.session = session  # the ClientSession (the profiler's SessionContext)
+        self.route = route
+        self.in_block = False
+        self.tx_start = 0.0
+        self.tx_statements = 0
+        self.tx_idle = 0.0  # client think time inside the block
+        self.tx_last = 0.0
+        self.last_started = 0.0
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        stmt = self.profiler.record(self.session, pending.sql, index, pending.params, rows,
+                                    sqlstate, started, ended, self.route, pending.bind_params)
+        self.last_started = started
+        if self.in_block and stmt is not None:
+            if stmt.shape.kind is not StatementKind.TRANSACTION:
+                self.tx_statements += 1
+            if pending.sent > self.tx_last:
+                self.tx_idle += pending.sent - self.tx_last
+            self.tx_last = ended
+
+    def parameter_status(self, name: str, value: str) -> None:
+        self.session.parameter_status(name, value)
+
+    def transaction_status(self, previous: int, current: int, now: float) -> None:
+        self.in_block = current != _IDLE
+        if previous == _IDLE:  # a transaction block begins
+            self.tx_start = self.last_started or now
+            self.tx_statements = 0
+            self.tx_idle = 0.0
+            self.tx_last = now
+        elif current == _IDLE:
+            self.profiler.transaction_done(self.session, now - self.tx_start,
+                                           self.tx_statements, self.tx_idle,
+                                           previous == _FAILED)

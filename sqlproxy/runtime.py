@@ -10,6 +10,7 @@ stays in force and the error, which names the key, is logged.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -90,6 +91,10 @@ class Runtime:
                 await self.proxy.stop()
                 raise
         self._started = True
+        # Everything built so far (modules, sqlglot's tables, config) lives as long as the
+        # process: keep it out of the cyclic collector's full passes, which otherwise walk it
+        # again and again while sessions allocate per statement.
+        gc.freeze()
         if self.state is not None:
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_loop())
         log.info("started", listen=f"{self.proxy.host}:{self.proxy.port}")

@@ -15,21 +15,33 @@ from collections import OrderedDict
 from sqlproxy.analysis.classify import Shape, classify
 from sqlproxy.analysis.normalize import Normalized, scan
 
-__all__ = ["StatementCache", "skeleton", "strip_edge_comments"]
+__all__ = [
+    "StatementCache",
+    "literal_values",
+    "skeleton",
+    "skeleton_key",
+    "strip_edge_comments",
+]
 
 # The skeleton of a statement: its text with plain literals — unsigned integers that touch
 # no word, and '...' strings without backslashes — cut out. Statements that differ only
-# in such literals (pgbench -M simple, ORMs that inline ids) share a skeleton, and re.split
-# finds both the skeleton and the literals in one pass of compiled code, several times cheaper
-# than the full scanner. A skeleton is trusted only after the full scanner, run on the first
-# text that has it, found exactly these literals and nothing else that depends on their values
-# (see StatementCache.template).
+# in such literals (pgbench -M simple, ORMs that inline ids) share a skeleton, which one re.sub
+# pass of compiled code finds, several times cheaper than the full scanner; the literals
+# themselves are cut out only when needed (verification, captured examples). A skeleton is
+# trusted only after the full scanner, run on the first text that has it, found exactly these
+# literals and nothing else that depends on their values (see StatementCache.template).
 # Both alternatives start with a character from a small set (the number's look-behind comes
 # after its first digit), which lets the regex engine skip ahead between candidates.
 # Only integers: a decimal where an integer was (`varchar(0.5)` vs `varchar(5)`) can change
 # what the scanner makes of the text around it, so decimals stay in the skeleton.
 _SKELETON_RE = re.compile(r"('[^'\\]*+'|[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.]))")
-_MARK = "\x00"  # joins the skeleton's pieces; NUL never occurs in SQL text
+_MARK = "\x00"  # stands for a literal in a skeleton; NUL never occurs in SQL text
+# The skeleton key replaces strings with \x01 and numbers with NUL, in two re.sub passes with
+# plain replacement strings (a template with group references would call back into Python
+# for every literal); the string pass only runs when the text has a quote. The two passes
+# cut out the same spans as _SKELETON_RE's single scan: strings and numbers never overlap.
+_STRING_RE = re.compile(r"'[^'\\]*+'")
+_NUMBER_RE = re.compile(r"[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.])")
 
 
 _BLANK = " \t\n\r\f\v"
@@ -57,30 +69,43 @@ def strip_edge_comments(sql: str) -> str | None:
     return None if "/*" in text or "*/" in text else text
 
 
-def skeleton(sql: str) -> tuple[str, tuple[str, ...]] | None:
-    """(skeleton, literals) of a statement, or None when it must go through the full scanner:
-    no literal at all, or characters whose meaning the skeleton cannot see (comments other than
-    leading and trailing ones, quoted identifiers, dollar quotes and parameters, backslashes,
-    several statements)."""
+def _eligible(sql: str) -> str | None:
+    """The text the skeleton is made of (edge comments dropped), or None when the skeleton
+    cannot stand for the full scanner: characters whose meaning it cannot see (comments other
+    than leading and trailing ones, quoted identifiers, dollar quotes and parameters,
+    backslashes)."""
     if "$" in sql or '"' in sql or "\\" in sql or "--" in sql:
         return None
     if "/*" in sql:
-        stripped = strip_edge_comments(sql)
-        if stripped is None:
-            return None
-        sql = stripped
-    parts = _SKELETON_RE.split(sql)
-    if len(parts) == 1:
+        return strip_edge_comments(sql)
+    return sql
+
+
+def skeleton_key(sql: str) -> str | None:
+    """The skeleton of a statement, or None (see ``_eligible``; also no literal at all, or
+    several statements). Strings and numbers leave different marks: the scanner reads
+    `varchar('')` and `varchar(0)` differently."""
+    text = _eligible(sql)
+    if text is None:
         return None
-    skel = _MARK.join(parts[::2])
-    if ";" in skel.rstrip(" \t\n\r\f\v;"):
-        return None
-    literals = parts[1::2]
-    if "'" in sql:
-        # Which literals were strings and which numbers is part of the skeleton: the scanner
-        # reads `varchar('')` and `varchar(0)` differently.
-        skel += _MARK + "".join(["s" if v[0] == "'" else "n" for v in literals])
-    return skel, tuple(literals)
+    key = _STRING_RE.sub("\x01", text) if "'" in text else text
+    key = _NUMBER_RE.sub(_MARK, key)
+    if key is text or ";" in key.rstrip(_BLANK + ";"):
+        return None  # nothing cut out (re.sub returns its input then), or several statements
+    return key
+
+
+def literal_values(sql: str) -> tuple[str, ...]:
+    """The literals ``skeleton_key`` cut out of ``sql``, in order (the rare path: verification,
+    captured examples)."""
+    text = _eligible(sql)
+    return () if text is None else tuple(_SKELETON_RE.split(text)[1::2])
+
+
+def skeleton(sql: str) -> tuple[str, tuple[str, ...]] | None:
+    """(skeleton, literals) of a statement, or None."""
+    key = skeleton_key(sql)
+    return None if key is None else (key, literal_values(sql))
 
 
 class StatementCache:

@@ -91,7 +91,7 @@ class StatementLike(Protocol):
 
     normalized: Normalized
     shape: Shape
-    values: tuple[str, ...]  # the literal values of this execution
+    digest: int  # of the literal values of this execution
 
 
 class Thresholds:
@@ -280,7 +280,7 @@ class ConnectionDetector:
                 if run.epoch >= 0:
                     run.mixed = True
                 run.epoch = self.epoch
-            digest = hash(stmt.values) ^ params
+            digest = stmt.digest ^ params
             digests = run.digests
             same = digests.get(digest)
             if same is None:

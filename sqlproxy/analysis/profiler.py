@@ -14,7 +14,12 @@ import time
 from typing import Any, Protocol
 
 from sqlproxy.analysis.bindparams import bound_integer, bound_texts, offset_parameter
-from sqlproxy.analysis.cache import StatementCache, skeleton, strip_edge_comments
+from sqlproxy.analysis.cache import (
+    StatementCache,
+    literal_values,
+    skeleton_key,
+    strip_edge_comments,
+)
 from sqlproxy.analysis.classify import Shape
 from sqlproxy.analysis.detector import PatternDetector
 from sqlproxy.analysis.normalize import Normalized
@@ -32,14 +37,25 @@ class Statement:
     before, the literals cut out of its skeleton for a text that only shares a skeleton.
     """
 
-    __slots__ = ("entry", "normalized", "shape", "values")
+    __slots__ = ("digest", "entry", "normalized", "raw", "shape", "values")
 
     def __init__(self, normalized: Normalized, shape: Shape, entry: StatEntry | None,
-                 values: tuple[str, ...] | None = None) -> None:
+                 values: tuple[str, ...] | None = None, raw: str = "") -> None:
         self.normalized = normalized
         self.shape = shape
         self.entry = entry
-        self.values = normalized.values if values is None else values
+        # ``raw``: a text that only shares a skeleton; its literals are cut out on demand
+        # (``literal_values``), and the digest of its values is the hash of its text (the
+        # skeleton being the same, different texts have different literals).
+        self.raw = raw
+        self.values = values if values is not None or raw else normalized.values
+        self.digest = hash(raw) if raw else hash(self.values)
+
+    def literal_values(self) -> tuple[str, ...]:
+        values = self.values
+        if values is None:
+            values = self.values = literal_values(self.raw)
+        return values
 
 
 class SessionContext(Protocol):
@@ -95,12 +111,11 @@ class Profiler:
         # A text not seen on this session. If it differs from one seen before only in plain
         # literals (a simple-protocol client inlining values), its skeleton finds the
         # statement without the full scanner, and the one-off text stays out of the memo.
-        cut = skeleton(sql)
-        if cut is not None:
-            skel, literals = cut
+        skel = skeleton_key(sql)
+        if skel is not None:
             base = memo.get(skel)  # skeletons hold a NUL: they never equal a SQL text
             if base is None:
-                n = self.cache.template(skel, literals, sql)
+                n = self.cache.template(skel, literal_values(sql), sql)
                 if n is not None:
                     base = [Statement(n, self.cache.shape(n), None)]
                     if len(memo) >= MEMO_LIMIT:
@@ -110,7 +125,7 @@ class Profiler:
                 t = base[0]
                 if t.entry is None or t.entry.evicted:
                     t.entry = self._entry(ctx, t)
-                return [Statement(t.normalized, t.shape, t.entry, literals)]
+                return [Statement(t.normalized, t.shape, t.entry, None, sql)]
         stmts = [Statement(n, self.cache.shape(n), None) for n in self.cache.scan(sql)]
         if len(memo) >= MEMO_LIMIT:
             memo.clear()
@@ -182,7 +197,7 @@ class Profiler:
         if value is None:
             return stmt
         n = dataclasses.replace(stmt.normalized, offset=value)
-        return Statement(n, stmt.shape, stmt.entry, stmt.values)
+        return Statement(n, stmt.shape, stmt.entry, stmt.values, stmt.raw)
 
     def _capture(self, entry: StatEntry, stmt: Statement, sql: str, count: int,
                  bind: bytes) -> None:
@@ -195,11 +210,11 @@ class Profiler:
             entry.example_params = values
             return
         entry.example = sql if count == 1 else stmt.normalized.text
-        entry.example_params = stmt.values
+        entry.example_params = stmt.literal_values()
 
     def _slow(self, ctx: SessionContext, stmt: Statement, entry: StatEntry, seconds: float,
               rows: int, sqlstate: str | None, route: str, now: float) -> None:
-        params = stmt.values if self.config.capture_parameters else None
+        params = stmt.literal_values() if self.config.capture_parameters else None
         item = SlowQuery(now, seconds, entry.fingerprint, entry.query, ctx.database, ctx.user,
                          ctx.application_name, ctx.peer, ctx.id, rows, sqlstate, route, params)
         self.slow.add(item)

@@ -48,7 +48,12 @@ from sqlproxy.analysis.classify import Shape, StatementKind
 from sqlproxy.analysis.normalize import Normalized
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
-from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
+from sqlproxy.proxy.session import (
+    BackendConnection,
+    ClientSession,
+    ServerSideProtocol,
+    SessionState,
+)
 from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket
 from sqlproxy.routing.health import ReplicaState, Router
 from sqlproxy.routing.policy import Decision, RoutedStatement, SessionView, Target, decide
@@ -152,12 +157,14 @@ class Link:
         return self.conv.busy
 
 
-class ReplicaConnection(asyncio.Protocol):
+class ReplicaConnection(ServerSideProtocol):
     """The transport protocol of a replica link: our own startup and authentication.
 
     Credentials, in order: the client's SCRAM keys recovered from its exchange with the primary
     (``keys``, see ``routing.scram``), or ``routing.passwords[user]``; trust needs neither.
     """
+
+    session: RoutedSession
 
     def __init__(self, session: RoutedSession, link: Link, password: str | None,
                  keys: ScramKeys | None = None) -> None:
@@ -257,16 +264,6 @@ class ReplicaConnection(asyncio.Protocol):
     def _done(self, problem: str | None) -> None:
         if not self.waiter.done():
             self.waiter.set_result(problem)
-
-    def pause_writing(self) -> None:
-        t = self.session.client_transport
-        if t is not None:
-            t.pause_reading()
-
-    def resume_writing(self) -> None:
-        t = self.session.client_transport
-        if t is not None and not t.is_closing():
-            t.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._done(f"connection lost: {exc}" if exc else "connection closed")
@@ -799,7 +796,6 @@ class RoutedSession(ClientSession):
         n = len(buf)
         pos = 0
         client = bytearray()
-        conv_start = 0  # what the conversation sees: all but the injected units' answers
         conv_out = bytearray()
         while (link.swallow or link.strip) and n - pos >= 5:
             t = buf[pos]
@@ -807,11 +803,7 @@ class RoutedSession(ClientSession):
             if end > n:
                 break
             if link.swallow:
-                if t == 69:
-                    self._replay_failed(link, bytes(buf[pos + 5 : end]))
-                elif t == 90:
-                    link.swallow -= 1
-                conv_start = end
+                self._swallow(link, t, buf, pos, end)
             else:
                 conv_out += buf[pos:end]
                 if t == 90:
@@ -819,7 +811,6 @@ class RoutedSession(ClientSession):
                 else:
                     client += buf[pos:end]
             pos = end
-        del conv_start
         if link.swallow or link.strip:
             del buf[:pos]
         else:
@@ -834,10 +825,14 @@ class RoutedSession(ClientSession):
             self._current = link.name
             link.conv.feed_backend(bytes(conv_out), _perf())
 
-    def _replay_failed(self, link: Link, body: bytes) -> None:
-        link.swallow_failed = True
-        log.info("routing_replay_failed", session=self.id, backend=link.name,
-                 error=_error_text(body))
+    def _swallow(self, link: Link, t: int, buf: bytearray, pos: int, end: int) -> None:
+        """An answer to what we injected (settings replay, a Parse): not for the client."""
+        if t == 69:  # ErrorResponse: the replay failed
+            link.swallow_failed = True
+            log.info("routing_replay_failed", session=self.id, backend=link.name,
+                     error=_error_text(bytes(buf[pos + 5 : end])))
+        elif t == 90:  # ReadyForQuery ends one injected unit
+            link.swallow -= 1
 
     def _replica_data(self, link: Link, data: bytes) -> None:
         """A replica's answer: framed, held back for a retry until complete (or too big)."""
@@ -852,10 +847,7 @@ class RoutedSession(ClientSession):
             if end > n:
                 break
             if link.swallow:
-                if t == 69:
-                    self._replay_failed(link, bytes(buf[pos + 5 : end]))
-                elif t == 90:
-                    link.swallow -= 1
+                self._swallow(link, t, buf, pos, end)
             elif link.unit is None:
                 # An idle replica link speaks: a shutdown FATAL, a notice. Not the client's.
                 if t == 69:

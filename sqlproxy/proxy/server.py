@@ -171,21 +171,20 @@ class ProxyServer:
             idle = now - max(conv.last_end, s.ready_at)
             if conv.tx_status == 73:
                 if idle_limit and idle >= idle_limit:
-                    self.timeouts["idle_client_timeout"] += 1
-                    log.warning("idle_client_timeout", session=s.id, client=s.peer,
-                                user=s.user, database=s.database, idle_s=round(idle, 3))
-                    s.fail(ProxyError("terminating connection due to idle-session timeout",
-                                      sqlstate="57P05",
-                                      detail=f"proxy.idle_client_timeout is {idle_limit:g} s"),
-                           quiet=True)
+                    self._time_out(s, "idle_client_timeout", idle, idle_limit, "57P05",
+                                   "idle-session timeout")
             elif tx_limit and idle >= tx_limit:
-                self.timeouts["idle_in_transaction_timeout"] += 1
-                log.warning("idle_in_transaction_timeout", session=s.id, client=s.peer,
-                            user=s.user, database=s.database, idle_s=round(idle, 3))
-                s.fail(ProxyError("terminating connection due to idle-in-transaction timeout",
-                                  sqlstate="25P03",
-                                  detail=f"proxy.idle_in_transaction_timeout is {tx_limit:g} s"),
-                       quiet=True)
+                self._time_out(s, "idle_in_transaction_timeout", idle, tx_limit, "25P03",
+                               "idle-in-transaction timeout")
+
+    def _time_out(self, s: ClientSession, key: str, idle: float, limit: float, sqlstate: str,
+                  what: str) -> None:
+        """End a session idle past ``proxy.<key>``: count it, log it, tell the client."""
+        self.timeouts[key] += 1
+        log.warning(key, session=s.id, client=s.peer, user=s.user, database=s.database,
+                    idle_s=round(idle, 3))
+        s.fail(ProxyError(f"terminating connection due to {what}", sqlstate=sqlstate,
+                          detail=f"proxy.{key} is {limit:g} s"), quiet=True)
 
     # ------------------------------------------------------------------ limits
     def admit(self, session: ClientSession) -> ProxyError | None:

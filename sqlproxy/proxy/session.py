@@ -15,7 +15,6 @@ import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlproxy.analysis.classify import StatementKind
 from sqlproxy.analysis.profiler import Profiler, Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
@@ -61,7 +60,26 @@ class SessionState(Enum):
     CLOSED = "closed"
 
 
-class BackendConnection(asyncio.Protocol):
+class ServerSideProtocol(asyncio.Protocol):
+    """Backpressure for a protocol facing a server: when the client is slow to read what we
+    write it, the session's client transport pauses us, and we stop reading from the client
+    while the server's transport cannot take more."""
+
+    __slots__ = ()
+    session: ClientSession
+
+    def pause_writing(self) -> None:
+        t = self.session.client_transport
+        if t is not None:
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.session.client_transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
+
+class BackendConnection(ServerSideProtocol):
     """The server side of a session."""
 
     __slots__ = ("_buf", "_hot", "address", "conv", "key", "session", "transport")
@@ -88,16 +106,6 @@ class BackendConnection(asyncio.Protocol):
     def go_hot(self, conv: Conversation) -> None:
         self.conv = conv
         self._hot = True
-
-    def pause_writing(self) -> None:
-        t = self.session.client_transport
-        if t is not None:
-            t.pause_reading()
-
-    def resume_writing(self) -> None:
-        t = self.session.client_transport
-        if t is not None and not t.is_closing():
-            t.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -134,12 +142,10 @@ class ClientSession(asyncio.Protocol):
         self.profiler: Profiler | None = server.profiler
         self.memo: dict[str, list[Statement]] = {}
         self.route = "primary"
-        # Explicit transaction block bookkeeping (for transaction statistics).
-        self._tx_start = 0.0
-        self._tx_statements = 0
-        self._tx_idle = 0.0
-        self._tx_last = 0.0
-        self._last_started = 0.0
+        # Records each statement and the transaction-block figures (see recorder.py).
+        self.recorder: SessionRecorder | None = (
+            SessionRecorder(self.profiler, self, self.route) if self.profiler is not None else None
+        )
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -450,9 +456,7 @@ class ClientSession(asyncio.Protocol):
         self.ready_at = _perf()
         # Profiled: a compiled listener records each statement (see recorder.py); else the
         # session only hears of parameter changes.
-        listener: ConversationListener = (
-            self if self.profiler is None else SessionRecorder(self.profiler, self, self.route)
-        )
+        listener: ConversationListener = self if self.recorder is None else self.recorder
         self.conv = Conversation(listener, self.config.proxy.max_message_bytes)
         self.state = SessionState.READY
         backend.go_hot(self.conv)
@@ -472,18 +476,12 @@ class ClientSession(asyncio.Protocol):
         started: float,
         ended: float,
     ) -> None:
-        profiler = self.profiler
-        if profiler is None:
-            return
-        stmt = profiler.record(self, pending.sql, index, pending.params, rows, sqlstate,
-                               started, ended, self.route, pending.bind_params)
-        self._last_started = started
-        if self.conv is not None and self.conv.tx_status != 73 and stmt is not None:  # in a block
-            if stmt.shape.kind is not StatementKind.TRANSACTION:
-                self._tx_statements += 1
-            if pending.sent > self._tx_last:
-                self._tx_idle += pending.sent - self._tx_last
-            self._tx_last = ended
+        # A plain session's conversation calls its recorder directly; sessions that listen
+        # themselves (routed ones) hand the statement on, with the route it ran on.
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.route = self.route
+            recorder.statement_done(pending, index, tag, rows, sqlstate, started, ended)
 
     def parameter_status(self, name: str, value: str) -> None:
         self.parameters[name] = value
@@ -491,14 +489,8 @@ class ClientSession(asyncio.Protocol):
             self.application_name = value
 
     def transaction_status(self, previous: int, current: int, now: float) -> None:
-        if previous == 73:  # 'I' -> in a transaction block
-            self._tx_start = self._last_started or now
-            self._tx_statements = 0
-            self._tx_idle = 0.0
-            self._tx_last = now
-        elif current == 73 and self.profiler is not None:
-            self.profiler.transaction_done(self, now - self._tx_start, self._tx_statements,
-                                           self._tx_idle, previous == 69)  # 'E': failed
+        if self.recorder is not None:
+            self.recorder.transaction_status(previous, current, now)
 
     @property
     def database(self) -> str:

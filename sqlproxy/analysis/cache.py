@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from typing import TypeVar
 
 from sqlproxy.analysis.classify import Shape, classify
 from sqlproxy.analysis.normalize import Normalized, scan
@@ -45,6 +46,7 @@ _NUMBER_RE = re.compile(r"[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.])")
 
 
 _BLANK = " \t\n\r\f\v"
+_V = TypeVar("_V")
 
 
 def strip_edge_comments(sql: str) -> str | None:
@@ -108,6 +110,13 @@ def skeleton(sql: str) -> tuple[str, tuple[str, ...]] | None:
     return None if key is None else (key, literal_values(sql))
 
 
+def _remember(cache: OrderedDict[str, _V], key: str, value: _V, limit: int) -> None:
+    """Insert into an LRU, dropping the least recently used entry beyond ``limit``."""
+    cache[key] = value
+    if len(cache) > limit:
+        cache.popitem(last=False)
+
+
 class StatementCache:
     """Raw text -> statements (LRU), and fingerprint -> shape (LRU).
 
@@ -158,9 +167,7 @@ class StatementCache:
         self.raw_misses += 1
         statements = scan(sql)
         if len(sql) <= self.max_text_length:
-            raw[sql] = statements
-            if len(raw) > self.max_raw:
-                raw.popitem(last=False)
+            _remember(raw, sql, statements, self.max_raw)
         return statements
 
     def template(self, skel: str, literals: tuple[str, ...], sql: str) -> Normalized | None:
@@ -184,9 +191,7 @@ class StatementCache:
             first = found[0]
             if first.values == literals and first.offset is None and not first.hints:
                 n = first
-        cache[skel] = n
-        if len(cache) > self.max_shapes:
-            cache.popitem(last=False)
+        _remember(cache, skel, n, self.max_shapes)
         return n
 
     def shape(self, n: Normalized) -> Shape:
@@ -200,9 +205,7 @@ class StatementCache:
             return hit
         self.shape_misses += 1
         shape = classify(n.text)
-        shapes[fp] = shape
-        if len(shapes) > self.max_shapes:
-            shapes.popitem(last=False)
+        _remember(shapes, fp, shape, self.max_shapes)
         return shape
 
     def clear(self) -> None:

@@ -18,7 +18,9 @@ HOT_MODULES = [
     "sqlproxy/analysis/findings.py",
     "sqlproxy/analysis/profiler.py",
     "sqlproxy/analysis/sketch.py",
+    "sqlproxy/analysis/statement.py",
     "sqlproxy/analysis/stats.py",
+    "sqlproxy/proxy/pump.py",
     "sqlproxy/proxy/recorder.py",
 ]
 

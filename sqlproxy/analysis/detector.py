@@ -46,9 +46,8 @@ distinct values are under-counted, which can only hide findings, never invent th
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Final
 
-from sqlproxy.analysis.classify import Shape, StatementKind
 from sqlproxy.analysis.findings import (
     COMMIT_PER_ROW,
     DEEP_OFFSET,
@@ -59,39 +58,30 @@ from sqlproxy.analysis.findings import (
     FindingsStore,
     suggest,
 )
-from sqlproxy.analysis.normalize import Normalized
+from sqlproxy.analysis.statement import (
+    KIND_READ,
+    KIND_TRANSACTION,
+    KIND_WRITE,
+    SessionInfo,
+    Statement,
+)
 from sqlproxy.config import AnalysisSection
 
 __all__ = [
     "MAX_BURST",
     "ConnectionDetector",
     "PatternDetector",
-    "StatementLike",
     "Thresholds",
     "thresholds_for",
 ]
 
-MAX_RUNS = 256  # distinct fingerprints tracked per burst
-MAX_DIGESTS = 8192  # distinct (fingerprint, values) tracked per burst
-MAX_BURST = 10_000  # statements: a longer burst is judged and a new one begun
-_MAX_CHAIN = 32  # loop bodies followed when looking for an interleaved run's parent
-LOOP_BODY_MAX = 16  # statements per loop iteration: a sparser repetition is no loop
+MAX_RUNS: Final = 256  # distinct fingerprints tracked per burst
+MAX_DIGESTS: Final = 8192  # distinct (fingerprint, values) tracked per burst
+MAX_BURST: Final = 10_000  # statements: a longer burst is judged and a new one begun
+_MAX_CHAIN: Final = 32  # loop bodies followed when looking for an interleaved run's parent
+LOOP_BODY_MAX: Final = 16  # statements per loop iteration: a sparser repetition is no loop
 
-_SELECT = StatementKind.SELECT
-_INSERT = StatementKind.INSERT
-_UPDATE = StatementKind.UPDATE
-_DELETE = StatementKind.DELETE
-_MERGE = StatementKind.MERGE
-_TRANSACTION = StatementKind.TRANSACTION
-_EXECUTE = 2  # sqlproxy.wire.conversation.EXECUTE (the wire layer is not imported here)
-
-
-class StatementLike(Protocol):
-    """What the detector reads of the profiler's memoized ``Statement``."""
-
-    normalized: Normalized
-    shape: Shape
-    digest: int  # of the literal values of this execution
+_EXECUTE: Final = 2  # sqlproxy.wire.conversation.EXECUTE (the wire layer is not imported here)
 
 
 class Thresholds:
@@ -134,6 +124,7 @@ class Run:
         "mixed",
         "prev",
         "prev_rows",
+        "repeated",
         "seconds",
         "stmt",
         "trip",
@@ -141,13 +132,16 @@ class Run:
         "writes",
     )
 
-    def __init__(self, stmt: StatementLike, fp: str, prev: StatementLike | None, prev_rows: int,
+    def __init__(self, stmt: Statement, fp: str, prev: Statement | None, prev_rows: int,
                  position: int) -> None:
         self.stmt = stmt
         self.fp = fp
         self.count = 0
         self.seconds = 0.0
-        self.digests: dict[int, int] = {}  # values digest -> executions
+        # The values (see Statement.key) executed so far, and how often those seen more than
+        # once were: one set insertion per execution in the common case of new values.
+        self.digests: set[object] = set()
+        self.repeated: dict[object, int] = {}
         self.max_same = 0
         self.epoch = -1  # the connection's write epoch at the last execution
         self.mixed = False  # a write ran between two executions: results may differ
@@ -207,7 +201,7 @@ class ConnectionDetector:
         self.last_end = float("-inf")
         self.epoch = 0  # writes seen
         self.trip = 0  # round trips seen (a statement that did not start pipelined)
-        self.prev: StatementLike | None = None  # last SELECT/DML executed, and its rows
+        self.prev: Statement | None = None  # last SELECT/DML executed, and its rows
         self.prev_rows = 0
         self.block = False  # inside BEGIN … COMMIT
         self.tx_statements = 0
@@ -221,10 +215,10 @@ class ConnectionDetector:
         self.deep_offset = t.deep_offset
 
     # ------------------------------------------------------------------ hot path
-    def observe(self, stmt: StatementLike, params: int, rows: int, failed: bool,
-                started: float, ended: float, ctx: Any = None) -> None:
-        """One completed execution. ``params`` is the digest of its Bind parameters (0 for
-        the simple protocol); ``ctx`` the session, asked about Syncs for writes only."""
+    def observe(self, stmt: Statement, bind: bytes, rows: int, failed: bool,
+                started: float, ended: float, ctx: SessionInfo | None = None) -> None:
+        """One completed execution. ``bind`` holds its Bind parameter values (empty for the
+        simple protocol); ``ctx`` the session, asked about Syncs for writes only."""
         last = self.last_end
         if started - last >= self.gap or self.position >= MAX_BURST:
             if self.runs:
@@ -233,23 +227,21 @@ class ConnectionDetector:
         if started > last:
             self.trip += 1
         self.last_end = ended
-        n = stmt.normalized
-        if failed or (n.hints and "ignore" in n.hints):
+        if failed or stmt.ignored:
             return
-        shape = stmt.shape
-        kind = shape.kind
-        if kind is _SELECT:
+        kind = stmt.kind
+        if kind == KIND_READ:
             write = False
-        elif kind is _INSERT or kind is _UPDATE or kind is _DELETE or kind is _MERGE:
+        elif kind == KIND_WRITE:
             write = True
         else:
-            if kind is _TRANSACTION:
-                self._transaction(shape.transaction_op, ended - started)
+            if kind == KIND_TRANSACTION:
+                self._transaction(stmt.shape.transaction_op, ended - started)
             elif self.block:
                 self.tx_statements += 1
             return
         self.position += 1
-        fp = n.fingerprint
+        fp = stmt.fingerprint
         run = self.runs.get(fp)
         if run is None:
             if len(self.runs) >= MAX_RUNS:
@@ -280,28 +272,35 @@ class ConnectionDetector:
                 if run.epoch >= 0:
                     run.mixed = True
                 run.epoch = self.epoch
-            digest = stmt.digest ^ params
+            # What tells this execution's values apart: the bound parameters (bytes whose
+            # hash Python caches), with the text's own literals when it has any.
+            key: object = stmt.key
+            if len(bind) > 0:
+                key = (key, bind) if stmt.literals else bind
             digests = run.digests
-            same = digests.get(digest)
-            if same is None:
-                if self.tracked < MAX_DIGESTS:
+            known = len(digests)
+            if self.tracked < MAX_DIGESTS:
+                digests.add(key)
+                if len(digests) > known:  # new values
                     self.tracked += 1
-                    digests[digest] = 1
                     if run.max_same == 0:
                         run.max_same = 1
-            else:
-                same += 1
-                digests[digest] = same
+                    key = None
+            elif key not in digests:
+                key = None
+            if key is not None:  # values seen before in this run
+                same = run.repeated.get(key, 1) + 1
+                run.repeated[key] = same
                 if same > run.max_same:
                     run.max_same = same
-            if rows > self.large_rows and not shape.has_limit:
+            if rows > self.large_rows and not stmt.has_limit:
                 self._unbounded(stmt, rows, seconds, ended)
             if self.block:
                 self.tx_statements += 1
         self.prev = stmt
         self.prev_rows = rows
-        offset = n.offset
-        if offset is not None and offset > self.deep_offset:
+        offset = stmt.offset
+        if offset > self.deep_offset:
             self._deep_offset(stmt, offset, rows, seconds, ended)
 
     def _transaction(self, op: str | None, seconds: float) -> None:
@@ -326,7 +325,7 @@ class ConnectionDetector:
             self.tx_write = None
 
     # ------------------------------------------------------------------ single executions
-    def _unbounded(self, stmt: StatementLike, rows: int, seconds: float, ended: float) -> None:
+    def _unbounded(self, stmt: Statement, rows: int, seconds: float, ended: float) -> None:
         n = stmt.normalized
         self.findings.add(
             UNBOUNDED_RESULT, n.fingerprint, n.text, None, None, self.application,
@@ -337,7 +336,7 @@ class ConnectionDetector:
             connection_id=self.connection_id,
         )
 
-    def _deep_offset(self, stmt: StatementLike, offset: int, rows: int, seconds: float,
+    def _deep_offset(self, stmt: Statement, offset: int, rows: int, seconds: float,
                      ended: float) -> None:
         n = stmt.normalized
         self.findings.add(
@@ -358,12 +357,11 @@ class ConnectionDetector:
         """The burst is over: judge its runs and begin afresh."""
         runs = self.runs
         need = self.repeats
-        loops: dict[int, list[tuple[Run, StatementLike | None]]] = {}
+        loops: dict[int, list[tuple[Run, Statement | None]]] = {}
         for run in runs.values():
             if run.count < need or (run.count - 1) * LOOP_BODY_MAX < run.last - run.first:
                 continue
-            kind = run.stmt.shape.kind
-            if kind is _SELECT:
+            if run.stmt.kind == KIND_READ:
                 if len(run.digests) >= need:
                     head, parent = self._loop_of(run, need)
                     loops.setdefault(id(head), []).append((run, parent))
@@ -386,14 +384,14 @@ class ConnectionDetector:
         # A transaction left open holds no run any more: its write cannot be counted.
         self.tx_write = None
 
-    def _loop_of(self, run: Run, need: int) -> tuple[Run, StatementLike | None]:
+    def _loop_of(self, run: Run, need: int) -> tuple[Run, Statement | None]:
         """The first run of the loop ``run`` belongs to, and the loop's parent statement."""
         head = run
         for _ in range(_MAX_CHAIN):
             prev = head.prev
             if prev is None:
                 return head, None
-            fp = prev.normalized.fingerprint
+            fp = prev.fingerprint
             if fp == head.fp:
                 return head, None
             before = self.runs.get(fp)
@@ -409,7 +407,7 @@ class ConnectionDetector:
     def _now(self) -> float:
         return self.last_end + self.wall_offset
 
-    def _report_n_plus_one(self, run: Run, parent: StatementLike | None,
+    def _report_n_plus_one(self, run: Run, parent: Statement | None,
                            partners: tuple[Run, ...]) -> None:
         n = run.stmt.normalized
         shape = run.stmt.shape
@@ -459,7 +457,7 @@ class ConnectionDetector:
         )
 
 
-def _own_round_trip(ctx: Any) -> bool:
+def _own_round_trip(ctx: SessionInfo | None) -> bool:
     """Whether the write just completed on ``ctx`` ended a round trip of the client's.
 
     At completion the conversation has already dropped the Execute from its queue, so the
@@ -467,22 +465,12 @@ def _own_round_trip(ctx: Any) -> bool:
     another Execute (a batch: executemany, a pipeline) or nothing yet (a pipeline still being
     written). For a simple Query the head is the Query itself until its ReadyForQuery.
     """
-    conv: Any = getattr(ctx, "conv", None)
+    conv: Any = ctx.conv if ctx is not None else None
     queue = getattr(conv, "queue", None)
     if queue is None:
         return True
     head: int = conv.head
     return bool(head < len(queue) and queue[head].kind != _EXECUTE)
-
-
-class SessionLike(Protocol):
-    """What the detector needs to know about a session (see ``profiler.SessionContext``)."""
-
-    id: int
-    application_name: str
-
-    @property
-    def database(self) -> str: ...
 
 
 class PatternDetector:
@@ -519,7 +507,7 @@ class PatternDetector:
             t = self._thresholds[application] = thresholds_for(self.config, application)
         return t
 
-    def connection(self, ctx: SessionLike) -> ConnectionDetector:
+    def connection(self, ctx: SessionInfo) -> ConnectionDetector:
         """The detector of ``ctx``, created or brought up to date with its application_name."""
         app = ctx.application_name
         det = self.connections.get(ctx.id)
@@ -534,7 +522,7 @@ class PatternDetector:
             det.apply(self.thresholds(app))
         return det
 
-    def closed(self, ctx: SessionLike) -> None:
+    def closed(self, ctx: SessionInfo) -> None:
         det = self.connections.pop(ctx.id, None)
         if det is not None and det.runs:
             det.flush()

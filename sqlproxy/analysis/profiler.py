@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Protocol
+from typing import Any, Final
 
 from sqlproxy.analysis.bindparams import bound_integer, bound_texts, offset_parameter
 from sqlproxy.analysis.cache import (
@@ -20,57 +20,15 @@ from sqlproxy.analysis.cache import (
     skeleton_key,
     strip_edge_comments,
 )
-from sqlproxy.analysis.classify import Shape
 from sqlproxy.analysis.detector import PatternDetector
-from sqlproxy.analysis.normalize import Normalized
 from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
+from sqlproxy.analysis.statement import SessionInfo, Statement
 from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
 from sqlproxy.config import AnalysisSection
 
-MEMO_LIMIT = 1024  # distinct statement texts remembered per session
+__all__ = ["MEMO_LIMIT", "Profiler", "SessionInfo", "Statement"]
 
-
-class Statement:
-    """One statement of a memoized text: its shape and where its numbers go.
-
-    ``values`` are the literal values of this execution: ``normalized.values`` for a text seen
-    before, the literals cut out of its skeleton for a text that only shares a skeleton.
-    """
-
-    __slots__ = ("digest", "entry", "normalized", "raw", "shape", "values")
-
-    def __init__(self, normalized: Normalized, shape: Shape, entry: StatEntry | None,
-                 values: tuple[str, ...] | None = None, raw: str = "") -> None:
-        self.normalized = normalized
-        self.shape = shape
-        self.entry = entry
-        # ``raw``: a text that only shares a skeleton; its literals are cut out on demand
-        # (``literal_values``), and the digest of its values is the hash of its text (the
-        # skeleton being the same, different texts have different literals).
-        self.raw = raw
-        self.values = values if values is not None or raw else normalized.values
-        self.digest = hash(raw) if raw else hash(self.values)
-
-    def literal_values(self) -> tuple[str, ...]:
-        values = self.values
-        if values is None:
-            values = self.values = literal_values(self.raw)
-        return values
-
-
-class SessionContext(Protocol):
-    """What the profiler needs to know about the session an execution came from."""
-
-    id: int
-    peer: str
-    application_name: str
-    memo: dict[str, list[Statement]]
-
-    @property
-    def database(self) -> str: ...
-
-    @property
-    def user(self) -> str: ...
+MEMO_LIMIT: Final = 1024  # distinct statement texts remembered per session
 
 
 class Profiler:
@@ -89,15 +47,21 @@ class Profiler:
         # Pattern detection: one detector per session, findings aggregated (issue #4).
         self.detector = PatternDetector(config, log, self.wall_offset)
         self.detectors = self.detector.connections
+        # The settings read on every execution, as native fields (the config is a pydantic
+        # model: reading it is a Python attribute lookup).
+        self.slow_seconds = config.slow_query_ms / 1000.0
+        self.capture_parameters = config.capture_parameters
 
     def configure(self, config: AnalysisSection) -> None:
         """Apply a reloaded [analysis] section (thresholds change live)."""
         self.config = config
         self.stats.max_entries = config.max_fingerprints
+        self.slow_seconds = config.slow_query_ms / 1000.0
+        self.capture_parameters = config.capture_parameters
         self.detector.configure(config)
 
     # ------------------------------------------------------------------ hot path
-    def statements(self, ctx: SessionContext, sql: str) -> list[Statement]:
+    def statements(self, ctx: SessionInfo, sql: str) -> list[Statement]:
         memo = ctx.memo
         stmts = memo.get(sql)
         if stmts is not None:
@@ -125,14 +89,14 @@ class Profiler:
                 t = base[0]
                 if t.entry is None or t.entry.evicted:
                     t.entry = self._entry(ctx, t)
-                return [Statement(t.normalized, t.shape, t.entry, None, sql)]
+                return [t.with_text(sql)]
         stmts = [Statement(n, self.cache.shape(n), None) for n in self.cache.scan(sql)]
         if len(memo) >= MEMO_LIMIT:
             memo.clear()
         memo[sql] = stmts
         return stmts
 
-    def _entry(self, ctx: SessionContext, stmt: Statement) -> StatEntry:
+    def _entry(self, ctx: SessionInfo, stmt: Statement) -> StatEntry:
         n = stmt.normalized
         now = time.time()
         entry = self.stats.entry(n.fingerprint, ctx.database, ctx.user, n.text,
@@ -144,19 +108,19 @@ class Profiler:
 
     def record(
         self,
-        ctx: SessionContext,
+        ctx: SessionInfo,
         sql: str,
         index: int,
-        params: int,
+        bind: bytes,
         rows: int,
         sqlstate: str | None,
         started: float,
         ended: float,
         route: str = "primary",
-        bind: bytes = b"",
     ) -> Statement | None:
         """One completed execution. ``bind`` is the Bind message body of an extended-protocol
-        execution (from its parameter format codes on), read only when a value is needed."""
+        execution from its parameter format codes on (empty for the simple protocol): its
+        parameter values tell executions apart, and are decoded only when a value is needed."""
         stmts = self.statements(ctx, sql)
         if index >= len(stmts):
             return None  # e.g. an empty query string
@@ -165,24 +129,26 @@ class Profiler:
         entry = stmt.entry
         if entry is None or entry.evicted:
             entry = stmt.entry = self._entry(ctx, stmt)
-        if bind and stmt.shape.has_offset and stmt.normalized.offset is None:
+        if stmt.has_offset and stmt.offset < 0 and len(bind) > 0:
             stmt = self._bound_offset(stmt, sql, bind)
-        if self.config.capture_parameters and entry.example_params is None:
+        if self.capture_parameters and entry.example_params is None:
             self._capture(entry, stmt, sql, len(stmts), bind)
         seconds = ended - started
-        entry.add(seconds, rows, sqlstate, ctx.application_name, route, now)
+        application = ctx.application_name
+        entry.add(seconds, rows, sqlstate, application, route, now)
         self.executions += 1
-        if seconds * 1000 >= self.config.slow_query_ms:
+        if seconds >= self.slow_seconds:
             self._slow(ctx, stmt, entry, seconds, rows, sqlstate, route, now)
-        det = self.detectors.get(ctx.id)
-        if det is None or det.application != ctx.application_name:
-            det = self.detector.connection(ctx)
-        det.observe(stmt, params, rows, sqlstate is not None, started, ended, ctx)
+        det = ctx.detector
+        if det is None or det.application != application:
+            det = ctx.detector = self.detector.connection(ctx)
+        det.observe(stmt, bind, rows, sqlstate is not None, started, ended, ctx)
         return stmt
 
-    def session_closed(self, ctx: SessionContext) -> None:
+    def session_closed(self, ctx: SessionInfo) -> None:
         """The session ended: its last burst is judged and its detector dropped."""
         self.detector.closed(ctx)
+        ctx.detector = None
 
     # ------------------------------------------------------------------ rare events
     def _bound_offset(self, stmt: Statement, sql: str, bind: bytes) -> Statement:
@@ -196,8 +162,7 @@ class Profiler:
         value = bound_integer(bind, number) if number > 0 else None
         if value is None:
             return stmt
-        n = dataclasses.replace(stmt.normalized, offset=value)
-        return Statement(n, stmt.shape, stmt.entry, stmt.values, stmt.raw)
+        return stmt.with_offset(dataclasses.replace(stmt.normalized, offset=value), value)
 
     def _capture(self, entry: StatEntry, stmt: Statement, sql: str, count: int,
                  bind: bytes) -> None:
@@ -212,9 +177,9 @@ class Profiler:
         entry.example = sql if count == 1 else stmt.normalized.text
         entry.example_params = stmt.literal_values()
 
-    def _slow(self, ctx: SessionContext, stmt: Statement, entry: StatEntry, seconds: float,
+    def _slow(self, ctx: SessionInfo, stmt: Statement, entry: StatEntry, seconds: float,
               rows: int, sqlstate: str | None, route: str, now: float) -> None:
-        params = stmt.literal_values() if self.config.capture_parameters else None
+        params = stmt.literal_values() if self.capture_parameters else None
         item = SlowQuery(now, seconds, entry.fingerprint, entry.query, ctx.database, ctx.user,
                          ctx.application_name, ctx.peer, ctx.id, rows, sqlstate, route, params)
         self.slow.add(item)
@@ -226,7 +191,7 @@ class Profiler:
                              connection_id=ctx.id, rows=rows, sqlstate=sqlstate, route=route,
                              parameters=list(params) if params is not None else None)
 
-    def transaction_done(self, ctx: SessionContext, seconds: float, statements: int,
+    def transaction_done(self, ctx: SessionInfo, seconds: float, statements: int,
                          idle: float, failed: bool) -> None:
         key = (ctx.database, ctx.user)
         tx = self.transactions.get(key)

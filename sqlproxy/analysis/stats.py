@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from math import ceil as _ceil
-from math import log as _log
-from typing import Any
+from typing import Any, Final
 
 from sqlproxy.analysis.sketch import LogSketch
 
 SORT_KEYS = ("total_ms", "mean_ms", "calls", "rows", "p99_ms", "p95_ms", "errors", "max_ms")
-MAX_APPLICATIONS = 16  # application names remembered per entry
-SKETCH_ACCURACY = 0.01
+MAX_APPLICATIONS: Final = 16  # application names remembered per entry
+SKETCH_ACCURACY: Final = 0.01
 
 
 class StatEntry:
@@ -64,14 +62,10 @@ class StatEntry:
             self.max = seconds
         self.last_seen = now
         self.usage += 1.0
-        sketch = self.sketch  # LogSketch.add, inlined
-        key = _ceil(_log(seconds if seconds > 1e-9 else 1e-9) * sketch._inv_log_gamma)
-        bins = sketch.bins
-        bins[key] = bins.get(key, 0) + 1
-        sketch.count += 1
+        self.sketch.add(seconds)
         if sqlstate is not None:
             self.errors[sqlstate] = self.errors.get(sqlstate, 0) + 1
-        if application is not self._last_application:
+        if application != self._last_application:
             self._last_application = application
             apps = self.applications
             if application not in apps and len(apps) < MAX_APPLICATIONS:

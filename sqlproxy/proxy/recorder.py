@@ -1,31 +1,34 @@
-"""The conversation listener of a profiled session.
+"""The conversation listeners of plain sessions, profiled or not.
 
 The conversation tracker calls its listener once per completed statement. Were that listener
 the session itself (an ``asyncio.Protocol``, interpreted), every statement would cross from
-compiled code into a Python method and back into the compiled profiler. This small class is
-compiled with mypyc together with the tracker and the profiler (see setup.py), so the whole
-per-statement chain — attribution, statistics, pattern detection — stays in native code. It
-also keeps the session's transaction-block figures (duration, statements, idle time).
+compiled code into a Python method and back into the compiled profiler. These small classes
+are compiled with mypyc together with the tracker and the profiler (see setup.py) and derive
+from the tracker's ``NativeListener``, so the tracker calls them directly and the whole
+per-statement chain — attribution, statistics, pattern detection — stays in native code. The
+recorder also keeps the session's transaction-block figures (duration, statements, idle time).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
-from sqlproxy.analysis.classify import StatementKind
 from sqlproxy.analysis.profiler import Profiler
-from sqlproxy.wire.conversation import Pending
+from sqlproxy.analysis.statement import KIND_TRANSACTION, SessionInfo
+from sqlproxy.wire.conversation import NativeListener, Pending
 
-__all__ = ["SessionRecorder"]
+__all__ = ["SessionListener", "SessionRecorder"]
 
-_IDLE = 73  # ReadyForQuery status 'I'
-_FAILED = 69  # 'E'
+_IDLE: Final = 73  # ReadyForQuery status 'I'
+_FAILED: Final = 69  # 'E'
 
 
-class SessionRecorder:
-    def __init__(self, profiler: Profiler, session: Any, route: str = "primary") -> None:
+class SessionRecorder(NativeListener):
+    def __init__(self, profiler: Profiler, session: Any, info: SessionInfo,
+                 route: str = "primary") -> None:
         self.profiler = profiler
-        self.session = session  # the ClientSession (the profiler's SessionContext)
+        self.session = session  # the ClientSession
+        self.info = info  # what the profiler knows of it
         self.route = route
         self.in_block = False
         self.tx_start = 0.0
@@ -36,11 +39,11 @@ class SessionRecorder:
 
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
                        sqlstate: str | None, started: float, ended: float) -> None:
-        stmt = self.profiler.record(self.session, pending.sql, index, pending.params, rows,
-                                    sqlstate, started, ended, self.route, pending.bind_params)
+        stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
+                                    sqlstate, started, ended, self.route)
         self.last_started = started
         if self.in_block and stmt is not None:
-            if stmt.shape.kind is not StatementKind.TRANSACTION:
+            if stmt.kind != KIND_TRANSACTION:
                 self.tx_statements += 1
             if pending.sent > self.tx_last:
                 self.tx_idle += pending.sent - self.tx_last
@@ -57,6 +60,17 @@ class SessionRecorder:
             self.tx_idle = 0.0
             self.tx_last = now
         elif current == _IDLE:
-            self.profiler.transaction_done(self.session, now - self.tx_start,
+            self.profiler.transaction_done(self.info, now - self.tx_start,
                                            self.tx_statements, self.tx_idle,
                                            previous == _FAILED)
+
+
+class SessionListener(NativeListener):
+    """The listener of a session that is not profiled: it only hears of parameter changes
+    (application_name), and completed statements cost it nothing."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def parameter_status(self, name: str, value: str) -> None:
+        self.session.parameter_status(name, value)

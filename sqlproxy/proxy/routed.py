@@ -340,7 +340,7 @@ class RoutedSession(ClientSession):
         self._cancel_startup_timer()
         self.ready_at = _perf()
         conv = Conversation(self, self.config.proxy.max_message_bytes)
-        self.conv = conv
+        self.conv = self.info.conv = conv
         link = Link("primary", conv, None)
         link.transport = backend.transport
         link.address = backend.address
@@ -976,7 +976,7 @@ class RoutedSession(ClientSession):
     def _statements_nr(self, sql: str) -> list[tuple[Normalized, Shape]]:
         profiler = self.profiler
         if profiler is not None:
-            return [(s.normalized, s.shape) for s in profiler.statements(self, sql)]
+            return [(s.normalized, s.shape) for s in profiler.statements(self.info, sql)]
         cache = self.router.cache
         return [(n, cache.shape(n)) for n in cache.scan(sql)]
 

@@ -15,11 +15,13 @@ import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlproxy.analysis.profiler import Profiler, Statement
+from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.analysis.statement import SessionInfo
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.listener import TLS_HANDSHAKE
-from sqlproxy.proxy.recorder import SessionRecorder
+from sqlproxy.proxy.pump import BackendPump, ClientPump
+from sqlproxy.proxy.recorder import SessionListener, SessionRecorder
 from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket, strip_channel_binding
 from sqlproxy.wire.conversation import Conversation, ConversationListener, Pending
 from sqlproxy.wire.messages import (
@@ -140,11 +142,12 @@ class ClientSession(asyncio.Protocol):
         self._closing = False
         self.parameters: dict[str, str] = {}
         self.profiler: Profiler | None = server.profiler
-        self.memo: dict[str, list[Statement]] = {}
+        self.info = SessionInfo(self.id)  # what the profiler knows of the session
         self.route = "primary"
         # Records each statement and the transaction-block figures (see recorder.py).
         self.recorder: SessionRecorder | None = (
-            SessionRecorder(self.profiler, self, self.route) if self.profiler is not None else None
+            SessionRecorder(self.profiler, self, self.info, self.route)
+            if self.profiler is not None else None
         )
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -156,6 +159,7 @@ class ClientSession(asyncio.Protocol):
             self.peer = f"{peer[0]}:{peer[1]}"
         elif peer:
             self.peer = str(peer)
+        self.info.peer = self.peer
         loop = asyncio.get_running_loop()
         self._startup_timer = loop.call_later(
             self.config.proxy.startup_timeout, self._startup_timed_out
@@ -194,7 +198,7 @@ class ClientSession(asyncio.Protocol):
         self._cancel_startup_timer()
         self.server.session_closed(self)
         if self.profiler is not None:
-            self.profiler.session_closed(self)  # judges the session's last burst
+            self.profiler.session_closed(self.info)  # judges the session's last burst
         backend = self.backend
         if backend is not None and backend.transport is not None:
             if self.conv is not None and self.conv.busy and backend.key is not None:
@@ -296,7 +300,9 @@ class ClientSession(asyncio.Protocol):
                 sqlstate="28000", detail="connect with sslmode=require or stronger",
             )
         self.startup = msg
-        self.application_name = msg.application_name
+        self.application_name = self.info.application_name = msg.application_name
+        self.info.database = msg.database
+        self.info.user = msg.user
         problem = self.server.admit(self)
         if problem is not None:
             raise problem
@@ -456,13 +462,24 @@ class ClientSession(asyncio.Protocol):
         self.ready_at = _perf()
         # Profiled: a compiled listener records each statement (see recorder.py); else the
         # session only hears of parameter changes.
-        listener: ConversationListener = self if self.recorder is None else self.recorder
-        self.conv = Conversation(listener, self.config.proxy.max_message_bytes)
+        listener: ConversationListener = (
+            SessionListener(self) if self.recorder is None else self.recorder
+        )
+        self.conv = self.info.conv = Conversation(listener, self.config.proxy.max_message_bytes)
         self.state = SessionState.READY
         backend.go_hot(self.conv)
         self._buf.clear()
         self._hot = True
-        if rest:
+        # From here on, both transports talk to the compiled pumps (see pump.py).
+        client, server = self.client_transport, backend.transport
+        if client is not None and server is not None:
+            pump = BackendPump(backend, self.conv, client)
+            # Duck-typed protocols: asyncio and uvloop call their methods by name.
+            client.set_protocol(cast(Any, ClientPump(self, self.conv, server)))
+            server.set_protocol(cast(Any, pump))
+            if rest:
+                pump.data_received(rest)
+        elif rest:
             backend.data_received(rest)
 
     # ------------------------------------------------------------------ conversation listener
@@ -486,7 +503,7 @@ class ClientSession(asyncio.Protocol):
     def parameter_status(self, name: str, value: str) -> None:
         self.parameters[name] = value
         if name == "application_name":
-            self.application_name = value
+            self.application_name = self.info.application_name = value
 
     def transaction_status(self, previous: int, current: int, now: float) -> None:
         if self.recorder is not None:

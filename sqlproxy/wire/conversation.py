@@ -79,22 +79,23 @@ class Pending:
     """One request awaiting its result."""
 
     def __init__(self, kind: int, sql: str, sent: float, statement: bytes = b"",
-                 params: int = 0, portal: bytes = b"", bind: int = 0,
-                 bind_params: bytes = b"") -> None:
+                 params: bytes = b"", portal: bytes = b"", bind: int = 0) -> None:
         self.kind = kind
         self.sql = sql
         self.sent = sent
         self.statement = statement  # prepared statement name for EXECUTE
-        self.params = params  # digest of the Bind parameter values (0 when none)
+        # The Bind message's body from its parameter format codes on: the parameter values,
+        # compared whole (the pattern detector tells executions apart by them) and decoded
+        # only for the rare statements that need a value, such as OFFSET $n. Empty for the
+        # simple protocol.
+        self.params = params
         self.index = 0  # next statement of a multi-statement Query
         self.portal = portal
         self.bind = bind  # which Bind created the portal (a portal name is reused)
-        # The Bind message's body from its parameter format codes on (read only for the rare
-        # statements that need a parameter's value, such as OFFSET $n).
-        self.bind_params = bind_params
 
 
 _SYNC_ENTRY: Final = Pending(SYNC, "", 0.0)
+_NO_NAME: Final = b"\x00"  # no statement name holds a NUL: matches none
 
 
 class ConversationListener(Protocol):
@@ -116,6 +117,22 @@ class ConversationListener(Protocol):
     def transaction_status(self, previous: int, current: int, now: float) -> None: ...
 
 
+class NativeListener:
+    """Base class for listeners compiled with this module (the profiler's recorder): the
+    tracker calls their methods directly, where a ``ConversationListener`` that is any other
+    object is called through Python, its arguments boxed. Subclasses override all three."""
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        pass
+
+    def parameter_status(self, name: str, value: str) -> None:
+        pass
+
+    def transaction_status(self, previous: int, current: int, now: float) -> None:
+        pass
+
+
 def command_tag_rows(tag: bytes) -> int:
     """The row count a CommandComplete tag carries ("INSERT 0 5" -> 5, "SELECT 3" -> 3), else 0."""
     n = len(tag)
@@ -129,6 +146,19 @@ def command_tag_rows(tag: bytes) -> int:
         value = value * 10 + (tag[i] - 48)
         i += 1
     return value
+
+
+def _same_name(data: bytes, start: int, end: int, name: bytes) -> bool:
+    """Whether ``data[start:end]`` equals ``name`` (compared in place: no slice)."""
+    n = end - start
+    if n != len(name):
+        return False
+    i = 0
+    while i < n:
+        if data[start + i] != name[i]:
+            return False
+        i += 1
+    return True
 
 
 def _find_nul(data: bytes, start: int, end: int) -> int:
@@ -161,12 +191,24 @@ class Conversation:
 
     def __init__(self, listener: ConversationListener | None, max_message: int) -> None:
         self.listener = listener
+        self.native = listener if isinstance(listener, NativeListener) else None
         self.max_message = max_message
         self.queue: list[Pending] = []
         self.head = 0  # index of the first live entry in ``queue``
         self.statements: dict[bytes, str] = {}  # prepared statement name -> SQL text
-        # portal -> (statement name, sql, parameters digest, bind sequence number, parameters)
-        self.portals: dict[bytes, tuple[bytes, str, int, int, bytes]] = {}
+        # portal -> (statement name, sql, bind sequence number, parameters)
+        self.portals: dict[bytes, tuple[bytes, str, int, bytes]] = {}
+        # The unnamed portal, which most drivers use, is kept in fields rather than in
+        # ``portals`` (no tuple, no dict update per Bind).
+        self.u_live = False
+        self.u_stmt = b""
+        self.u_sql = ""
+        self.u_bind = 0
+        self.u_params = b""
+        # The named statement bound last and its text: a driver that prepares once binds the
+        # same name over and over, found again without slicing and hashing the name.
+        self.last_name = _NO_NAME
+        self.last_sql = ""
         self.binds = 0
         # Suspended portals: portal -> (its Execute, rows so far, seconds so far, last suspend)
         self.portal_carry: dict[bytes, tuple[Pending, int, float, float]] = {}
@@ -289,28 +331,51 @@ class Conversation:
         if t == 69:  # 'E' Execute
             if end - start < 5:
                 raise ProtocolViolation("invalid Execute message")
-            portal = b"" if data[start] == 0 else data[start : _find_nul(data, start, end)]
-            entry = self.portals.get(portal)
-            if entry is None:
-                self.queue.append(Pending(EXECUTE, "", now, b"", 0, portal))
+            if data[start] == 0:  # the unnamed portal
+                if self.u_live:
+                    pending = Pending(EXECUTE, self.u_sql, now, self.u_stmt, self.u_params, b"",
+                                      self.u_bind)
+                else:
+                    pending = Pending(EXECUTE, "", now)
             else:
-                self.queue.append(
-                    Pending(EXECUTE, entry[1], now, entry[0], entry[2], portal, entry[3], entry[4])
-                )
+                portal = data[start : _find_nul(data, start, end)]
+                entry = self.portals.get(portal)
+                if entry is None:
+                    pending = Pending(EXECUTE, "", now, b"", b"", portal)
+                else:
+                    pending = Pending(EXECUTE, entry[1], now, entry[0], entry[3], portal,
+                                      entry[2])
+            self.queue.append(pending)
         elif t == 83:  # 'S' Sync
             self.queue.append(_SYNC_ENTRY)
         elif t == 66:  # 'B' Bind
             nul1 = _find_nul(data, start, end)
             nul2 = _find_nul(data, nul1 + 1, end)
-            portal = data[start:nul1]
-            stmt = data[nul1 + 1 : nul2]
-            portals = self.portals
-            if len(portals) >= MAX_NAMED and portal not in portals:
-                portals.clear()
             self.binds += 1
+            if nul2 == nul1 + 1:  # the unnamed statement
+                stmt = b""
+                sql = self.statements.get(stmt, "")
+            elif _same_name(data, nul1 + 1, nul2, self.last_name):
+                stmt = self.last_name
+                sql = self.last_sql
+            else:
+                stmt = data[nul1 + 1 : nul2]
+                sql = self.statements.get(stmt, "")
+                self.last_name = stmt
+                self.last_sql = sql
             params = data[nul2 + 1 : end]
-            sql = self.statements.get(stmt, "")
-            portals[portal] = (stmt, sql, hash(params), self.binds, params)
+            if nul1 == start:  # the unnamed portal
+                self.u_live = True
+                self.u_stmt = stmt
+                self.u_sql = sql
+                self.u_bind = self.binds
+                self.u_params = params
+            else:
+                portal = data[start:nul1]
+                portals = self.portals
+                if len(portals) >= MAX_NAMED and portal not in portals:
+                    portals.clear()
+                portals[portal] = (stmt, sql, self.binds, params)
         elif t == 80:  # 'P' Parse
             nul1 = _find_nul(data, start, end)
             nul2 = _find_nul(data, nul1 + 1, end)
@@ -318,7 +383,10 @@ class Conversation:
             statements = self.statements
             if len(statements) >= MAX_NAMED and name not in statements:
                 del statements[next(iter(statements))]
+                self.last_name = _NO_NAME
             statements[name] = data[nul1 + 1 : nul2].decode("utf-8", "replace")
+            if name == self.last_name:
+                self.last_name = _NO_NAME
         elif t == 81:  # 'Q' Query
             sql = data[start : _find_nul(data, start, end)].decode("utf-8", "replace")
             self.queue.append(Pending(QUERY, sql, now))
@@ -328,8 +396,12 @@ class Conversation:
             name = data[start + 1 : _find_nul(data, start + 1, end)]
             if data[start] == 83:  # 'S'
                 self.statements.pop(name, None)
-            else:
+                if name == self.last_name:
+                    self.last_name = _NO_NAME
+            elif name:
                 self.portals.pop(name, None)
+            else:
+                self.u_live = False
         elif t == 70:  # 'F' FunctionCall
             self.queue.append(Pending(FUNCTION_CALL, "", now))
         elif t == 88:  # 'X' Terminate
@@ -440,7 +512,9 @@ class Conversation:
                 if status != self.tx_status:
                     previous = self.tx_status
                     self.tx_status = status
-                    if self.listener is not None:
+                    if self.native is not None:
+                        self.native.transaction_status(previous, status, now)
+                    elif self.listener is not None:
                         self.listener.transaction_status(previous, status, now)
             self.copy_mode = COPY_NONE
             queue = self.queue
@@ -511,9 +585,11 @@ class Conversation:
         else:
             index = entry.index
             entry.index = index + 1
-        listener = self.listener
-        if listener is not None:
-            listener.statement_done(entry, index, tag, rows, sqlstate, started, now)
+        native = self.native
+        if native is not None:
+            native.statement_done(entry, index, tag, rows, sqlstate, started, now)
+        elif self.listener is not None:
+            self.listener.statement_done(entry, index, tag, rows, sqlstate, started, now)
 
     def _suspend(self, now: float) -> None:
         """PortalSuspended: this Execute ends; the portal's statement goes on in a later one."""

@@ -12,7 +12,7 @@ import pytest
 from sqlproxy.analysis.detector import LOOP_BODY_MAX, MAX_BURST, thresholds_for
 from sqlproxy.analysis.findings import KINDS, FindingsStore, lookup_column
 from sqlproxy.analysis.normalize import normalize
-from sqlproxy.analysis.profiler import Profiler, Statement
+from sqlproxy.analysis.profiler import Profiler, SessionInfo
 from sqlproxy.config import AnalysisSection, ApplicationThresholds
 
 TEAMS = "select id, name from teams"
@@ -25,39 +25,27 @@ def fp(sql: str) -> str:
     return normalize(sql).fingerprint
 
 
-class Ctx:
+def Ctx(id: int = 1, application_name: str = "app", database: str = "db") -> SessionInfo:
     """A session as the profiler sees it (no conversation: round trips judged by timing)."""
-
-    def __init__(self, id: int = 1, application_name: str = "app", database: str = "db") -> None:
-        self.id = id
-        self.peer = "127.0.0.1:1"
-        self.application_name = application_name
-        self.memo: dict[str, list[Statement]] = {}
-        self._database = database
-
-    @property
-    def database(self) -> str:
-        return self._database
-
-    @property
-    def user(self) -> str:
-        return "u"
+    return SessionInfo(id, "127.0.0.1:1", database, "u", application_name)
 
 
 class Feed:
     """Feeds one connection's executions with a clock in milliseconds."""
 
-    def __init__(self, prof: Profiler, ctx: Ctx | None = None) -> None:
+    def __init__(self, prof: Profiler, ctx: SessionInfo | None = None) -> None:
         self.prof = prof
         self.ctx = ctx or Ctx()
         self.t = 1000.0  # ms
 
     def run(self, sql: str, params: int = 0, rows: int = 1, *, idle: float = 1.0,
             ms: float = 0.5, error: str | None = None) -> None:
-        """One execution starting ``idle`` ms after the previous one ended."""
+        """One execution starting ``idle`` ms after the previous one ended; ``params`` stands
+        for its Bind parameter values (0: none)."""
         start = self.t + idle
         self.t = start + ms
-        self.prof.record(self.ctx, sql, 0, params, rows, error, start / 1000, self.t / 1000)
+        bind = params.to_bytes(8, "big", signed=True) if params else b""
+        self.prof.record(self.ctx, sql, 0, bind, rows, error, start / 1000, self.t / 1000)
 
     def pause(self, ms: float) -> None:
         self.t += ms

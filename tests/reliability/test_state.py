@@ -12,20 +12,14 @@ from typing import Any
 
 import asyncpg
 
-from sqlproxy.analysis.profiler import Profiler, Statement
+from sqlproxy.analysis.profiler import Profiler, SessionInfo
 from sqlproxy.config import AnalysisSection
 from sqlproxy.state import FORMAT_VERSION, StateFile, profiler_contributors
 from tests.support.proxy import ProxyThread
 
 
-class _Ctx:
-    def __init__(self, id: int = 1) -> None:
-        self.id = id
-        self.peer = "127.0.0.1:1"
-        self.application_name = "app"
-        self.memo: dict[str, list[Statement]] = {}
-        self.database = "db"
-        self.user = "u"
+def _Ctx(id: int = 1) -> SessionInfo:
+    return SessionInfo(id, "127.0.0.1:1", "db", "u", "app")
 
 
 def _profiler(slow_ms: float = 5.0) -> Profiler:
@@ -37,8 +31,8 @@ def _fill(p: Profiler) -> None:
     t = 100.0
     for i in range(200):
         d = 0.001 * (1 + i % 17)
-        p.record(ctx, f"select * from t where id = {i}", 0, 0, 1, None, t, t + d)
-        p.record(ctx, "update t set x = 1 where id = $1", 0, 1, 1,
+        p.record(ctx, f"select * from t where id = {i}", 0, b"", 1, None, t, t + d)
+        p.record(ctx, "update t set x = 1 where id = $1", 0, b"1", 1,
                  "40001" if i % 50 == 0 else None, t, t + d / 2)
         t += 0.01
     p.transaction_done(ctx, 0.05, 3, 0.01, False)
@@ -63,7 +57,7 @@ def test_snapshot_roundtrip_is_exact(tmp_path: Path) -> None:
     assert _summary(after) == _summary(before)
     # Recording continues into the restored entries.
     ctx = _Ctx()
-    after.record(ctx, "select * from t where id = 5", 0, 0, 1, None, 1.0, 1.001)
+    after.record(ctx, "select * from t where id = 5", 0, b"", 1, None, 1.0, 1.001)
     calls = {r["query"]: r["calls"] for r in after.top(limit=10)[0]}
     assert calls["select * from t where id = $1"] == 201
 
@@ -72,7 +66,7 @@ def test_restored_statistics_respect_max_fingerprints(tmp_path: Path) -> None:
     before = _profiler()
     ctx = _Ctx()
     for i in range(60):
-        before.record(ctx, f"select c{i} from t", 0, 0, 1, None, 1.0, 1.001)
+        before.record(ctx, f"select c{i} from t", 0, b"", 1, None, 1.0, 1.001)
     StateFile(tmp_path / "s").save(profiler_contributors(before))
     after = Profiler(AnalysisSection(max_fingerprints=20))
     StateFile(tmp_path / "s").load(profiler_contributors(after))
@@ -199,11 +193,11 @@ def test_findings_survive_a_restart(tmp_path: Path) -> None:
     before = _profiler()
     ctx = _Ctx()
     t = 10.0
-    before.record(ctx, "select id from teams", 0, 0, 10, None, t, t + 0.001)
+    before.record(ctx, "select id from teams", 0, b"", 10, None, t, t + 0.001)
     for i in range(10):
         t += 0.002
-        before.record(ctx, "select * from players where team_id = $1", 0, 100 + i, 3, None,
-                      t, t + 0.0005)
+        before.record(ctx, "select * from players where team_id = $1", 0, b"%d" % (100 + i), 3,
+                      None, t, t + 0.0005)
     before.session_closed(ctx)
     found = before.findings(None, limit=100)[0]
     assert [f["kind"] for f in found] == ["n_plus_one"]

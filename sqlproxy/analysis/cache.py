@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import TypeVar
+from typing import Final, TypeVar
+
+from mypy_extensions import i64
 
 from sqlproxy.analysis.classify import Shape, classify
 from sqlproxy.analysis.normalize import Normalized, scan
@@ -36,7 +38,7 @@ __all__ = [
 # Only integers: a decimal where an integer was (`varchar(0.5)` vs `varchar(5)`) can change
 # what the scanner makes of the text around it, so decimals stay in the skeleton.
 _SKELETON_RE = re.compile(r"('[^'\\]*+'|[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.]))")
-_MARK = "\x00"  # stands for a literal in a skeleton; NUL never occurs in SQL text
+_MARK: Final = "\x00"  # stands for a literal in a skeleton; NUL never occurs in SQL text
 # The skeleton key replaces strings with \x01 and numbers with NUL, in two re.sub passes with
 # plain replacement strings (a template with group references would call back into Python
 # for every literal); the string pass only runs when the text has a quote. The two passes
@@ -45,7 +47,11 @@ _STRING_RE = re.compile(r"'[^'\\]*+'")
 _NUMBER_RE = re.compile(r"[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.])")
 
 
-_BLANK = " \t\n\r\f\v"
+_BLANK: Final = " \t\n\r\f\v"
+_BLANK_SEMI: Final = _BLANK + ";"
+_ASCII_WORD: Final = bytes(
+    1 if chr(c).isalnum() or c == 95 else 0 for c in range(128)
+)
 _V = TypeVar("_V")
 
 
@@ -57,12 +63,12 @@ def strip_edge_comments(sql: str) -> str | None:
     skeleton may ignore them — unless they hold a ``sqlproxy:`` hint, or a comment is anywhere
     else in the text (then the full scanner decides).
     """
-    text = sql.strip(_BLANK + ";")
+    text = sql.strip(_BLANK_SEMI)
     while text.endswith("*/"):
         start = text.rfind("/*")
         if start < 0 or "sqlproxy:" in text[start:]:
             return None
-        text = text[:start].rstrip(_BLANK + ";")
+        text = text[:start].rstrip(_BLANK_SEMI)
     while text.startswith("/*"):
         end = text.find("*/")
         if end < 0 or "sqlproxy:" in text[:end]:
@@ -86,15 +92,102 @@ def _eligible(sql: str) -> str | None:
 def skeleton_key(sql: str) -> str | None:
     """The skeleton of a statement, or None (see ``_eligible``; also no literal at all, or
     several statements). Strings and numbers leave different marks: the scanner reads
-    `varchar('')` and `varchar(0)` differently."""
-    text = _eligible(sql)
+    `varchar('')` and `varchar(0)` differently.
+
+    One pass over the text (compiled: see ``_skeleton``) for the common case; a text with a
+    comment takes the longer way through ``_eligible``."""
+    key = _skeleton(sql)
+    if key != "":
+        return key
+    text = _eligible(sql)  # a comment: only leading and trailing ones may go
     if text is None:
         return None
-    key = _STRING_RE.sub("\x01", text) if "'" in text else text
-    key = _NUMBER_RE.sub(_MARK, key)
-    if key is text or ";" in key.rstrip(_BLANK + ";"):
-        return None  # nothing cut out (re.sub returns its input then), or several statements
+    key = _skeleton(text)
+    return key if key != "" else None
+
+
+def _skeleton(text: str) -> str | None:
+    """``text`` with its plain literals cut out, as the two substitutions of ``_STRING_RE``
+    (strings become \\x01) and then ``_NUMBER_RE`` (numbers become NUL) would cut them; None
+    when the text is not eligible (a dollar sign, double quote, backslash or ``--`` anywhere),
+    has no such literal or holds several statements; "" when it holds a ``/*`` (the caller
+    decides).
+
+    This runs for every simple-protocol statement whose exact text is new to its session, so
+    it is a single loop over the characters (``ord(text[i])`` compiles to a direct read, and
+    the ``i64`` locals to plain machine integers).
+    """
+    n: i64 = len(text)
+    parts: list[str] = []
+    done: i64 = 0  # text[:done] is in parts
+    prev: i64 = -1  # the character before i, once strings are marks (-1: none)
+    i: i64 = 0
+    j: i64 = 0
+    c: i64 = 0
+    d: i64 = 0
+    e: i64 = 0
+    while i < n:
+        c = ord(text[i])
+        if c == 36 or c == 34 or c == 92:  # $ " \\
+            return None
+        if (c == 45 or c == 47) and i + 1 < n:  # -- or /*
+            d = ord(text[i + 1])
+            if c == d:
+                if c == 45:
+                    return None
+            elif c == 47 and d == 42:
+                return ""
+        if c == 39:  # ' : a string, up to the next quote
+            j = i + 1
+            while j < n:
+                e = ord(text[j])
+                if e == 39:
+                    break
+                if e == 36 or e == 34 or e == 92:
+                    return None
+                if (e == 45 or e == 47) and j + 1 < n:
+                    d = ord(text[j + 1])
+                    if e == d:
+                        if e == 45:
+                            return None
+                    elif e == 47 and d == 42:
+                        return ""
+                j += 1
+            if j < n:
+                parts.append(text[done:i])
+                parts.append("\x01")
+                done = i = j + 1
+                prev = 1
+                continue
+        elif 48 <= c <= 57:  # a digit: a number, unless it touches a word, $ or .
+            j = i + 1
+            while j < n and 48 <= ord(text[j]) <= 57:
+                j += 1
+            if not (prev >= 0 and (prev == 46 or _word(prev))) and not (
+                j < n and (ord(text[j]) == 46 or _word(ord(text[j])))
+            ):
+                parts.append(text[done:i])
+                parts.append(_MARK)
+                done = j
+            prev = ord(text[j - 1])
+            i = j
+            continue
+        prev = c
+        i += 1
+    if done == 0:
+        return None  # nothing cut out
+    parts.append(text[done:])
+    key = "".join(parts)
+    if ";" in key.rstrip(_BLANK_SEMI):
+        return None  # several statements
     return key
+
+
+def _word(c: i64) -> bool:
+    """Whether the character ``c`` matches ``\\w`` in a str pattern."""
+    if c < 128:
+        return _ASCII_WORD[c] != 0
+    return chr(c).isalnum()
 
 
 def literal_values(sql: str) -> tuple[str, ...]:

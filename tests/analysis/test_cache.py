@@ -5,7 +5,16 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sqlproxy.analysis.cache import StatementCache, skeleton
+from sqlproxy.analysis.cache import (
+    _BLANK,
+    _MARK,
+    _NUMBER_RE,
+    _STRING_RE,
+    StatementCache,
+    _eligible,
+    skeleton,
+    skeleton_key,
+)
 from sqlproxy.analysis.normalize import scan
 
 # Statement templates with holes ({}) where literals of any kind go.
@@ -77,6 +86,35 @@ def test_skeleton_stands_for_the_full_scan(template: str, data: st.DataObject) -
     assert want[0].offset is None and not want[0].hints
 
 
+def _regex_skeleton_key(sql: str) -> str | None:
+    """What skeleton_key's one-pass loop must match: the two regex substitutions."""
+    text = _eligible(sql)
+    if text is None:
+        return None
+    key = _STRING_RE.sub("\x01", text) if "'" in text else text
+    key = _NUMBER_RE.sub(_MARK, key)
+    if key is text or ";" in key.rstrip(_BLANK + ";"):
+        return None
+    return key
+
+
+SQLISH = st.text(alphabet="sel ct*from1230.9_aé٣'\"$;-/\\\n()=,xE", max_size=40)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.one_of(SQLISH, st.sampled_from(TEMPLATES).map(lambda t: t.replace("{}", "12"))))
+def test_one_pass_skeleton_equals_the_regex_substitutions(sql: str) -> None:
+    assert skeleton_key(sql) == _regex_skeleton_key(sql)
+
+
+def test_one_pass_skeleton_examples() -> None:
+    for sql in ["select 1", "select a1, 1.5, 1e5, x.1, $1", "select '1' || '' || 'a--b'",
+                "select 'it''s', 7 /* c */", "/* a */ select 1 /* b */", "select 'x",
+                "select 1; select 2", "select 1;;  ", "select ٣1, 1٣, é1, 1é, 1_, _1",
+                "select 'a\\b', 2", "select '$', 2", "select \"c1\", 2"]:
+        assert skeleton_key(sql) == _regex_skeleton_key(sql), sql
+
+
 def test_skeleton_shortcut_is_used_for_pgbench_simple() -> None:
     cache = StatementCache()
     texts = [f"SELECT abalance FROM pgbench_accounts WHERE aid = {i};" for i in (7, 42)]
@@ -94,27 +132,17 @@ def test_skeleton_shortcut_is_used_for_pgbench_simple() -> None:
 
 
 def test_tagged_statements_share_one_memo_entry() -> None:
-    from sqlproxy.analysis.profiler import Profiler
+    from sqlproxy.analysis.profiler import Profiler, SessionInfo
     from sqlproxy.config import Config
 
-    class Ctx:
-        id = 1
-        peer = "127.0.0.1:1"
-        application_name = "app"
-        database = "db"
-        user = "u"
-
-        def __init__(self) -> None:
-            self.memo: dict[str, list[object]] = {}
-
     prof = Profiler(Config().analysis)
-    ctx = Ctx()
+    ctx = SessionInfo(1, "127.0.0.1:1", "db", "u", "app")
     for i in range(50):
         sql = f"SELECT * FROM users WHERE id = $1 /*traceparent='00-{i:032x}-01'*/"
-        stmt = prof.record(ctx, sql, 0, i, 1, None, float(i), i + 0.001)  # type: ignore[arg-type]
+        stmt = prof.record(ctx, sql, 0, b"%d" % i, 1, None, float(i), i + 0.001)
         assert stmt is not None
     assert list(ctx.memo) == ["SELECT * FROM users WHERE id = $1"]
     [item] = prof.top()[0]
     assert item["calls"] == 50 and item["query"] == "select * from users where id = $1"
-    hinted = prof.record(ctx, "select 1 /* sqlproxy:ignore */", 0, 0, 1, None, 0.0, 0.1)  # type: ignore[arg-type]
+    hinted = prof.record(ctx, "select 1 /* sqlproxy:ignore */", 0, b"", 1, None, 0.0, 0.1)
     assert hinted is not None and "ignore" in hinted.normalized.hints

@@ -23,6 +23,7 @@ __all__ = [
     "literal_values",
     "skeleton",
     "skeleton_key",
+    "skeleton_scan",
     "strip_edge_comments",
 ]
 
@@ -52,6 +53,8 @@ _BLANK_SEMI: Final = _BLANK + ";"
 _ASCII_WORD: Final = bytes(
     1 if chr(c).isalnum() or c == 95 else 0 for c in range(128)
 )
+# The characters below ":" that skeleton_scan looks at: $ " ' - / and the digits.
+_SPECIAL_BELOW_58: Final = sum(1 << ord(ch) for ch in "$\"'-/0123456789")
 _V = TypeVar("_V")
 
 
@@ -94,90 +97,128 @@ def skeleton_key(sql: str) -> str | None:
     several statements). Strings and numbers leave different marks: the scanner reads
     `varchar('')` and `varchar(0)` differently.
 
-    One pass over the text (compiled: see ``_skeleton``) for the common case; a text with a
+    One pass over the text (compiled: see ``skeleton_scan``) for the common case; a text with a
     comment takes the longer way through ``_eligible``."""
-    key = _skeleton(sql)
+    key = skeleton_scan(sql)
     if key != "":
         return key
     text = _eligible(sql)  # a comment: only leading and trailing ones may go
     if text is None:
         return None
-    key = _skeleton(text)
+    key = skeleton_scan(text)
     return key if key != "" else None
 
 
-def _skeleton(text: str) -> str | None:
+def skeleton_scan(text: str) -> str | None:
     """``text`` with its plain literals cut out, as the two substitutions of ``_STRING_RE``
     (strings become \\x01) and then ``_NUMBER_RE`` (numbers become NUL) would cut them; None
     when the text is not eligible (a dollar sign, double quote, backslash or ``--`` anywhere),
     has no such literal or holds several statements; "" when it holds a ``/*`` (the caller
-    decides).
+    decides: ``skeleton_key`` looks again without the edge comments).
 
     This runs for every simple-protocol statement whose exact text is new to its session, so
-    it is a single loop over the characters (``ord(text[i])`` compiles to a direct read, and
-    the ``i64`` locals to plain machine integers).
+    it is one compiled loop over the characters: ``ord(text[i])`` is a direct read, the ``i64``
+    locals are machine integers, and an ordinary character costs two comparisons (every
+    character that matters but the backslash is below ``:``; ``_SPECIAL_BELOW_58`` has a bit
+    for each).
     """
     n: i64 = len(text)
     parts: list[str] = []
     done: i64 = 0  # text[:done] is in parts
+    first_at: i64 = -1  # the first literal, kept out of parts while it is the only one
+    first_end: i64 = 0
+    first_mark = ""
     prev: i64 = -1  # the character before i, once strings are marks (-1: none)
     i: i64 = 0
     j: i64 = 0
     c: i64 = 0
     d: i64 = 0
-    e: i64 = 0
+    special: i64 = _SPECIAL_BELOW_58
     while i < n:
         c = ord(text[i])
-        if c == 36 or c == 34 or c == 92:  # $ " \\
-            return None
-        if (c == 45 or c == 47) and i + 1 < n:  # -- or /*
-            d = ord(text[i + 1])
-            if c == d:
-                if c == 45:
-                    return None
-            elif c == 47 and d == 42:
-                return ""
+        if c >= 58:
+            if c == 92:
+                return None  # backslash
+            prev = c
+            i += 1
+            continue
+        if (special >> c) & 1 == 0:
+            prev = c
+            i += 1
+            continue
+        mark = ""
         if c == 39:  # ' : a string, up to the next quote
             j = i + 1
             while j < n:
-                e = ord(text[j])
-                if e == 39:
+                d = ord(text[j])
+                if d == 39:
                     break
-                if e == 36 or e == 34 or e == 92:
-                    return None
-                if (e == 45 or e == 47) and j + 1 < n:
-                    d = ord(text[j + 1])
-                    if e == d:
-                        if e == 45:
+                if d < 58:
+                    if d == 36 or d == 34:
+                        return None
+                    if (d == 45 or d == 47) and j + 1 < n:
+                        e: i64 = ord(text[j + 1])
+                        if d == 45 and e == 45:
                             return None
-                    elif e == 47 and d == 42:
-                        return ""
+                        if d == 47 and e == 42:
+                            return ""
+                elif d == 92:
+                    return None
                 j += 1
-            if j < n:
-                parts.append(text[done:i])
-                parts.append("\x01")
-                done = i = j + 1
-                prev = 1
+            if j >= n:  # unclosed: no string; what follows is read as it is
+                prev = c
+                i += 1
                 continue
-        elif 48 <= c <= 57:  # a digit: a number, unless it touches a word, $ or .
+            j += 1
+            mark = "\x01"
+            prev = 1
+        elif c >= 48:  # a digit: a number, unless it touches a word, $ or .
             j = i + 1
-            while j < n and 48 <= ord(text[j]) <= 57:
+            while j < n:
+                d = ord(text[j])
+                if d < 48 or d > 57:
+                    break
                 j += 1
-            if not (prev >= 0 and (prev == 46 or _word(prev))) and not (
-                j < n and (ord(text[j]) == 46 or _word(ord(text[j])))
+            if (prev >= 0 and (prev == 46 or _word(prev))) or (
+                j < n and (d == 46 or _word(d))
             ):
-                parts.append(text[done:i])
-                parts.append(_MARK)
-                done = j
-            prev = ord(text[j - 1])
-            i = j
+                prev = 48  # a digit
+                i = j
+                continue
+            mark = _MARK
+            prev = 48
+        elif c == 45 or c == 47:  # - / : a comment may start
+            if i + 1 < n:
+                d = ord(text[i + 1])
+                if c == 45 and d == 45:
+                    return None
+                if c == 47 and d == 42:
+                    return ""
+            prev = c
+            i += 1
             continue
-        prev = c
-        i += 1
-    if done == 0:
+        else:  # $ "
+            return None
+        if first_at < 0:
+            first_at = i
+            first_end = j
+            first_mark = mark
+        else:
+            if len(parts) == 0:
+                parts.append(text[:first_at])
+                parts.append(first_mark)
+                done = first_end
+            parts.append(text[done:i])
+            parts.append(mark)
+            done = j
+        i = j
+    if first_at < 0:
         return None  # nothing cut out
-    parts.append(text[done:])
-    key = "".join(parts)
+    if len(parts) > 0:
+        parts.append(text[done:])
+        key = "".join(parts)
+    else:
+        key = text[:first_at] + first_mark + text[first_end:]
     if ";" in key.rstrip(_BLANK_SEMI):
         return None  # several statements
     return key

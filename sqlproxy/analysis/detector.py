@@ -215,10 +215,12 @@ class ConnectionDetector:
         self.deep_offset = t.deep_offset
 
     # ------------------------------------------------------------------ hot path
-    def observe(self, stmt: Statement, bind: bytes, rows: int, failed: bool,
+    def observe(self, stmt: Statement, bind: bytes, raw: str, rows: int, failed: bool,
                 started: float, ended: float, ctx: SessionInfo | None = None) -> None:
         """One completed execution. ``bind`` holds its Bind parameter values (empty for the
-        simple protocol); ``ctx`` the session, asked about Syncs for writes only."""
+        simple protocol); ``raw`` is its text when its literals are its own rather than
+        ``stmt``'s (a text matched by its skeleton), else ""; ``ctx`` the session, asked
+        about Syncs for writes only."""
         last = self.last_end
         if started - last >= self.gap or self.position >= MAX_BURST:
             if self.runs:
@@ -275,8 +277,10 @@ class ConnectionDetector:
             # What tells this execution's values apart: the bound parameters (bytes whose
             # hash Python caches), with the text's own literals when it has any.
             key: object = stmt.key
+            if len(raw) > 0:
+                key = raw  # the skeleton being the same, other texts have other literals
             if len(bind) > 0:
-                key = (key, bind) if stmt.literals else bind
+                key = (key, bind) if stmt.literals or len(raw) > 0 else bind
             digests = run.digests
             known = len(digests)
             if self.tracked < MAX_DIGESTS:

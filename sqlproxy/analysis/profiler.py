@@ -17,7 +17,7 @@ from sqlproxy.analysis.bindparams import bound_integer, bound_texts, offset_para
 from sqlproxy.analysis.cache import (
     StatementCache,
     literal_values,
-    skeleton_key,
+    skeleton_scan,
     strip_edge_comments,
 )
 from sqlproxy.analysis.detector import PatternDetector
@@ -51,6 +51,7 @@ class Profiler:
         # model: reading it is a Python attribute lookup).
         self.slow_seconds = config.slow_query_ms / 1000.0
         self.capture_parameters = config.capture_parameters
+        self.matched = ""  # set by _find (see there)
 
     def configure(self, config: AnalysisSection) -> None:
         """Apply a reloaded [analysis] section (thresholds change live)."""
@@ -62,20 +63,30 @@ class Profiler:
 
     # ------------------------------------------------------------------ hot path
     def statements(self, ctx: SessionInfo, sql: str) -> list[Statement]:
+        """The statements of ``sql`` on the session (a text matched by its skeleton gives the
+        skeleton's statement, whose ``values`` are those of the first such text)."""
+        stmts = ctx.memo.get(sql)
+        if stmts is None:
+            stmts = self._find(ctx, sql)
+        return stmts
+
+    def _find(self, ctx: SessionInfo, sql: str) -> list[Statement]:
+        """``statements`` for a text not in the session's memo. Sets ``self.matched`` to the
+        text when its skeleton found the statement (its literals are its own), else to ""."""
+        self.matched = ""
         memo = ctx.memo
-        stmts = memo.get(sql)
-        if stmts is not None:
-            return stmts
-        if "/*" in sql:
+        # A text not seen on this session. If it differs from one seen before only in plain
+        # literals (a simple-protocol client inlining values), its skeleton finds the
+        # statement without the full scanner, and the one-off text stays out of the memo.
+        skel = skeleton_scan(sql)  # "": the text holds a comment
+        if skel == "" or (skel is None and "/*" in sql):
             # Tag comments that make every text unique (sqlcommenter's traceparent, query log
             # tags): the statement without them is the one to find or remember.
             bare = strip_edge_comments(sql)
             if bare is not None and bare != sql:
-                return self.statements(ctx, bare)
-        # A text not seen on this session. If it differs from one seen before only in plain
-        # literals (a simple-protocol client inlining values), its skeleton finds the
-        # statement without the full scanner, and the one-off text stays out of the memo.
-        skel = skeleton_key(sql)
+                stmts = memo.get(bare)
+                return stmts if stmts is not None else self._find(ctx, bare)
+            skel = None
         if skel is not None:
             base = memo.get(skel)  # skeletons hold a NUL: they never equal a SQL text
             if base is None:
@@ -86,10 +97,8 @@ class Profiler:
                         memo.clear()
                     memo[skel] = base
             if base is not None:
-                t = base[0]
-                if t.entry is None or t.entry.evicted:
-                    t.entry = self._entry(ctx, t)
-                return [t.with_text(sql)]
+                self.matched = sql
+                return base
         stmts = [Statement(n, self.cache.shape(n), None) for n in self.cache.scan(sql)]
         if len(memo) >= MEMO_LIMIT:
             memo.clear()
@@ -121,7 +130,11 @@ class Profiler:
         """One completed execution. ``bind`` is the Bind message body of an extended-protocol
         execution from its parameter format codes on (empty for the simple protocol): its
         parameter values tell executions apart, and are decoded only when a value is needed."""
-        stmts = self.statements(ctx, sql)
+        stmts = ctx.memo.get(sql)
+        raw = ""  # a text matched by its skeleton: its own literals are in it
+        if stmts is None:
+            stmts = self._find(ctx, sql)
+            raw = self.matched
         if index >= len(stmts):
             return None  # e.g. an empty query string
         stmt = stmts[index]
@@ -132,17 +145,17 @@ class Profiler:
         if stmt.has_offset and stmt.offset < 0 and len(bind) > 0:
             stmt = self._bound_offset(stmt, sql, bind)
         if self.capture_parameters and entry.example_params is None:
-            self._capture(entry, stmt, sql, len(stmts), bind)
+            self._capture(entry, stmt, raw or sql, len(stmts), bind, raw)
         seconds = ended - started
         application = ctx.application_name
         entry.add(seconds, rows, sqlstate, application, route, now)
         self.executions += 1
         if seconds >= self.slow_seconds:
-            self._slow(ctx, stmt, entry, seconds, rows, sqlstate, route, now)
+            self._slow(ctx, stmt, raw, entry, seconds, rows, sqlstate, route, now)
         det = ctx.detector
         if det is None or det.application != application:
             det = ctx.detector = self.detector.connection(ctx)
-        det.observe(stmt, bind, rows, sqlstate is not None, started, ended, ctx)
+        det.observe(stmt, bind, raw, rows, sqlstate is not None, started, ended, ctx)
         return stmt
 
     def session_closed(self, ctx: SessionInfo) -> None:
@@ -165,7 +178,7 @@ class Profiler:
         return stmt.with_offset(dataclasses.replace(stmt.normalized, offset=value), value)
 
     def _capture(self, entry: StatEntry, stmt: Statement, sql: str, count: int,
-                 bind: bytes) -> None:
+                 bind: bytes, raw: str) -> None:
         """Keep one example with its values (capture_parameters = true only)."""
         if bind:
             values = bound_texts(bind)
@@ -175,11 +188,13 @@ class Profiler:
             entry.example_params = values
             return
         entry.example = sql if count == 1 else stmt.normalized.text
-        entry.example_params = stmt.literal_values()
+        entry.example_params = literal_values(raw) if raw else stmt.values
 
-    def _slow(self, ctx: SessionInfo, stmt: Statement, entry: StatEntry, seconds: float,
-              rows: int, sqlstate: str | None, route: str, now: float) -> None:
-        params = stmt.literal_values() if self.capture_parameters else None
+    def _slow(self, ctx: SessionInfo, stmt: Statement, raw: str, entry: StatEntry,
+              seconds: float, rows: int, sqlstate: str | None, route: str, now: float) -> None:
+        params: tuple[str, ...] | None = None
+        if self.capture_parameters:
+            params = literal_values(raw) if raw else stmt.values
         item = SlowQuery(now, seconds, entry.fingerprint, entry.query, ctx.database, ctx.user,
                          ctx.application_name, ctx.peer, ctx.id, rows, sqlstate, route, params)
         self.slow.add(item)

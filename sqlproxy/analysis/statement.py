@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlproxy.analysis.cache import literal_values
 from sqlproxy.analysis.classify import Shape, StatementKind
 from sqlproxy.analysis.normalize import Normalized
 
@@ -41,22 +40,19 @@ _KINDS = {
 class Statement:
     """One statement of a memoized text: its shape and where its numbers go.
 
-    ``values`` are the literal values of this execution: ``normalized.values`` for a text seen
-    before, the literals cut out of ``raw`` on demand for a text that only shares a skeleton
-    with one seen before. ``key`` tells this execution's literal values apart from others of
-    the same fingerprint (the pattern detector counts distinct values): the hash of the values,
-    or, for a skeleton-matched text, the text itself (the skeleton being the same, different
-    texts have different literals), whose hash Python caches.
+    ``values`` are its literal values (``normalized.values``); ``key`` tells them apart from
+    the values of other texts of the same fingerprint (the pattern detector counts distinct
+    values): their hash. A text that only shares a skeleton with one seen before is recorded
+    with that text's statement and its own raw text (see ``Profiler.record``).
     """
 
     __slots__ = ("entry", "fingerprint", "has_limit", "has_offset", "ignored", "key", "kind",
-                 "literals", "normalized", "offset", "raw", "shape", "values")
+                 "literals", "normalized", "offset", "shape", "values")
 
     normalized: Normalized
     shape: Shape
     entry: StatEntry | None
-    raw: str
-    values: tuple[str, ...] | None
+    values: tuple[str, ...]
     literals: bool
     key: object
     fingerprint: str
@@ -66,24 +62,10 @@ class Statement:
     has_offset: bool
     offset: int
 
-    def __init__(self, normalized: Normalized, shape: Shape, entry: StatEntry | None,
-                 base: Statement | None = None) -> None:
+    def __init__(self, normalized: Normalized, shape: Shape, entry: StatEntry | None) -> None:
         self.normalized = normalized
         self.shape = shape
         self.entry = entry
-        if base is not None:  # a copy of ``base`` (see with_text, with_offset)
-            self.raw = base.raw
-            self.values = base.values
-            self.literals = base.literals
-            self.key = base.key
-            self.fingerprint = base.fingerprint
-            self.kind = base.kind
-            self.ignored = base.ignored
-            self.has_limit = base.has_limit
-            self.has_offset = base.has_offset
-            self.offset = base.offset
-            return
-        self.raw = ""
         values = normalized.values
         self.values = values
         self.literals = len(values) > 0  # does the text hold literal values at all
@@ -96,26 +78,11 @@ class Statement:
         offset = normalized.offset
         self.offset = -1 if offset is None else offset  # a literal OFFSET's value
 
-    def with_text(self, raw: str) -> Statement:
-        """This statement as executed with the literals of ``raw`` (same skeleton)."""
-        s = Statement(self.normalized, self.shape, self.entry, self)
-        s.raw = raw
-        s.values = None
-        s.literals = True
-        s.key = raw
-        return s
-
     def with_offset(self, normalized: Normalized, offset: int) -> Statement:
         """This statement with the value bound to its ``OFFSET $n``."""
-        s = Statement(normalized, self.shape, self.entry, self)
+        s = Statement(normalized, self.shape, self.entry)
         s.offset = offset
         return s
-
-    def literal_values(self) -> tuple[str, ...]:
-        values = self.values
-        if values is None:
-            values = self.values = literal_values(self.raw)
-        return values
 
 
 class SessionInfo:

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from typing import Final, Protocol
 
+from mypy_extensions import i64
+
 from sqlproxy.errors import ProtocolViolation
 
 # Kinds of pending requests.
@@ -148,12 +150,12 @@ def command_tag_rows(tag: bytes) -> int:
     return value
 
 
-def _same_name(data: bytes, start: int, end: int, name: bytes) -> bool:
+def _same_name(data: bytes, start: i64, end: i64, name: bytes) -> bool:
     """Whether ``data[start:end]`` equals ``name`` (compared in place: no slice)."""
-    n = end - start
+    n: i64 = end - start
     if n != len(name):
         return False
-    i = 0
+    i: i64 = 0
     while i < n:
         if data[start + i] != name[i]:
             return False
@@ -161,8 +163,8 @@ def _same_name(data: bytes, start: int, end: int, name: bytes) -> bool:
     return True
 
 
-def _find_nul(data: bytes, start: int, end: int) -> int:
-    i = start
+def _find_nul(data: bytes, start: i64, end: i64) -> i64:
+    i: i64 = start
     while i < end:
         if data[i] == 0:
             return i
@@ -247,19 +249,23 @@ class Conversation:
     # ------------------------------------------------------------------ frontend side
     def feed_frontend(self, data: bytes, now: float) -> None:
         """Observe bytes sent by the client. Raises ProtocolViolation on malformed framing."""
-        n = len(data)
-        pos = 0
+        n: i64 = len(data)
+        pos: i64 = 0
+        end: i64 = 0
+        ln: i64 = 0
+        t: i64 = 0
+        kind: i64 = 0
         if self.fe_skip:
             if n <= self.fe_skip:
                 self.fe_skip -= n
                 return
             pos = self.fe_skip
             self.fe_skip = 0
-        elif self.fe_want or self.fe_buf:
+        elif self.fe_want or len(self.fe_buf) > 0:
             pos = self._fe_resume(data, now)
             if pos < 0:
                 return
-        max_message = self.max_message
+        max_message: i64 = self.max_message
         table = FE_TABLE
         while pos < n:
             if n - pos < 5:
@@ -327,7 +333,7 @@ class Conversation:
         self._frontend_message(msg[0], msg, 5, len(msg), now)
         return data_pos + want
 
-    def _frontend_message(self, t: int, data: bytes, start: int, end: int, now: float) -> None:
+    def _frontend_message(self, t: i64, data: bytes, start: i64, end: i64, now: float) -> None:
         if t == 69:  # 'E' Execute
             if end - start < 5:
                 raise ProtocolViolation("invalid Execute message")
@@ -423,19 +429,21 @@ class Conversation:
     # ------------------------------------------------------------------ backend side
     def feed_backend(self, data: bytes, now: float) -> None:
         """Observe bytes sent by the server."""
-        n = len(data)
-        pos = 0
+        n: i64 = len(data)
+        pos: i64 = 0
+        end: i64 = 0
+        t: i64 = 0
         if self.be_skip:
             if n <= self.be_skip:
                 self.be_skip -= n
                 return
             pos = self.be_skip
             self.be_skip = 0
-        elif self.be_want or self.be_buf:
+        elif self.be_want or len(self.be_buf) > 0:
             pos = self._be_resume(data, now)
             if pos < 0:
                 return
-        rows = 0
+        rows: i64 = 0
         table = BE_TABLE
         while pos < n:
             if n - pos < 5:
@@ -503,7 +511,7 @@ class Conversation:
         self._backend_message(msg[0], msg, 5, len(msg), now)
         return data_pos + want
 
-    def _backend_message(self, t: int, data: bytes, start: int, end: int, now: float) -> None:
+    def _backend_message(self, t: i64, data: bytes, start: i64, end: i64, now: float) -> None:
         if t == 67:  # 'C' CommandComplete
             self._complete(data[start : end - 1], None, now)
         elif t == 90:  # 'Z' ReadyForQuery

@@ -1,0 +1,185 @@
+"""Instructions per transaction spent in the sqlproxy process, counted by callgrind.
+
+Throughput on a shared 2-core machine moves by 10-30 % from one run to the next (see
+``pgbench_compare.py``), more than the cost of profiling itself. Instruction counts do not:
+``valgrind --tool=callgrind`` counts what the proxy process executes in user space, the same
+from run to run whatever else the machine does. This prints, per pgbench protocol mode, the
+instructions per transaction of sqlproxy with profiling off and on, and their ratio.
+
+What it does: starts a throwaway PostgreSQL primary and loads ``pgbench -i``; then, for each
+mode and for profiling off and on, starts ``sqlproxy serve`` under callgrind, warms it up, and
+runs ``pgbench -S -M <mode> -c 8 -t N`` twice, with N and 2N transactions per client, zeroing
+the counters before and dumping them after each run. The difference between the two dumps
+divided by the difference in transactions is the cost of one transaction: connection setup and
+teardown, the same in both runs, cancel out.
+
+Kernel time (the socket system calls, a large share of a proxy's CPU) is not counted: the
+figures compare sqlproxy with itself, not with PgBouncer (``pgbench_compare.py`` does that).
+
+Run from the repository root (valgrind must be installed; Debian: ``apt-get install
+valgrind``)::
+
+    .venv/bin/python -m bench.callgrind                     # both modes, about 4 minutes
+    .venv/bin/python -m bench.callgrind --modes prepared --transactions 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from bench.pgbench_compare import (  # noqa: E402
+    DB_NAME,
+    DB_USER,
+    LOOPBACK,
+    BenchError,
+    Service,
+    client_env,
+    find_pgbench,
+    parse_list,
+    positive_int,
+    wait_accepting,
+)
+from tests.support import pg  # noqa: E402
+
+MODES = {"simple": "simple", "extended": "extended", "prepared": "prepared"}
+_SUMMARY = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def instructions(dump: Path) -> int:
+    match = _SUMMARY.search(dump.read_text(errors="replace"))
+    if match is None:
+        raise BenchError(f"no instruction total in {dump}")
+    return int(match.group(1))
+
+
+class Run:
+    """One sqlproxy under callgrind, driven by pgbench."""
+
+    def __init__(self, args: argparse.Namespace, primary: pg.PgCluster, work: Path,
+                 pgbench: str, psql: str, mode: str, profiling: bool) -> None:
+        self.args = args
+        self.primary = primary
+        self.work = work
+        self.pgbench = pgbench
+        self.psql = psql
+        self.mode = mode
+        self.profiling = profiling
+        self.port = pg.free_port(LOOPBACK)
+        name = f"{mode}-{'on' if profiling else 'off'}"
+        self.out = work / f"callgrind.{name}"
+        env = client_env({
+            "SQLPROXY_ANALYSIS__ENABLED": "true" if profiling else "false",
+            "SQLPROXY_STATE__ENABLED": "false",
+            "SQLPROXY_ADMIN__ENABLED": "false",
+        })
+        argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}",
+                sys.executable, "-m", "sqlproxy.cli", "serve",
+                "--listen", f"{LOOPBACK}:{self.port}",
+                "--primary", primary.dsn(DB_USER, dbname=DB_NAME)]  # fmt: skip
+        self.service = Service(name, argv, log_path=work / f"{name}.log", env=env,
+                               cwd=_REPO_ROOT)
+
+    def pgbench_run(self, transactions: int) -> int:
+        argv = [self.pgbench, "-S", "-M", self.mode, "-c", str(self.args.clients), "-j", "2",
+                "-t", str(transactions), "-n", "-h", LOOPBACK, "-p", str(self.port),
+                "-U", DB_USER, DB_NAME]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True, env=client_env(),
+                              timeout=3600, check=False)
+        done = re.search(r"actually processed: (\d+)", proc.stdout)
+        if proc.returncode != 0 or done is None:
+            raise BenchError(f"pgbench failed: {proc.stdout[-500:]} {proc.stderr[-500:]}")
+        return int(done.group(1))
+
+    def control(self, option: str) -> None:
+        subprocess.run(["callgrind_control", option, str(self.service.pid)],
+                       capture_output=True, check=True, timeout=120)
+
+    def measure(self) -> float:
+        """Instructions per transaction."""
+        self.service.start()
+        try:
+            wait_accepting(self.psql, LOOPBACK, self.port, self.service, timeout=300)
+            self.pgbench_run(self.args.warmup)
+            totals: list[tuple[int, int]] = []
+            for n in (self.args.transactions, 2 * self.args.transactions):
+                before = set(self.work.glob(self.out.name + ".*"))
+                self.control("-z")
+                done = self.pgbench_run(n)
+                self.control("-d")
+                dump = self._new_dump(before)
+                totals.append((done, instructions(dump)))
+            (t1, i1), (t2, i2) = totals
+            return (i2 - i1) / (t2 - t1)
+        finally:
+            self.service.stop(timeout=60)
+
+    def _new_dump(self, before: set[Path]) -> Path:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            new = sorted(set(self.work.glob(self.out.name + ".*")) - before)
+            if new and _SUMMARY.search(new[-1].read_text(errors="replace")):
+                return new[-1]
+            time.sleep(0.2)
+        raise BenchError("callgrind wrote no dump")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="callgrind", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", default="simple,prepared",
+                        type=lambda v: parse_list(v, MODES, "mode"),
+                        help="pgbench -M modes, comma separated (default: simple,prepared)")
+    parser.add_argument("--transactions", type=positive_int, default=1000,
+                        help="transactions per client in the first measured run; the second "
+                        "runs twice as many (default: 1000)")
+    parser.add_argument("--clients", type=positive_int, default=8, help="pgbench -c (default 8)")
+    parser.add_argument("--warmup", type=positive_int, default=200,
+                        help="transactions per client before measuring (default: 200)")
+    args = parser.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found (Debian: apt-get install valgrind)", file=sys.stderr)
+            return 2
+    pgbench = find_pgbench()
+    psql = shutil.which("psql") or str(pg.find_pg_bindir() / "psql")
+    base = pg.make_base_dir()
+    primary = pg.start_primary(base)
+    results: dict[str, dict[bool, float]] = {}
+    try:
+        subprocess.run([pgbench, "-i", "-q", "-s", "10", "-h", primary.host,
+                        "-p", str(primary.port), "-U", DB_USER, DB_NAME],
+                       capture_output=True, env=client_env(), check=True, timeout=600)
+        for mode in args.modes:
+            for profiling in (False, True):
+                run = Run(args, primary, base, pgbench, psql, mode, profiling)
+                per_tx = run.measure()
+                results.setdefault(mode, {})[profiling] = per_tx
+                log(f"{mode:9s} profiling {'on ' if profiling else 'off'}  "
+                    f"{per_tx:9.0f} instructions per transaction")
+    finally:
+        primary.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    print(f"sqlproxy user-space instructions per transaction (callgrind), pgbench -S "
+          f"-c {args.clients}, {args.transactions} and {2 * args.transactions} transactions "
+          "per client, difference of the two runs")
+    print(f"{'mode':10s} {'profiling off':>14s} {'profiling on':>13s} {'on/off':>7s}")
+    for mode, r in results.items():
+        print(f"{mode:10s} {r[False]:14.0f} {r[True]:13.0f} {r[True] / r[False]:7.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,27 +23,27 @@ __all__ = [
     "literal_values",
     "skeleton",
     "skeleton_key",
+    "skeleton_prefix",
     "skeleton_scan",
     "strip_edge_comments",
 ]
 
 # The skeleton of a statement: its text with plain literals — unsigned integers that touch
 # no word, and '...' strings without backslashes — cut out. Statements that differ only
-# in such literals (pgbench -M simple, ORMs that inline ids) share a skeleton, which one re.sub
-# pass of compiled code finds, several times cheaper than the full scanner; the literals
-# themselves are cut out only when needed (verification, captured examples). A skeleton is
-# trusted only after the full scanner, run on the first text that has it, found exactly these
-# literals and nothing else that depends on their values (see StatementCache.template).
-# Both alternatives start with a character from a small set (the number's look-behind comes
-# after its first digit), which lets the regex engine skip ahead between candidates.
+# in such literals (pgbench -M simple, ORMs that inline ids) share a skeleton, which one pass
+# of compiled code finds (skeleton_scan), several times cheaper than the full scanner; the
+# literals themselves are cut out only when needed (verification, captured examples). A
+# skeleton is trusted only after the full scanner, run on the first text that has it, found
+# exactly these literals and nothing else that depends on their values (see
+# StatementCache.template).
 # Only integers: a decimal where an integer was (`varchar(0.5)` vs `varchar(5)`) can change
 # what the scanner makes of the text around it, so decimals stay in the skeleton.
+# The regular expressions below define what is cut: _SKELETON_RE cuts out the literals
+# (literal_values), and skeleton_scan gives what replacing strings with \x01 (_STRING_RE)
+# and then numbers with NUL (_NUMBER_RE) would give (tests/analysis/test_cache.py checks it
+# against these two substitutions).
 _SKELETON_RE = re.compile(r"('[^'\\]*+'|[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.]))")
 _MARK: Final = "\x00"  # stands for a literal in a skeleton; NUL never occurs in SQL text
-# The skeleton key replaces strings with \x01 and numbers with NUL, in two re.sub passes with
-# plain replacement strings (a template with group references would call back into Python
-# for every literal); the string pass only runs when the text has a quote. The two passes
-# cut out the same spans as _SKELETON_RE's single scan: strings and numbers never overlap.
 _STRING_RE = re.compile(r"'[^'\\]*+'")
 _NUMBER_RE = re.compile(r"[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.])")
 
@@ -109,7 +109,7 @@ def skeleton_key(sql: str) -> str | None:
     return key if key != "" else None
 
 
-def skeleton_scan(text: str) -> str | None:
+def skeleton_scan(text: str, start: i64 = 0) -> str | None:
     """``text`` with its plain literals cut out, as the two substitutions of ``_STRING_RE``
     (strings become \\x01) and then ``_NUMBER_RE`` (numbers become NUL) would cut them; None
     when the text is not eligible (a dollar sign, double quote, backslash or ``--`` anywhere),
@@ -121,6 +121,9 @@ def skeleton_scan(text: str) -> str | None:
     locals are machine integers, and an ordinary character costs two comparisons (every
     character that matters but the backslash is below ``:``; ``_SPECIAL_BELOW_58`` has a bit
     for each).
+
+    ``start``: where to begin, when the caller knows that ``text[:start + 1]`` holds nothing
+    this function stops at (see ``skeleton_prefix``), so that skipping it changes nothing.
     """
     n: i64 = len(text)
     parts: list[str] = []
@@ -129,19 +132,28 @@ def skeleton_scan(text: str) -> str | None:
     first_end: i64 = 0
     first_mark = ""
     prev: i64 = -1  # the character before i, once strings are marks (-1: none)
-    i: i64 = 0
+    i: i64 = start
+    if start > 0:
+        prev = ord(text[start - 1])
     j: i64 = 0
     c: i64 = 0
     d: i64 = 0
     special: i64 = _SPECIAL_BELOW_58
+    semicolon = False  # one was seen: only blanks and semicolons may follow
     while i < n:
         c = ord(text[i])
         if c >= 58:
             if c == 92:
                 return None  # backslash
+            if c == 59:
+                semicolon = True
+            elif semicolon:
+                return _several(text, i)
             prev = c
             i += 1
             continue
+        if semicolon and c != 32 and (c < 9 or c > 13):
+            return _several(text, i)
         if (special >> c) & 1 == 0:
             prev = c
             i += 1
@@ -216,12 +228,36 @@ def skeleton_scan(text: str) -> str | None:
         return None  # nothing cut out
     if len(parts) > 0:
         parts.append(text[done:])
-        key = "".join(parts)
-    else:
-        key = text[:first_at] + first_mark + text[first_end:]
-    if ";" in key.rstrip(_BLANK_SEMI):
-        return None  # several statements
-    return key
+        return "".join(parts)
+    return f"{text[:first_at]}{first_mark}{text[first_end:]}"
+
+
+def _several(text: str, i: i64) -> str | None:
+    """What skeleton_scan answers for a text with something after a semicolon at ``i``: None
+    (several statements), unless a comment follows: then "" (without its edge comments and
+    semicolons, the text may be one statement after all)."""
+    return "" if text.find("/*", i) >= 0 else None
+
+
+def skeleton_prefix(skel: str) -> str:
+    """The text before the first literal of a skeleton, when a text that starts with it may
+    be scanned from its last character on (``skeleton_scan(text, len(prefix) - 1)``); else "".
+
+    Such a prefix holds no literal and nothing the scan stops at (it was scanned), and no quote
+    (in another text, a quote left unclosed here may find its end). Its last character is
+    scanned again, for what comes after it may differ: ``-`` then ``-``, a digit's look-behind.
+    A simple-protocol client repeats the same statement with other values, the literal often
+    near the end (pgbench: 51 of 57 characters come before it), so its texts are scanned from
+    there.
+    """
+    cut = skel.find(_MARK)
+    string = skel.find("\x01")
+    if cut < 0 or 0 <= string < cut:
+        cut = string
+    if cut < 2:
+        return ""
+    prefix = skel[:cut]
+    return "" if "'" in prefix else prefix
 
 
 def _word(c: i64) -> bool:

@@ -17,6 +17,7 @@ from sqlproxy.analysis.bindparams import bound_integer, bound_texts, offset_para
 from sqlproxy.analysis.cache import (
     StatementCache,
     literal_values,
+    skeleton_prefix,
     skeleton_scan,
     strip_edge_comments,
 )
@@ -78,7 +79,13 @@ class Profiler:
         # A text not seen on this session. If it differs from one seen before only in plain
         # literals (a simple-protocol client inlining values), its skeleton finds the
         # statement without the full scanner, and the one-off text stays out of the memo.
-        skel = skeleton_scan(sql)  # "": the text holds a comment
+        prefix = ctx.skeleton_prefix
+        if len(prefix) > 0 and sql.startswith(prefix):
+            skel = skeleton_scan(sql, len(prefix) - 1)  # "": the text holds a comment
+        else:
+            skel = skeleton_scan(sql)
+            if skel is not None and skel != "":
+                ctx.skeleton_prefix = skeleton_prefix(skel)
         if skel == "" or (skel is None and "/*" in sql):
             # Tag comments that make every text unique (sqlcommenter's traceparent, query log
             # tags): the statement without them is the one to find or remember.

@@ -101,5 +101,8 @@ class SessionInfo:
         self.user = user
         self.application_name = application_name
         self.memo: dict[str, list[Statement]] = {}
+        # The text before the first literal of the last skeleton found (cache.skeleton_prefix):
+        # the next text that starts with it is scanned from there.
+        self.skeleton_prefix = ""
         self.detector: ConnectionDetector | None = None
         self.conv: Any = None

@@ -14,6 +14,8 @@ from sqlproxy.analysis.cache import (
     _eligible,
     skeleton,
     skeleton_key,
+    skeleton_prefix,
+    skeleton_scan,
 )
 from sqlproxy.analysis.normalize import scan
 
@@ -105,6 +107,31 @@ SQLISH = st.text(alphabet="sel ct*from1230.9_aé٣'\"$;-/\\\n()=,xE", max_size=4
 @given(st.one_of(SQLISH, st.sampled_from(TEMPLATES).map(lambda t: t.replace("{}", "12"))))
 def test_one_pass_skeleton_equals_the_regex_substitutions(sql: str) -> None:
     assert skeleton_key(sql) == _regex_skeleton_key(sql)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(SQLISH, SQLISH, SQLISH)
+def test_scan_from_a_known_prefix_changes_nothing(head: str, first: str, second: str) -> None:
+    old = head + first
+    skel = skeleton_scan(old)
+    if not skel:
+        return
+    prefix = skeleton_prefix(skel)
+    new = prefix + second
+    if prefix:
+        assert old.startswith(prefix)
+        assert skeleton_scan(new, len(prefix) - 1) == skeleton_scan(new)
+
+
+def test_skeleton_prefix_of_pgbench() -> None:
+    skel = skeleton_scan("SELECT abalance FROM pgbench_accounts WHERE aid = 41;")
+    assert skel is not None
+    prefix = skeleton_prefix(skel)
+    assert prefix == "SELECT abalance FROM pgbench_accounts WHERE aid = "
+    new = "SELECT abalance FROM pgbench_accounts WHERE aid = 99812;"
+    assert skeleton_scan(new, len(prefix) - 1) == skel
+    assert skeleton_prefix("select x from t where s = 'a'".replace("'a'", "\x01")) != ""
+    assert skeleton_prefix("\x00 + 1") == ""
 
 
 def test_one_pass_skeleton_examples() -> None:

@@ -1021,6 +1021,7 @@ class Bench:
             str(seconds + 1),
             "-f",
             "raw",
+            "--native",  # the hot path is compiled (mypyc): its frames are C functions
             "-o",
             str(out),
         ]

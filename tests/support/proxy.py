@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -80,7 +81,10 @@ class ProxyThread:
     def stop(self) -> None:
         if self.loop is not None and self._stop is not None and self._thread is not None:
             if self._thread.is_alive():
-                self.loop.call_soon_threadsafe(self._stop.set)
+                # The thread may close its loop between the check and the call (a proxy that
+                # failed to start is on its way out): then there is nothing left to stop.
+                with contextlib.suppress(RuntimeError):
+                    self.loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(30)
 
     def call(self, fn: Callable[[], T], timeout: float = 10.0) -> T:

@@ -532,9 +532,8 @@ def format_profile(profile: Profile, heading: str, top: int = 15) -> list[str]:
     if trunk:
         lines.append("common trunk (on ~every stack): " + " > ".join(trunk))
     lines.append(
-        "self time in Runner.run / run_until_complete is time inside uvloop's C event loop "
-        "(socket I/O, syscalls, callback dispatch), which py-spy cannot see into without --native; "
-        "mypyc-compiled functions count as their Python caller's self time."
+        "native frames included (py-spy --native): uvloop's C event loop, the system calls "
+        "(epoll_pwait, read, write) and the mypyc-compiled hot path (CPyDef_<module>___<name>)."
     )
     return lines
 

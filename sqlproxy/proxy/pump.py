@@ -24,57 +24,45 @@ from sqlproxy.wire.conversation import Conversation
 __all__ = ["BackendPump", "ClientPump"]
 
 
-class ClientPump:
-    """The client side of a ready session: check each chunk, forward it to the server."""
+class _Pump:
+    """What both pumps pass on to the protocol object they stand in for (``owner``)."""
 
-    def __init__(self, session: Any, conv: Conversation, backend_transport: Any) -> None:
-        self.session = session  # the ClientSession: errors, loss and flow control go there
+    def __init__(self, owner: Any, conv: Conversation, other_transport: Any) -> None:
+        self.owner = owner
         self.conv = conv
-        self.write: Callable[[bytes], object] = backend_transport.write
+        self.write: Callable[[bytes], object] = other_transport.write
         self.clock: Callable[[], float] = time.perf_counter
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.conv.feed_frontend(data, self.clock())
-        except ProtocolViolation as exc:
-            self.session.fail(exc)
-            return
-        self.write(data)
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close itself, as asyncio.Protocol does
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.session.connection_lost(exc)
+        self.owner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self.session.pause_writing()
+        self.owner.pause_writing()
 
     def resume_writing(self) -> None:
-        self.session.resume_writing()
+        self.owner.resume_writing()
 
 
-class BackendPump:
-    """The server side of a ready session: forward each chunk to the client, then track it."""
+class ClientPump(_Pump):
+    """The client side of a ready session (owner: the ClientSession): check each chunk,
+    forward it to the server."""
 
-    def __init__(self, backend: Any, conv: Conversation, client_transport: Any) -> None:
-        self.backend = backend  # the BackendConnection
-        self.conv = conv
-        self.write: Callable[[bytes], object] = client_transport.write
-        self.clock: Callable[[], float] = time.perf_counter
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conv.feed_frontend(data, self.clock())
+        except ProtocolViolation as exc:
+            self.owner.fail(exc)
+            return
+        self.write(data)
+
+
+class BackendPump(_Pump):
+    """The server side of a ready session (owner: the BackendConnection): forward each chunk
+    to the client, then track it."""
 
     def data_received(self, data: bytes) -> None:
         self.write(data)
         self.conv.feed_backend(data, self.clock())
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.backend.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.backend.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.backend.resume_writing()

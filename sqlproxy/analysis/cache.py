@@ -38,14 +38,11 @@ __all__ = [
 # StatementCache.template).
 # Only integers: a decimal where an integer was (`varchar(0.5)` vs `varchar(5)`) can change
 # what the scanner makes of the text around it, so decimals stay in the skeleton.
-# The regular expressions below define what is cut: _SKELETON_RE cuts out the literals
-# (literal_values), and skeleton_scan gives what replacing strings with \x01 (_STRING_RE)
-# and then numbers with NUL (_NUMBER_RE) would give (tests/analysis/test_cache.py checks it
-# against these two substitutions).
+# _SKELETON_RE defines what is cut and cuts out the literals (literal_values); skeleton_scan
+# gives what replacing its strings with \x01 and then its numbers with NUL would give
+# (tests/analysis/test_cache.py checks it against these two substitutions).
 _SKELETON_RE = re.compile(r"('[^'\\]*+'|[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.]))")
 _MARK: Final = "\x00"  # stands for a literal in a skeleton; NUL never occurs in SQL text
-_STRING_RE = re.compile(r"'[^'\\]*+'")
-_NUMBER_RE = re.compile(r"[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.])")
 
 
 _BLANK: Final = " \t\n\r\f\v"
@@ -110,8 +107,8 @@ def skeleton_key(sql: str) -> str | None:
 
 
 def skeleton_scan(text: str, start: i64 = 0) -> str | None:
-    """``text`` with its plain literals cut out, as the two substitutions of ``_STRING_RE``
-    (strings become \\x01) and then ``_NUMBER_RE`` (numbers become NUL) would cut them; None
+    """``text`` with its plain literals cut out (``_SKELETON_RE``: strings become \\x01, then
+    numbers NUL); None
     when the text is not eligible (a dollar sign, double quote, backslash or ``--`` anywhere),
     has no such literal or holds several statements; "" when it holds a ``/*`` (the caller
     decides: ``skeleton_key`` looks again without the edge comments).
@@ -168,12 +165,10 @@ def skeleton_scan(text: str, start: i64 = 0) -> str | None:
                 if d < 58:
                     if d == 36 or d == 34:
                         return None
-                    if (d == 45 or d == 47) and j + 1 < n:
-                        e: i64 = ord(text[j + 1])
-                        if d == 45 and e == 45:
-                            return None
-                        if d == 47 and e == 42:
-                            return ""
+                    if d == 45 or d == 47:
+                        d = _comment(text, j, n)
+                        if d != 0:
+                            return None if d == 1 else ""
                 elif d == 92:
                     return None
                 j += 1
@@ -200,12 +195,9 @@ def skeleton_scan(text: str, start: i64 = 0) -> str | None:
             mark = _MARK
             prev = 48
         elif c == 45 or c == 47:  # - / : a comment may start
-            if i + 1 < n:
-                d = ord(text[i + 1])
-                if c == 45 and d == 45:
-                    return None
-                if c == 47 and d == 42:
-                    return ""
+            d = _comment(text, i, n)
+            if d != 0:
+                return None if d == 1 else ""
             prev = c
             i += 1
             continue
@@ -230,6 +222,19 @@ def skeleton_scan(text: str, start: i64 = 0) -> str | None:
         parts.append(text[done:])
         return "".join(parts)
     return f"{text[:first_at]}{first_mark}{text[first_end:]}"
+
+
+def _comment(text: str, i: i64, n: i64) -> i64:
+    """1 when ``text[i:]`` starts with ``--``, 2 with ``/*``, else 0."""
+    if i + 1 >= n:
+        return 0
+    c: i64 = ord(text[i])
+    d: i64 = ord(text[i + 1])
+    if c == 45 and d == 45:
+        return 1
+    if c == 47 and d == 42:
+        return 2
+    return 0
 
 
 def _several(text: str, i: i64) -> str | None:

@@ -152,7 +152,7 @@ class Profiler:
         if stmt.has_offset and stmt.offset < 0 and len(bind) > 0:
             stmt = self._bound_offset(stmt, sql, bind)
         if self.capture_parameters and entry.example_params is None:
-            self._capture(entry, stmt, raw or sql, len(stmts), bind, raw)
+            self._capture(entry, stmt, sql, raw, len(stmts), bind)
         seconds = ended - started
         application = ctx.application_name
         entry.add(seconds, rows, sqlstate, application, route, now)
@@ -184,8 +184,8 @@ class Profiler:
             return stmt
         return stmt.with_offset(dataclasses.replace(stmt.normalized, offset=value), value)
 
-    def _capture(self, entry: StatEntry, stmt: Statement, sql: str, count: int,
-                 bind: bytes, raw: str) -> None:
+    def _capture(self, entry: StatEntry, stmt: Statement, sql: str, raw: str, count: int,
+                 bind: bytes) -> None:
         """Keep one example with its values (capture_parameters = true only)."""
         if bind:
             values = bound_texts(bind)
@@ -194,14 +194,14 @@ class Profiler:
             entry.example = sql
             entry.example_params = values
             return
-        entry.example = sql if count == 1 else stmt.normalized.text
-        entry.example_params = literal_values(raw) if raw else stmt.values
+        entry.example = (raw or sql) if count == 1 else stmt.normalized.text
+        entry.example_params = _values(stmt, raw)
 
     def _slow(self, ctx: SessionInfo, stmt: Statement, raw: str, entry: StatEntry,
               seconds: float, rows: int, sqlstate: str | None, route: str, now: float) -> None:
         params: tuple[str, ...] | None = None
         if self.capture_parameters:
-            params = literal_values(raw) if raw else stmt.values
+            params = _values(stmt, raw)
         item = SlowQuery(now, seconds, entry.fingerprint, entry.query, ctx.database, ctx.user,
                          ctx.application_name, ctx.peer, ctx.id, rows, sqlstate, route, params)
         self.slow.add(item)
@@ -284,3 +284,9 @@ class Profiler:
             self.executions = 0
         if what in ("all", "slow"):
             self.slow.reset()
+
+
+def _values(stmt: Statement, raw: str) -> tuple[str, ...]:
+    """The literal values of one execution: its own text's when its skeleton matched
+    (``raw``), else those its statement was scanned with."""
+    return literal_values(raw) if raw else stmt.values

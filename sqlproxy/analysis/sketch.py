@@ -45,13 +45,7 @@ class LogSketch:
             value = _MIN_VALUE
         elif value > _MAX_VALUE:
             value = _MAX_VALUE
-        key = math.ceil(math.log(value) * self._inv_log_gamma)
-        i = key - self.low
-        counts = self.counts
-        if 0 <= i < len(counts):
-            counts[i] += 1
-        else:
-            self._add_outside(key, 1)
+        self._add_count(math.ceil(math.log(value) * self._inv_log_gamma), 1)
         self.count += 1
 
     def _add_outside(self, key: int, n: int) -> None:

@@ -124,9 +124,7 @@ class ClientSession(asyncio.Protocol):
         self.state = SessionState.STARTUP
         self.client_transport: asyncio.Transport | None = None
         self.backend: BackendConnection | None = None
-        self.peer = "?"
         self.startup: StartupMessage | None = None
-        self.application_name = ""
         self.conv: Conversation | None = None
         self.proxy_key: tuple[int, bytes] | None = None
         self.connected_at = time.time()
@@ -142,7 +140,7 @@ class ClientSession(asyncio.Protocol):
         self._closing = False
         self.parameters: dict[str, str] = {}
         self.profiler: Profiler | None = server.profiler
-        self.info = SessionInfo(self.id)  # what the profiler knows of the session
+        self.info = SessionInfo(self.id, "?")  # what the profiler knows of the session
         self.route = "primary"
         # Records each statement and the transaction-block figures (see recorder.py).
         self.recorder: SessionRecorder | None = (
@@ -150,16 +148,24 @@ class ClientSession(asyncio.Protocol):
             if self.profiler is not None else None
         )
 
+    @property
+    def peer(self) -> str:
+        """The client's address ("host:port"), "?" until known."""
+        return self.info.peer
+
+    @property
+    def application_name(self) -> str:
+        return self.info.application_name
+
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.client_transport = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.peer = f"{peer[0]}:{peer[1]}"
+            self.info.peer = f"{peer[0]}:{peer[1]}"
         elif peer:
-            self.peer = str(peer)
-        self.info.peer = self.peer
+            self.info.peer = str(peer)
         loop = asyncio.get_running_loop()
         self._startup_timer = loop.call_later(
             self.config.proxy.startup_timeout, self._startup_timed_out
@@ -300,7 +306,7 @@ class ClientSession(asyncio.Protocol):
                 sqlstate="28000", detail="connect with sslmode=require or stronger",
             )
         self.startup = msg
-        self.application_name = self.info.application_name = msg.application_name
+        self.info.application_name = msg.application_name
         self.info.database = msg.database
         self.info.user = msg.user
         problem = self.server.admit(self)
@@ -503,7 +509,7 @@ class ClientSession(asyncio.Protocol):
     def parameter_status(self, name: str, value: str) -> None:
         self.parameters[name] = value
         if name == "application_name":
-            self.application_name = self.info.application_name = value
+            self.info.application_name = value
 
     def transaction_status(self, previous: int, current: int, now: float) -> None:
         if self.recorder is not None:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqlproxy.analysis.cache import (
     _BLANK,
     _MARK,
-    _NUMBER_RE,
-    _STRING_RE,
     StatementCache,
     _eligible,
     skeleton,
@@ -18,6 +18,11 @@ from sqlproxy.analysis.cache import (
     skeleton_scan,
 )
 from sqlproxy.analysis.normalize import scan
+
+# The two halves of cache._SKELETON_RE, applied one after the other: the definition that
+# skeleton_scan's one-pass loop must match.
+_STRING_RE = re.compile(r"'[^'\\]*+'")
+_NUMBER_RE = re.compile(r"[0-9](?<![\w$.][0-9])[0-9]*+(?![\w.])")
 
 # Statement templates with holes ({}) where literals of any kind go.
 TEMPLATES = [

@@ -21,6 +21,7 @@ valgrind``)::
 
     .venv/bin/python -m bench.callgrind                     # both modes, about 4 minutes
     .venv/bin/python -m bench.callgrind --modes prepared --transactions 500
+    .venv/bin/python -m bench.callgrind --keep /tmp/cg     # then: callgrind_annotate /tmp/cg/...
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ class Run:
                 self.control("-d")
                 dump = self._new_dump(before)
                 totals.append((done, instructions(dump)))
+                if self.args.keep is not None:
+                    self.args.keep.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(dump, self.args.keep / f"{self.out.name}.{n}")
             (t1, i1), (t2, i2) = totals
             return (i2 - i1) / (t2 - t1)
         finally:
@@ -148,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=positive_int, default=8, help="pgbench -c (default 8)")
     parser.add_argument("--warmup", type=positive_int, default=200,
                         help="transactions per client before measuring (default: 200)")
+    parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                        help="copy the callgrind dumps of the measured runs to DIR (for "
+                        "callgrind_annotate)")
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:

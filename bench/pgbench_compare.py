@@ -153,14 +153,20 @@ def _tail(path: Path, lines: int = 30) -> str:
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time the process has used so far (Linux /proc), None if unknown."""
+def process_cpu_times(pid: int) -> tuple[float, float] | None:
+    """User and system CPU time the process has used so far (Linux /proc), None if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state) of stat(5)
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time the process has used so far, None if unknown."""
+    times = process_cpu_times(pid)
+    return None if times is None else times[0] + times[1]
 
 
 class Service:
@@ -211,6 +217,9 @@ class Service:
 
     def cpu_seconds(self) -> float | None:
         return process_cpu_seconds(self.proc.pid) if self.alive() and self.proc else None
+
+    def cpu_times(self) -> tuple[float, float] | None:
+        return process_cpu_times(self.proc.pid) if self.alive() and self.proc else None
 
     def logs(self) -> str:
         return "\n".join(_tail(path) for path in [*self.extra_logs, self.log_path])
@@ -265,6 +274,7 @@ class RunResult:
     transactions: int | None = None
     failed_transactions: int | None = None
     proxy_cpu_seconds: float | None = None
+    proxy_user_seconds: float | None = None  # the user-space part of proxy_cpu_seconds
     wall_seconds: float = 0.0
     started_at: float = 0.0
     error: str | None = None
@@ -274,6 +284,12 @@ class RunResult:
         if self.proxy_cpu_seconds is None or not self.transactions:
             return None
         return self.proxy_cpu_seconds * 1e6 / self.transactions
+
+    @property
+    def proxy_user_us_per_tx(self) -> float | None:
+        if self.proxy_user_seconds is None or not self.transactions:
+            return None
+        return self.proxy_user_seconds * 1e6 / self.transactions
 
 
 _TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
@@ -332,7 +348,7 @@ class Workload:
         if target.service is not None and not target.service.alive():
             result.error = f"{target.service.name} is not running\n{target.service.logs()}"
             return result
-        cpu_before = target.service.cpu_seconds() if target.service else None
+        cpu_before = target.service.cpu_times() if target.service else None
         start = time.monotonic()
         try:
             proc = subprocess.run(
@@ -347,9 +363,10 @@ class Workload:
             result.error = f"pgbench did not finish within {seconds + 120} s"
             return result
         result.wall_seconds = time.monotonic() - start
-        cpu_after = target.service.cpu_seconds() if target.service else None
+        cpu_after = target.service.cpu_times() if target.service else None
         if cpu_before is not None and cpu_after is not None:
-            result.proxy_cpu_seconds = cpu_after - cpu_before
+            result.proxy_user_seconds = cpu_after[0] - cpu_before[0]
+            result.proxy_cpu_seconds = result.proxy_user_seconds + cpu_after[1] - cpu_before[1]
         out = proc.stdout
         result.tps = _search_float(_TPS_RE, out)
         result.latency_ms = _search_float(_LAT_RE, out)
@@ -400,6 +417,7 @@ def summarize_mode(results: Sequence[RunResult], targets: Sequence[str]) -> dict
             "max_tps": max(tps) if tps else None,
             "median_latency_ms": _median(r.latency_ms for r in runs),
             "median_proxy_cpu_us_per_tx": _median(r.proxy_cpu_us_per_tx for r in runs),
+            "median_proxy_user_us_per_tx": _median(r.proxy_user_us_per_tx for r in runs),
             "tps_by_round": {r.round: r.tps for r in runs},
         }
     by_round: dict[int, dict[str, float]] = {}
@@ -430,7 +448,7 @@ def format_mode_table(
     lines = [f"== {mode}: {workload_text}, {rounds} rounds ==", ""]
     lines.append(
         f"{'target':<26}{'median tps':>12}{'min tps':>11}{'max tps':>11}"
-        f"{'med lat ms':>12}{'proxy CPU us/tx':>17}{'ok runs':>9}"
+        f"{'med lat ms':>12}{'proxy CPU us/tx':>17}{'(user)':>8}{'ok runs':>9}"
     )
     for key, row in summary["targets"].items():
         runs = f"{row['runs']}/{row['runs'] + row['failed_runs']}"
@@ -441,6 +459,7 @@ def format_mode_table(
             f"{_fmt(row['max_tps'], '.1f', 11)}"
             f"{_fmt(row['median_latency_ms'], '.3f', 12)}"
             f"{_fmt(row['median_proxy_cpu_us_per_tx'], '.1f', 17)}"
+            f"{_fmt(row['median_proxy_user_us_per_tx'], '.1f', 8)}"
             f"{runs:>9}"
         )
     if summary["ratios"]:
@@ -994,7 +1013,9 @@ class Bench:
         if not r.ok:
             return f"{where} {TARGET_LABELS[r.target]:<26} FAILED: {r.error}"
         cpu = r.proxy_cpu_us_per_tx
-        cpu_text = f"  proxy CPU {cpu:6.1f} us/tx" if cpu is not None else ""
+        user = r.proxy_user_us_per_tx
+        cpu_text = (f"  proxy CPU {cpu:6.1f} us/tx (user {user:5.1f})"
+                    if cpu is not None and user is not None else "")
         return (
             f"{where} {TARGET_LABELS[r.target]:<26} tps {r.tps or 0:>9.1f}  "
             f"lat {r.latency_ms or 0:6.3f} ms{cpu_text}"
@@ -1124,7 +1145,7 @@ class Bench:
         )
         lines.append(
             "proxy CPU us/tx: user+system CPU of the proxy process per transaction "
-            "(from /proc), less sensitive to contention than tps."
+            "(from /proc), less sensitive to contention than tps; (user): its user-space part."
         )
         return lines
 

@@ -20,7 +20,9 @@ from sqlproxy.analysis.normalize import Normalized, scan
 
 __all__ = [
     "StatementCache",
+    "literal_slot",
     "literal_values",
+    "same_skeleton",
     "skeleton",
     "skeleton_key",
     "skeleton_prefix",
@@ -242,6 +244,58 @@ def _several(text: str, i: i64) -> str | None:
     (several statements), unless a comment follows: then "" (without its edge comments and
     semicolons, the text may be one statement after all)."""
     return "" if text.find("/*", i) >= 0 else None
+
+
+def literal_slot(skel: str) -> i64:
+    """Where a skeleton's only literal was cut out, or -1 (none, or several)."""
+    number = skel.find(_MARK)
+    string = skel.find("\x01")
+    if (number >= 0) == (string >= 0):
+        return -1
+    at: i64 = number if number >= 0 else string
+    return -1 if skel.find(skel[at], at + 1) >= 0 else at
+
+
+def same_skeleton(text: str, prefix: str, suffix: str, string: bool) -> bool:
+    """Whether ``text`` has the skeleton ``prefix`` + mark + ``suffix``: it is ``prefix``, then
+    one plain literal of the kind the mark stands for (a '...' string when ``string``, else an
+    integer), then ``suffix``.
+
+    The prefix and suffix come from a skeleton of one literal whose text held no quote besides
+    that literal's (``Profiler._find``), so what lies around the literal reads as it did there;
+    the literal itself must be one ``skeleton_scan`` cuts out whole: digits only, or a string
+    holding nothing that makes the text ineligible (quote, backslash, dollar sign, double quote,
+    the start of a comment). This is the simple protocol's common case — the same statement
+    again with another value — answered with two comparisons and a loop over the value."""
+    n: i64 = len(text)
+    a: i64 = len(prefix)
+    b: i64 = n - len(suffix)
+    if b <= a or not text.startswith(prefix) or not text.endswith(suffix):
+        return False
+    c: i64 = 0
+    i: i64 = a
+    if not string:
+        while i < b:
+            c = ord(text[i])
+            if c < 48 or c > 57:
+                return False
+            i += 1
+        return True
+    b -= 1  # the closing quote
+    if b <= a or ord(text[a]) != 39 or ord(text[b]) != 39:
+        return False
+    i += 1
+    while i < b:
+        c = ord(text[i])
+        if c < 58:
+            if c == 39 or c == 36 or c == 34:
+                return False
+            if (c == 45 or c == 47) and _comment(text, i, b) != 0:
+                return False
+        elif c == 92:
+            return False
+        i += 1
+    return True
 
 
 def skeleton_prefix(skel: str) -> str:

@@ -16,7 +16,9 @@ from typing import Any, Final
 from sqlproxy.analysis.bindparams import bound_integer, bound_texts, offset_parameter
 from sqlproxy.analysis.cache import (
     StatementCache,
+    literal_slot,
     literal_values,
+    same_skeleton,
     skeleton_prefix,
     skeleton_scan,
     strip_edge_comments,
@@ -105,6 +107,7 @@ class Profiler:
                     memo[skel] = base
             if base is not None:
                 self.matched = sql
+                _remember_slot(ctx, skel, base)
                 return base
         stmts = [Statement(n, self.cache.shape(n), None) for n in self.cache.scan(sql)]
         if len(memo) >= MEMO_LIMIT:
@@ -137,11 +140,18 @@ class Profiler:
         """One completed execution. ``bind`` is the Bind message body of an extended-protocol
         execution from its parameter format codes on (empty for the simple protocol): its
         parameter values tell executions apart, and are decoded only when a value is needed."""
-        stmts = ctx.memo.get(sql)
         raw = ""  # a text matched by its skeleton: its own literals are in it
-        if stmts is None:
-            stmts = self._find(ctx, sql)
-            raw = self.matched
+        lit = ctx.lit_stmts
+        if lit is not None and same_skeleton(sql, ctx.lit_prefix, ctx.lit_suffix,
+                                             ctx.lit_string):
+            stmts = lit  # the last one-literal statement again, with another value
+            raw = sql
+        else:
+            found = ctx.memo.get(sql)
+            if found is None:
+                found = self._find(ctx, sql)
+                raw = self.matched
+            stmts = found
         if index >= len(stmts):
             return None  # e.g. an empty query string
         stmt = stmts[index]
@@ -290,3 +300,19 @@ def _values(stmt: Statement, raw: str) -> tuple[str, ...]:
     """The literal values of one execution: its own text's when its skeleton matched
     (``raw``), else those its statement was scanned with."""
     return literal_values(raw) if raw else stmt.values
+
+
+def _remember_slot(ctx: SessionInfo, skel: str, stmts: list[Statement]) -> None:
+    """Keep a skeleton of one literal for ``same_skeleton`` (none with a quote around it: a
+    quote the skeleton left unclosed could pair with the next text's literal)."""
+    at = literal_slot(skel)
+    if at < 0:
+        return
+    prefix = skel[:at]
+    suffix = skel[at + 1 :]
+    if "'" in prefix or "'" in suffix:
+        return
+    ctx.lit_prefix = prefix
+    ctx.lit_suffix = suffix
+    ctx.lit_string = skel[at] == "\x01"
+    ctx.lit_stmts = stmts

@@ -104,5 +104,12 @@ class SessionInfo:
         # The text before the first literal of the last skeleton found (cache.skeleton_prefix):
         # the next text that starts with it is scanned from there.
         self.skeleton_prefix = ""
+        # The last skeleton found with a single literal, cut in two around it (see
+        # cache.same_skeleton): the next text that is ``lit_prefix`` + a literal of the same
+        # kind + ``lit_suffix`` is the same statement, found without a scan or a hash.
+        self.lit_prefix = ""
+        self.lit_suffix = ""
+        self.lit_string = False  # the literal is a '...' string (else an integer)
+        self.lit_stmts: list[Statement] | None = None
         self.detector: ConnectionDetector | None = None
         self.conv: Any = None

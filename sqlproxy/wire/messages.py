@@ -154,15 +154,6 @@ def parse_error_fields(body: bytes | memoryview) -> dict[str, str]:
     return fields
 
 
-def command_tag_rows(tag: bytes) -> int:
-    """The row count a CommandComplete tag carries ("INSERT 0 5" -> 5, "SELECT 3" -> 3), else 0."""
-    sp = tag.rfind(b" ")
-    if sp < 0:
-        return 0
-    tail = tag[sp + 1 :]
-    return int(tail) if tail.isdigit() else 0
-
-
 @dataclass(frozen=True, slots=True)
 class StartupMessage:
     """A StartupMessage: protocol version and the parameters (user, database, options, ...)."""

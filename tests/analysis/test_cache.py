@@ -12,6 +12,8 @@ from sqlproxy.analysis.cache import (
     _MARK,
     StatementCache,
     _eligible,
+    literal_slot,
+    same_skeleton,
     skeleton,
     skeleton_key,
     skeleton_prefix,
@@ -128,6 +130,61 @@ def test_scan_from_a_known_prefix_changes_nothing(head: str, first: str, second:
         assert skeleton_scan(new, len(prefix) - 1) == skeleton_scan(new)
 
 
+LITERALS = st.one_of(
+    st.text(alphabet="0123456789", min_size=1, max_size=6),
+    st.text(alphabet="ab 1;'\"$-/*\\é", max_size=8).map(lambda v: f"'{v}'"),
+    st.text(alphabet="ab 1;'\"$-/*\\é", max_size=8),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(SQLISH, SQLISH, LITERALS, SQLISH)
+def test_same_skeleton_means_the_same_skeleton(head: str, tail: str, literal: str,
+                                               other: str) -> None:
+    """What the profiler's one-literal shortcut answers is what a scan would: a text it takes
+    for prefix + literal + suffix has exactly that skeleton."""
+    skel = skeleton_scan(head + tail)
+    if not skel:
+        return
+    at = literal_slot(skel)
+    if at < 0:
+        assert skel.count("\x00") + skel.count("\x01") != 1
+        return
+    prefix, suffix, string = skel[:at], skel[at + 1 :], skel[at] == "\x01"
+    if "'" in prefix or "'" in suffix:
+        return  # the profiler keeps no such skeleton
+    for text in (prefix + literal + suffix, other, prefix + other + suffix):
+        if same_skeleton(text, prefix, suffix, string):
+            assert skeleton_scan(text) == skel, text
+    # ... and it knows every plain literal of the kind (no false misses for pgbench's case)
+    if not string and literal.isascii() and literal.isdigit():
+        assert same_skeleton(prefix + literal + suffix, prefix, suffix, string)
+
+
+def test_same_skeleton_examples() -> None:
+    skel = skeleton_scan("SELECT abalance FROM pgbench_accounts WHERE aid = 41;")
+    assert skel is not None
+    at = literal_slot(skel)
+    prefix, suffix = skel[:at], skel[at + 1 :]
+    assert (prefix, suffix) == ("SELECT abalance FROM pgbench_accounts WHERE aid = ", ";")
+    assert same_skeleton("SELECT abalance FROM pgbench_accounts WHERE aid = 99812;",
+                         prefix, suffix, False)
+    for other in ["SELECT abalance FROM pgbench_accounts WHERE aid = 9.5;",
+                  "SELECT abalance FROM pgbench_accounts WHERE aid = '9';",
+                  "SELECT abalance FROM pgbench_accounts WHERE aid = ;",
+                  "SELECT abalance FROM pgbench_accounts WHERE aid = 1 OR 1;"]:
+        assert not same_skeleton(other, prefix, suffix, False), other
+    assert same_skeleton("select * from t where s = 'x y'", "select * from t where s = ", "",
+                         True)
+    for bad in ["'a--b'", "'a/*b'", "'a$b'", "'a\\b'", "'a''b'", "'a\"b'", "'a", "a'", "'"]:
+        assert not same_skeleton(f"select * from t where s = {bad}",
+                                 "select * from t where s = ", "", True), bad
+    assert literal_slot("select \x00, \x00") == -1
+    assert literal_slot("select \x00, \x01") == -1
+    assert literal_slot("select a") == -1
+    assert literal_slot("select \x01 || b") == 7
+
+
 def test_skeleton_prefix_of_pgbench() -> None:
     skel = skeleton_scan("SELECT abalance FROM pgbench_accounts WHERE aid = 41;")
     assert skel is not None
@@ -178,3 +235,27 @@ def test_tagged_statements_share_one_memo_entry() -> None:
     assert item["calls"] == 50 and item["query"] == "select * from users where id = $1"
     hinted = prof.record(ctx, "select 1 /* sqlproxy:ignore */", 0, b"", 1, None, 0.0, 0.1)
     assert hinted is not None and "ignore" in hinted.normalized.hints
+
+
+def test_one_literal_shortcut_keeps_each_texts_own_values() -> None:
+    """Texts found by the session's one-literal skeleton count under their statement, with
+    their own values in the slow log, also when statements alternate."""
+    from sqlproxy.analysis.profiler import Profiler, SessionInfo
+    from sqlproxy.config import AnalysisSection
+
+    prof = Profiler(AnalysisSection(capture_parameters=True, slow_query_ms=0))
+    ctx = SessionInfo(1, "127.0.0.1:1", "db", "u", "app")
+    for i in range(5):
+        for sql in (f"SELECT * FROM t WHERE id = {i}", f"SELECT * FROM u WHERE name = 'n{i}'",
+                    f"SELECT * FROM t WHERE id = {i}"):
+            prof.record(ctx, sql, 0, b"", 1, None, float(i), i + 0.5)
+    assert ctx.lit_stmts is not None and ctx.lit_prefix == "SELECT * FROM t WHERE id = "
+    calls = {item["query"]: item["calls"] for item in prof.top()[0]}
+    assert calls == {"select * from t where id = $1": 10, "select * from u where name = $1": 5}
+    slow, total = prof.slow_log(limit=1000)
+    assert total == 15
+    assert sorted(tuple(s["parameters"]) for s in slow if "u WHERE" not in s["query"]
+                  and s["query"].endswith("id = $1")) == sorted((str(i),) for i in range(5)
+                                                               for _ in (0, 1))
+    assert sorted(tuple(s["parameters"]) for s in slow if "name" in s["query"]) == [
+        (f"'n{i}'",) for i in range(5)]

@@ -291,3 +291,17 @@ def test_well_framed_random_bodies_never_crash(msgs: list[tuple[int, bytes]],
     except ProtocolViolation:
         pass
     conv.feed_backend(BACKEND, 1.0)
+
+
+def test_strings_end_at_their_first_nul() -> None:
+    """A Query's text ends at its first NUL, as the server reads it; a long statement in Parse
+    is found past the short-name loop; a string without its NUL is a protocol violation."""
+    long_sql = "select " + ", ".join(f"c{i}" for i in range(40)) + " from t"
+    rec = run([msg(b"Q", b"select 1\x00select 2\x00"),
+               parse("", long_sql) + bind("", "", []) + execute() + SYNC],
+              [error("08P01") + ready() + msg(b"1") + msg(b"2") + complete("SELECT 0") + ready()])
+    assert rec.done == [("select 1", 0, None, 0, "08P01"), (long_sql, 0, "SELECT 0", 0, None)]
+    for bad in (msg(b"Q", b"select 1"), msg(b"P", b"\x00" + long_sql.encode()),
+                msg(b"P", b"\x00select 1")):
+        with pytest.raises(ProtocolViolation, match="missing string terminator"):
+            Conversation(Recorder(), 1 << 20).feed_frontend(bad, 1.0)

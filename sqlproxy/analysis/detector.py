@@ -470,11 +470,10 @@ def _own_round_trip(ctx: SessionInfo | None) -> bool:
     written). For a simple Query the head is the Query itself until its ReadyForQuery.
     """
     conv: Any = ctx.conv if ctx is not None else None
-    queue = getattr(conv, "queue", None)
-    if queue is None:
+    if conv is None:
         return True
-    head: int = conv.head
-    return bool(head < len(queue) and queue[head].kind != _EXECUTE)
+    kind: int = conv.next_kind()
+    return kind != 0 and kind != _EXECUTE
 
 
 class PatternDetector:

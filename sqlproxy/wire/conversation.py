@@ -152,6 +152,17 @@ def command_tag_rows(tag: bytes, start: i64 = 0, end: i64 = -1) -> i64:
     return value
 
 
+def _length_at(data: bytes, pos: i64) -> i64:
+    """The big-endian int32 at ``data[pos:pos + 4]`` (a message length; never negative as
+    read here). Each byte goes to a machine integer first: shifting the ``int`` that
+    ``data[i]`` gives would be tagged-integer arithmetic with overflow checks."""
+    a: i64 = data[pos]
+    b: i64 = data[pos + 1]
+    c: i64 = data[pos + 2]
+    d: i64 = data[pos + 3]
+    return (a << 24) | (b << 16) | (c << 8) | d
+
+
 def _same_name(data: bytes, start: i64, end: i64, name: bytes) -> bool:
     """Whether ``data[start:end]`` equals ``name`` (compared in place: no slice)."""
     n: i64 = end - start
@@ -207,8 +218,11 @@ class Conversation:
         self.listener = listener
         self.native = listener if isinstance(listener, NativeListener) else None
         self.max_message: i64 = max_message
+        # The FIFO: queue[head:tail] are live. Slots are reused (a list cleared and grown
+        # again at every round trip would free and allocate its array each time).
         self.queue: list[Pending] = []
         self.head: i64 = 0  # index of the first live entry in ``queue``
+        self.tail: i64 = 0  # index after the last
         self.statements: dict[bytes, str] = {}  # prepared statement name -> SQL text
         # portal -> (statement name, sql, bind sequence number, parameters)
         self.portals: dict[bytes, tuple[bytes, str, int, bytes]] = {}
@@ -244,19 +258,31 @@ class Conversation:
     @property
     def busy(self) -> bool:
         """True while the server owes a response (a query is in flight)."""
-        return self.head < len(self.queue) or self.copy_mode != COPY_NONE
+        return self.head < self.tail or self.copy_mode != COPY_NONE
 
     def pending(self) -> list[Pending]:
-        return self.queue[self.head :]
+        return self.queue[self.head : self.tail]
+
+    def next_kind(self) -> i64:
+        """The kind of the first request still pending (QUERY, EXECUTE, ...), 0 if none."""
+        return self.queue[self.head].kind if self.head < self.tail else 0
 
     def _push(self, entry: Pending) -> None:
-        self.queue.append(entry)
+        tail = self.tail
+        if tail < len(self.queue):
+            self.queue[tail] = entry
+        else:
+            self.queue.append(entry)
+        self.tail = tail + 1
 
     def _pop(self) -> None:
+        self.queue[self.head] = _SYNC_ENTRY  # drop the reference; the slot is reused
         self.head += 1
-        if self.head >= len(self.queue):
-            self.queue.clear()
+        if self.head >= self.tail:
             self.head = 0
+            self.tail = 0
+            if len(self.queue) > 1024:  # after a deep pipeline: give its slots back
+                self.queue.clear()
 
     # ------------------------------------------------------------------ frontend side
     def feed_frontend(self, data: bytes, now: float) -> None:
@@ -285,9 +311,7 @@ class Conversation:
                 self.fe_want = 0
                 return
             t = data[pos]
-            ln = (
-                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
-            )
+            ln = _length_at(data, pos + 1)
             kind = table[t]
             if kind == 0 or ln < 4 or ln > max_message:
                 _bad_frontend(t, ln, max_message)
@@ -363,9 +387,9 @@ class Conversation:
                 else:
                     pending = Pending(EXECUTE, entry[1], now, entry[0], entry[3], portal,
                                       entry[2])
-            self.queue.append(pending)
+            self._push(pending)
         elif t == 83:  # 'S' Sync
-            self.queue.append(_SYNC_ENTRY)
+            self._push(_SYNC_ENTRY)
         elif t == 66:  # 'B' Bind
             nul1 = _find_nul(data, start, end)
             nul2 = _find_nul(data, nul1 + 1, end)
@@ -411,7 +435,7 @@ class Conversation:
             sql = data[start : end - 1].decode("utf-8", "replace")
             if "\x00" in sql:  # the server reads up to the first NUL (and then refuses it)
                 sql = sql[: sql.index("\x00")]
-            self.queue.append(Pending(QUERY, sql, now))
+            self._push(Pending(QUERY, sql, now))
         elif t == 67:  # 'C' Close
             if end - start < 2:
                 raise ProtocolViolation("invalid Close message")
@@ -425,7 +449,7 @@ class Conversation:
             else:
                 self.u_live = False
         elif t == 70:  # 'F' FunctionCall
-            self.queue.append(Pending(FUNCTION_CALL, "", now))
+            self._push(Pending(FUNCTION_CALL, "", now))
         elif t == 88:  # 'X' Terminate
             self.terminated = True
         elif t == 99 or t == 102:  # 'c' CopyDone, 'f' CopyFail
@@ -435,12 +459,13 @@ class Conversation:
             queue = self.queue
             if (
                 self.copy_mode == COPY_IN
-                and self.head < len(queue)
+                and self.head < self.tail
                 and queue[self.head].kind == EXECUTE
             ):
                 i = self.head + 1
-                while i < len(queue) and queue[i].kind == SYNC:
+                while i < self.tail and queue[i].kind == SYNC:
                     del queue[i]
+                    self.tail -= 1
 
     # ------------------------------------------------------------------ backend side
     def feed_backend(self, data: bytes, now: float) -> None:
@@ -467,9 +492,7 @@ class Conversation:
                 self.be_want = 0
                 break
             t = data[pos]
-            end = pos + 1 + (
-                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
-            )
+            end = pos + 1 + _length_at(data, pos + 1)
             if t == 68:  # 'D' DataRow: counted, never decoded
                 rows += 1
                 if end > n:
@@ -542,7 +565,7 @@ class Conversation:
                         self.listener.transaction_status(previous, status, now)
             self.copy_mode = COPY_NONE
             queue = self.queue
-            while self.head < len(queue):
+            while self.head < self.tail:
                 kind = queue[self.head].kind
                 self._pop()
                 if kind != EXECUTE:
@@ -576,7 +599,7 @@ class Conversation:
 
     def _current(self) -> Pending | None:
         """The request the next result belongs to (a Sync at the head owns none)."""
-        if self.head < len(self.queue):
+        if self.head < self.tail:
             entry = self.queue[self.head]
             if entry.kind != SYNC:
                 return entry
@@ -664,7 +687,7 @@ class Conversation:
         if entry.kind == EXECUTE:
             # The server now skips to Sync: so do we.
             queue = self.queue
-            while self.head < len(queue) and queue[self.head].kind == EXECUTE:
+            while self.head < self.tail and queue[self.head].kind == EXECUTE:
                 self._pop()
 
 

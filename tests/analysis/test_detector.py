@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from sqlproxy.analysis.detector import LOOP_BODY_MAX, MAX_BURST, thresholds_for
+from sqlproxy.analysis.detector import LOOP_BODY_MAX, MAX_BURST, MAX_DIGESTS, thresholds_for
 from sqlproxy.analysis.findings import KINDS, FindingsStore, lookup_column
 from sqlproxy.analysis.normalize import normalize
 from sqlproxy.analysis.profiler import Profiler, SessionInfo
@@ -440,6 +440,22 @@ def test_very_long_burst_is_judged_in_pieces() -> None:
     f.close()
     item = only(prof, "n_plus_one")
     assert item["occurrences"] == 2 and item["max_burst"] == MAX_BURST
+
+
+def test_distinct_values_beyond_the_tracked_ones_are_shown_as_a_floor() -> None:
+    prof = profiler()
+    f = Feed(prof)
+    for i in range(MAX_DIGESTS + 100):
+        f.run(PLAYERS, params=i + 1, idle=0.01)
+    f.close()
+    item = only(prof, "n_plus_one")
+    assert item["executions"] == MAX_DIGESTS + 100
+    assert item["example"].endswith(f"-- {MAX_DIGESTS}+ different values")
+    prof = profiler()
+    f = Feed(prof)
+    lazy_load(f, 7)
+    f.close()
+    assert only(prof, "n_plus_one")["example"].endswith("-- 7 different values")
 
 
 def test_detail_reset_and_errors() -> None:

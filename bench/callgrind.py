@@ -88,6 +88,7 @@ class Run:
             "SQLPROXY_ADMIN__ENABLED": "false",
         })
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}",
+                *(["--cache-sim=yes"] if args.cache_sim else []),
                 sys.executable, "-m", "sqlproxy.cli", "serve",
                 "--listen", f"{LOOPBACK}:{self.port}",
                 "--primary", primary.dsn(DB_USER, dbname=DB_NAME)]  # fmt: skip
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
                         help="copy the callgrind dumps of the measured runs to DIR (for "
                         "callgrind_annotate)")
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="also simulate the caches (callgrind --cache-sim=yes): the kept "
+                        "dumps then count cache misses per function; slower")
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:

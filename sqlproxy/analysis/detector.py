@@ -76,10 +76,10 @@ __all__ = [
 ]
 
 MAX_RUNS: Final = 256  # distinct fingerprints tracked per burst
-# Distinct (fingerprint, values) tracked per burst. Far more than any threshold needs; kept
-# small because these sets are touched at random on every execution: at 8192 per connection,
-# their cache misses were most of what profiling cost (pgbench -S, 8 connections: 2.1 µs of
-# proxy user CPU per transaction against 0.5 µs at 512, bench/pgbench_compare.py).
+# Distinct (fingerprint, values) tracked per burst: far more than any threshold needs, and
+# small, because these sets are touched at random on every execution. At 8192 per connection
+# (the earlier bound), eight busy connections kept ~10 MB of keys and tables in play, well
+# beyond the CPU caches.
 MAX_DIGESTS: Final = 512
 MAX_BURST: Final = 10_000  # statements: a longer burst is judged and a new one begun
 _MAX_CHAIN: Final = 32  # loop bodies followed when looking for an interleaved run's parent

@@ -21,7 +21,7 @@ valgrind``)::
 
     .venv/bin/python -m bench.callgrind                     # both modes, about 4 minutes
     .venv/bin/python -m bench.callgrind --modes prepared --transactions 500
-    .venv/bin/python -m bench.callgrind --keep /tmp/cg     # then: callgrind_annotate /tmp/cg/...
+    .venv/bin/python -m bench.callgrind --keep /tmp/cg     # keep the dumps, per function
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=positive_int, default=200,
                         help="transactions per client before measuring (default: 200)")
     parser.add_argument("--keep", type=Path, default=None, metavar="DIR",
-                        help="copy the callgrind dumps of the measured runs to DIR (for "
-                        "callgrind_annotate)")
+                        help="copy the callgrind dumps of the measured runs to DIR (per-function "
+                        "costs: subtract a setting's two dumps)")
     parser.add_argument("--cache-sim", action="store_true",
                         help="also simulate the caches (callgrind --cache-sim=yes): the kept "
                         "dumps then count cache misses per function; slower")

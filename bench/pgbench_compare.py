@@ -163,12 +163,6 @@ def process_cpu_times(pid: int) -> tuple[float, float] | None:
     return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
 
 
-def process_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time the process has used so far, None if unknown."""
-    times = process_cpu_times(pid)
-    return None if times is None else times[0] + times[1]
-
-
 class Service:
     """A long-running child process in its own session, stopped by process group."""
 
@@ -214,9 +208,6 @@ class Service:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def cpu_seconds(self) -> float | None:
-        return process_cpu_seconds(self.proc.pid) if self.alive() and self.proc else None
 
     def cpu_times(self) -> tuple[float, float] | None:
         return process_cpu_times(self.proc.pid) if self.alive() and self.proc else None

@@ -67,12 +67,15 @@ def strip_edge_comments(sql: str) -> str | None:
     """
     text = sql.strip(_BLANK_SEMI)
     while text.endswith("*/"):
+        # The last opening, outside any string, whose comment ends only at the very end
+        # (``/* a */;'*/`` ends a comment and then opens a string).
         start = text.rfind("/*")
-        if start < 0 or "sqlproxy:" in text[start:]:
+        if (start < 0 or text.find("*/", start + 2) != len(text) - 2
+                or text.count("'", 0, start) % 2 or "sqlproxy:" in text[start:]):
             return None
         text = text[:start].rstrip(_BLANK_SEMI)
     while text.startswith("/*"):
-        end = text.find("*/")
+        end = text.find("*/", 2)
         if end < 0 or "sqlproxy:" in text[:end]:
             return None
         text = text[end + 2 :].lstrip(_BLANK)

@@ -18,6 +18,7 @@ from sqlproxy.analysis.cache import (
     skeleton_key,
     skeleton_prefix,
     skeleton_scan,
+    strip_edge_comments,
 )
 from sqlproxy.analysis.normalize import scan
 
@@ -67,7 +68,7 @@ LITERALS = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(st.sampled_from(TEMPLATES), st.data())
 def test_skeleton_stands_for_the_full_scan(template: str, data: st.DataObject) -> None:
     holes = template.count("{}")
@@ -218,6 +219,19 @@ def test_skeleton_shortcut_is_used_for_pgbench_simple() -> None:
     assert skeleton("select 1 /* a */ + /* b */ 2") is None
     assert skeleton('select "a1" from t where b = 2') is None
     assert skeleton("select a from t") is None  # nothing to cut
+
+
+def test_edge_comments_end_where_postgresql_ends_them() -> None:
+    assert strip_edge_comments("select 1 /*a*/ ;") == "select 1"
+    assert strip_edge_comments("/* a */ /*b*/ select 1 /*c*/") == "select 1"
+    # The comment ends at its first */: then comes a statement separator and an open string
+    # (found by the Hypothesis test above).
+    assert strip_edge_comments("select * from t where a = 0 /*traceparent='*/;'*/") is None
+    assert strip_edge_comments("select 1 /*/") is None  # "/*/" opens, it does not close
+    assert strip_edge_comments("/*/ select 1") is None
+    assert strip_edge_comments("select '/*', 2 */") is None  # the "/*" is inside a string
+    assert strip_edge_comments("select 1 /* a /* b */ c */") is None  # nested: leave it alone
+    assert strip_edge_comments("select 1 /* sqlproxy:ignore */") is None
 
 
 def test_tagged_statements_share_one_memo_entry() -> None:

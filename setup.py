@@ -5,7 +5,7 @@ Set SQLPROXY_NO_MYPYC=1 to install without compiling.
 
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 # The per-message conversation tracker and the per-statement profiling path (statistics,
 # latency sketch, statement cache, pattern detector). The regex-driven normalizer and the
@@ -24,13 +24,14 @@ HOT_MODULES = [
     "sqlproxy/proxy/recorder.py",
 ]
 
-ext_modules = []
+# Non-blocking socket reads and writes for the direct relay (pump.py); always built.
+ext_modules = [Extension("sqlproxy.proxy._sockio", ["sqlproxy/proxy/_sockio.c"])]
 if not os.environ.get("SQLPROXY_NO_MYPYC"):
     try:
         from mypyc.build import mypycify
     except ImportError:  # pragma: no cover - mypy is a build requirement
         pass
     else:
-        ext_modules = mypycify(HOT_MODULES, opt_level="3")
+        ext_modules += mypycify(HOT_MODULES, opt_level="3")
 
 setup(ext_modules=ext_modules)

@@ -105,6 +105,7 @@ class ProxySection(_Section):
     idle_in_transaction_timeout: float = Field(0.0, ge=0)
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
+    direct_relay: bool = True
 
     _v_primary = field_validator("primary")(_check_url)
     _v_listen = field_validator("listen")(_check_listen)

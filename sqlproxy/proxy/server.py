@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import resource
 import ssl
 import time
 
@@ -20,6 +21,26 @@ from sqlproxy.routing.health import Router
 from sqlproxy.wire.messages import cancel_request
 
 log = get_logger("sqlproxy.server")
+
+
+def ensure_fd_limit(need: int) -> int:
+    """Raise the soft limit on open files towards ``need`` (a session holds up to four: client
+    and server sockets, and their duplicates in the direct relay), within the hard limit.
+    Returns the soft limit in force; logs once when it stays below ``need``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        want = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        if want > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+            except (ValueError, OSError):
+                pass
+        if soft < need:
+            log.warning("fd_limit_low", limit=soft, needed=need,
+                        hint="raise the open-files limit (ulimit -n, LimitNOFILE=) or lower "
+                             "proxy.max_client_connections")
+    return int(soft)
 
 
 class ProxyServer:
@@ -73,6 +94,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        ensure_fd_limit(4 * self.config.proxy.max_client_connections + 256)
         session_class = ClientSession if self.router is None else RoutedSession
         if self.router is not None:
             await self.router.start()

@@ -20,7 +20,7 @@ from sqlproxy.analysis.statement import SessionInfo
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.listener import TLS_HANDSHAKE
-from sqlproxy.proxy.pump import BackendPump, ClientPump
+from sqlproxy.proxy.pump import HAVE_RELAY, BackendPump, ClientPump, Relay
 from sqlproxy.proxy.recorder import SessionListener, SessionRecorder
 from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket, strip_channel_binding
 from sqlproxy.wire.conversation import Conversation, ConversationListener, Pending
@@ -138,6 +138,7 @@ class ClientSession(asyncio.Protocol):
         self._pending_to_backend = bytearray()
         self._relayed_fatal = False
         self._closing = False
+        self.relay: Relay | None = None  # the direct relay of a hot plain session (pump.py)
         self.parameters: dict[str, str] = {}
         self.profiler: Profiler | None = server.profiler
         self.info = SessionInfo(self.id, "?")  # what the profiler knows of the session
@@ -198,6 +199,7 @@ class ClientSession(asyncio.Protocol):
             b.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_relay()
         was = self.state
         self.state = SessionState.CLOSED
         self._hot = False
@@ -485,8 +487,27 @@ class ClientSession(asyncio.Protocol):
             server.set_protocol(cast(Any, pump))
             if rest:
                 pump.data_received(rest)
+            if (HAVE_RELAY and self.config.proxy.direct_relay and self.tls is None
+                    and server.get_extra_info("ssl_object") is None
+                    and client.get_write_buffer_size() == 0
+                    and server.get_write_buffer_size() == 0
+                    and not client.is_closing() and not server.is_closing()):
+                try:
+                    self.relay = Relay(self, self.conv, asyncio.get_running_loop(),
+                                       client, server)
+                except OSError as exc:  # out of descriptors: the transports carry on
+                    log.warning("direct_relay_unavailable", session=self.id,
+                                error=f"{type(exc).__name__}: {exc}")
         elif rest:
             backend.data_received(rest)
+
+    def stop_relay(self) -> None:
+        """Give both sockets back to their transports (before writing to them, closing them
+        or when one is lost)."""
+        relay = self.relay
+        if relay is not None:
+            self.relay = None
+            relay.stop()
 
     # ------------------------------------------------------------------ conversation listener
     def statement_done(
@@ -559,6 +580,7 @@ class ClientSession(asyncio.Protocol):
         if self._closing:
             return
         self._closing = True
+        self.stop_relay()
         if not quiet:
             log.warning("session_error", session=self.id, client=self.peer,
                         sqlstate=exc.sqlstate, error=exc.message)
@@ -575,6 +597,7 @@ class ClientSession(asyncio.Protocol):
             b.transport.close()
 
     def backend_lost(self, backend: BackendConnection, exc: Exception | None) -> None:
+        self.stop_relay()
         t = self.client_transport
         if t is None or t.is_closing() or self.state is SessionState.CLOSED:
             return

@@ -1,0 +1,6 @@
+"""Non-blocking socket reads and writes that keep the GIL (``_sockio.c``)."""
+
+from typing_extensions import Buffer
+
+def recv(fd: int, /) -> bytes | None: ...
+def send(fd: int, data: Buffer, /) -> int: ...

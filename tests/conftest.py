@@ -80,11 +80,13 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     import re
 
     setup_py = (Path(__file__).resolve().parent.parent / "setup.py").read_text()
-    hot = re.findall(r"sqlproxy/[a-z_/]*\.py", setup_py)  # the modules mypyc compiles
-    for name in (h[:-3].replace("/", ".") for h in hot):
-        mod = importlib.import_module(name)
+    # The modules mypyc compiles, and the C extension(s).
+    hot = re.findall(r"sqlproxy/[a-z_/]*\.(?:py|c)\b", setup_py)
+    for path in hot:
+        name, ext = path.rsplit(".", 1)
+        mod = importlib.import_module(name.replace("/", "."))
         compiled = Path(mod.__file__ or "")
-        source = compiled.with_name(name.rsplit(".", 1)[1] + ".py")
+        source = compiled.with_name(name.rsplit("/", 1)[1] + "." + ext)
         if compiled.suffix == ".so" and source.stat().st_mtime > compiled.stat().st_mtime:
             pytest.exit(f"{compiled.name} is older than {source.name}: rebuild with "
                         "`bash scripts/test` (or `pip install --no-build-isolation -e .`)", 2)

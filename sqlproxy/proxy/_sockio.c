@@ -4,7 +4,8 @@
  * and retaking the GIL around each system call would cost more than the call itself. Both
  * retry on EINTR.
  *
- *   recv(fd) -> bytes | None    up to 256 KiB; b"" at end of stream; None if nothing to read
+ *   recv(fd) -> bytes | None    up to RECV_SIZE (64 KiB); b"" at end of stream; None if nothing
+ *                               to read
  *   send(fd, data) -> int       bytes written (0 if the socket cannot take any now); data is any
  *                               buffer (bytes, bytearray, memoryview); never raises SIGPIPE
  *
@@ -16,7 +17,7 @@
 #include <sys/socket.h>
 #include <sys/types.h>
 
-#define RECV_SIZE (256 * 1024)
+#define RECV_SIZE (64 * 1024)
 
 /* One buffer for the process: every call runs with the GIL held and copies out what it read
  * before returning. */
@@ -81,7 +82,7 @@ sockio_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef sockio_methods[] = {
     {"recv", (PyCFunction)sockio_recv, METH_O,
-     "recv(fd) -> bytes | None: read what the socket has (up to 256 KiB) without waiting; "
+     "recv(fd) -> bytes | None: read what the socket has (up to RECV_SIZE bytes) without waiting; "
      "b'' at end of stream, None if nothing is there."},
     {"send", (PyCFunction)(void (*)(void))sockio_send, METH_FASTCALL,
      "send(fd, data) -> int: write what the socket takes now; 0 if it takes nothing."},
@@ -99,5 +100,10 @@ static struct PyModuleDef sockio_module = {
 PyMODINIT_FUNC
 PyInit__sockio(void)
 {
-    return PyModule_Create(&sockio_module);
+    PyObject *module = PyModule_Create(&sockio_module);
+    if (module != NULL && PyModule_AddIntConstant(module, "RECV_SIZE", RECV_SIZE) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }

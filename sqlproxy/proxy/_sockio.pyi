@@ -2,5 +2,7 @@
 
 from typing_extensions import Buffer
 
+RECV_SIZE: int
+
 def recv(fd: int, /) -> bytes | None: ...
 def send(fd: int, data: Buffer, /) -> int: ...

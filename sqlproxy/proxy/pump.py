@@ -45,8 +45,11 @@ except ImportError:  # pragma: no cover - built with the package; without it, no
 __all__ = ["HAVE_RELAY", "BackendPump", "ClientPump", "Relay"]
 
 HAVE_RELAY: Final = _sockio is not None
-HIGH_WATER: Final = 256 * 1024  # bytes waiting for a socket before its source is not read
-LOW_WATER: Final = 64 * 1024  # ... until the wait is down to this
+# Bytes waiting for a socket before its source is no longer read, until the wait is down to
+# LOW_WATER (asyncio's defaults). One read takes at most _sockio.RECV_SIZE (64 KiB), so at
+# most HIGH_WATER + RECV_SIZE bytes wait for a socket.
+HIGH_WATER: Final = 64 * 1024
+LOW_WATER: Final = 16 * 1024
 
 
 class _Pump:

@@ -16,13 +16,12 @@ from typing import Any
 
 import asyncpg
 
+from sqlproxy.proxy._sockio import RECV_SIZE
 from sqlproxy.proxy.pump import HAVE_RELAY, HIGH_WATER
 from sqlproxy.proxy.server import ensure_fd_limit
 from tests.reliability import rawclient
 from tests.support import pg
 from tests.support.proxy import ProxyThread
-
-RECV_SIZE = 256 * 1024  # what one read of the relay takes at most (_sockio.c)
 
 
 def _sessions(proxy: ProxyThread) -> list[Any]:

@@ -80,12 +80,15 @@ def test_psql_and_asyncpg_verify_full(make_proxy: Callable[..., ProxyThread], ca
         conn = await asyncpg.connect(host="localhost", port=proxy.port, user="postgres",
                                      database="postgres", ssl=_verify_full(ca))
         assert await conn.fetchval("select $1::int + 1", 41) == 42
-        tls = proxy.call(lambda: [s.tls for s in proxy.runtime.proxy.sessions.values()])  # type: ignore[union-attr]
-        assert tls and all(t is not None and t.startswith("TLS") for t in tls)
+        tls = proxy.call(lambda: [(s.tls, s.relay) for s in proxy.runtime.proxy.sessions.values()])  # type: ignore[union-attr]
+        assert tls and all(t is not None and t.startswith("TLS") for t, _ in tls)
+        assert all(relay is None for _, relay in tls)  # TLS stays on the transports
         await conn.close()
         # Clear text is still allowed with the default client_mode "allow".
         conn = await asyncpg.connect(proxy.dsn(), ssl=False)
         assert await conn.fetchval("select 1") == 1
+        relays = proxy.call(lambda: [s.relay for s in proxy.runtime.proxy.sessions.values()])  # type: ignore[union-attr]
+        assert len(relays) == 1 and relays[0] is not None  # ... and clear text is relayed
         await conn.close()
 
     asyncio.run(main())
@@ -153,6 +156,13 @@ def test_proxy_to_server_tls_and_scram_through_both(
                                      password=user.password, database="postgres",
                                      ssl=_verify_full(ca))
         assert await conn.fetchval(check) is True
+        await conn.close()
+        # A clear-text client of a TLS server: the server side keeps its transport.
+        conn = await asyncpg.connect(host="localhost", port=proxy.port, user=user.name,
+                                     password=user.password, database="postgres", ssl=False)
+        assert await conn.fetchval(check) is True
+        relays = proxy.call(lambda: [s.relay for s in proxy.runtime.proxy.sessions.values()])  # type: ignore[union-attr]
+        assert relays == [None]
         await conn.close()
 
     asyncio.run(main())

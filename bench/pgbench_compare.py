@@ -57,8 +57,10 @@ DB_NAME = "postgres"
 DIRECT = "direct"
 SQLPROXY_ON = "sqlproxy"
 SQLPROXY_OFF = "sqlproxy-off"
+SQLPROXY_TRANSPORTS = "sqlproxy-transports"  # profiling on, proxy.direct_relay = false
 PGBOUNCER = "pgbouncer"
 ALL_TARGETS: tuple[str, ...] = (DIRECT, SQLPROXY_ON, SQLPROXY_OFF, PGBOUNCER)
+SQLPROXY_TARGETS: frozenset[str] = frozenset({SQLPROXY_ON, SQLPROXY_OFF, SQLPROXY_TRANSPORTS})
 TARGET_ALIASES: dict[str, str] = {
     "direct": DIRECT,
     "postgres": DIRECT,
@@ -67,6 +69,8 @@ TARGET_ALIASES: dict[str, str] = {
     "sqlproxy_on": SQLPROXY_ON,
     "sqlproxy-off": SQLPROXY_OFF,
     "sqlproxy_off": SQLPROXY_OFF,
+    "sqlproxy-transports": SQLPROXY_TRANSPORTS,
+    "sqlproxy_transports": SQLPROXY_TRANSPORTS,
     "pgbouncer": PGBOUNCER,
     "bouncer": PGBOUNCER,
 }
@@ -74,6 +78,7 @@ TARGET_LABELS: dict[str, str] = {
     DIRECT: "direct",
     SQLPROXY_ON: "sqlproxy (profiling on)",
     SQLPROXY_OFF: "sqlproxy (profiling off)",
+    SQLPROXY_TRANSPORTS: "sqlproxy (on, no relay)",
     PGBOUNCER: "pgbouncer (session)",
 }
 # (label, numerator, denominator): medians of the per-round TPS ratios.
@@ -83,6 +88,8 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
     ("sqlproxy(on)/direct", SQLPROXY_ON, DIRECT),
     ("sqlproxy(on)/sqlproxy(off)", SQLPROXY_ON, SQLPROXY_OFF),
     ("sqlproxy(off)/direct", SQLPROXY_OFF, DIRECT),
+    ("sqlproxy(on)/sqlproxy(no relay)", SQLPROXY_ON, SQLPROXY_TRANSPORTS),
+    ("sqlproxy(no relay)/pgbouncer", SQLPROXY_TRANSPORTS, PGBOUNCER),
     ("pgbouncer/direct", PGBOUNCER, DIRECT),
 )
 MODES = ("simple", "extended", "prepared")
@@ -455,11 +462,11 @@ def format_mode_table(
         )
     if summary["ratios"]:
         lines.append("")
-        lines.append(f"{'tps ratio (per round)':<28}{'median':>8}{'min':>8}{'max':>8}  per round")
+        lines.append(f"{'tps ratio (per round)':<32}{'median':>8}{'min':>8}{'max':>8}  per round")
         for label, row in summary["ratios"].items():
             per_round = " ".join(f"{v:.3f}" for v in row["per_round"])
             lines.append(
-                f"{label:<28}{_fmt(row['median'], '.3f', 8)}{_fmt(row['min'], '.3f', 8)}"
+                f"{label:<32}{_fmt(row['median'], '.3f', 8)}{_fmt(row['min'], '.3f', 8)}"
                 f"{_fmt(row['max'], '.3f', 8)}  {per_round}"
             )
     return lines
@@ -719,7 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(ALL_TARGETS),
         type=lambda v: parse_list(v, TARGET_ALIASES, "target"),
         help="comma separated subset of direct, sqlproxy (profiling on), "
-        "sqlproxy-off, pgbouncer (default: all)",
+        "sqlproxy-off, pgbouncer (default: these four), and sqlproxy-transports (profiling on, "
+        "proxy.direct_relay = false: what the direct relay saves)",
     )
     parser.add_argument(
         "--rounds",
@@ -803,7 +811,7 @@ class Bench:
         self.pgbench = find_pgbench()
         self.psql = shutil.which("psql") or str(pg.find_pg_bindir() / "psql")
         self.sqlproxy = (
-            find_sqlproxy() if {SQLPROXY_ON, SQLPROXY_OFF} & set(self.target_keys) else ""
+            find_sqlproxy() if SQLPROXY_TARGETS & set(self.target_keys) else ""
         )
         self.pgbouncer = (
             find_pgbouncer(install=not self.args.no_install)
@@ -835,6 +843,9 @@ class Bench:
             self.targets[SQLPROXY_ON] = self._start_service(SQLPROXY_ON, self._sqlproxy(True))
         if SQLPROXY_OFF in self.target_keys:
             self.targets[SQLPROXY_OFF] = self._start_service(SQLPROXY_OFF, self._sqlproxy(False))
+        if SQLPROXY_TRANSPORTS in self.target_keys:
+            self.targets[SQLPROXY_TRANSPORTS] = self._start_service(
+                SQLPROXY_TRANSPORTS, self._sqlproxy(True, relay=False))
         if PGBOUNCER in self.target_keys:
             self.targets[PGBOUNCER] = self._start_service(PGBOUNCER, self._pgbouncer)
 
@@ -856,10 +867,10 @@ class Bench:
             return Target(key, LOOPBACK, port, service)
         raise BenchError(f"could not start {key}")  # pragma: no cover - loop returns or raises
 
-    def _sqlproxy(self, profiling: bool) -> Callable[[int], Service]:
+    def _sqlproxy(self, profiling: bool, relay: bool = True) -> Callable[[int], Service]:
         assert self.primary is not None and self.base_dir is not None
         primary_url = self.primary.dsn(DB_USER, dbname=DB_NAME)
-        name = SQLPROXY_ON if profiling else SQLPROXY_OFF
+        name = (SQLPROXY_ON if profiling else SQLPROXY_OFF) if relay else SQLPROXY_TRANSPORTS
         base_dir = self.base_dir
 
         def make(port: int) -> Service:
@@ -869,6 +880,7 @@ class Bench:
                     "SQLPROXY_STATE__ENABLED": "false",
                     "SQLPROXY_ADMIN__ENABLED": "false",
                     "SQLPROXY_PROXY__SHUTDOWN_GRACE_SECONDS": "1",
+                    "SQLPROXY_PROXY__DIRECT_RELAY": "true" if relay else "false",
                 }
             )
             argv = [

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from sqlproxy.errors import ProtocolViolation
+from sqlproxy.errors import ProtocolViolation, ProxyError
 from sqlproxy.wire.conversation import Conversation
 
 try:
@@ -192,6 +192,9 @@ class Relay:
             self.conv.feed_frontend(data, self.clock())
         except ProtocolViolation as exc:
             self.owner.fail(exc)
+            return
+        except Exception as exc:  # a fault of ours: an answer, not a client left waiting
+            self.owner.fail(ProxyError(f"internal error in sqlproxy: {type(exc).__name__}: {exc}"))
             return
         try:
             self.backend.write(data)

@@ -175,18 +175,27 @@ class Relay:
         loop.add_reader(bfd, self.backend_readable)
         self.reading_backend = True
 
+    def _read(self, side: _Outbox) -> bytes | None:
+        """The next chunk from ``side``'s socket, or None: nothing there yet, or the relay
+        stepped aside at the end of the stream (the socket's transport is closed, as the pumps'
+        ``eof_received`` has it) or on a socket error (the transport, reading again, meets the
+        error or the end itself); either way the session then closes as usual."""
+        try:
+            data = self.recv(side.fd)
+        except OSError:
+            self.stop()
+            return None
+        if data is not None and not data:
+            self.stop()
+            side.transport.close()
+            return None
+        return data
+
     def client_readable(self) -> None:
         if not self.active:
             return
-        try:
-            data = self.recv(self.client.fd)
-        except OSError:
-            self.stop()  # the transport reads the error (or the end) itself
-            return
+        data = self._read(self.client)
         if data is None:
-            return
-        if not data:
-            self.stop()  # end of stream: the transport sees it too and closes as usual
             return
         try:
             self.conv.feed_frontend(data, self.clock())
@@ -206,15 +215,8 @@ class Relay:
     def backend_readable(self) -> None:
         if not self.active:
             return
-        try:
-            data = self.recv(self.backend.fd)
-        except OSError:
-            self.stop()
-            return
+        data = self._read(self.backend)
         if data is None:
-            return
-        if not data:
-            self.stop()
             return
         try:
             self.client.write(data)

@@ -40,6 +40,20 @@ def _one_session(proxy: ProxyThread) -> Any:
     return _sessions(proxy)[0]
 
 
+def _watch(proxy: ProxyThread, probe: Callable[[], tuple[int, bool]],
+           seconds: float) -> tuple[int, bool]:
+    """Sample ``probe`` (bytes waiting, source still read) in the proxy's loop for ``seconds``:
+    the most bytes seen waiting, and whether the source was ever paused."""
+    most, paused = 0, False
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pending, reading = proxy.call(probe)
+        most = max(most, pending)
+        paused = paused or not reading
+        time.sleep(0.02)
+    return most, paused
+
+
 def _query_message(sql: str) -> bytes:
     body = sql.encode() + b"\x00"
     return b"Q" + struct.pack("!I", len(body) + 4) + body
@@ -83,14 +97,8 @@ def test_slow_client_large_result_is_buffered_within_bounds(
         assert relay is not None
         rows, width = 20_000, 2000
         rawclient.query(sock, f"select repeat('x', {width}) from generate_series(1, {rows})")
-        most, paused = 0, False
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
-            pending, reading = proxy.call(
-                lambda: (len(relay.client.pending or b""), relay.reading_backend))
-            most = max(most, pending)
-            paused = paused or not reading
-            time.sleep(0.02)
+        most, paused = _watch(proxy, lambda: (len(relay.client.pending or b""),
+                                              relay.reading_backend), 1.5)
         assert paused, "the relay never stopped reading the server"
         assert HIGH_WATER < most <= HIGH_WATER + RECV_SIZE
         messages = rawclient.until_ready(sock)
@@ -121,14 +129,8 @@ def test_client_flooding_a_busy_server_is_buffered_within_bounds(
             _query_message(f"select {i} as n, '{pad}' as pad") for i in range(count))
         sender = threading.Thread(target=sock.sendall, args=(flood,))
         sender.start()
-        most, paused = 0, False
-        deadline = time.monotonic() + 1.2
-        while time.monotonic() < deadline:
-            pending, reading = proxy.call(
-                lambda: (len(relay.backend.pending or b""), relay.reading_client))
-            most = max(most, pending)
-            paused = paused or not reading
-            time.sleep(0.02)
+        most, paused = _watch(proxy, lambda: (len(relay.backend.pending or b""),
+                                              relay.reading_client), 1.2)
         assert paused, "the relay never stopped reading the client"
         assert HIGH_WATER < most <= HIGH_WATER + RECV_SIZE
         seen: list[bytes] = []

@@ -166,14 +166,20 @@ class Relay:
             raise
         self.client = _Outbox(self, cfd, client_transport)
         self.backend = _Outbox(self, bfd, backend_transport)
+        self.reading_client = False
+        self.reading_backend = False
         # Take over both sockets (the transports must have nothing left to write).
         client_transport.pause_reading()
         backend_transport.pause_reading()
         self.active = True
-        loop.add_reader(cfd, self.client_readable)
-        self.reading_client = True
-        loop.add_reader(bfd, self.backend_readable)
-        self.reading_backend = True
+        try:
+            loop.add_reader(cfd, self.client_readable)
+            self.reading_client = True
+            loop.add_reader(bfd, self.backend_readable)
+            self.reading_backend = True
+        except BaseException:
+            self.stop()  # back to the transports, duplicates closed
+            raise
 
     def _read(self, side: _Outbox) -> bytes | None:
         """The next chunk from ``side``'s socket, or None: nothing there yet, or the relay

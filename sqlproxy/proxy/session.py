@@ -495,7 +495,7 @@ class ClientSession(asyncio.Protocol):
                 try:
                     self.relay = Relay(self, self.conv, asyncio.get_running_loop(),
                                        client, server)
-                except OSError as exc:  # out of descriptors: the transports carry on
+                except Exception as exc:  # e.g. out of descriptors: the transports carry on
                     log.warning("direct_relay_unavailable", session=self.id,
                                 error=f"{type(exc).__name__}: {exc}")
         elif rest:

@@ -118,7 +118,10 @@ _SCHEMAS: _S = {
         "transaction_status": {"type": ["string", "null"], "description": "I, T or E"},
         "current": {"type": ["object", "null"],
                     "properties": {"query": _STR, "running_ms": _NUM}},
-        "backends": {"type": "array", "items": _STR}, "connected_at": _TS}},
+        "backends": {"type": "array", "items": _STR}, "connected_at": _TS,
+        "tls": {"type": ["string", "null"], "description": "the client's TLS version"},
+        "direct_relay": {"type": "boolean", "description":
+                         "bytes moved by the direct relay (plain sessions; proxy.direct_relay)"}}},
     "Backend": {"type": "object", "properties": {
         "name": _STR, "role": {"type": "string", "enum": ["primary", "replica"]},
         "address": _STR, "healthy": {"type": ["boolean", "null"]},

@@ -1,6 +1,8 @@
-"""The hot path of a plain (unrouted) session: two small protocols, compiled with mypyc.
+"""The hot path of a plain (unrouted) session: two small protocols and a direct relay,
+compiled with mypyc.
 
-Once a session is ready, every chunk either side sends goes through one ``data_received``:
+Once a session is ready, and unless the direct relay below serves it, every chunk either side
+sends goes through one ``data_received``:
 the conversation tracker looks at it and it is written on to the other side. Interpreted,
 that method costs a Python frame and a chain of attribute lookups per chunk, several times
 per transaction; so the session hands both transports over to these compiled protocols
@@ -214,9 +216,7 @@ class Relay:
         try:
             self.backend.write(data)
         except OSError:
-            self.stop()
-            self.backend.transport.write(data)  # fails there too and reports it
-            return
+            self._hand_over(self.backend, data)
 
     def backend_readable(self) -> None:
         if not self.active:
@@ -227,9 +227,15 @@ class Relay:
         try:
             self.client.write(data)
         except OSError:
-            self.stop()
-            self.client.transport.write(data)
+            self._hand_over(self.client, data)
         self.conv.feed_backend(data, self.clock())
+
+    def _hand_over(self, out: _Outbox, data: bytes) -> None:
+        """``out``'s socket failed: step aside and give ``data`` to its transport, which
+        meets the error in turn and reports the loss to the session."""
+        self.stop()
+        if not out.transport.is_closing():
+            out.transport.write(data)
 
     def pause_source(self, out: _Outbox) -> None:
         """``out`` has too much waiting: stop reading the socket its bytes come from."""

@@ -637,6 +637,7 @@ class ClientSession(asyncio.Protocol):
             "backends": ["primary"] if self.backend is not None else [],
             "connected_at": self.connected_at,
             "tls": self.tls,
+            "direct_relay": self.relay is not None,
         }
 
 

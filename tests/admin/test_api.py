@@ -227,6 +227,7 @@ def test_connections_and_backends(admin_proxy: MakeAdmin, db: str) -> None:
         assert c["transaction_status"] == "T"
         assert c["backends"] == ["primary"]
         assert is_iso_utc(c["connected_at"]) and ":" in c["client"]
+        assert c["tls"] is None and c["direct_relay"] is True
         assert admin.json("/api/connections", database="elsewhere")["total"] == 0
 
         backends = admin.json("/api/backends")

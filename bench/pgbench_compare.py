@@ -839,13 +839,9 @@ class Bench:
 
         if DIRECT in self.target_keys:
             self.targets[DIRECT] = Target(DIRECT, self.primary.host, self.primary.port)
-        if SQLPROXY_ON in self.target_keys:
-            self.targets[SQLPROXY_ON] = self._start_service(SQLPROXY_ON, self._sqlproxy(True))
-        if SQLPROXY_OFF in self.target_keys:
-            self.targets[SQLPROXY_OFF] = self._start_service(SQLPROXY_OFF, self._sqlproxy(False))
-        if SQLPROXY_TRANSPORTS in self.target_keys:
-            self.targets[SQLPROXY_TRANSPORTS] = self._start_service(
-                SQLPROXY_TRANSPORTS, self._sqlproxy(True, relay=False))
+        for key in (SQLPROXY_ON, SQLPROXY_OFF, SQLPROXY_TRANSPORTS):
+            if key in self.target_keys:
+                self.targets[key] = self._start_service(key, self._sqlproxy(key))
         if PGBOUNCER in self.target_keys:
             self.targets[PGBOUNCER] = self._start_service(PGBOUNCER, self._pgbouncer)
 
@@ -867,10 +863,12 @@ class Bench:
             return Target(key, LOOPBACK, port, service)
         raise BenchError(f"could not start {key}")  # pragma: no cover - loop returns or raises
 
-    def _sqlproxy(self, profiling: bool, relay: bool = True) -> Callable[[int], Service]:
+    def _sqlproxy(self, name: str) -> Callable[[int], Service]:
+        """One of the SQLPROXY_TARGETS: profiling off only for SQLPROXY_OFF, the direct relay
+        off only for SQLPROXY_TRANSPORTS."""
         assert self.primary is not None and self.base_dir is not None
         primary_url = self.primary.dsn(DB_USER, dbname=DB_NAME)
-        name = (SQLPROXY_ON if profiling else SQLPROXY_OFF) if relay else SQLPROXY_TRANSPORTS
+        profiling, relay = name != SQLPROXY_OFF, name != SQLPROXY_TRANSPORTS
         base_dir = self.base_dir
 
         def make(port: int) -> Service:

@@ -98,34 +98,48 @@ class BackendPump(_Pump):
         self.conv.feed_backend(data, self.clock())
 
 
-class _Outbox:
-    """One socket of a relay, seen as the destination of the other's bytes."""
+class _Side:
+    """One socket of a relay: read for the other side's benefit, written with its bytes."""
 
-    def __init__(self, relay: Relay, fd: int, transport: Any) -> None:
+    def __init__(self, relay: Relay, fd: int, transport: Any,
+                 readable: Callable[[], None]) -> None:
         self.relay = relay
         self.fd = fd
         self.transport = transport
-        self.pending: bytearray | None = None  # what the socket has not taken yet
-        self.writing = False  # watched for writability
+        self.readable = readable  # the relay's callback for this socket
+        self.reading = False  # watched for readability
+        # What the socket has not taken yet; watched for writability while there is some.
+        self.pending: bytearray | None = None
+        self.other: _Side = self  # the relay sets the other side
         # Held here: a compiled call of a native attribute costs no module lookup.
         self.send: Callable[[int, bytes | bytearray], int] = _sockio.send
 
+    def watch(self) -> None:
+        if not self.reading:
+            self.reading = True
+            self.relay.loop.add_reader(self.fd, self.readable)
+
+    def unwatch(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.relay.loop.remove_reader(self.fd)
+
     def write(self, data: bytes) -> None:
-        """Send ``data`` (raises OSError if the socket is broken)."""
+        """Send ``data`` (raises OSError if the socket is broken); past HIGH_WATER waiting
+        bytes the other socket is no longer read."""
         pending = self.pending
         if pending is not None:
             pending += data
             if len(pending) > HIGH_WATER:
-                self.relay.pause_source(self)
+                self.other.unwatch()
             return
         n = self.send(self.fd, data)
         if n == len(data):
             return
         pending = self.pending = bytearray(data[n:])
-        self.writing = True
         self.relay.loop.add_writer(self.fd, self.writable)
         if len(pending) > HIGH_WATER:
-            self.relay.pause_source(self)
+            self.other.unwatch()
 
     def writable(self) -> None:
         pending = self.pending
@@ -139,10 +153,9 @@ class _Outbox:
         del pending[:n]
         if not pending:
             self.pending = None
-            self.writing = False
             self.relay.loop.remove_writer(self.fd)
         if len(pending) <= LOW_WATER:
-            self.relay.resume_source(self)
+            self.other.watch()
 
 
 class Relay:
@@ -166,24 +179,21 @@ class Relay:
         except BaseException:
             os.close(cfd)
             raise
-        self.client = _Outbox(self, cfd, client_transport)
-        self.backend = _Outbox(self, bfd, backend_transport)
-        self.reading_client = False
-        self.reading_backend = False
+        client = self.client = _Side(self, cfd, client_transport, self.client_readable)
+        backend = self.backend = _Side(self, bfd, backend_transport, self.backend_readable)
+        client.other, backend.other = backend, client
         # Take over both sockets (the transports must have nothing left to write).
         client_transport.pause_reading()
         backend_transport.pause_reading()
         self.active = True
         try:
-            loop.add_reader(cfd, self.client_readable)
-            self.reading_client = True
-            loop.add_reader(bfd, self.backend_readable)
-            self.reading_backend = True
+            client.watch()
+            backend.watch()
         except BaseException:
             self.stop()  # back to the transports, duplicates closed
             raise
 
-    def _read(self, side: _Outbox) -> bytes | None:
+    def _read(self, side: _Side) -> bytes | None:
         """The next chunk from ``side``'s socket, or None: nothing there yet, or the relay
         stepped aside at the end of the stream (the socket's transport is closed, as the pumps'
         ``eof_received`` has it) or on a socket error (the transport, reading again, meets the
@@ -230,33 +240,12 @@ class Relay:
             self._hand_over(self.client, data)
         self.conv.feed_backend(data, self.clock())
 
-    def _hand_over(self, out: _Outbox, data: bytes) -> None:
+    def _hand_over(self, out: _Side, data: bytes) -> None:
         """``out``'s socket failed: step aside and give ``data`` to its transport, which
         meets the error in turn and reports the loss to the session."""
         self.stop()
         if not out.transport.is_closing():
             out.transport.write(data)
-
-    def pause_source(self, out: _Outbox) -> None:
-        """``out`` has too much waiting: stop reading the socket its bytes come from."""
-        if out is self.backend:
-            if self.reading_client:
-                self.reading_client = False
-                self.loop.remove_reader(self.client.fd)
-        elif self.reading_backend:
-            self.reading_backend = False
-            self.loop.remove_reader(self.backend.fd)
-
-    def resume_source(self, out: _Outbox) -> None:
-        if not self.active:
-            return
-        if out is self.backend:
-            if not self.reading_client:
-                self.reading_client = True
-                self.loop.add_reader(self.client.fd, self.client_readable)
-        elif not self.reading_backend:
-            self.reading_backend = True
-            self.loop.add_reader(self.backend.fd, self.backend_readable)
 
     def stop(self) -> None:
         """Step aside: hand what is still to be written to the transports, let them read
@@ -264,21 +253,14 @@ class Relay:
         if not self.active:
             return
         self.active = False
-        loop = self.loop
-        if self.reading_client:
-            self.reading_client = False
-            loop.remove_reader(self.client.fd)
-        if self.reading_backend:
-            self.reading_backend = False
-            loop.remove_reader(self.backend.fd)
-        for out in (self.client, self.backend):
-            if out.writing:
-                out.writing = False
-                loop.remove_writer(out.fd)
-            os.close(out.fd)
-            t = out.transport
+        for side in (self.client, self.backend):
+            side.unwatch()
+            if side.pending is not None:
+                self.loop.remove_writer(side.fd)
+            os.close(side.fd)
+            t = side.transport
             if not t.is_closing():
                 t.resume_reading()
-                if out.pending:
-                    t.write(bytes(out.pending))
-            out.pending = None
+                if side.pending:
+                    t.write(bytes(side.pending))
+            side.pending = None

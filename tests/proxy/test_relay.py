@@ -98,7 +98,7 @@ def test_slow_client_large_result_is_buffered_within_bounds(
         rows, width = 20_000, 2000
         rawclient.query(sock, f"select repeat('x', {width}) from generate_series(1, {rows})")
         most, paused = _watch(proxy, lambda: (len(relay.client.pending or b""),
-                                              relay.reading_backend), 1.5)
+                                              relay.backend.reading), 1.5)
         assert paused, "the relay never stopped reading the server"
         assert HIGH_WATER < most <= HIGH_WATER + RECV_SIZE
         messages = rawclient.until_ready(sock)
@@ -107,7 +107,7 @@ def test_slow_client_large_result_is_buffered_within_bounds(
         assert all(body[-width:] == b"x" * width for body in data_rows)
         assert (b"C", b"SELECT %d\x00" % rows) in messages
         # Reading resumed: the session goes on as usual.
-        assert proxy.call(lambda: (relay.reading_backend, relay.client.pending)) == (True, None)
+        assert proxy.call(lambda: (relay.backend.reading, relay.client.pending)) == (True, None)
         rawclient.query(sock, "select 2")
         assert [t for t, _ in rawclient.until_ready(sock)] == [b"T", b"D", b"C", b"Z"]
     finally:
@@ -130,7 +130,7 @@ def test_client_flooding_a_busy_server_is_buffered_within_bounds(
         sender = threading.Thread(target=sock.sendall, args=(flood,))
         sender.start()
         most, paused = _watch(proxy, lambda: (len(relay.backend.pending or b""),
-                                              relay.reading_client), 1.2)
+                                              relay.client.reading), 1.2)
         assert paused, "the relay never stopped reading the client"
         assert HIGH_WATER < most <= HIGH_WATER + RECV_SIZE
         seen: list[bytes] = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import asyncpg
 
+from sqlproxy.proxy.server import ensure_fd_limit
 from tests.support import pg
 from tests.support.proxy import ProxyThread
 
@@ -33,15 +33,8 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _raise_fd_limit(need: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, need)) if hard != resource.RLIM_INFINITY else max(soft, need)
-    if want > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-
-
 def test_thousand_clients(tmp_path: Path, pg_primary: pg.PgCluster) -> None:
-    _raise_fd_limit(4 * CLIENTS + 256)  # client sockets here + the proxy's two per session
+    ensure_fd_limit(4 * CLIENTS + 256)  # client sockets here + the proxy's two per session
     port = pg.free_port()
     cfg = tmp_path / "load.toml"
     cfg.write_text(f"""

@@ -597,9 +597,7 @@ class RoutedSession(ClientSession):
 
     def _connect_replica(self, rep: ReplicaState) -> None:
         self.connecting = rep.name
-        task = asyncio.get_running_loop().create_task(self._open_replica(rep))
-        self.server._tasks.add(task)
-        task.add_done_callback(self.server._tasks.discard)
+        self.server.track(asyncio.get_running_loop().create_task(self._open_replica(rep)))
 
     async def _replica_transport(
         self, rep: ReplicaState, factory: Callable[[], ReplicaConnection]
@@ -1073,12 +1071,11 @@ class RoutedSession(ClientSession):
         self._close_replicas()
         super().fail(exc, quiet=quiet)
 
-    def cancel_backend_query(self) -> None:
+    def cancel_backend_query(self) -> asyncio.Task[None] | None:
         for link in self.links.values():
             if link.unit is not None and link.key is not None:
-                self.server.send_cancel(link.address, link.key)
-                return
-        super().cancel_backend_query()
+                return self.server.send_cancel(link.address, link.key)
+        return super().cancel_backend_query()
 
     def pause_writing(self) -> None:
         super().pause_writing()

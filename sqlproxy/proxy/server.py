@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import resource
 import ssl
 import time
@@ -266,23 +265,39 @@ class ProxyServer:
                 _decrement(self.per_database, st.database)
 
     # ------------------------------------------------------------------ cancellation
-    def register_cancel_key(self, session: ClientSession, secret_len: int) -> tuple[int, bytes]:
+    def register_cancel_key(self, session: ClientSession, pid: int,
+                            secret_len: int) -> tuple[int, bytes]:
+        """The BackendKeyData a client is given: its server backend's real ``pid`` (so that the
+        driver's PID agrees with ``pg_backend_pid()``, ``pg_stat_activity`` and
+        NotificationResponse) with a secret of our own, so that its cancel requests come to
+        us and are routed by us. The secret is as long as the server's (protocol 3.2 allows
+        up to 256 bytes), at least 4."""
         while True:
-            key = (random.randint(1, 2**31 - 1), os.urandom(max(4, secret_len)))
+            key = (pid, os.urandom(max(4, secret_len)))
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = session
                 return key
 
-    def forward_cancel(self, pid: int, secret: bytes) -> None:
+    def forward_cancel(self, pid: int, secret: bytes) -> asyncio.Task[None] | None:
+        """Pass a client's CancelRequest on to the server connection its session uses now.
+        Returns the task sending it (None if nothing was sent): the caller keeps the client's
+        cancel connection open until it is done, as PostgreSQL closes that connection only
+        once the cancel is processed. A client that waits for that close before its next
+        query (asyncpg does) must not have the next query hit by a late cancel."""
         session = self.cancel_keys.get((pid, secret))
         if session is None:
             log.info("cancel_request_unknown_key", pid=pid)
-            return
+            return None
         log.info("cancel_request", session=session.id)
-        session.cancel_backend_query()
+        return session.cancel_backend_query()
 
-    def send_cancel(self, address: tuple[str, int], key: tuple[int, bytes]) -> None:
+    def send_cancel(self, address: tuple[str, int], key: tuple[int, bytes]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._send_cancel(address, key))
+        self.track(task)
+        return task
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a background task of a session's until it ends (shutdown waits for them)."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -297,10 +297,13 @@ class ClientSession(asyncio.Protocol):
             asyncio.get_running_loop().create_task(self._start_tls(transport, ctx))
             return
         if isinstance(msg, CancelRequest):
-            self.server.forward_cancel(msg.pid, msg.secret)
             self._closing = True
-            transport.close()
             self.state = SessionState.CLOSED
+            sent = self.server.forward_cancel(msg.pid, msg.secret)
+            if sent is None:
+                transport.close()
+            else:  # closed once the server has processed it, as PostgreSQL does
+                sent.add_done_callback(lambda _: transport.close())
             return
         if self.tls is None and self.config.tls.client_mode == "require":
             raise ProxyError(
@@ -424,7 +427,7 @@ class ClientSession(asyncio.Protocol):
                 pid = _unpack_int32(buf, pos + 5)[0]
                 secret = bytes(buf[pos + 9 : end])
                 backend.key = (pid, secret)
-                self.proxy_key = self.server.register_cancel_key(self, len(secret))
+                self.proxy_key = self.server.register_cancel_key(self, pid, len(secret))
                 out += backend_key_data(self.proxy_key[0], self.proxy_key[1])
             else:
                 if t == B_AUTHENTICATION and ln >= 8 and \
@@ -612,10 +615,12 @@ class ClientSession(asyncio.Protocol):
             + (f": {exc}" if exc else ""),
         ))
 
-    def cancel_backend_query(self) -> None:
+    def cancel_backend_query(self) -> asyncio.Task[None] | None:
+        """Cancel what the session's server connection is running (a client's CancelRequest)."""
         b = self.backend
         if b is not None and b.key is not None:
-            self.server.send_cancel(b.address, b.key)
+            return self.server.send_cancel(b.address, b.key)
+        return None
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able view of the session for the admin API."""

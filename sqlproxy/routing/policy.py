@@ -35,6 +35,7 @@ from sqlproxy.analysis.classify import Shape, StatementKind
 __all__ = [
     "DEFAULT_READ_ONLY_FUNCTIONS",
     "PIN_FUNCTIONS",
+    "PRIMARY_IDENTITY_FUNCTIONS",
     "Decision",
     "FunctionPolicy",
     "RoutedStatement",
@@ -65,7 +66,6 @@ DEFAULT_READ_ONLY_FUNCTIONS: frozenset[str] = frozenset(
         "pg_sleep",
         "pg_sleep_for",
         "pg_sleep_until",
-        "pg_backend_pid",
         "pg_is_in_recovery",
         "pg_last_wal_replay_lsn",
         "pg_last_wal_receive_lsn",
@@ -73,6 +73,11 @@ DEFAULT_READ_ONLY_FUNCTIONS: frozenset[str] = frozenset(
         "version",
     }
 )
+
+#: Functions that name the server backend itself. The client's driver reports the primary's
+#: backend PID (BackendKeyData), so these run there to agree with it; not a pin, and a
+#: ``/* sqlproxy:replica */`` hint sends them to a replica on purpose.
+PRIMARY_IDENTITY_FUNCTIONS: frozenset[str] = frozenset({"pg_backend_pid"})
 
 #: Functions whose effect outlives the statement in the server session: they pin it.
 PIN_FUNCTIONS: frozenset[str] = frozenset(
@@ -222,6 +227,8 @@ def _statement(st: RoutedStatement, functions: FunctionPolicy) -> tuple[bool, st
     for f in shape.functions:
         if functions.is_write(f):
             return False, f"write function {f}", True
+        if not hinted and _base(f) in PRIMARY_IDENTITY_FUNCTIONS:
+            return False, f"{f}: the client's backend is the primary's", False
         if not hinted and not functions.is_read_only(f):
             return False, f"volatile function {f}", True
     return True, "read-only", False

@@ -80,6 +80,11 @@ def test_psql_and_asyncpg_verify_full(make_proxy: Callable[..., ProxyThread], ca
         conn = await asyncpg.connect(host="localhost", port=proxy.port, user="postgres",
                                      database="postgres", ssl=_verify_full(ca))
         assert await conn.fetchval("select $1::int + 1", 41) == 42
+        # The server backend's PID, and a cancel (sent over TLS too) that ends the query.
+        assert conn.get_server_pid() == await conn.fetchval("select pg_backend_pid()")
+        with pytest.raises((asyncio.TimeoutError, asyncpg.QueryCanceledError)):
+            await conn.fetch("select pg_sleep(30)", timeout=0.3)
+        assert await conn.fetchval("select 1 from pg_sleep(0.1)") == 1
         tls = proxy.call(lambda: [(s.tls, s.relay) for s in proxy.runtime.proxy.sessions.values()])  # type: ignore[union-attr]
         assert tls and all(t is not None and t.startswith("TLS") for t, _ in tls)
         assert all(relay is None for _, relay in tls)  # TLS stays on the transports
@@ -343,9 +348,11 @@ def test_replica_connections_use_tls(
             conn = await asyncpg.connect(proxy.dsn(), ssl=False)
             try:
                 for _ in range(100):  # until the router has the replica in rotation
+                    # pg_backend_pid() runs on the primary unless hinted (the client's
+                    # PID is the primary backend's).
                     row = await conn.fetchrow(
-                        "select pg_is_in_recovery() as standby, ssl from pg_stat_ssl "
-                        "where pid = pg_backend_pid()")
+                        "/* sqlproxy:replica */ select pg_is_in_recovery() as standby, ssl "
+                        "from pg_stat_ssl where pid = pg_backend_pid()")
                     assert row is not None
                     if row["standby"]:
                         return row["standby"], row["ssl"]

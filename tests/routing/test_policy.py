@@ -182,6 +182,17 @@ def test_hints() -> None:
     assert route("/* sqlproxy:replica */ SELECT 1; DELETE FROM t").target is Target.PRIMARY
 
 
+def test_backend_pid_runs_where_the_client_pid_comes_from() -> None:
+    """The driver reports the primary's backend PID: pg_backend_pid() agrees with it (and so
+    do joins on pg_stat_activity / pg_locks by it). Not a write and not a pin."""
+    for sql in ("SELECT pg_backend_pid()",
+                "SELECT * FROM pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid()"):
+        d = route(sql)
+        assert d.target is Target.PRIMARY, (sql, d)
+        assert "primary's" in d.reason and not d.writes and not d.pin
+    assert route("/* sqlproxy:replica */ SELECT pg_backend_pid()").target is Target.REPLICA
+
+
 def test_function_lists_from_config() -> None:
     funcs = FunctionPolicy(read_only_functions=["add_order"], write_functions=["price_of"],
                            volatility=VOLATILITY)

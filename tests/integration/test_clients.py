@@ -956,10 +956,7 @@ def test_asyncpg_session_terminated_by_server_reports_the_server_error(
 
 def test_psycopg_sees_server_termination(pg_primary: PgCluster, proxy_dsn: str) -> None:
     with psycopg.connect(proxy_dsn, autocommit=True) as conn:
-        # Not conn.info.backend_pid: that is the proxy's own key (BackendKeyData is remapped).
-        row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        assert row is not None
-        pid = row[0]
+        pid = conn.info.backend_pid  # the server backend's own PID, as directly
         pg_primary.psql(f"SELECT pg_terminate_backend({pid})")
         with pytest.raises(psycopg.errors.AdminShutdown) as excinfo:
             for _ in range(100):  # until the FATAL has arrived
@@ -1632,8 +1629,8 @@ def java_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     jar = find_pgjdbc_jar()
     assert jar is not None
     classes = tmp_path_factory.mktemp("java-classes")
-    result = run(["javac", "-d", classes, "-cp", jar, JAVA_DIR / "Compat.java"],
-                 env=client_env(), timeout=120)
+    result = run(["javac", "-d", classes, "-cp", jar, JAVA_DIR / "Compat.java",
+                  JAVA_DIR / "Pid.java"], env=client_env(), timeout=120)
     assert result.returncode == 0, describe(result)
     return classes, jar
 
@@ -1668,3 +1665,46 @@ def test_pgjdbc(
         "done": "ok",
     }
 
+
+
+# --------------------------------------------------------------------------------------------
+# The backend PID a driver reports (see also tests/integration/test_transparency.py)
+# --------------------------------------------------------------------------------------------
+
+
+def test_node_postgres_backend_pid(
+    node_client: Path, proxy: ProxyThread, pg_primary: PgCluster
+) -> None:
+    user = pg.APP_USER
+    outputs: dict[str, dict[str, Any]] = {}
+    for target, dsn in (("direct", pg_primary.dsn(user.name, user.password, pg.APP_DATABASE)),
+                        ("proxy", proxy.dsn(user.name, user.password, pg.APP_DATABASE))):
+        result = run(["node", node_client.parent / "pid.js", dsn, unique_name("chan")],
+                     timeout=60)
+        assert result.returncode == 0, describe(result)
+        outputs[target] = json.loads(result.stdout)
+    assert outputs["proxy"] == outputs["direct"]
+    assert outputs["proxy"] == {"pid_matches": True, "notify_pid_matches": True,
+                                "terminated": True, "victim_error": ADMIN_SHUTDOWN,
+                                "other_alive": True}
+
+
+def test_pgjdbc_backend_pid(
+    java_client: tuple[Path, Path], proxy: ProxyThread, pg_primary: PgCluster
+) -> None:
+    classes, jar = java_client
+    user = pg.APP_USER
+    outputs: dict[str, dict[str, str]] = {}
+    for target, host, port in (("direct", pg_primary.host, pg_primary.port),
+                               ("proxy", proxy.host, proxy.port)):
+        url = f"jdbc:postgresql://{host}:{port}/{pg.APP_DATABASE}?sslmode=disable"
+        result = run(["java", "-cp", f"{classes}:{jar}", "Pid", url, user.name,
+                      user.password, unique_name("chan")], timeout=120)
+        assert result.returncode == 0, describe(result)
+        outputs[target] = dict(line.split("=", 1) for line in result.stdout.splitlines())
+    assert outputs["proxy"] == outputs["direct"]
+    assert outputs["proxy"]["pid_matches"] == "true"
+    assert outputs["proxy"]["notify_pid_matches"] == "true"
+    assert outputs["proxy"]["terminated"] == "true"
+    assert outputs["proxy"]["victim_error"] in (ADMIN_SHUTDOWN, "08006")
+    assert outputs["proxy"]["other_alive"] == "true"

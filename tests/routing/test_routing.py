@@ -347,3 +347,67 @@ def test_replica_error_is_retried_on_the_primary(
     router = router_of(routed)
     assert routed.call(lambda: router.replicas[0].retried) >= 1
     assert calls(pg_primary, "nextval") >= 3
+
+
+def test_routed_client_pid_is_the_primary_backend(
+    routed: ProxyThread, pg_primary: PgCluster
+) -> None:
+    """The driver's PID is the primary backend's; pg_backend_pid() runs there to agree."""
+
+    async def main() -> tuple[int, int, str]:
+        conn = await asyncpg.connect(routed.dsn(), server_settings={"application_name": "pidr"})
+        try:
+            pid = conn.get_server_pid()
+            return pid, await conn.fetchval("SELECT pg_backend_pid()"), pg_primary.psql(
+                f"SELECT application_name FROM pg_stat_activity WHERE pid = {pid}")
+        finally:
+            await conn.close()
+
+    pid, reported, app = asyncio.run(main())
+    assert reported == pid and app == "pidr"
+
+
+def test_cancel_reaches_the_query_on_the_replica(
+    routed: ProxyThread, pg_replica: PgCluster
+) -> None:
+    """Two reads sleeping on the replica: a cancel ends exactly the one it names."""
+
+    async def main() -> None:
+        markers = [unique_name("rcancel") for _ in range(2)]
+        conns = [await psycopg.AsyncConnection.connect(routed.dsn(), autocommit=True)
+                 for _ in markers]
+        observer = await asyncpg.connect(pg_replica.dsn())
+
+        async def active(marker: str) -> int:
+            return int(await observer.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", marker))
+
+        async def sleep(conn: Any, marker: str) -> str:
+            try:
+                await conn.execute(f"SELECT pg_sleep(60), '{marker}'")
+            except psycopg.errors.QueryCanceled:
+                return "canceled"
+            return "finished"
+
+        tasks = [asyncio.create_task(sleep(c, m)) for c, m in zip(conns, markers, strict=True)]
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not all([await active(m) for m in markers]):
+                assert loop.time() < deadline, "the sleeps never ran on the replica"
+                await asyncio.sleep(0.05)
+            await conns[0].cancel_safe()
+            assert await asyncio.wait_for(tasks[0], 20) == "canceled"
+            assert not tasks[1].done() and await active(markers[1]) == 1
+            await conns[1].cancel_safe()
+            assert await asyncio.wait_for(tasks[1], 20) == "canceled"
+            assert (await (await conns[0].execute("SELECT 1")).fetchone()) == (1,)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for c in conns:
+                await c.close()
+            await observer.close()
+
+    asyncio.run(main())

@@ -11,7 +11,8 @@ from typing import Any
 
 from sqlproxy import __version__
 from sqlproxy.config import Config, load_config
-from sqlproxy.errors import ConfigError
+from sqlproxy.errors import ConfigError, MissingExtra
+from sqlproxy.extras import EXTRAS
 
 _LISTEN_ERRORS = frozenset({errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES})
 
@@ -86,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         "admin API, run a small SQLAlchemy application with typical ORM anti-patterns through "
         "it, and print what sqlproxy found. Then keep serving (dashboard, psql) until Ctrl-C. "
         "Everything it starts is removed on exit.",
+        epilog=f"Installed with pip, the demo needs its extra: {EXTRAS['demo'].install} "
+        f"({EXTRAS['demo'].packages}, for the application); bash scripts/demo sets that up "
+        "itself. Exit status 2 when they are missing.",
     )
     demo.add_argument("--exit", action="store_true",
                       help="stop after the report instead of serving until Ctrl-C")
@@ -121,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        return _command(args)
+    except MissingExtra as exc:  # an optional feature installed without its extra
+        print(f"sqlproxy: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from sqlproxy.demo import run_demo
 

@@ -38,3 +38,13 @@ class ConfigError(ProxyError):
     """The configuration is invalid; the message names the key."""
 
     sqlstate = "F0000"
+
+
+class MissingExtra(ProxyError):
+    """An optional feature's packages are not installed; the message names the pip extra that
+    provides them (see sqlproxy.extras). The command line prints it as one line, status 2."""
+
+    def __init__(self, message: str, *, extra: str, missing: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.extra = extra
+        self.missing = missing

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,22 +64,28 @@ def _table_section(report: str, title: str) -> str:
     return report[start:] if end < 0 else report[start:end]
 
 
-@pytest.mark.slow
-def test_demo_end_to_end() -> None:
-    before = _postmasters()
-    listen, admin = free_port(), free_port()
-    env = {**os.environ, "COLUMNS": "160"}  # room for the tables, as in a wide terminal
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sqlproxy", "demo", "--exit",
-         "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+def _run_demo(command: list[str], cwd: Path, env: dict[str, str],
+              ) -> tuple[subprocess.Popen[str], str, str]:
+    """Run ``command`` (a ``sqlproxy demo --exit``) to its end: (process, stdout, stderr)."""
+    proc = subprocess.Popen(command, cwd=cwd, env={**env, "COLUMNS": "160"},  # room for tables
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         report, errors = proc.communicate(timeout=DEMO_TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()  # its postmasters die with it (PR_SET_PDEATHSIG in devcluster)
         report, errors = proc.communicate()
         pytest.fail(f"sqlproxy demo did not finish in {DEMO_TIMEOUT} s:\n{report}\n{errors}")
+    return proc, report, errors
+
+
+@pytest.mark.slow
+def test_demo_end_to_end() -> None:
+    before = _postmasters()
+    listen, admin = free_port(), free_port()
+    proc, report, errors = _run_demo(
+        [sys.executable, "-m", "sqlproxy", "demo", "--exit",
+         "--listen", f"127.0.0.1:{listen}", "--admin", f"127.0.0.1:{admin}"],
+        cwd=ROOT, env=dict(os.environ))
     context = f"\n--- stdout ---\n{report}\n--- stderr ---\n{errors}"
     assert proc.returncode == 0, context
     assert "demo finished" in errors, context
@@ -113,6 +121,70 @@ def test_demo_end_to_end() -> None:
     # Everything it started is stopped and removed.
     for port in (listen, admin, *pg_ports):
         assert not _accepting(port), f"port {port} still accepting after the demo{context}"
+    leaked = {pid: d for pid, d in _postmasters().items()
+              if pid not in before and _owned_by(d, proc.pid)}
+    assert not leaked, f"postgres left running by the demo: {leaked}"
+
+
+# ------------------------------------------------------ installed with pip, as a new user would
+PIP_TIMEOUT = 900  # seconds: the dependencies and the build requirements come from PyPI
+WITHOUT_EXTRA = ("sqlproxy: the demo needs SQLAlchemy and greenlet, which are not installed: "
+                 "pip install 'sqlproxy[demo]'\n")
+
+
+def _user_env() -> dict[str, str]:
+    """This environment without what would make the new venv see the repository's sqlproxy or
+    configuration."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("SQLPROXY_")
+            and k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+
+
+def _copy_source(dest: Path) -> None:
+    """What the Dockerfile copies into its build: the package and its packaging files, without
+    the tree's build artefacts (an editable install leaves compiled .so files in sqlproxy/)."""
+    dest.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "sqlproxy", dest / "sqlproxy",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info"))
+
+
+def _pip_install(venv: Path, requirement: str) -> None:
+    # Interpreted (no mypyc): compiling takes minutes and is not what this checks.
+    env = {**_user_env(), "SQLPROXY_NO_MYPYC": "1"}
+    out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q",
+                          "--disable-pip-version-check", requirement],
+                         env=env, capture_output=True, text=True, timeout=PIP_TIMEOUT)
+    assert out.returncode == 0, f"pip install {requirement}:\n{out.stdout}\n{out.stderr}"
+
+
+@pytest.mark.slow
+def test_pip_install_without_then_with_the_demo_extra() -> None:
+    """``pip install .`` then ``sqlproxy demo``: one line naming the extra, status 2; after
+    ``pip install '.[demo]'`` the demo runs."""
+    before = _postmasters()
+    with tempfile.TemporaryDirectory(prefix="sqlproxy-pip-test-") as tmp:
+        work = Path(tmp)
+        src, venv = work / "src", work / "venv"
+        _copy_source(src)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        _pip_install(venv, str(src))
+        sqlproxy = str(venv / "bin" / "sqlproxy")
+
+        out = subprocess.run([sqlproxy, "demo", "--exit"], cwd=work, env=_user_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert (out.returncode, out.stdout, out.stderr) == (2, "", WITHOUT_EXTRA)
+
+        _pip_install(venv, f"{src}[demo]")
+        listen, admin = free_port(), free_port()
+        proc, report, errors = _run_demo(
+            [sqlproxy, "demo", "--exit", "--listen", f"127.0.0.1:{listen}",
+             "--admin", f"127.0.0.1:{admin}"], cwd=work, env=_user_env())
+    context = f"\n--- stdout ---\n{report}\n--- stderr ---\n{errors}"
+    assert proc.returncode == 0, context
+    assert "demo finished" in errors, context
+    assert f"sqlproxy listening on 127.0.0.1:{listen}" in report, context
+    assert "Findings" in report and "N+1 select" in report, context
     leaked = {pid: d for pid, d in _postmasters().items()
               if pid not in before and _owned_by(d, proc.pid)}
     assert not leaked, f"postgres left running by the demo: {leaked}"

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlproxy import devcluster
+from sqlproxy import devcluster, extras
 from sqlproxy.config import Config
 
 __all__ = ["run_demo"]
@@ -175,6 +175,9 @@ async def _router_caught_up(runtime: Any, timeout: float = 10.0) -> None:
 def run_demo(args: Any) -> int:
     from sqlproxy.runtime import install_uvloop
 
+    # Before any cluster starts: installed without the demo extra, the application's imports
+    # would fail only after the servers are up (MissingExtra: one line from the CLI, status 2).
+    extras.require("demo", "the demo")
     install_uvloop()
     started = time.monotonic()
     try:

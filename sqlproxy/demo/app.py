@@ -16,7 +16,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from sqlproxy.demo import workload
+from sqlproxy import extras
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -61,6 +61,8 @@ async def _wait_for_database(engine: AsyncEngine, timeout: float) -> None:
 async def run(engine: AsyncEngine, interval: float = 0.0, connect_timeout: float = 60.0,
               skip_setup: bool = False) -> None:
     """Seed (unless ``skip_setup``), then run the scenes once or every ``interval`` s."""
+    from sqlproxy.demo import workload
+
     try:
         await _wait_for_database(engine, connect_timeout)
         if not skip_setup:
@@ -87,6 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.url:
         print("league app: no database URL: pass --url or set DATABASE_URL", file=sys.stderr)
         return 2
+    try:
+        extras.require("demo", "the league app")
+    except extras.MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from sqlproxy.demo import workload  # after the check: it imports SQLAlchemy
+
     try:
         engine = workload.make_engine(args.url, APPLICATION_NAME)
     except ValueError as exc:

@@ -6,25 +6,24 @@ class once at startup): the plain ``ClientSession`` hot path stays untouched.
 How it works
 ------------
 Startup and authentication are the plain session's: the client authenticates against the
-primary. After that, the client's bytes are cut into *units* — one Query, or the extended-
-protocol messages up to a Sync (or a Flush, after which the rest up to the Sync follows the same
-backend: the client is waiting for answers) — and each unit is routed as a whole by
-``routing.policy.decide`` when nothing is in flight. Units pipelined behind a unit running on the
-primary follow it there; a unit on a replica runs alone, so its responses can be held back and,
-if the replica proves it could not run it (read-only transaction, recovery conflict, shutdown,
-lost connection), thrown away and the unit retried on the primary before the client has seen any
-of it.
+primary. After that, the client's bytes are cut into *units* (``routing.units``) and each unit
+is routed as a whole by ``routing.policy.decide`` when nothing is in flight. Units pipelined
+behind a unit running on the primary follow it there; a unit on a replica runs alone, so its
+responses can be held back and, if the replica proves it could not run it (read-only
+transaction, recovery conflict, shutdown, lost connection), thrown away and the unit retried on
+the primary before the client has seen any of it.
 
 Each backend (a *link*) has its own ``Conversation`` for statistics and transaction status.
 Before a unit is sent to a link, what the session built elsewhere is replayed there as extra
-units whose responses are swallowed: session settings (SET/RESET, applied in order), and the
-named prepared statements the unit uses (Parse with the client's own Parse message, Close for
-statements the client closed elsewhere).
+units whose responses are swallowed (``routing.replay``); what comes back is sorted into the
+client's, the swallowed and the held by ``routing.answers``.
 
-Replica connections are opened lazily as the client's user and database. A trusted user needs
-nothing; a SCRAM-SHA-256 user is authenticated with the ClientKey recovered from the exchange the
-client had with the primary (observed during startup only, see ``routing.scram``); otherwise
-``routing.passwords``. When none works, the session's reads stay on the primary (warned once).
+Replica connections are opened lazily as the client's user and database and logged in by
+``routing.replica_login`` (SCRAM keys recovered from the client's exchange with the primary,
+observed during startup only, see ``routing.scram``; otherwise ``routing.passwords``). When
+none works, the session's reads stay on the primary (warned once).
+
+This module is the orchestration: the parts it uses are sans-IO and tested on their own.
 
 Read-your-writes: after a unit that may write completes on the primary (outside a transaction
 block), the session's reads stay on the primary until a replica has replayed past the primary's
@@ -36,238 +35,58 @@ for a replica that has replayed past it (see ``routing.tables``).
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import re
-import struct
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from sqlproxy.analysis.classify import Shape, StatementKind
+from sqlproxy.analysis.classify import Shape
 from sqlproxy.analysis.normalize import Normalized
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy.links import Link, open_replica
 from sqlproxy.proxy.session import (
     BackendConnection,
     ClientSession,
-    ServerSideProtocol,
     SessionState,
 )
-from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket
+from sqlproxy.routing.answers import (
+    DROP_CONNECTION,
+    REPLICA_DOWN,
+    Event,
+    Kind,
+    should_retry,
+)
 from sqlproxy.routing.health import ReplicaState, Router
-from sqlproxy.routing.policy import Decision, RoutedStatement, SessionView, Target, decide
-from sqlproxy.routing.scram import ScramCapture, ScramClient, ScramError, ScramKeys
-from sqlproxy.routing.tables import ALL, written_tables
+from sqlproxy.routing.policy import Decision, RoutedStatement, Target
+from sqlproxy.routing.replay import SESSION_TAGS, Replay
+from sqlproxy.routing.replica_login import ReplicaLogin
+from sqlproxy.routing.scram import ScramKeys, ScramWatch
+from sqlproxy.routing.session_routing import SessionRouting
+from sqlproxy.routing.units import Unit, UnitCutter
 from sqlproxy.wire.conversation import Conversation, Pending
-from sqlproxy.wire.messages import TERMINATE, build, cstr
+from sqlproxy.wire.frames import Frames
+from sqlproxy.wire.messages import (
+    F_COPY_DATA,
+    F_COPY_DONE,
+    F_COPY_FAIL,
+    F_FLUSH,
+    F_SYNC,
+    F_TERMINATE,
+    SYNC,
+    TERMINATE,
+    error_summary,
+)
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.server import ProxyServer
 
 log = get_logger("sqlproxy.routing")
 _perf = time.perf_counter
-_int32 = struct.Struct("!I")
-_unpack_int32 = _int32.unpack_from
 
-_SYNC = build(b"S", b"")
 _IDLE = 73  # 'I'
-#: Errors from a replica that prove the unit could not run there: retry on the primary.
-RETRY_ON_PRIMARY = frozenset(
-    {
-        "25006",  # read_only_sql_transaction: it wrote after all
-        "40001",  # serialization_failure: recovery conflict
-        "40P01",  # deadlock_detected: recovery conflict on buffer pins
-        "55000",  # object_not_in_prerequisite_state: "recovery is in progress"
-        "0A000",  # feature_not_supported: e.g. SERIALIZABLE on a standby
-        "57P01", "57P02", "57P03",  # shutdown, crash, not accepting connections
-        "26000", "42P05",  # our prepared-statement bookkeeping was wrong: be safe
-    }
-)  # fmt: skip
-HOLD_LIMIT = 256 * 1024  # bytes of a replica's answer held back for a possible retry
-_SESSION_TAGS = (b"SET", b"RESET", b"DISCARD", b"DEALLOCATE")
-_DEALLOCATE_RE = re.compile(r"deallocate\s+(?:prepare\s+)?(.+)$")
-
-
-class Unit:
-    """One routed unit: the client's raw messages and what the router must know of them."""
-
-    __slots__ = (
-        "binds",
-        "closes",
-        "data",
-        "describe_only",
-        "describes",
-        "has_query",
-        "in_tx",
-        "open",
-        "parses",
-        "queries",
-        "sent",
-        "tables",
-        "unknown",
-    )
-
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.queries: list[str] = []  # simple Query texts
-        self.parses: list[tuple[bytes, str, bytes]] = []  # (name, sql, whole Parse message)
-        self.binds: list[bytes] = []  # statement names bound
-        self.describes: list[bytes] = []  # statement names described
-        self.closes: list[bytes] = []  # statement names closed
-        self.has_query = False
-        self.open = False  # ended by Flush: the rest follows until Sync
-        self.describe_only = False  # Parse/Describe/Close then Flush: see RoutedSession._send
-        self.unknown = False  # an Execute of an earlier portal, a FunctionCall
-        self.sent = 0.0
-        self.in_tx = False  # sent inside a transaction block: never retried elsewhere
-        self.tables: frozenset[str] = frozenset()  # what it reads (read_your_writes = "table")
-
-
-class Link:
-    """One backend connection of a routed session."""
-
-    def __init__(self, name: str, conv: Conversation, replica: ReplicaState | None) -> None:
-        self.name = name
-        self.conv = conv
-        self.replica = replica
-        self.transport: asyncio.Transport | None = None
-        self.address: tuple[str, int] = ("", 0)
-        self.key: tuple[int, bytes] | None = None
-        self.prepared: dict[bytes, bytes] = {}  # statement name -> the Parse message sent
-        self.to_close: set[bytes] = set()
-        self.settings_gen = 0
-        self.settings_applied = 0
-        self.swallow = 0  # ReadyForQuery messages of injected units still to swallow
-        self.swallow_failed = False
-        self.strip = 0  # ReadyForQuery messages to keep from the client (our own Syncs)
-        self.rbuf = bytearray()  # an incomplete message, while framing
-        self.unit: Unit | None = None  # the replica unit in flight
-        self.hold: bytearray | None = None  # its answer, held back (None: streaming)
-        self.error: str | None = None  # SQLSTATE of an error in the held answer
-        self.ready = replica is None
-        self.closed = False
-
-    @property
-    def busy(self) -> bool:
-        if self.swallow or self.strip:
-            return True
-        if self.replica is not None:
-            return self.unit is not None
-        return self.conv.busy
-
-
-class ReplicaConnection(ServerSideProtocol):
-    """The transport protocol of a replica link: our own startup and authentication.
-
-    Credentials, in order: the client's SCRAM keys recovered from its exchange with the primary
-    (``keys``, see ``routing.scram``), or ``routing.passwords[user]``; trust needs neither.
-    """
-
-    session: RoutedSession
-
-    def __init__(self, session: RoutedSession, link: Link, password: str | None,
-                 keys: ScramKeys | None = None) -> None:
-        self.session = session
-        self.link = link
-        self.password = password
-        self.keys = keys
-        self.buf = bytearray()
-        self.started = False
-        self.waiter: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._scram: ScramClient | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.link.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.started:
-            self.session.link_data(self.link, data)
-            return
-        self.buf += data
-        buf = self.buf
-        pos = 0
-        while len(buf) - pos >= 5:
-            t = buf[pos]
-            end = pos + 1 + _unpack_int32(buf, pos + 1)[0]
-            if end > len(buf):
-                break
-            body = bytes(buf[pos + 5 : end])
-            pos = end
-            if t == 82:  # 'R'
-                try:
-                    problem = self._auth(body)
-                except (ScramError, UnicodeDecodeError) as exc:
-                    problem = f"SCRAM authentication failed: {exc}"
-                if problem is not None:
-                    self._done(problem)
-                    return
-            elif t == 75:  # 'K' BackendKeyData
-                self.link.key = (_unpack_int32(body, 0)[0], body[4:])
-            elif t == 69:  # 'E'
-                fields = dict(
-                    (chr(f[0]), f[1:].decode("utf-8", "replace"))
-                    for f in body.split(b"\x00") if f
-                )
-                self._done(f"{fields.get('C', '?')}: {fields.get('M', '')}")
-                return
-            elif t == 90:  # 'Z' ReadyForQuery: ready
-                self.started = True
-                rest = bytes(buf[pos:])
-                buf.clear()
-                self._done(None)
-                if rest:
-                    self.session.link_data(self.link, rest)
-                return
-        del buf[:pos]
-
-    def _send(self, msg: bytes) -> None:
-        if self.link.transport is not None:
-            self.link.transport.write(msg)
-
-    def _auth(self, body: bytes) -> str | None:
-        code = _unpack_int32(body, 0)[0]
-        if code == 0:
-            return None
-        pw = self.password
-        user = self.session.user
-        if code == 10:  # SASL
-            if b"SCRAM-SHA-256\x00" not in body[4:]:
-                return "authentication: no supported SASL mechanism"
-            if self.keys is not None:
-                self._scram = ScramClient(keys=self.keys)
-            elif pw is not None:
-                self._scram = ScramClient(password=pw)
-            else:
-                return ("password required: SCRAM keys not derivable and no routing.passwords "
-                        "entry for this user")
-            self._send(build(b"p", self._scram.initial_response()))
-            return None
-        if code == 11 and self._scram is not None:  # SASLContinue
-            self._send(build(b"p", self._scram.final_message(body[4:].decode())))
-            return None
-        if code == 12 and self._scram is not None:  # SASLFinal
-            self._scram.verify_final(body[4:].decode())
-            return None
-        if code not in (3, 5):
-            return f"authentication: unsupported authentication request {code}"
-        if pw is None:
-            return "password required (no routing.passwords entry for this user)"
-        if code == 3:  # cleartext
-            self._send(build(b"p", cstr(pw)))
-        else:  # MD5
-            salt = body[4:8]
-            inner = hashlib.md5((pw + user).encode()).hexdigest().encode()
-            self._send(build(b"p", cstr("md5" + hashlib.md5(inner + salt).hexdigest())))
-        return None
-
-    def _done(self, problem: str | None) -> None:
-        if not self.waiter.done():
-            self.waiter.set_result(problem)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._done(f"connection lost: {exc}" if exc else "connection closed")
-        self.session.link_lost(self.link, exc)
+#: A replica login that failed for one of these reasons will not work for this session.
+_AUTH_PROBLEMS = ("password", "authentication", "28P01", "28000")
+_COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 
 
 class RoutedSession(ClientSession):
@@ -280,58 +99,31 @@ class RoutedSession(ClientSession):
         self.router: Router = router
         self.primary_link: Link | None = None
         self.links: dict[str, Link] = {}  # replica name -> link
-        self.fbuf = bytearray()
-        self.cur = Unit()
+        self.frames = Frames(self.config.proxy.max_message_bytes)
+        self.cutter = UnitCutter()
         self.units: deque[Unit] = deque()
         self.open_link: Link | None = None  # a unit ended by Flush continues there
         self.tx_link: Link | None = None  # where the last unit ran (its transaction)
-        self.statements: dict[bytes, tuple[str, bytes]] = {}  # the client's named statements
-        self.pinned = False
-        self.dirty = False  # a unit that may write is in flight on the primary
-        self.horizon = 0  # read-your-writes: cycle whose primary LSN replicas must pass
-        self.written: set[str] = set()  # tables written by the dirty unit(s) ("table" mode)
-        self.settings: list[str] = []
-        self.settings_gen = 0
-        self.pending_settings: list[str] = []
-        self.unit_failed = False
-        self.no_replica = False  # authentication to replicas impossible for this session
-        # Replicas this session could not connect to: name -> (retry after, failures).
-        self.failed_replicas: dict[str, tuple[float, int]] = {}
+        self.replay = Replay()  # settings and named statements, replayed on other links
+        self.routing = SessionRouting(router.table_mode)  # pins, writes, horizon
+        self.unit_failed = False  # a statement of the transaction in progress failed
         self.connecting: str | None = None
         self._current = "primary"
-        self.scram_capture: ScramCapture | None = None  # the client's exchange with the primary
-        self.scram_keys: ScramKeys | None = None
+        self.scram = ScramWatch()  # the client's exchange with the primary, for replicas
 
     # ------------------------------------------------------------------ authentication
     def _server_auth_message(self, code: int, body: bytes) -> None:
-        if code == 10:  # AuthenticationSASL: watch the exchange (startup only, never hot)
-            self.scram_capture = ScramCapture()
-            return
-        capture = self.scram_capture
-        if capture is not None:
-            try:
-                capture.server_message(code, body)
-            except (ScramError, UnicodeDecodeError):
-                self.scram_capture = None
+        self.scram.server_message(code, body)
 
     def _client_auth_message(self, body: bytes) -> None:
-        capture = self.scram_capture
-        if capture is not None and not capture.complete:
-            try:
-                capture.client_message(body)
-            except (ScramError, UnicodeDecodeError):
-                self.scram_capture = None
+        self.scram.client_message(body)
 
     async def _replica_keys(self) -> ScramKeys | None:
         """The client's SCRAM keys, recovered once per session from its exchange."""
-        if self.scram_keys is None:
-            capture = self.scram_capture
-            if capture is None or not capture.complete:
-                return None
-            self.scram_keys = await self.router.scram_keys(self.user, capture)
-            if self.scram_keys is not None:
-                self.scram_capture = None  # not needed any more
-        return self.scram_keys
+        capture = self.scram.complete
+        if self.scram.keys is None and capture is not None:
+            self.scram.recovered(await self.router.scram_keys(self.user, capture))
+        return self.scram.keys
 
     # ------------------------------------------------------------------ startup hand-over
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
@@ -364,104 +156,52 @@ class RoutedSession(ClientSession):
             super().data_received(data)
             return
         try:
-            self._client_data(data)
+            for t, msg in self.frames.feed(data):
+                self._client_message(t, msg)
         except ProtocolViolation as exc:
             self.fail(exc)
-
-    def _client_data(self, data: bytes) -> None:
-        buf = self.fbuf
-        buf += data
-        n = len(buf)
-        pos = 0
-        max_message = self.config.proxy.max_message_bytes
-        while n - pos >= 5:
-            t = buf[pos]
-            ln = _unpack_int32(buf, pos + 1)[0]
-            if ln < 4 or ln > max_message:
-                raise ProtocolViolation(f"invalid message length {ln} for message type "
-                                        f"{chr(t)!r}")
-            end = pos + 1 + ln
-            if end > n:
-                break
-            self._client_message(t, bytes(buf[pos:end]))
-            pos = end
-        del buf[:pos]
+            return
         self._pump()
 
     def _client_message(self, t: int, msg: bytes) -> None:
         link = self.open_link
         if link is not None:
             self._forward(link, msg)
-            if t == 83:  # Sync ends the open unit
+            if t == F_SYNC:  # Sync ends the open unit
                 self.open_link = None
             return
-        if t in (100, 99, 102):  # CopyData, CopyDone, CopyFail: to the COPY (on the primary)
+        if t in _COPY_MESSAGES:  # to the COPY (on the primary)
             target = self.primary_link
             if self.tx_link is not None and self.tx_link.conv.copy_mode:
                 target = self.tx_link
             if target is not None:
                 self._forward(target, msg)
             return
-        if t == 88:  # Terminate
+        if t == F_TERMINATE:
             for lk in self._all_links():
-                if lk.transport is not None and not lk.transport.is_closing():
+                if lk.usable:
                     lk.conv.feed_frontend(msg, _perf())
-                    lk.transport.write(msg)
+                    lk.transport.write(msg)  # type: ignore[union-attr]
             return
-        unit = self.cur
-        if t == 72 and not unit.data:  # a bare Flush: to whoever owes answers
+        if t == F_FLUSH and self.cutter.empty:  # a bare Flush: to whoever owes answers
             for lk in self._all_links():
                 if lk.busy:
                     self._forward(lk, msg)
                     break
             return
-        unit.data += msg
-        if t == 80:  # Parse
-            nul = msg.index(0, 5)
-            name = msg[5:nul]
-            sql = msg[nul + 1 : msg.index(0, nul + 1)].decode("utf-8", "replace")
-            unit.parses.append((name, sql, msg))
-        elif t == 66:  # Bind
-            nul = msg.index(0, 5)
-            unit.binds.append(msg[nul + 1 : msg.index(0, nul + 1)])
-        elif t == 69:  # Execute
-            if not unit.binds:
-                unit.unknown = True
-        elif t == 68:  # Describe
-            if msg[5] == 83:
-                unit.describes.append(msg[6 : msg.index(0, 6)])
-        elif t == 67:  # Close
-            if msg[5] == 83:
-                unit.closes.append(msg[6 : msg.index(0, 6)])
-        elif t == 81:  # Query
-            unit.queries.append(msg[5 : msg.index(0, 5)].decode("utf-8", "replace"))
-            unit.has_query = True
-            self._end_unit()
-        elif t == 70:  # FunctionCall
-            unit.unknown = True
-            self._end_unit()
-        elif t == 83:  # Sync
-            self._end_unit()
-        elif t == 72:  # Flush
-            if not unit.binds and not unit.unknown and not unit.has_query:
-                unit.describe_only = True  # (asyncpg prepares this way)
-            else:
-                unit.open = True
-            self._end_unit()
-
-    def _end_unit(self) -> None:
-        self.units.append(self.cur)
-        self.cur = Unit()
+        unit = self.cutter.add(t, msg)
+        if unit is not None:
+            self.units.append(unit)
 
     def _forward(self, link: Link, msg: bytes) -> None:
-        if link.transport is None or link.transport.is_closing():
+        if not link.usable:
             return
-        if link.replica is None or link.hold is None:
+        if link.replica is None or link.answers.hold is None:
             self._current = link.name
             link.conv.feed_frontend(msg, _perf())
         elif link.unit is not None:
             link.unit.data += msg
-        link.transport.write(msg)
+        link.transport.write(msg)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ dispatch
     def _all_links(self) -> list[Link]:
@@ -469,6 +209,9 @@ class RoutedSession(ClientSession):
         if self.primary_link is not None:
             links.insert(0, self.primary_link)
         return links
+
+    def _link_named(self, name: str) -> Link | None:
+        return self.primary_link if name == "primary" else self.links.get(name)
 
     def _pump(self) -> None:
         primary = self.primary_link
@@ -479,8 +222,9 @@ class RoutedSession(ClientSession):
             if any(lk.busy for lk in self.links.values()):
                 return  # a replica unit runs alone
             if primary.busy:
-                # Pipelined behind the primary: follow it there (always correct).
-                if self._preamble(primary, unit, dry_run=True):
+                # Pipelined behind the primary: follow it there (always correct), unless
+                # the primary first needs a replay (its answers would interleave).
+                if self.replay.preamble(primary.replay, unit, dry_run=True)[0]:
                     return
                 self._decide(unit)
                 self.units.popleft()
@@ -503,7 +247,7 @@ class RoutedSession(ClientSession):
         for name in unit.binds:
             if name in parsed:
                 continue
-            known = self.statements.get(name)
+            known = self.replay.statements.get(name)
             if known is None:
                 return None
             out.extend(self._statements(known[0]))
@@ -523,38 +267,21 @@ class RoutedSession(ClientSession):
         writes for the session."""
         tx = self._in_tx()
         stmts = None if unit.unknown else self._unit_statements(unit)
-        table_mode = self.router.table_mode
-        if stmts is None:
-            self.dirty = True
-            if table_mode:
-                self.written.add(ALL)
+        routing = self.routing
+        was_pinned = routing.pinned
+        functions = self.router.functions(self.database)
+        decision = routing.decide(stmts, in_transaction=tx is not None,
+                                  transaction_on_replica=tx is not None and tx.replica is not None,
+                                  functions=functions)
+        if decision is None:
             return None
-        view = SessionView(
-            pinned=self.pinned,
-            in_transaction=tx is not None,
-            transaction_on_replica=tx is not None and tx.replica is not None,
-            replicas_usable=not self.no_replica,
-        )
-        decision = decide(stmts, view, self.router.functions(self.database))
-        if decision.pin and not self.pinned:
-            self.pinned = True
-            self.router.pinned_sessions += 1
+        if routing.pinned and not was_pinned:
+            self.router.note_pinned()
             log.info("session_pinned", session=self.id, reason=decision.reason)
-        if decision.writes:
-            self.dirty = True
-            if table_mode:
-                self.written |= written_tables(stmts, self.router.functions(self.database))
-        elif table_mode and decision.target is Target.REPLICA:
-            unit.tables = frozenset(t for st in stmts for t in st.shape.tables)
+        if routing.table_mode and not decision.writes and decision.target is Target.REPLICA:
+            unit.tables = frozenset(t for st in stmts or () for t in st.shape.tables)
         if decision.target is Target.PRIMARY and "volatile function" in decision.reason:
             self.router.load_functions(self.database)  # maybe a function we do not know yet
-        if not stmts:
-            return None
-        if decision.target is Target.REPLICA and all(
-            st.shape.kind is StatementKind.TRANSACTION and not st.shape.read_only_txn
-            for st in stmts
-        ):
-            return None  # a lone COMMIT outside a block: nothing to gain
         return decision
 
     def _route(self, unit: Unit) -> Link | None:
@@ -570,17 +297,17 @@ class RoutedSession(ClientSession):
         if decision is None or decision.target is Target.PRIMARY:
             return primary
         min_lsn = None
-        horizon = self.horizon
+        horizon = self.routing.horizon
         if unit.tables:
             horizon = max(horizon, self.router.table_horizon(self.database, unit.tables))
         if horizon:
             min_lsn = self.router.lsn_after(horizon)
             if min_lsn is None:
-                self.router.fallbacks += 1
+                self.router.note_fallback()
                 return primary
-        rep = self.router.choose(min_lsn, self._excluded())
+        rep = self.router.choose(min_lsn, self.routing.excluded(time.monotonic()))
         if rep is None:
-            self.router.fallbacks += 1
+            self.router.note_fallback()
             return primary
         link = self.links.get(rep.name)
         if link is None or link.closed:
@@ -588,131 +315,40 @@ class RoutedSession(ClientSession):
             return None
         return link
 
-    def _excluded(self) -> frozenset[str]:
-        failed = self.failed_replicas
-        if not failed:
-            return frozenset()
-        now = time.monotonic()
-        return frozenset(name for name, (until, _) in failed.items() if now < until)
-
     def _connect_replica(self, rep: ReplicaState) -> None:
         self.connecting = rep.name
         self.server.track(asyncio.get_running_loop().create_task(self._open_replica(rep)))
 
-    async def _replica_transport(
-        self, rep: ReplicaState, factory: Callable[[], ReplicaConnection]
-    ) -> tuple[asyncio.BaseTransport, ReplicaConnection]:
-        """Connect to a replica, with TLS as its URL's sslmode or tls.server_sslmode says."""
-        loop = asyncio.get_running_loop()
-        mode = backend_sslmode(self.config, rep.url)
-        if mode == "disable":
-            return await loop.create_connection(factory, rep.url.host, rep.url.port)
-        sock, use_tls = await open_backend_socket(rep.url.host, rep.url.port, mode)
-        ctx = self.server.backend_tls_context(mode) if use_tls else None
-        try:
-            return await loop.create_connection(
-                factory, sock=sock, ssl=ctx,
-                server_hostname=rep.url.host if ctx is not None else None,
-            )
-        except BaseException:
-            sock.close()
-            raise
-
     async def _open_replica(self, rep: ReplicaState) -> None:
         link = Link(rep.name, Conversation(self, self.config.proxy.max_message_bytes), rep)
-        link.address = (rep.url.host, rep.url.port)
-        link.settings_gen = -1  # a fresh connection: replay everything
-        problem: str | None
         password = self.router.routing.passwords.get(self.user)
-        proto: ReplicaConnection | None = None
         try:
-            keys = await self._replica_keys()
-            _, proto = await asyncio.wait_for(
-                self._replica_transport(rep, lambda: ReplicaConnection(self, link, password,
-                                                                       keys)),
-                timeout=self.config.proxy.connect_timeout,
-            )
-            assert self.startup is not None and proto is not None
-            assert link.transport is not None
-            link.transport.write(self.startup.raw)
-            problem = await asyncio.wait_for(proto.waiter, self.config.proxy.connect_timeout)
+            login = ReplicaLogin(self.user, password, await self._replica_keys())
+            assert self.startup is not None
+            problem = await open_replica(self, link, login, self.startup.raw,
+                                         self.config.proxy.connect_timeout)
         except (OSError, TimeoutError, ProxyError) as exc:
             problem = f"connection failed: {exc}"
             self.router.mark_down(rep, problem)
         self.connecting = None
-        if self.state is not SessionState.READY:
-            if link.transport is not None:
-                link.transport.close()
-            return
-        if problem is not None:
+        if self.state is not SessionState.READY or problem is not None:
             link.closed = True
             if link.transport is not None:
                 link.transport.close()
-            if "password" in problem or "authentication" in problem or "28P01" in problem \
-                    or "28000" in problem:
-                self.no_replica = True
-                self.router.warn_once(
-                    f"auth:{self.user}", "replica_authentication_impossible", user=self.user,
-                    replica=rep.name, reason=problem,
-                    consequence="this user's reads stay on the primary")
-            else:
-                # Try again later (it may be restarting), backing off: 0.25 s .. 30 s.
-                _, failures = self.failed_replicas.get(rep.name, (0.0, 0))
-                self.failed_replicas[rep.name] = (
-                    time.monotonic() + min(30.0, 0.25 * 2**failures), failures + 1)
-        else:
-            link.ready = True
+        if self.state is not SessionState.READY:
+            return
+        if problem is None:
             self.links[rep.name] = link
-            self.failed_replicas.pop(rep.name, None)
+            self.routing.connected(rep.name)
+        elif any(word in problem for word in _AUTH_PROBLEMS):
+            self.routing.no_replica = True
+            self.router.warn_once(
+                f"auth:{self.user}", "replica_authentication_impossible", user=self.user,
+                replica=rep.name, reason=problem,
+                consequence="this user's reads stay on the primary")
+        else:  # try again later (it may be restarting), backing off
+            self.routing.connect_failed(rep.name, time.monotonic())
         self._pump()
-
-    def _preamble(self, link: Link, unit: Unit, dry_run: bool = False) -> bytes:
-        """The injected units that make ``link`` ready for ``unit`` (settings, statements)."""
-        out = bytearray()
-        units = 0
-        if link.settings_gen != self.settings_gen or link.settings_applied < len(self.settings):
-            if link.settings_gen != self.settings_gen:
-                todo = (["RESET ALL"] if link.settings_gen >= 0 else []) + self.settings
-            else:
-                todo = self.settings[link.settings_applied :]
-            if todo:
-                out += build(b"Q", cstr("; ".join(todo)))
-                units += 1
-            if not dry_run:
-                link.settings_gen = self.settings_gen
-                link.settings_applied = len(self.settings)
-        ext = bytearray()
-        for name in list(link.to_close):
-            ext += build(b"C", b"S" + name + b"\x00")
-            if not dry_run:
-                link.prepared.pop(name, None)
-                link.to_close.discard(name)
-        parsed_here = {name for name, _, _ in unit.parses}
-        for name in (*unit.binds, *unit.describes):
-            if name in parsed_here:
-                continue
-            known = self.statements.get(name)
-            if known is None or link.prepared.get(name) == known[1]:
-                continue
-            if name in link.prepared and name != b"":
-                ext += build(b"C", b"S" + name + b"\x00")
-            ext += known[1]
-            if not dry_run:
-                link.prepared[name] = known[1]
-                link.conv.statements[name] = known[0]
-        for name, _, _ in unit.parses:
-            if name and name in link.prepared and name not in self.statements:
-                ext += build(b"C", b"S" + name + b"\x00")
-                if not dry_run:
-                    link.prepared.pop(name, None)
-        if unit.has_query and b"" in link.prepared and unit.binds:
-            pass  # a Query drops the unnamed statement; the Bind re-parses it above
-        if ext:
-            out += ext + _SYNC
-            units += 1
-        if not dry_run:
-            link.swallow += units
-        return bytes(out)
 
     def _send(self, link: Link, unit: Unit) -> None:
         transport = link.transport
@@ -722,7 +358,10 @@ class RoutedSession(ClientSession):
                 return
             self.fail(ConnectionFailure("server closed the connection unexpectedly"))
             return
-        pre = self._preamble(link, unit)
+        pre, injected, prepared = self.replay.preamble(link.replay, unit)
+        link.answers.swallow += injected
+        for name, sql in prepared.items():
+            link.conv.statements[name] = sql
         now = _perf()
         unit.sent = now
         data = bytes(unit.data)
@@ -731,39 +370,23 @@ class RoutedSession(ClientSession):
             # ReadyForQuery kept from the client), so that the Bind/Execute the client sends
             # next is a unit of its own, routed — and retried — like any other. The Sync also
             # ends the implicit transaction, so the primary holds no locks meanwhile.
-            data += _SYNC
-            link.strip += 1
+            data += SYNC
+            link.answers.strip += 1
         elif unit.describe_only:
             unit.open = True
         rep = link.replica
         if rep is None:
             self._current = "primary"
             link.conv.feed_frontend(data, now)
-            self.router.primary_routed += 1
+            self.router.note_primary_unit()
         else:
             link.unit = unit
-            rep.outstanding += 1
-            rep.routed += 1
+            rep.unit_started()
+            link.answers.start_unit(hold=not unit.open)
             if unit.open:
-                link.hold = None
                 link.conv.feed_frontend(data, now)
-            else:
-                link.hold = bytearray()
-                link.error = None
         transport.write(pre + data if pre else data)
-        # Bookkeeping of the client's statements as they now exist on this link.
-        for name, sql, msg in unit.parses:
-            self.statements[name] = (sql, msg)
-            link.prepared[name] = msg
-        for name in unit.closes:
-            self.statements.pop(name, None)
-            link.prepared.pop(name, None)
-            for other in self._all_links():
-                if other is not link and name in other.prepared:
-                    other.to_close.add(name)
-        if unit.has_query:
-            self.statements.pop(b"", None)
-            link.prepared.pop(b"", None)
+        self.replay.sent(link.replay, unit, [lk.replay for lk in self._all_links()])
         if unit.open:
             self.open_link = link
         self.tx_link = link
@@ -771,13 +394,36 @@ class RoutedSession(ClientSession):
     # ------------------------------------------------------------------ backend side
     def link_data(self, link: Link, data: bytes) -> None:
         """Bytes from a backend of this session."""
-        if link.replica is not None:
-            self._replica_data(link, data)
-        elif link.swallow or link.strip or link.rbuf:
-            self._primary_framed(link, data)
-        else:
-            self._deliver(link, data)
+        answers = link.answers
+        try:
+            events = answers.feed(data)
+        except ProtocolViolation as exc:
+            self.fail(ProtocolViolation(f"{exc} from backend {link.name}"))
+            return
+        for event in events:
+            self._answer(link, event)
+        if answers.swallow_errors:
+            for body in answers.swallow_errors:
+                log.info("routing_replay_failed", session=self.id, backend=link.name,
+                         error=error_summary(body))
+            answers.swallow_errors.clear()
         self._after(link)
+
+    def _answer(self, link: Link, event: Event) -> None:
+        kind = event.kind
+        if kind is Kind.DELIVER:
+            self._deliver(link, event.data)
+        elif kind is Kind.TRACK:
+            self._current = link.name
+            link.conv.feed_backend(event.data, _perf())
+        elif kind is Kind.UNIT_DONE:
+            self._replica_done(link)
+        elif kind is Kind.STREAM_DONE:
+            self._finish_replica_unit(link)
+        elif kind is Kind.RELEASE:
+            self._release(link)
+        elif kind is Kind.IDLE_ERROR:
+            link.closed = True  # an idle replica connection speaks: a shutdown FATAL
 
     def _deliver(self, link: Link, data: bytes) -> None:
         t = self.client_transport
@@ -786,120 +432,29 @@ class RoutedSession(ClientSession):
         self._current = link.name
         link.conv.feed_backend(data, _perf())
 
-    def _primary_framed(self, link: Link, data: bytes) -> None:
-        """Swallow the answers to injected units, keep our own Syncs' ReadyForQuery from the
-        client, pass the rest on untouched."""
-        buf = link.rbuf
-        buf += data
-        n = len(buf)
-        pos = 0
-        client = bytearray()
-        conv_out = bytearray()
-        while (link.swallow or link.strip) and n - pos >= 5:
-            t = buf[pos]
-            end = pos + 1 + _unpack_int32(buf, pos + 1)[0]
-            if end > n:
-                break
-            if link.swallow:
-                self._swallow(link, t, buf, pos, end)
-            else:
-                conv_out += buf[pos:end]
-                if t == 90:
-                    link.strip -= 1
-                else:
-                    client += buf[pos:end]
-            pos = end
-        if link.swallow or link.strip:
-            del buf[:pos]
-        else:
-            rest = bytes(buf[pos:])
-            buf.clear()
-            client += rest
-            conv_out += rest
-        transport = self.client_transport
-        if client and transport is not None and not transport.is_closing():
-            transport.write(bytes(client))
-        if conv_out:
-            self._current = link.name
-            link.conv.feed_backend(bytes(conv_out), _perf())
-
-    def _swallow(self, link: Link, t: int, buf: bytearray, pos: int, end: int) -> None:
-        """An answer to what we injected (settings replay, a Parse): not for the client."""
-        if t == 69:  # ErrorResponse: the replay failed
-            link.swallow_failed = True
-            log.info("routing_replay_failed", session=self.id, backend=link.name,
-                     error=_error_text(bytes(buf[pos + 5 : end])))
-        elif t == 90:  # ReadyForQuery ends one injected unit
-            link.swallow -= 1
-
-    def _replica_data(self, link: Link, data: bytes) -> None:
-        """A replica's answer: framed, held back for a retry until complete (or too big)."""
-        buf = link.rbuf
-        buf += data
-        n = len(buf)
-        pos = 0
-        out = bytearray()
-        while n - pos >= 5:
-            t = buf[pos]
-            end = pos + 1 + _unpack_int32(buf, pos + 1)[0]
-            if end > n:
-                break
-            if link.swallow:
-                self._swallow(link, t, buf, pos, end)
-            elif link.unit is None:
-                # An idle replica link speaks: a shutdown FATAL, a notice. Not the client's.
-                if t == 69:
-                    link.closed = True
-            else:
-                if t == 69 and link.error is None:
-                    link.error = _sqlstate(bytes(buf[pos + 5 : end]))
-                out += buf[pos:end]
-                if t == 90:
-                    self._replica_unit_end(link, out)
-                    out = bytearray()
-            pos = end
-        del buf[:pos]
-        if out:
-            if link.hold is not None:
-                link.hold += out
-                if len(link.hold) > HOLD_LIMIT:
-                    self._release(link)
-            else:
-                self._deliver(link, bytes(out))
-
-    def _replica_unit_end(self, link: Link, out: bytearray) -> None:
-        if link.hold is None:
-            self._deliver(link, bytes(out))
-            self._finish_replica_unit(link)
-            return
-        link.hold += out
-        self._replica_done(link)
-
     def _release(self, link: Link) -> None:
         """Stop holding the replica's answer: pass on what is held and stream the rest."""
         unit = link.unit
-        hold = link.hold
-        link.hold = None
-        if unit is None or hold is None:
+        if unit is None or link.answers.hold is None:
             return
+        held = link.answers.take_hold()
         self._current = link.name
         link.conv.feed_frontend(bytes(unit.data), unit.sent)
-        self._deliver(link, bytes(hold))
+        self._deliver(link, held)
 
     def _replica_done(self, link: Link) -> None:
+        """A held replica answer is complete: release it, or retry the unit on the primary
+        if the replica proved it could not run it."""
         unit = link.unit
         assert unit is not None
-        error = link.error
-        replay_failed = link.swallow_failed
-        retry = replay_failed or (error in RETRY_ON_PRIMARY and not unit.in_tx)
-        link.swallow_failed = False
-        if retry:
+        error = link.answers.error
+        replay_failed = link.answers.replay_failed
+        if should_retry(error, replay_failed, unit.in_tx):
             reason = f"error {error}" if error else "replay failed"
-            link.hold = None
             self._finish_replica_unit(link)
-            if error in ("57P01", "57P02", "57P03") and link.replica is not None:
+            if error in REPLICA_DOWN and link.replica is not None:
                 self.router.mark_down(link.replica, reason)
-            if replay_failed or error in ("57P01", "57P02", "57P03", "26000", "42P05"):
+            if replay_failed or error in DROP_CONNECTION:
                 self._drop_link(link)  # its state is not what we think: start afresh
             self._retry_on_primary(link, unit, reason)
             return
@@ -908,21 +463,19 @@ class RoutedSession(ClientSession):
 
     def _finish_replica_unit(self, link: Link) -> None:
         if link.unit is not None and link.replica is not None:
-            link.replica.outstanding -= 1
+            link.replica.unit_finished()
         link.unit = None
-        link.error = None
+        link.answers.end_unit()
 
     def _retry_on_primary(self, link: Link, unit: Unit, reason: str) -> None:
         if link.replica is not None:
-            link.replica.retried += 1
+            link.replica.unit_retried()
         log.info("routing_retry_on_primary", session=self.id, replica=link.name, reason=reason)
         primary = self.primary_link
         if primary is None:
             return
         unit.open = False
-        self.dirty = True  # it may have been a write in disguise: read-your-writes
-        if self.router.table_mode:
-            self.written.add(ALL)
+        self.routing.may_have_written()  # a write in disguise, maybe: read-your-writes
         self.units.appendleft(unit)
         if not primary.busy:
             self.units.popleft()
@@ -935,16 +488,12 @@ class RoutedSession(ClientSession):
         if link.busy:
             return
         if link.conv.tx_status == _IDLE:
-            if self.pending_settings and not self.unit_failed:
-                self._commit_settings(link)
-            self.pending_settings.clear()
+            self.replay.transaction_ended(link.replay, committed=not self.unit_failed)
             self.unit_failed = False
-            if link.replica is None and self.dirty:
-                self.dirty = False
-                self.horizon = self.router.horizon()
-                if self.written:
-                    self.router.note_writes(self.database, self.written, self.horizon)
-                    self.written = set()
+            if link.replica is None:
+                written = self.routing.primary_idle(self.router.horizon())
+                if written:
+                    self.router.note_writes(self.database, written, self.routing.horizon)
         self._pump()
 
     # ------------------------------------------------------------------ settings
@@ -956,20 +505,16 @@ class RoutedSession(ClientSession):
             self.unit_failed = True
             return
         if tag == b"ROLLBACK":
-            self.pending_settings.clear()
+            self.replay.rolled_back()
             return
-        if not pending.sql or (tag is not None and not tag.startswith(_SESSION_TAGS)):
+        if not pending.sql or (tag is not None and not tag.startswith(SESSION_TAGS)):
             return  # only SET / RESET / DISCARD / DEALLOCATE change what a replica must replay
         stmts = self._statements_nr(pending.sql)
-        if index >= len(stmts):
-            return
-        n, shape = stmts[index]
-        if shape.kind is StatementKind.SET:
-            if n.text.startswith(("set local ", "set transaction ")):
-                return
-            self.pending_settings.append(_literal_text(n))
-        elif shape.kind is StatementKind.UTILITY and shape.command in ("deallocate", "discard"):
-            self._forget_statements(n.text)
+        current = self._link_named(self._current)
+        if index < len(stmts) and current is not None:
+            n, shape = stmts[index]
+            self.replay.statement_completed(n, shape, current.replay,
+                                            [lk.replay for lk in self._all_links()])
 
     def _statements_nr(self, sql: str) -> list[tuple[Normalized, Shape]]:
         profiler = self.profiler
@@ -977,41 +522,6 @@ class RoutedSession(ClientSession):
             return [(s.normalized, s.shape) for s in profiler.statements(self.info, sql)]
         cache = self.router.cache
         return [(n, cache.shape(n)) for n in cache.scan(sql)]
-
-    def _commit_settings(self, link: Link) -> None:
-        for text in self.pending_settings:
-            if text.lower().startswith(("reset all", "discard all")):
-                self.settings.clear()
-                self.settings_gen += 1
-            else:
-                self.settings.append(text)
-        link.settings_gen = self.settings_gen
-        link.settings_applied = len(self.settings)
-
-    def _forget_statements(self, text: str) -> None:
-        if text.startswith("discard"):
-            if text not in ("discard all",):
-                return
-            self.pending_settings.append("discard all")
-            names = None
-        else:
-            m = _DEALLOCATE_RE.match(text)
-            if m is None:
-                return
-            arg = m.group(1).strip()
-            names = None if arg == "all" else {arg.strip('"').encode()}
-        for lk in self._all_links():
-            if lk.name != self._current:
-                lk.to_close.update(lk.prepared if names is None else
-                                   (x for x in names if x in lk.prepared))
-            else:
-                for x in (list(lk.prepared) if names is None else names):
-                    lk.prepared.pop(x, None)
-        if names is None:
-            self.statements.clear()
-        else:
-            for x in names:
-                self.statements.pop(x, None)
 
     # ------------------------------------------------------------------ teardown
     def link_lost(self, link: Link, exc: Exception | None) -> None:
@@ -1021,8 +531,7 @@ class RoutedSession(ClientSession):
         if unit is not None and link.replica is not None:
             self.router.mark_down(link.replica, f"connection lost: {exc}" if exc else
                                   "connection lost")
-            held = link.hold is not None
-            link.hold = None
+            held = link.answers.hold is not None
             self._finish_replica_unit(link)
             self.links.pop(link.name, None)
             if held and self.state is SessionState.READY and not unit.in_tx:
@@ -1086,49 +595,12 @@ class RoutedSession(ClientSession):
     def resume_writing(self) -> None:
         super().resume_writing()
         for link in self.links.values():
-            if link.transport is not None and not link.transport.is_closing():
-                link.transport.resume_reading()
-
-    @property
-    def replica_backends(self) -> dict[str, Link]:
-        """This session's open replica connections, by replica name."""
-        return self.links
+            if link.usable:
+                link.transport.resume_reading()  # type: ignore[union-attr]
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out["backends"] = (["primary"] if self.primary_link is not None else []) + list(
             self.links)
-        out["pinned"] = self.pinned
+        out["pinned"] = self.routing.pinned
         return out
-
-
-def _ends_with_rfq(out: bytearray) -> bool:
-    return len(out) >= 6 and out[-6] == 90 and _unpack_int32(out, len(out) - 5)[0] == 5
-
-
-def _sqlstate(body: bytes) -> str:
-    for field in body.split(b"\x00"):
-        if field[:1] == b"C":
-            return field[1:].decode("ascii", "replace")
-    return "XX000"
-
-
-def _error_text(body: bytes) -> str:
-    fields = {f[:1]: f[1:].decode("utf-8", "replace") for f in body.split(b"\x00") if f}
-    return f"{fields.get(b'C', '?')}: {fields.get(b'M', '')}"
-
-
-_PARAM_RE = re.compile(r"\$([0-9]+)")
-
-
-def _literal_text(n: Normalized) -> str:
-    """A statement's text with its literals back in place (for replaying SET elsewhere)."""
-    values = n.values
-    if not values:
-        return n.text
-
-    def put(m: re.Match[str]) -> str:
-        i = int(m.group(1)) - 1
-        return values[i] if 0 <= i < len(values) else m.group(0)
-
-    return _PARAM_RE.sub(put, n.text)

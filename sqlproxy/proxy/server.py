@@ -187,7 +187,7 @@ class ProxyServer:
             conv = s.conv
             if s.state is not SessionState.READY or conv is None or conv.busy:
                 continue
-            if conv.fe_buf or conv.fe_want or conv.fe_skip:
+            if conv.receiving:
                 continue  # a message is arriving
             idle = now - max(conv.last_end, s.ready_at)
             if conv.tx_status == 73:

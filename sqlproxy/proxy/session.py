@@ -19,11 +19,13 @@ from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import SessionInfo
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy.connect import connect_backend
 from sqlproxy.proxy.listener import TLS_HANDSHAKE
 from sqlproxy.proxy.pump import HAVE_RELAY, BackendPump, ClientPump, Relay
 from sqlproxy.proxy.recorder import SessionListener, SessionRecorder
-from sqlproxy.proxy.tls import backend_sslmode, open_backend_socket, strip_channel_binding
+from sqlproxy.proxy.tls import strip_channel_binding
 from sqlproxy.wire.conversation import Conversation, ConversationListener, Pending
+from sqlproxy.wire.frames import Frames
 from sqlproxy.wire.messages import (
     AUTH_OK,
     AUTH_SASL,
@@ -50,6 +52,9 @@ if TYPE_CHECKING:
     from sqlproxy.proxy.server import ProxyServer
 
 log = get_logger("sqlproxy.session")
+_AUTH_MESSAGES = frozenset({F_PASSWORD, F_TERMINATE})
+_MAX_AUTH_MESSAGE = 65536
+_MAX_STARTUP_MESSAGE = 1 << 24
 _unpack_int32 = struct.Struct("!I").unpack_from
 _perf = time.perf_counter
 
@@ -84,13 +89,14 @@ class ServerSideProtocol(asyncio.Protocol):
 class BackendConnection(ServerSideProtocol):
     """The server side of a session."""
 
-    __slots__ = ("_buf", "_hot", "address", "conv", "key", "session", "transport")
+    __slots__ = ("_hot", "address", "conv", "frames", "key", "session", "transport")
 
     def __init__(self, session: ClientSession, address: tuple[str, int]) -> None:
         self.session = session
         self.address = address
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        # Startup only: the server's messages until ReadyForQuery, checked like any other.
+        self.frames = Frames(_MAX_STARTUP_MESSAGE, "server message during startup")
         self._hot = False
         self.key: tuple[int, bytes] | None = None  # the server's BackendKeyData
         self.conv: Conversation | None = None
@@ -132,7 +138,8 @@ class ClientSession(asyncio.Protocol):
         self.tls: str | None = None  # the client's TLS version once the handshake is done
         self.admitted = False  # counted against the connection limits (ProxyServer.admit)
         self._hot = False
-        self._buf = bytearray()
+        self._buf = bytearray()  # the startup packet, until complete
+        self._auth_frames = Frames(_MAX_AUTH_MESSAGE, "message during authentication")
         self._startup_timer: asyncio.TimerHandle | None = None
         self._backend_timer: asyncio.TimerHandle | None = None
         self._pending_to_backend = bytearray()
@@ -251,24 +258,15 @@ class ClientSession(asyncio.Protocol):
 
     def _check_auth_frames(self, data: bytes) -> None:
         """During authentication the client may only send password/SASL messages or Terminate."""
-        self._buf += data
-        buf = self._buf
-        pos = 0
-        while len(buf) - pos >= 5:
-            t = buf[pos]
-            ln = _unpack_int32(buf, pos + 1)[0]
-            if t not in (F_PASSWORD, F_TERMINATE):
-                raise ProtocolViolation(
-                    f"unexpected message type {chr(t)!r} during authentication"
-                )
-            if ln < 4 or ln > 65536:
-                raise ProtocolViolation(f"invalid message length {ln} during authentication")
-            if len(buf) - pos < 1 + ln:
-                break
+        frames = self._auth_frames
+        for t, msg in frames.feed(data):
+            if t not in _AUTH_MESSAGES:
+                raise ProtocolViolation(f"unexpected message type {chr(t)!r} during authentication")
             if t == F_PASSWORD:
-                self._client_auth_message(bytes(buf[pos + 5 : pos + 1 + ln]))
-            pos += 1 + ln
-        del buf[:pos]
+                self._client_auth_message(msg[5:])
+        if len(frames) and frames.buf[0] not in _AUTH_MESSAGES:  # refused before it is whole
+            raise ProtocolViolation(
+                f"unexpected message type {chr(frames.buf[0])!r} during authentication")
 
     def _client_auth_message(self, body: bytes) -> None:
         """A password/SASL message from the client (startup only; a routed session watches
@@ -318,6 +316,9 @@ class ClientSession(asyncio.Protocol):
         if problem is not None:
             raise problem
         self.state = SessionState.CONNECTING
+        if self._buf:  # sent right behind the startup packet: for the server, once connected
+            self._pending_to_backend += self._buf
+            self._buf.clear()
         log.info("client_connected", session=self.id, client=self.peer, user=msg.user,
                  database=msg.database, application_name=msg.application_name)
         asyncio.get_running_loop().create_task(self._connect_backend(msg))
@@ -345,19 +346,9 @@ class ClientSession(asyncio.Protocol):
         address = (url.host, url.port)
         loop = asyncio.get_running_loop()
         try:
-            mode = backend_sslmode(self.config, url)
-            if mode == "disable":
-                _, backend = await asyncio.wait_for(
-                    loop.create_connection(
-                        lambda: BackendConnection(self, address), url.host, url.port
-                    ),
-                    timeout=self.config.proxy.connect_timeout,
-                )
-            else:
-                _, backend = await asyncio.wait_for(
-                    self._connect_backend_tls(url.host, url.port, mode, address),
-                    timeout=self.config.proxy.connect_timeout,
-                )
+            _, backend = await connect_backend(
+                self.server, url, lambda: BackendConnection(self, address),
+                self.config.proxy.connect_timeout)
         except ProxyError as exc:
             self.fail(exc)
             return
@@ -384,84 +375,56 @@ class ClientSession(asyncio.Protocol):
         if self._pending_to_backend:
             pending = bytes(self._pending_to_backend)
             self._pending_to_backend.clear()
-            self._startup_data(pending)
-
-    async def _connect_backend_tls(
-        self, host: str, port: int, mode: str, address: tuple[str, int]
-    ) -> tuple[asyncio.BaseTransport, BackendConnection]:
-        sock, use_tls = await open_backend_socket(host, port, mode)
-        ctx = self.server.backend_tls_context(mode) if use_tls else None
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.create_connection(
-                lambda: BackendConnection(self, address), sock=sock, ssl=ctx,
-                server_hostname=host if ctx is not None else None,
-            )
-        except BaseException:
-            sock.close()
-            raise
+            try:
+                self._startup_data(pending)
+            except ProxyError as exc:  # in a task: the client gets the error, not the loop
+                self.fail(exc)
 
     def backend_startup_data(self, backend: BackendConnection, data: bytes) -> None:
         """Messages from the server before its first ReadyForQuery: relay, swapping the key."""
         if self._backend_timer is not None:
             self._backend_timer.cancel()
             self._backend_timer = None
-        buf = backend._buf
-        buf += data
+        try:
+            messages = backend.frames.feed(data)
+        except ProtocolViolation as exc:
+            self.fail(exc)
+            return
         out = bytearray()
-        pos = 0
-        n = len(buf)
         transport = self.client_transport
-        while n - pos >= 5:
-            t = buf[pos]
-            ln = _unpack_int32(buf, pos + 1)[0]
-            end = pos + 1 + ln
-            if ln < 4 or ln > 1 << 24:
-                self.fail(ProtocolViolation(
-                    f"invalid message from server during startup (length {ln})"
-                ))
-                return
-            if end > n:
-                break
+        for i, (t, msg) in enumerate(messages):
             if t == B_BACKEND_KEY_DATA:
-                pid = _unpack_int32(buf, pos + 5)[0]
-                secret = bytes(buf[pos + 9 : end])
+                pid = _unpack_int32(msg, 5)[0]
+                secret = msg[9:]
                 backend.key = (pid, secret)
                 self.proxy_key = self.server.register_cancel_key(self, pid, len(secret))
                 out += backend_key_data(self.proxy_key[0], self.proxy_key[1])
+                continue
+            if t == B_AUTHENTICATION and len(msg) >= 9 and _unpack_int32(msg, 5)[0] == AUTH_SASL:
+                # Channel binding cannot span two TLS sessions: offer plain SCRAM only.
+                out += strip_channel_binding(msg)
             else:
-                if t == B_AUTHENTICATION and ln >= 8 and \
-                        _unpack_int32(buf, pos + 5)[0] == AUTH_SASL:
-                    # Channel binding cannot span two TLS sessions: offer plain SCRAM only.
-                    out += strip_channel_binding(bytes(buf[pos:end]))
-                else:
-                    out += buf[pos:end]
-                if t == B_READY_FOR_QUERY:
-                    pos = end
-                    del buf[:pos]
-                    rest = bytes(buf)
-                    buf.clear()
-                    if transport is not None:
-                        transport.write(bytes(out))
-                    self._go_hot(backend, rest)
-                    return
-                if t == B_ERROR_RESPONSE:
-                    self._relayed_fatal = True
-                    fields = parse_error_fields(bytes(buf[pos + 5 : end]))
-                    log.info("authentication_failed", session=self.id, client=self.peer,
-                             user=self.startup.user if self.startup else None,
-                             sqlstate=fields.get("C"), message=fields.get("M"))
-                elif t == B_PARAMETER_STATUS:
-                    body = bytes(buf[pos + 5 : end - 1])
-                    k, _, v = body.partition(b"\x00")
-                    self.parameter_status(k.decode(), v.decode("utf-8", "replace"))
-                elif t == B_AUTHENTICATION:
-                    code = _unpack_int32(buf, pos + 5)[0]
-                    self._server_auth_message(code, bytes(buf[pos + 9 : end]))
-                    if code == AUTH_OK:
-                        self._check_auth_done()
-            pos = end
-        del buf[:pos]
+                out += msg
+            if t == B_READY_FOR_QUERY:
+                rest = b"".join(m for _, m in messages[i + 1 :]) + backend.frames.take_rest()
+                if transport is not None:
+                    transport.write(bytes(out))
+                self._go_hot(backend, rest)
+                return
+            if t == B_ERROR_RESPONSE:
+                self._relayed_fatal = True
+                fields = parse_error_fields(msg[5:])
+                log.info("authentication_failed", session=self.id, client=self.peer,
+                         user=self.startup.user if self.startup else None,
+                         sqlstate=fields.get("C"), message=fields.get("M"))
+            elif t == B_PARAMETER_STATUS:
+                k, _, v = msg[5:-1].partition(b"\x00")
+                self.parameter_status(k.decode(), v.decode("utf-8", "replace"))
+            elif t == B_AUTHENTICATION and len(msg) >= 9:
+                code = _unpack_int32(msg, 5)[0]
+                self._server_auth_message(code, msg[9:])
+                if code == AUTH_OK:
+                    self._check_auth_done()
         if out and transport is not None:
             transport.write(bytes(out))
 

@@ -104,6 +104,18 @@ class ReplicaState:
     last_probe: float = 0.0
     conn: Any = field(default=None, repr=False)
 
+    def unit_started(self) -> None:
+        """A session sent a unit here (least-outstanding balancing counts these)."""
+        self.outstanding += 1
+        self.routed += 1
+
+    def unit_finished(self) -> None:
+        self.outstanding -= 1
+
+    def unit_retried(self) -> None:
+        """A unit sent here was retried on the primary."""
+        self.retried += 1
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -275,6 +287,18 @@ class Router:
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.terminate()
+
+    def note_primary_unit(self) -> None:
+        """A session sent a unit to the primary."""
+        self.primary_routed += 1
+
+    def note_fallback(self) -> None:
+        """A read stayed on the primary for want of a usable (or fresh enough) replica."""
+        self.fallbacks += 1
+
+    def note_pinned(self) -> None:
+        """A session was pinned to the primary for good."""
+        self.pinned_sessions += 1
 
     def mark_down(self, rep: ReplicaState, error: str) -> None:
         """Out of rotation until a probe succeeds (a probe or a session saw it fail)."""

@@ -34,6 +34,7 @@ __all__ = [
     "ScramError",
     "ScramKeys",
     "ScramVerifier",
+    "ScramWatch",
     "derive_keys",
     "keys_from_password",
 ]
@@ -237,3 +238,45 @@ class ScramClient:
         expected = _hmac(self._server_key, self._auth_message)
         if not hmac.compare_digest(_b64decode(attrs.get("v", "")), expected):
             raise ScramError("the server's SCRAM signature is wrong")
+
+
+class ScramWatch:
+    """A routed session's view of its client's SCRAM exchange with the primary (startup
+    only, never on the hot path): the capture, until the keys are recovered from it."""
+
+    __slots__ = ("capture", "keys")
+
+    def __init__(self) -> None:
+        self.capture: ScramCapture | None = None
+        self.keys: ScramKeys | None = None
+
+    def server_message(self, code: int, body: bytes) -> None:
+        """An Authentication message from the primary (its code, the bytes after it)."""
+        if code == 10:  # AuthenticationSASL: an exchange starts
+            self.capture = ScramCapture()
+            return
+        if self.capture is not None:
+            try:
+                self.capture.server_message(code, body)
+            except (ScramError, UnicodeDecodeError):
+                self.capture = None
+
+    def client_message(self, body: bytes) -> None:
+        """A SASLInitialResponse / SASLResponse body from the client."""
+        capture = self.capture
+        if capture is not None and not capture.complete:
+            try:
+                capture.client_message(body)
+            except (ScramError, UnicodeDecodeError):
+                self.capture = None
+
+    @property
+    def complete(self) -> ScramCapture | None:
+        """The whole exchange, once it succeeded (and until the keys are recovered)."""
+        capture = self.capture
+        return capture if capture is not None and capture.complete else None
+
+    def recovered(self, keys: ScramKeys | None) -> None:
+        if keys is not None:
+            self.keys = keys
+            self.capture = None  # not needed any more

@@ -260,6 +260,11 @@ class Conversation:
         """True while the server owes a response (a query is in flight)."""
         return self.head < self.tail or self.copy_mode != COPY_NONE
 
+    @property
+    def receiving(self) -> bool:
+        """True while a client message has arrived only in part."""
+        return self.fe_skip != 0 or self.fe_want != 0 or len(self.fe_buf) > 0
+
     def pending(self) -> list[Pending]:
         return self.queue[self.head : self.tail]
 

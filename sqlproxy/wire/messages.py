@@ -69,6 +69,8 @@ B_ROW_DESCRIPTION = ord("T")
 
 # Authentication request subtypes (the int after 'R').
 AUTH_OK = 0
+AUTH_CLEARTEXT_PASSWORD = 3
+AUTH_MD5_PASSWORD = 5
 AUTH_SASL = 10
 AUTH_SASL_CONTINUE = 11
 AUTH_SASL_FINAL = 12
@@ -152,6 +154,17 @@ def parse_error_fields(body: bytes | memoryview) -> dict[str, str]:
         fields[chr(code)] = raw[pos + 1 : nul].decode("utf-8", "replace")
         pos = nul + 1
     return fields
+
+
+def error_sqlstate(body: bytes | memoryview) -> str:
+    """The SQLSTATE of an ErrorResponse body (XX000 if it has none)."""
+    return parse_error_fields(body).get("C", "XX000")
+
+
+def error_summary(body: bytes | memoryview) -> str:
+    """``"<SQLSTATE>: <message>"`` of an ErrorResponse body, for logs."""
+    fields = parse_error_fields(body)
+    return f"{fields.get('C', '?')}: {fields.get('M', '')}"
 
 
 @dataclass(frozen=True, slots=True)

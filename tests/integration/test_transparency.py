@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 from tests.reliability import rawclient
-from tests.support.clients import unique_name
+from tests.support.clients import active_queries, sleep_until_canceled, unique_name
 from tests.support.pg import PgCluster
 from tests.support.proxy import ProxyThread
 
@@ -40,12 +40,6 @@ async def _until(condition: Any, what: str, timeout: float = 20.0) -> None:
     while not await condition():
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
-
-
-async def _active(observer: Any, marker: str) -> int:
-    return int(await observer.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-        "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", marker))
 
 
 # ------------------------------------------------------------------------------ the PID
@@ -141,24 +135,18 @@ def test_concurrent_cancels_cancel_exactly_their_query(proxy: ProxyThread,
                  for _ in markers]
         observer = await asyncpg.connect(pg_primary.dsn())
 
-        async def sleep(conn: Any, marker: str) -> str:
-            try:
-                await conn.execute(f"SELECT pg_sleep(60), '{marker}'")
-            except psycopg.errors.QueryCanceled:
-                return "canceled"
-            return "finished"
-
-        tasks = [asyncio.create_task(sleep(c, m)) for c, m in zip(conns, markers, strict=True)]
+        tasks = [asyncio.create_task(sleep_until_canceled(c, m))
+                 for c, m in zip(conns, markers, strict=True)]
         try:
             for m in markers:
-                await _until(lambda m=m: _active(observer, m), f"{m} running")
+                await _until(lambda m=m: active_queries(observer, m), f"{m} running")
             # Cancel every other one, all at once: each cancel reaches its own query only.
             await asyncio.gather(*(conns[i].cancel_safe() for i in range(0, 6, 2)))
             for i in range(0, 6, 2):
                 assert await asyncio.wait_for(tasks[i], 20) == "canceled"
             for i in range(1, 6, 2):
                 assert not tasks[i].done()
-                assert await _active(observer, markers[i]) == 1
+                assert await active_queries(observer, markers[i]) == 1
             for i in range(1, 6, 2):
                 await conns[i].cancel_safe()
                 assert await asyncio.wait_for(tasks[i], 20) == "canceled"

@@ -14,7 +14,7 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.support.clients import unique_name
+from tests.support.clients import active_queries, sleep_until_canceled, unique_name
 from tests.support.pg import PgCluster
 from tests.support.proxy import ProxyThread
 
@@ -379,18 +379,10 @@ def test_cancel_reaches_the_query_on_the_replica(
         observer = await asyncpg.connect(pg_replica.dsn())
 
         async def active(marker: str) -> int:
-            return int(await observer.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", marker))
+            return await active_queries(observer, marker)
 
-        async def sleep(conn: Any, marker: str) -> str:
-            try:
-                await conn.execute(f"SELECT pg_sleep(60), '{marker}'")
-            except psycopg.errors.QueryCanceled:
-                return "canceled"
-            return "finished"
-
-        tasks = [asyncio.create_task(sleep(c, m)) for c, m in zip(conns, markers, strict=True)]
+        tasks = [asyncio.create_task(sleep_until_canceled(c, m))
+                 for c, m in zip(conns, markers, strict=True)]
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 20

@@ -11,6 +11,7 @@ import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 CLIENTS_DIR = Path(__file__).resolve().parent.parent / "integration" / "clients"
 NODE_DIR = CLIENTS_DIR / "node"
@@ -120,3 +121,27 @@ def java_missing() -> str | None:
     if find_pgjdbc_jar() is None:
         return f"no pgjdbc jar under {M2_PGJDBC}"
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Cancel tests: a query that sleeps until canceled, and how many such run on a server
+# --------------------------------------------------------------------------------------------
+
+
+async def sleep_until_canceled(conn: Any, marker: str) -> str:
+    """Run ``SELECT pg_sleep(60), '<marker>'`` on a psycopg AsyncConnection: "canceled" when a
+    cancel ends it (57014), "finished" otherwise."""
+    import psycopg
+
+    try:
+        await conn.execute(f"SELECT pg_sleep(60), '{marker}'")
+    except psycopg.errors.QueryCanceled:
+        return "canceled"
+    return "finished"
+
+
+async def active_queries(observer: Any, marker: str) -> int:
+    """How many statements tagged ``marker`` are running on the observer's (asyncpg) server."""
+    return int(await observer.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+        "AND query LIKE '%' || $1 || '%' AND pid <> pg_backend_pid()", marker))

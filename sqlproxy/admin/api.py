@@ -126,6 +126,7 @@ async def query_detail(request: Request) -> Response:
         raise APIError(404, f"unknown fingerprint {fp!r}", fingerprint=fp)
     detail["findings"] = st.findings.for_fingerprint(fp)
     detail["explain"] = st.explainer.latest(fp)
+    detail["windows"] = profiler.windows.timeline(fp) if profiler is not None else []
     st.history.watch(fp)
     return JSONResponse(detail)
 

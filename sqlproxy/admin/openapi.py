@@ -87,6 +87,8 @@ _SCHEMAS: _S = {
         "example_parameters": {"type": "array", "items": _STR},
         "by_database_user": {"type": "array", "items": _ref("QueryStats")},
         "by_route": {"type": "array", "items": _ref("RouteStats")},
+        "windows": {"type": "array", "items": _ref("Window"),
+                    "description": "regression windows (analysis.window_s), oldest first"},
         "slow": {"type": "array", "items": _ref("SlowQuery")},
         "findings": {"type": "array", "items": _ref("Finding")},
         "explain": {"oneOf": [_ref("ExplainResult"), {"type": "null"}]},
@@ -109,6 +111,10 @@ _SCHEMAS: _S = {
         "findings": _INT, "findings_by_kind": {"type": "object", "additionalProperties": _INT},
         "statements_top": {"type": "array", "items": _ref("RouteStats")},
         "first_seen": _TS, "last_seen": _TS}},
+    "Window": {"type": "object", "properties": {
+        "start": _TS, "end": _TS, "calls": _INT, "total_ms": _NUM,
+        "mean_ms": {"type": ["number", "null"]}, "p50_ms": {"type": ["number", "null"]},
+        "p95_ms": {"type": ["number", "null"]}, "p99_ms": {"type": ["number", "null"]}}},
     "HistoryPoint": {"type": "object", "properties": {
         "at": _TS, "calls": _INT, "errors": _INT, "mean_ms": {"type": ["number", "null"]},
         "p50_ms": {"type": ["number", "null"]}, "p95_ms": {"type": ["number", "null"]},

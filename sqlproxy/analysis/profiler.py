@@ -35,6 +35,7 @@ from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
 from sqlproxy.analysis.statement import SessionInfo, Statement
 from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
 from sqlproxy.analysis.tags import TagReader
+from sqlproxy.analysis.windows import Windows
 from sqlproxy.config import AnalysisSection
 
 __all__ = ["MEMO_LIMIT", "Profiler", "SessionInfo", "Statement"]
@@ -58,6 +59,8 @@ class Profiler:
         # Pattern detection: one detector per session, findings aggregated (issue #4).
         self.detector = PatternDetector(config, log, self.wall_offset)
         self.detectors = self.detector.connections
+        # Per-fingerprint time windows (regressions), closed by a background task's tick().
+        self.windows = Windows(config, self.detector.findings, log)
         # The settings read on every execution, as native fields (the config is a pydantic
         # model: reading it is a Python attribute lookup).
         self.slow_seconds = config.slow_query_ms / 1000.0
@@ -78,6 +81,7 @@ class Profiler:
         self.capture_parameters = config.capture_parameters
         self.tags.configure(frozenset(k.lower() for k in config.tag_keys))
         self.endpoints.max_entries = config.max_routes
+        self.windows.configure(config)
         self.detector.configure(config)
 
     # ------------------------------------------------------------------ hot path
@@ -382,6 +386,11 @@ class Profiler:
                    database: str | None = None) -> tuple[list[dict[str, Any]], int]:
         return self.findings("n_plus_one", application, limit, offset, database)
 
+    def tick_windows(self, now: float | None = None) -> None:
+        """Close the current time window (a background task calls this every window_s)."""
+        self.windows.tick(list(self.stats.entries.values()),
+                          time.time() if now is None else now)
+
     def finding(self, finding_id: str) -> dict[str, Any] | None:
         """One finding (by its ``id``) in detail, with the statistics of its statements."""
         self.detector.flush_idle(time.perf_counter())
@@ -401,6 +410,7 @@ class Profiler:
         if what in ("all", "statistics"):
             self.stats.reset()
             self.endpoints.reset()
+            self.windows.reset()
             self.transactions.clear()
             self.executions = 0
         if what in ("all", "slow"):

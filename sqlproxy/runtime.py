@@ -21,6 +21,7 @@ from sqlproxy.analysis.timefmt import iso
 from sqlproxy.config import Config, load_config
 from sqlproxy.errors import ConfigError
 from sqlproxy.logs import get_logger
+from sqlproxy.otel import SpanExporter
 from sqlproxy.proxy.server import ProxyServer
 from sqlproxy.routing.health import Router
 from sqlproxy.state import StateContributor, StateFile, profiler_contributors
@@ -62,6 +63,11 @@ class Runtime:
             Profiler(config.analysis, get_logger("sqlproxy.analysis"))
             if config.analysis.enabled else None
         )
+        # One span per traced statement ([otel] endpoint); the SDK is imported only then.
+        self.span_exporter: SpanExporter | None = None
+        if config.otel.endpoint and self.profiler is not None:
+            self.span_exporter = SpanExporter(config.otel)
+            self.profiler.span_sink = self.span_exporter
         self.proxy = ProxyServer(config, self.profiler)
         # Read-replica routing (None when off): health, lag and counters for the admin API.
         self.router: Router | None = self.proxy.router
@@ -115,6 +121,8 @@ class Runtime:
             await self.admin.stop()
         await self.proxy.stop(self.config.proxy.shutdown_grace_seconds)
         await self.snapshot()  # after the drain: includes what the last sessions did
+        if self.span_exporter is not None:
+            await asyncio.to_thread(self.span_exporter.shutdown)  # sends the last batch
         log.info("stopped")
 
     def request_stop(self) -> None:

@@ -69,8 +69,8 @@ class Profiler:
         self.tagged = False  # set by _find: the text has edge comments (maybe tags)
         self.tags = TagReader(frozenset(k.lower() for k in config.tag_keys))
         self.endpoints = EndpointStore(config.max_routes)
-        # Called with (tags, statement, started, ended, rows, sqlstate, wall offset) for each
-        # traced statement when OpenTelemetry export is on (sqlproxy.otel); None: off.
+        # Called with (tags, statement, session, started, ended, rows, sqlstate, wall offset)
+        # for each traced statement when OpenTelemetry export is on (sqlproxy.otel); None: off.
         self.span_sink: Any = None
 
     def configure(self, config: AnalysisSection) -> None:
@@ -241,7 +241,7 @@ class Profiler:
                                   sqlstate is not None, new_request, application, now)
         sink = self.span_sink
         if sink is not None and len(trace_id) > 0:
-            sink(tags, stmt, started, ended, rows, sqlstate, self.wall_offset)
+            sink(tags, stmt, ctx, started, ended, rows, sqlstate, self.wall_offset)
         return stmt
 
     def session_closed(self, ctx: SessionInfo) -> None:

@@ -74,15 +74,20 @@ def admin(proxy: ProxyThread) -> httpx.Client:
     return httpx.Client(base_url=f"http://127.0.0.1:{proxy.runtime.admin_port}", timeout=30)
 
 
-def findings_when_judged(client: httpx.Client, db: str, **params: str) -> list[dict[str, Any]]:
-    """Findings once the requests' traces have been judged (idle for trace_idle_ms)."""
+def findings_when_judged(proxy: ProxyThread, client: httpx.Client, db: str,
+                         **params: str) -> list[dict[str, Any]]:
+    """Findings once every request has been judged (its trace idle for trace_idle_ms; reading
+    the findings judges those that are)."""
+    assert proxy.runtime is not None and proxy.runtime.profiler is not None
+    traces = proxy.runtime.profiler.detector.traces
     deadline = time.monotonic() + 20
     while True:
         r = client.get("/api/findings", params={"database": db, "limit": 1000, **params})
         assert r.status_code == 200, r.text
-        items: list[dict[str, Any]] = r.json()["items"]
-        if any(f["kind"] == "n_plus_one" for f in items) or time.monotonic() > deadline:
+        if proxy.call(lambda: len(traces.open)) == 0:
+            items: list[dict[str, Any]] = r.json()["items"]
             return items
+        assert time.monotonic() < deadline, "requests were not judged"
         time.sleep(0.1)
 
 
@@ -142,7 +147,7 @@ def test_django_style_n_plus_one_per_route(proxy: ProxyThread, db: str) -> None:
             interleave([order_list(cur), *(customer_list(cur) for _ in range(4)),
                         order_list(cur)])
     with admin(proxy) as client:
-        items = findings_when_judged(client, db)
+        items = findings_when_judged(proxy, client, db)
         n1 = [f for f in items if f["kind"] == "n_plus_one"]
         assert len(n1) == 1, items
         f = n1[0]
@@ -231,7 +236,7 @@ def test_sqlalchemy_opentelemetry_commenter(proxy: ProxyThread, db: str) -> None
     SQLAlchemyInstrumentor().uninstrument()
     engine.dispose()
     with admin(proxy) as client:
-        items = findings_when_judged(client, db)
+        items = findings_when_judged(proxy, client, db)
         n1 = [f for f in items if f["kind"] == "n_plus_one"]
         assert len(n1) == 1, items
         f = n1[0]

@@ -22,6 +22,13 @@ valgrind``)::
     .venv/bin/python -m bench.callgrind                     # both modes, about 4 minutes
     .venv/bin/python -m bench.callgrind --modes prepared --transactions 500
     .venv/bin/python -m bench.callgrind --keep /tmp/cg     # keep the dumps, per function
+    .venv/bin/python -m bench.callgrind --tags              # statements with sqlcommenter tags
+
+``--tags`` runs pgbench's select-only transaction from a script whose statement carries
+sqlcommenter tags (route, controller, action): in ``-M simple`` with a traceparent whose trace
+id changes every transaction (each text unique: one request per transaction), in the other
+modes without one (pgbench would turn a variable in the comment into a parameter), as
+Rails-style static tags on a prepared statement.
 """
 
 from __future__ import annotations
@@ -53,6 +60,17 @@ from bench.pgbench_compare import (  # noqa: E402
 from tests.support import pg  # noqa: E402
 
 MODES = {"simple": "simple", "extended": "extended", "prepared": "prepared"}
+_TAGS = "controller='accounts',action='show',route='/accounts/%3Aid'"
+# The select-only transaction of pgbench -S, tagged. The trace id's last 10 hex digits are
+# pgbench's random number (10 decimal digits are valid hex).
+TAGGED_SCRIPTS = {
+    "simple": "\\set aid random(1, 100000 * :scale)\n"
+              "\\set tid random(1000000000, 9999999999)\n"
+              "SELECT abalance FROM pgbench_accounts WHERE aid = :aid /*" + _TAGS +
+              ",traceparent='00-0af7651916cd43dd8448eb:tid-b7ad6b7169203331-01'*/;\n",
+    "static": "\\set aid random(1, 100000 * :scale)\n"
+              "SELECT abalance FROM pgbench_accounts WHERE aid = :aid /*" + _TAGS + "*/;\n",
+}
 _SUMMARY = re.compile(r"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
 
@@ -96,7 +114,12 @@ class Run:
                                cwd=_REPO_ROOT)
 
     def pgbench_run(self, transactions: int) -> int:
-        argv = [self.pgbench, "-S", "-M", self.mode, "-c", str(self.args.clients), "-j", "2",
+        workload = ["-S"]
+        if self.args.tags:
+            script = self.work / f"tagged-{self.mode}.sql"
+            script.write_text(TAGGED_SCRIPTS["simple" if self.mode == "simple" else "static"])
+            workload = ["-f", str(script)]
+        argv = [self.pgbench, *workload, "-M", self.mode, "-c", str(self.args.clients), "-j", "2",
                 "-t", str(transactions), "-n", "-h", LOOPBACK, "-p", str(self.port),
                 "-U", DB_USER, DB_NAME]  # fmt: skip
         proc = subprocess.run(argv, capture_output=True, text=True, env=client_env(),
@@ -159,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-sim", action="store_true",
                         help="also simulate the caches (callgrind --cache-sim=yes): the kept "
                         "dumps then count cache misses per function; slower")
+    parser.add_argument("--tags", action="store_true",
+                        help="statements carry sqlcommenter tags (see the module docstring)")
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -183,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         primary.stop()
         shutil.rmtree(base, ignore_errors=True)
-    print(f"sqlproxy user-space instructions per transaction (callgrind), pgbench -S "
+    what = "-f <tagged select-only script>" if args.tags else "-S"
+    print(f"sqlproxy user-space instructions per transaction (callgrind), pgbench {what} "
           f"-c {args.clients}, {args.transactions} and {2 * args.transactions} transactions "
           "per client, difference of the two runs")
     print(f"{'mode':10s} {'profiling off':>14s} {'profiling on':>13s} {'on/off':>7s}")

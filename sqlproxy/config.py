@@ -135,6 +135,17 @@ class AnalysisSection(_Section):
     slow_log_size: int = Field(1000, ge=1)
     max_findings: int = Field(2000, ge=10)
     applications: dict[str, ApplicationThresholds] = Field(default_factory=dict)
+    # Request attribution (sqlcommenter / query log tags): see docs/attribution.md.
+    max_routes: int = Field(5000, ge=10)
+    tag_keys: list[str] = Field(default_factory=list)
+    trace_idle_ms: float = Field(2000.0, gt=0)
+    # Regressions: per-fingerprint time windows.
+    window_s: float = Field(300.0, ge=0.1)
+    max_windows: int = Field(24, ge=2, le=10_000)
+    regression_factor: float = Field(3.0, gt=1)
+    regression_min_calls: int = Field(20, ge=1)
+    regression_min_ms: float = Field(1.0, ge=0)
+    new_hot_share: float = Field(0.25, gt=0, le=1)
 
 
 class RoutingSection(_Section):
@@ -192,6 +203,12 @@ class StateSection(_Section):
     snapshot_seconds: float = Field(30.0, gt=0)
 
 
+class OtelSection(_Section):
+    endpoint: str | None = None
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    service_name: str = "sqlproxy"
+
+
 class LogSection(_Section):
     format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -209,6 +226,7 @@ class Config(BaseModel):
     admin: AdminSection = Field(default_factory=AdminSection)
     tls: TLSSection = Field(default_factory=TLSSection)
     state: StateSection = Field(default_factory=StateSection)
+    otel: OtelSection = Field(default_factory=OtelSection)
     log: LogSection = Field(default_factory=LogSection)
 
     def replica_name(self, index: int) -> str:

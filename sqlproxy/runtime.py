@@ -21,6 +21,7 @@ from sqlproxy.analysis.timefmt import iso
 from sqlproxy.config import Config, load_config
 from sqlproxy.errors import ConfigError
 from sqlproxy.logs import get_logger
+from sqlproxy.otel import SpanExporter
 from sqlproxy.proxy.server import ProxyServer
 from sqlproxy.routing.health import Router
 from sqlproxy.state import StateContributor, StateFile, profiler_contributors
@@ -62,6 +63,11 @@ class Runtime:
             Profiler(config.analysis, get_logger("sqlproxy.analysis"))
             if config.analysis.enabled else None
         )
+        # One span per traced statement ([otel] endpoint); the SDK is imported only then.
+        self.span_exporter: SpanExporter | None = None
+        if config.otel.endpoint and self.profiler is not None:
+            self.span_exporter = SpanExporter(config.otel)
+            self.profiler.span_sink = self.span_exporter
         self.proxy = ProxyServer(config, self.profiler)
         # Read-replica routing (None when off): health, lag and counters for the admin API.
         self.router: Router | None = self.proxy.router
@@ -75,6 +81,7 @@ class Runtime:
         self._stop = asyncio.Event()
         self._started = False
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._windows_task: asyncio.Task[None] | None = None
         self._snapshot_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -97,20 +104,25 @@ class Runtime:
         gc.freeze()
         if self.state is not None:
             self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_loop())
+        if self.profiler is not None:
+            self._windows_task = asyncio.get_running_loop().create_task(self._windows_loop())
         log.info("started", listen=f"{self.proxy.host}:{self.proxy.port}")
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
-        if self._snapshot_task is not None:
-            self._snapshot_task.cancel()
-            await asyncio.gather(self._snapshot_task, return_exceptions=True)
-            self._snapshot_task = None
+        for task in (self._snapshot_task, self._windows_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._snapshot_task = self._windows_task = None
         if self.admin is not None:
             await self.admin.stop()
         await self.proxy.stop(self.config.proxy.shutdown_grace_seconds)
         await self.snapshot()  # after the drain: includes what the last sessions did
+        if self.span_exporter is not None:
+            await asyncio.to_thread(self.span_exporter.shutdown)  # sends the last batch
         log.info("stopped")
 
     def request_stop(self) -> None:
@@ -212,6 +224,18 @@ class Runtime:
         while True:
             await asyncio.sleep(self.config.state.snapshot_seconds)
             await self.snapshot()
+
+    async def _windows_loop(self) -> None:
+        """Close a regression window every analysis.window_s (on the loop: the statistics are
+        read where they are written)."""
+        assert self.profiler is not None
+        self.profiler.tick_windows()  # begins the first window
+        while True:
+            await asyncio.sleep(self.config.analysis.window_s)
+            try:
+                self.profiler.tick_windows()
+            except Exception as exc:  # a bug here must not stop the windows for good
+                log.error("windows_tick_failed", error=f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ reload (SIGHUP)
     def reload(self) -> bool:

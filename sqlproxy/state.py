@@ -323,7 +323,7 @@ def profiler_contributors(profiler: Profiler) -> list[StateContributor]:
     out: list[StateContributor] = [
         StatisticsState(profiler), SlowLogState(profiler), TransactionState(profiler),
     ]
-    for name in ("detector", "findings"):
+    for name in ("detector", "findings", "endpoints", "windows"):
         part = getattr(profiler, name, None)
         if isinstance(part, StateContributor):
             out.append(part)

@@ -19,6 +19,7 @@ from sqlproxy.admin.params import (
     time_param,
 )
 from sqlproxy.admin.state import AdminState
+from sqlproxy.analysis.endpoints import ENDPOINT_SORT_KEYS
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.stats import SORT_KEYS
 from sqlproxy.analysis.timefmt import iso
@@ -37,6 +38,12 @@ def listing(items: list[dict[str, Any]], total: int) -> JSONResponse:
 
 def _profiler(request: Request) -> Profiler | None:
     return state_of(request).source.profiler
+
+
+def _where(q: Any) -> dict[str, str | None]:
+    """The attribution filters: route (or endpoint name), controller, action."""
+    return {"route": str_param(q, "route"), "controller": str_param(q, "controller"),
+            "action": str_param(q, "action")}
 
 
 class ExplainRequest(BaseModel):
@@ -95,7 +102,18 @@ async def queries(request: Request) -> Response:
     profiler = _profiler(request)
     if profiler is None:
         return listing([], 0)
-    items, total = profiler.top(sort, limit, offset, database, user, application)
+    items, total = profiler.top(sort, limit, offset, database, user, application, **_where(q))
+    return listing(items, total)
+
+
+async def endpoints(request: Request) -> Response:
+    q = request.query_params
+    limit, offset = page(q)
+    sort = choice_param(q, "sort", ENDPOINT_SORT_KEYS, "total_ms")
+    profiler = _profiler(request)
+    if profiler is None:
+        return listing([], 0)
+    items, total = profiler.endpoint_summary(sort, limit, offset, **_where(q))
     return listing(items, total)
 
 
@@ -108,6 +126,7 @@ async def query_detail(request: Request) -> Response:
         raise APIError(404, f"unknown fingerprint {fp!r}", fingerprint=fp)
     detail["findings"] = st.findings.for_fingerprint(fp)
     detail["explain"] = st.explainer.latest(fp)
+    detail["windows"] = profiler.windows.timeline(fp) if profiler is not None else []
     st.history.watch(fp)
     return JSONResponse(detail)
 
@@ -166,7 +185,7 @@ async def findings(request: Request) -> Response:
     items, total = state_of(request).findings.select(
         kind=str_param(q, "kind"), application=str_param(q, "application"),
         limit=limit, offset=offset, database=str_param(q, "database"),
-        sort=str_param(q, "sort") or "total_ms")
+        sort=str_param(q, "sort") or "total_ms", **_where(q))
     return listing(items, total)
 
 

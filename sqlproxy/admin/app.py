@@ -126,6 +126,7 @@ ROUTES = [
     Route("/api/queries/{fingerprint}/explain", api.explain, methods=["POST"]),
     Route("/api/slow", api.slow, methods=["GET"]),
     Route("/api/transactions", api.transactions, methods=["GET"]),
+    Route("/api/endpoints", api.endpoints, methods=["GET"]),
     Route("/api/n-plus-one", api.n_plus_one, methods=["GET"]),
     Route("/api/findings", api.findings, methods=["GET"]),
     Route("/api/findings/{finding_id}", api.finding_detail, methods=["GET"]),

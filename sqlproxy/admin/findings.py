@@ -24,11 +24,14 @@ class Findings:
 
     def select(self, kind: str | None = None, application: str | None = None,
                limit: int = 50, offset: int = 0, database: str | None = None,
-               sort: str = "total_ms") -> tuple[list[dict[str, Any]], int]:
+               sort: str = "total_ms", route: str | None = None,
+               controller: str | None = None,
+               action: str | None = None) -> tuple[list[dict[str, Any]], int]:
         if self.profiler is None:
             return [], 0
         try:
-            return self.profiler.findings(kind, application, limit, offset, database, sort)
+            return self.profiler.findings(kind, application, limit, offset, database, sort,
+                                          route, controller, action)
         except ValueError as exc:
             raise bad_parameter("sort" if "sort" in str(exc) else "kind", str(exc)) from None
 

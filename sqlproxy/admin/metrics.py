@@ -33,6 +33,7 @@ from sqlproxy.admin.findings import Findings
 from sqlproxy.admin.history import sketch_bins
 from sqlproxy.admin.source import AdminSource
 from sqlproxy.analysis.stats import StatEntry
+from sqlproxy.analysis.windows import quantile
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 QUERY_LABEL_CHARS = 200
@@ -255,6 +256,9 @@ class ProfilerCollector(Collector):
                                   value=self.slow)
         yield GaugeMetricFamily("sqlproxy_fingerprints", "Statistics entries held",
                                 value=len(entries))
+        yield CounterMetricFamily("sqlproxy_windows_closed",
+                                  "Regression windows closed (analysis.window_s each)",
+                                  value=profiler.windows.closed)
 
         yield from self._top(entries)
 
@@ -275,6 +279,15 @@ class ProfilerCollector(Collector):
         quant = GaugeMetricFamily("sqlproxy_query_latency_seconds",
                                   "Latency quantiles of a top fingerprint",
                                   labels=[*labels, "quantile"])
+        win = GaugeMetricFamily("sqlproxy_query_window_p95_seconds",
+                                "p95 of a top fingerprint in its last closed window",
+                                labels=["fingerprint"])
+        base = GaugeMetricFamily("sqlproxy_query_baseline_p95_seconds",
+                                 "p95 of a top fingerprint over its earlier windows "
+                                 "(the latency_regression baseline)", labels=["fingerprint"])
+        profiler = self.source.profiler
+        windows = profiler.windows if profiler is not None else None
+        latest = windows.latest() if windows is not None else {}
         for e in top:
             lv = [e.fingerprint, e.database, e.user]
             qinfo.add_metric([*lv, e.kind, e.query[:QUERY_LABEL_CHARS]], 1)
@@ -284,7 +297,17 @@ class ProfilerCollector(Collector):
             errs.add_metric(lv, e.error_count)
             for q in (0.5, 0.95, 0.99):
                 quant.add_metric([*lv, str(q)], e.quantile(q))
-        yield from (qinfo, calls, secs, rows, errs, quant)
+        done: set[str] = set()
+        for e in top:
+            w = latest.get(e.fingerprint)
+            if windows is None or w is None or e.fingerprint in done or not windows.gamma:
+                continue
+            done.add(e.fingerprint)
+            win.add_metric([e.fingerprint], quantile(windows.gamma, w.bins, 0.95))
+            b = windows.baseline_p95(e.fingerprint)
+            if b is not None:
+                base.add_metric([e.fingerprint], b)
+        yield from (qinfo, calls, secs, rows, errs, quant, win, base)
 
 
 def make_registry(collector: ProfilerCollector) -> CollectorRegistry:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlproxy import __version__
+from sqlproxy.analysis.endpoints import ENDPOINT_SORT_KEYS
 from sqlproxy.analysis.findings import KINDS
 from sqlproxy.analysis.findings import SORT_KEYS as FINDING_SORT
 from sqlproxy.analysis.stats import SORT_KEYS
@@ -85,10 +86,35 @@ _SCHEMAS: _S = {
                                    "analysis.capture_parameters is on"},
         "example_parameters": {"type": "array", "items": _STR},
         "by_database_user": {"type": "array", "items": _ref("QueryStats")},
+        "by_route": {"type": "array", "items": _ref("RouteStats")},
+        "windows": {"type": "array", "items": _ref("Window"),
+                    "description": "regression windows (analysis.window_s), oldest first"},
         "slow": {"type": "array", "items": _ref("SlowQuery")},
         "findings": {"type": "array", "items": _ref("Finding")},
         "explain": {"oneOf": [_ref("ExplainResult"), {"type": "null"}]},
     }}]},
+    "RouteStats": {"type": "object", "description":
+                   "one statement under one endpoint (route, else controller#action)",
+                   "properties": {
+        "fingerprint": _STR, "query": _STR, "kind": _STR, "endpoint": _STR, "route": _STR,
+        "controller": _STR, "action": _STR, "calls": _INT, "rows": _INT, "errors": _INT,
+        "total_ms": _NUM, "mean_ms": _NUM, "max_ms": _NUM, "p50_ms": _NUM, "p95_ms": _NUM,
+        "p99_ms": _NUM, "calls_per_request": {"type": ["number", "null"]},
+        "first_seen": _TS, "last_seen": _TS}},
+    "Endpoint": {"type": "object", "properties": {
+        "endpoint": _STR, "route": _STR, "controller": _STR, "action": _STR,
+        "requests": {"type": "integer", "description": "trace ids, else bursts of the "
+                                                       "endpoint on a connection"},
+        "statements": _INT, "errors": _INT, "total_ms": _NUM,
+        "statements_per_request": _NUM, "db_ms_per_request": _NUM,
+        "applications": {"type": "array", "items": _STR},
+        "findings": _INT, "findings_by_kind": {"type": "object", "additionalProperties": _INT},
+        "statements_top": {"type": "array", "items": _ref("RouteStats")},
+        "first_seen": _TS, "last_seen": _TS}},
+    "Window": {"type": "object", "properties": {
+        "start": _TS, "end": _TS, "calls": _INT, "total_ms": _NUM,
+        "mean_ms": {"type": ["number", "null"]}, "p50_ms": {"type": ["number", "null"]},
+        "p95_ms": {"type": ["number", "null"]}, "p99_ms": {"type": ["number", "null"]}}},
     "HistoryPoint": {"type": "object", "properties": {
         "at": _TS, "calls": _INT, "errors": _INT, "mean_ms": {"type": ["number", "null"]},
         "p50_ms": {"type": ["number", "null"]}, "p95_ms": {"type": ["number", "null"]},
@@ -107,7 +133,12 @@ _SCHEMAS: _S = {
             "parent_fingerprint": _NULLABLE_STR, "parent_query": _NULLABLE_STR,
             "occurrences": _INT, "max_burst": {"type": ["integer", "null"]},
             "total_ms": _NUM, "application": _NULLABLE_STR, "suggestion": _STR,
-            "first_seen": _TS, "last_seen": _TS}},
+            "first_seen": _TS, "last_seen": _TS, "endpoint": _STR, "route": _STR,
+            "controller": _STR, "action": _STR,
+            "trace_ids": {"type": "array", "items": _STR,
+                          "description": "example requests (W3C trace ids), the latest last"},
+            "window": {"type": ["object", "null"],
+                       "description": "regression findings: the window against its baseline"}}},
     "Transactions": {"type": "object", "properties": {
         "database": _STR, "user": _STR, "transactions": _INT, "failed": _INT,
         "total_ms": _NUM, "mean_ms": _NUM, "max_ms": _NUM, "p99_ms": _NUM,
@@ -163,6 +194,8 @@ _SCHEMAS: _S = {
 
 _FILTERS = [_q("database", "only this database"), _q("user", "only this user"),
             _q("application", "only statements from this application_name")]
+_WHERE = [_q("route", "only this route (or endpoint name) of the statements' tags"),
+          _q("controller", "only this controller"), _q("action", "only this action")]
 
 
 def openapi_spec() -> dict[str, Any]:
@@ -175,7 +208,14 @@ def openapi_spec() -> dict[str, Any]:
         "/api/queries": _get(
             "Per-fingerprint statement statistics", _list_of("QueryStats"),
             [*_PAGE, _q("sort", "order, descending", {"type": "string", "enum": list(SORT_KEYS),
-                                                      "default": "total_ms"}), *_FILTERS]),
+                                                      "default": "total_ms"}), *_FILTERS,
+             *_WHERE]),
+        "/api/endpoints": _get(
+            "Endpoints named by the statements' tags: requests, statements and database "
+            "time per request, findings", _list_of("Endpoint"),
+            [*_PAGE, _q("sort", "order, descending", {
+                "type": "string", "enum": list(ENDPOINT_SORT_KEYS), "default": "total_ms"}),
+             *_WHERE]),
         "/api/queries/{fingerprint}": _get(
             "One fingerprint: statistics, redacted example, slow executions, findings",
             _ref("QueryDetail"), [_FP], ("401", "404")),
@@ -204,7 +244,7 @@ def openapi_spec() -> dict[str, Any]:
              _q("application", "only this application_name"),
              _q("database", "only findings seen in this database"),
              _q("sort", "order, descending", {"type": "string", "enum": list(FINDING_SORT),
-                                              "default": "total_ms"})]),
+                                              "default": "total_ms"}), *_WHERE]),
         "/api/findings/{finding_id}": _get(
             "One finding in detail, with the statistics of its statements",
             {"type": "object"},

@@ -33,6 +33,17 @@ its common lookups now and then among many others, and that is not a loop.
 
 Unbounded results and deep OFFSETs need no burst: a single execution is the finding.
 
+Requests (tags.py): statements whose comments carry a ``traceparent`` are judged per trace id
+instead — one request is one burst, whatever the idle gaps in it and however many requests take
+turns on a pooled connection. Each open trace has a detector of its own (``Traces``), with no
+gap (``gap`` is infinite), judged once the trace has been idle for ``analysis.trace_idle_ms``
+(or when too many are open). The connection's untagged statements in between (the BEGIN and
+COMMIT a driver sends by itself) belong to the request the connection was last lent to, until
+a burst gap passes: ``ConnectionDetector.lent``, one field read per untagged statement.
+Statements with tags but no trace id stay on the connection's detector, whose burst also ends
+where the endpoint changes. Findings carry the endpoint (route, controller, action) and the
+trace id as an example.
+
 The transaction state comes from the statements themselves (BEGIN … COMMIT/ROLLBACK), which
 also covers a multi-statement Query whose ReadyForQuery comes only at its end. The "own round
 trip" test asks the session's conversation whether a Sync follows the Execute (when the
@@ -46,6 +57,7 @@ distinct values are under-counted, which can only hide findings, never invent th
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Final
 
 from sqlproxy.analysis.findings import (
@@ -69,9 +81,11 @@ from sqlproxy.config import AnalysisSection
 
 __all__ = [
     "MAX_BURST",
+    "MAX_TRACES",
     "ConnectionDetector",
     "PatternDetector",
     "Thresholds",
+    "Traces",
     "thresholds_for",
 ]
 
@@ -84,6 +98,8 @@ MAX_DIGESTS: Final = 512
 MAX_BURST: Final = 10_000  # statements: a longer burst is judged and a new one begun
 _MAX_CHAIN: Final = 32  # loop bodies followed when looking for an interleaved run's parent
 LOOP_BODY_MAX: Final = 16  # statements per loop iteration: a sparser repetition is no loop
+MAX_TRACES: Final = 1000  # requests (trace ids) judged at once; the oldest is judged beyond
+_NEVER: Final = float("inf")
 
 _EXECUTE: Final = 2  # sqlproxy.wire.conversation.EXECUTE (the wire layer is not imported here)
 
@@ -164,21 +180,27 @@ class ConnectionDetector:
     """Watches one connection (see the module docstring)."""
 
     __slots__ = (
+        "action",
         "application",
         "block",
         "connection_id",
+        "controller",
         "database",
         "deep_offset",
+        "endpoint",
         "epoch",
         "findings",
         "gap",
         "large_rows",
         "last_end",
+        "lent",
         "position",
         "prev",
         "prev_rows",
         "repeats",
+        "route",
         "runs",
+        "trace_id",
         "tracked",
         "trip",
         "tx_statements",
@@ -211,6 +233,15 @@ class ConnectionDetector:
         self.tx_statements = 0
         self.tx_write: Run | None = None
         self.tx_write_seconds = 0.0
+        # Where the statements come from, when their tags said so (see tags.py).
+        self.endpoint = ""
+        self.route = ""
+        self.controller = ""
+        self.action = ""
+        self.trace_id = ""  # a request's own detector (Traces): its trace id
+        # The request (trace detector) this connection last served: its untagged statements
+        # within a burst gap belong to it.
+        self.lent: ConnectionDetector | None = None
 
     def apply(self, t: Thresholds) -> None:
         self.gap = t.gap
@@ -225,6 +256,13 @@ class ConnectionDetector:
         simple protocol); ``raw`` is its text when its literals are its own rather than
         ``stmt``'s (a text matched by its skeleton), else ""; ``ctx`` the session, asked
         about Syncs for writes only."""
+        lent = self.lent
+        if lent is not None:
+            if started - lent.last_end < self.gap:
+                lent.observe(stmt, bind, raw, rows, failed, started, ended, ctx)
+                return
+            self.lent = None
+            self.block = lent.block  # the connection's transaction state went on there
         last = self.last_end
         if started - last >= self.gap or self.position >= MAX_BURST:
             if self.runs:
@@ -311,6 +349,27 @@ class ConnectionDetector:
         if offset > self.deep_offset:
             self._deep_offset(stmt, offset, rows, seconds, ended)
 
+    def tag(self, tags: Any, started: float) -> bool:
+        """A statement with tags but no trace id is about to be observed: its burst is one
+        request of its endpoint, which ends at a gap or where the endpoint changes. True when
+        it begins a request."""
+        self.lent = None
+        endpoint: str = tags.endpoint
+        gap = started - self.last_end >= self.gap
+        if endpoint == self.endpoint and not gap:
+            return False
+        if self.runs:
+            self.flush()  # what ran so far belongs to the previous request
+        self.position = 0
+        self.set_tags(tags)
+        return True
+
+    def set_tags(self, tags: Any) -> None:
+        self.endpoint = tags.endpoint
+        self.route = tags.route
+        self.controller = tags.controller
+        self.action = tags.action
+
     def _transaction(self, op: str | None, seconds: float) -> None:
         if op == "begin":
             self.block = True
@@ -341,7 +400,8 @@ class ConnectionDetector:
             example=f"{n.text}  -- {rows} rows, no LIMIT",
             suggestion=suggest(UNBOUNDED_RESULT, tables=stmt.shape.tables, rows=rows),
             statement_kind=stmt.shape.kind.value, tables=stmt.shape.tables, rows=rows,
-            connection_id=self.connection_id,
+            connection_id=self.connection_id, endpoint=self.endpoint, route=self.route,
+            controller=self.controller, action=self.action, trace_id=self.trace_id,
         )
 
     def _deep_offset(self, stmt: Statement, offset: int, rows: int, seconds: float,
@@ -353,7 +413,9 @@ class ConnectionDetector:
             example=f"{n.text}  -- OFFSET {offset}, {rows} rows",
             suggestion=suggest(DEEP_OFFSET, offset=offset),
             statement_kind=stmt.shape.kind.value, tables=stmt.shape.tables, rows=rows,
-            offset=offset, connection_id=self.connection_id,
+            offset=offset, connection_id=self.connection_id, endpoint=self.endpoint,
+            route=self.route, controller=self.controller, action=self.action,
+            trace_id=self.trace_id,
         )
 
     # ------------------------------------------------------------------ end of a burst
@@ -391,6 +453,8 @@ class ConnectionDetector:
         self.tracked = 0
         # A transaction left open holds no run any more: its write cannot be counted.
         self.tx_write = None
+        if not self.trace_id:  # the next burst says where it comes from itself
+            self.endpoint = self.route = self.controller = self.action = ""
 
     def _loop_of(self, run: Run, need: int) -> tuple[Run, Statement | None]:
         """The first run of the loop ``run`` belongs to, and the loop's parent statement."""
@@ -440,6 +504,8 @@ class ConnectionDetector:
             ),
             statement_kind=shape.kind.value, tables=shape.tables,
             interleaved_with=tuple(p.fp for p in partners), connection_id=self.connection_id,
+            endpoint=self.endpoint, route=self.route, controller=self.controller,
+            action=self.action, trace_id=self.trace_id,
         )
 
     def _report_repeated(self, run: Run) -> None:
@@ -451,7 +517,8 @@ class ConnectionDetector:
             example=f"{repeats} x {n.text}  -- with the same values",
             suggestion=suggest(REPEATED_QUERY, repeats=repeats),
             statement_kind=run.stmt.shape.kind.value, tables=run.stmt.shape.tables,
-            connection_id=self.connection_id,
+            connection_id=self.connection_id, endpoint=self.endpoint, route=self.route,
+            controller=self.controller, action=self.action, trace_id=self.trace_id,
         )
 
     def _report_writes(self, run: Run, kind: str, count: int, seconds: float) -> None:
@@ -463,7 +530,8 @@ class ConnectionDetector:
             seconds, self._now(), example=f"{count} x {n.text}  -- {what}",
             suggestion=suggest(kind, tables=shape.tables, statement_kind=shape.kind.value),
             statement_kind=shape.kind.value, tables=shape.tables,
-            connection_id=self.connection_id,
+            connection_id=self.connection_id, endpoint=self.endpoint, route=self.route,
+            controller=self.controller, action=self.action, trace_id=self.trace_id,
         )
 
 
@@ -480,6 +548,50 @@ def _own_round_trip(ctx: SessionInfo | None) -> bool:
         return True
     kind: int = conv.next_kind()
     return kind != 0 and kind != _EXECUTE
+
+
+class Traces:
+    """The detectors of the requests (trace ids) in progress, oldest first."""
+
+    __slots__ = ("idle", "open")
+
+    def __init__(self, idle_seconds: float) -> None:
+        self.idle = idle_seconds
+        self.open: OrderedDict[str, ConnectionDetector] = OrderedDict()
+
+    def get(self, trace_id: str) -> ConnectionDetector | None:
+        det = self.open.get(trace_id)
+        if det is not None:
+            self.open.move_to_end(trace_id)
+        return det
+
+    def add(self, trace_id: str, det: ConnectionDetector, now: float) -> None:
+        """A new request: judge those that have ended (idle long enough, or too many)."""
+        self.flush_idle(now)
+        while len(self.open) >= MAX_TRACES:
+            _, old = self.open.popitem(last=False)
+            _close(old)
+        self.open[trace_id] = det
+
+    def flush_idle(self, now: float) -> None:
+        """Judge the requests idle for ``idle`` seconds (oldest first: stop at a busy one)."""
+        opened = self.open
+        while opened:
+            det = next(iter(opened.values()))
+            if now - det.last_end < self.idle:
+                return
+            opened.popitem(last=False)
+            _close(det)
+
+    def flush_all(self) -> None:
+        while self.open:
+            _close(self.open.popitem(last=False)[1])
+
+
+def _close(det: ConnectionDetector) -> None:
+    if det.runs:
+        det.flush()
+    det.last_end = float("-inf")  # connections lent to it take their statements back
 
 
 class PatternDetector:
@@ -500,10 +612,12 @@ class PatternDetector:
         self.connections: dict[int, ConnectionDetector] = {}
         self.wall_offset = wall_offset
         self._thresholds: dict[str, Thresholds] = {}
+        self.traces = Traces(config.trace_idle_ms / 1000.0)
 
     def configure(self, config: AnalysisSection) -> None:
         self.config = config
         self.findings.max_entries = config.max_findings
+        self.traces.idle = config.trace_idle_ms / 1000.0
         self._thresholds.clear()
         for det in self.connections.values():
             det.apply(self.thresholds(det.application))
@@ -531,6 +645,42 @@ class PatternDetector:
             det.apply(self.thresholds(app))
         return det
 
+    def trace(self, ctx: SessionInfo, tags: Any, started: float) -> tuple[ConnectionDetector,
+                                                                         bool]:
+        """The detector of the request ``tags.trace_id`` (a traced statement of ``ctx`` is
+        about to be observed), and whether the request is new. The connection is lent to it:
+        its untagged statements within a burst gap go there too."""
+        trace_id: str = tags.trace_id
+        det = self.traces.get(trace_id)
+        new = det is None
+        if det is None:
+            app = ctx.application_name
+            t = self.thresholds(app)
+            det = ConnectionDetector(self.findings, t, app, ctx.database, ctx.id,
+                                     self.wall_offset)
+            det.gap = _NEVER  # a request is one burst, whatever its idle gaps
+            det.trace_id = trace_id
+            det.set_tags(tags)
+            self.traces.add(trace_id, det, started)
+        elif not det.endpoint and tags.endpoint:
+            det.set_tags(tags)
+        home = ctx.detector
+        if home is None or home.application != ctx.application_name:
+            home = ctx.detector = self.connection(ctx)
+        lent = home.lent
+        if lent is not det:
+            if home.runs and started - home.last_end >= home.gap:
+                home.flush()
+            # The connection's transaction state goes with it (a driver's BEGIN comes
+            # untagged, just before the request's first statement).
+            was = lent if lent is not None and started - lent.last_end < home.gap else home
+            if det.block != was.block:
+                det.block = was.block
+                det.tx_statements = 0
+                det.tx_write = None
+            home.lent = det
+        return det, new
+
     def closed(self, ctx: SessionInfo) -> None:
         det = self.connections.pop(ctx.id, None)
         if det is not None and det.runs:
@@ -541,10 +691,14 @@ class PatternDetector:
         for det in self.connections.values():
             if det.idle_since(now):
                 det.flush()
+        self.traces.flush_idle(now)
 
     def reset(self) -> None:
         self.findings.reset()
         for det in self.connections.values():
+            det.runs.clear()
+            det.tracked = 0
+        for det in self.traces.open.values():
             det.runs.clear()
             det.tracked = 0
 

@@ -1,11 +1,13 @@
 """Findings: the costly access patterns the per-connection detectors saw, aggregated.
 
-One finding per (kind, fingerprint, parent fingerprint, application_name), across connections
-and databases: how often the pattern occurred, its largest burst, the time it cost (the time
-spent in the repeated statements), when it was first and last seen, a redacted example (the
-normalized text, literals as ``$n``) and a one-line suggestion naming the fix, in ORM terms where
-one applies. The number of findings is bounded like the statistics: when full, the least-used
-5 % are evicted (usage decays, so old findings can leave too).
+One finding per (kind, fingerprint, parent fingerprint, application_name, endpoint), across
+connections and databases (the endpoint is the route, or controller#action, that the
+statements' tags named: see tags.py; "" for untagged traffic): how often the pattern occurred,
+its largest burst, the time it cost (the time spent in the repeated statements), when it was
+first and last seen, a redacted example (the normalized text, literals as ``$n``) and a
+one-line suggestion naming the fix, in ORM terms where one applies. Findings of requests keep
+a few of their trace ids as examples. The number of findings is bounded like the statistics:
+when full, the least-used 5 % are evicted (usage decays, so old findings can leave too).
 
 Nothing here runs per execution: the detector calls ``add`` when a burst ends, or when a single
 execution is itself the finding (an unbounded result, a deep OFFSET).
@@ -24,6 +26,8 @@ __all__ = [
     "COMMIT_PER_ROW",
     "DEEP_OFFSET",
     "KINDS",
+    "LATENCY_REGRESSION",
+    "NEW_HOT_STATEMENT",
     "N_PLUS_ONE",
     "REPEATED_QUERY",
     "ROW_BY_ROW_WRITE",
@@ -41,15 +45,20 @@ ROW_BY_ROW_WRITE = "row_by_row_write"
 COMMIT_PER_ROW = "commit_per_row"
 UNBOUNDED_RESULT = "unbounded_result"
 DEEP_OFFSET = "deep_offset"
+LATENCY_REGRESSION = "latency_regression"
+NEW_HOT_STATEMENT = "new_hot_statement"
 KINDS = (N_PLUS_ONE, REPEATED_QUERY, ROW_BY_ROW_WRITE, COMMIT_PER_ROW, UNBOUNDED_RESULT,
-         DEEP_OFFSET)
+         DEEP_OFFSET, LATENCY_REGRESSION, NEW_HOT_STATEMENT)
 SORT_KEYS = ("total_ms", "occurrences", "max_burst", "last_seen", "first_seen")
 MAX_DATABASES = 16  # database names remembered per finding
+MAX_TRACE_IDS = 5  # example trace ids kept per finding (the latest)
 
 
-def finding_id(kind: str, fingerprint: str, parent: str | None, application: str) -> str:
+def finding_id(kind: str, fingerprint: str, parent: str | None, application: str,
+               endpoint: str = "") -> str:
     """16 hex chars naming a finding, stable across processes (for ``/findings/{id}``)."""
-    key = "\x00".join((kind, fingerprint, parent or "", application))
+    parts = (kind, fingerprint, parent or "", application)
+    key = "\x00".join((*parts, endpoint) if endpoint else parts)
     return blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
 
 
@@ -57,8 +66,11 @@ class Finding:
     """One aggregated pattern."""
 
     __slots__ = (
+        "action",
         "application",
+        "controller",
         "databases",
+        "endpoint",
         "example",
         "executions",
         "fingerprint",
@@ -74,16 +86,27 @@ class Finding:
         "parent_fingerprint",
         "parent_query",
         "query",
+        "route",
         "statement_kind",
         "suggestion",
         "tables",
         "total",
+        "trace_ids",
         "usage",
+        "window",
     )
 
     def __init__(self, kind: str, fingerprint: str, query: str, parent_fingerprint: str | None,
-                 parent_query: str | None, application: str, now: float) -> None:
-        self.id = finding_id(kind, fingerprint, parent_fingerprint, application)
+                 parent_query: str | None, application: str, now: float,
+                 endpoint: str = "") -> None:
+        self.id = finding_id(kind, fingerprint, parent_fingerprint, application, endpoint)
+        self.endpoint = endpoint
+        self.route = ""
+        self.controller = ""
+        self.action = ""
+        self.trace_ids: list[str] = []
+        # Regression findings: the window's figures against the baseline's (see windows.py).
+        self.window: dict[str, Any] = {}
         self.kind = kind
         self.fingerprint = fingerprint
         self.query = query
@@ -129,6 +152,12 @@ class Finding:
             "interleaved_with": list(self.interleaved_with),
             "max_rows": self.max_rows,
             "max_offset": self.max_offset,
+            "endpoint": self.endpoint,
+            "route": self.route,
+            "controller": self.controller,
+            "action": self.action,
+            "trace_ids": list(self.trace_ids),
+            "window": dict(self.window) if self.window else None,
         }
 
     def detail(self) -> dict[str, Any]:
@@ -151,7 +180,9 @@ class Finding:
             "statement_kind": self.statement_kind, "tables": list(self.tables),
             "interleaved_with": list(self.interleaved_with), "max_rows": self.max_rows,
             "max_offset": self.max_offset, "databases": dict(self.databases),
-            "usage": self.usage,
+            "usage": self.usage, "endpoint": self.endpoint, "route": self.route,
+            "controller": self.controller, "action": self.action,
+            "trace_ids": list(self.trace_ids), "window": dict(self.window),
         }  # fmt: skip
 
     @classmethod
@@ -160,7 +191,12 @@ class Finding:
         f = cls(str(d["kind"]), str(d["fingerprint"]), str(d["query"]),
                 None if parent is None else str(parent),
                 None if d["parent_query"] is None else str(d["parent_query"]),
-                str(d["application"]), float(d["first_seen"]))
+                str(d["application"]), float(d["first_seen"]), str(d.get("endpoint") or ""))
+        f.route = str(d.get("route") or "")
+        f.controller = str(d.get("controller") or "")
+        f.action = str(d.get("action") or "")
+        f.trace_ids = [str(t) for t in d.get("trace_ids") or ()][-MAX_TRACE_IDS:]
+        f.window = dict(d.get("window") or {})
         f.occurrences = int(d["occurrences"])
         f.executions = int(d["executions"])
         f.max_burst = int(d["max_burst"])
@@ -196,10 +232,19 @@ class Finding:
             if db in self.databases or len(self.databases) < MAX_DATABASES:
                 self.databases[db] = self.databases.get(db, 0) + n
         self.usage += other.usage
+        for t in other.trace_ids:
+            if t not in self.trace_ids:
+                self.trace_ids.append(t)
+        del self.trace_ids[:-MAX_TRACE_IDS]
+
+
+def _key(kind: str, fingerprint: str, parent: str | None, application: str,
+         endpoint: str) -> tuple[str, str, str, str, str]:
+    return (kind, fingerprint, parent or "", application, endpoint)
 
 
 class FindingsStore:
-    """Bounded map (kind, fingerprint, parent fingerprint, application) -> Finding.
+    """Bounded map (kind, fingerprint, parent fingerprint, application, endpoint) -> Finding.
 
     Also a state contributor (``sqlproxy.state``): findings survive restarts.
     """
@@ -210,7 +255,7 @@ class FindingsStore:
     def __init__(self, max_entries: int = 2000, log: Any = None) -> None:
         self.max_entries = max_entries
         self.log = log
-        self.entries: dict[tuple[str, str, str, str], Finding] = {}
+        self.entries: dict[tuple[str, str, str, str, str], Finding] = {}
         self.by_id: dict[str, Finding] = {}
         self.evictions = 0
         self.reported = 0  # occurrences ever added
@@ -236,18 +281,32 @@ class FindingsStore:
         rows: int = 0,
         offset: int = 0,
         connection_id: int | None = None,
+        endpoint: str = "",
+        route: str = "",
+        controller: str = "",
+        action: str = "",
+        trace_id: str = "",
     ) -> Finding:
-        """Record one occurrence of a pattern; logs the first occurrence of each finding."""
-        key = (kind, fingerprint, parent_fingerprint or "", application)
+        """Record one occurrence of a pattern; logs the first occurrence of each finding.
+        ``endpoint`` (with its ``route``, ``controller``, ``action``) is what the statements'
+        tags named; ``trace_id`` the request's, kept as an example."""
+        key = _key(kind, fingerprint, parent_fingerprint, application, endpoint)
         f = self.entries.get(key)
         new = f is None
         if f is None:
             if len(self.entries) >= self.max_entries:
                 self._evict()
             f = Finding(kind, fingerprint, query, parent_fingerprint, parent_query, application,
-                        now)
+                        now, endpoint)
+            f.route = route
+            f.controller = controller
+            f.action = action
             self.entries[key] = f
             self.by_id[f.id] = f
+        if trace_id and trace_id not in f.trace_ids:
+            f.trace_ids.append(trace_id)
+            if len(f.trace_ids) > MAX_TRACE_IDS:
+                del f.trace_ids[0]
         f.occurrences += 1
         f.executions += burst
         if burst > f.max_burst:
@@ -279,7 +338,9 @@ class FindingsStore:
                 parent_query=parent_query[:2000] if parent_query else None,
                 application_name=application, database=database, burst=burst,
                 duration_ms=round(seconds * 1000, 3), suggestion=suggestion,
-                connection_id=connection_id,
+                connection_id=connection_id, route=route or None,
+                controller=controller or None, action=action or None,
+                trace_id=trace_id or None,
             )
         return f
 
@@ -301,6 +362,9 @@ class FindingsStore:
         database: str | None = None,
         fingerprint: str | None = None,
         sort: str = "total_ms",
+        route: str | None = None,
+        controller: str | None = None,
+        action: str | None = None,
     ) -> list[Finding]:
         """Matching findings, most costly first (or by ``sort``, descending)."""
         if kind is not None and kind not in KINDS:
@@ -317,6 +381,12 @@ class FindingsStore:
         if fingerprint:
             items = (f for f in items
                      if f.fingerprint == fingerprint or f.parent_fingerprint == fingerprint)
+        if route:
+            items = (f for f in items if route in (f.route, f.endpoint))
+        if controller:
+            items = (f for f in items if f.controller == controller)
+        if action:
+            items = (f for f in items if f.action == action)
         attr = "total" if sort == "total_ms" else sort
         return sorted(items, key=lambda f: (getattr(f, attr), f.last_seen), reverse=True)
 
@@ -341,7 +411,7 @@ class FindingsStore:
             raise ValueError(f"findings state version {version} is not supported")
         restored = [Finding.from_state(d) for d in data["findings"]]
         for f in restored:
-            key = (f.kind, f.fingerprint, f.parent_fingerprint or "", f.application)
+            key = _key(f.kind, f.fingerprint, f.parent_fingerprint, f.application, f.endpoint)
             mine = self.entries.get(key)
             if mine is not None:  # seen since start: keep both
                 f.merge(mine)
@@ -423,6 +493,14 @@ def suggest(
         return (f"{rows} rows read without LIMIT: paginate (LIMIT with keyset `WHERE id > $1`) "
                 "or stream them (yield_per / a server-side cursor) instead of loading "
                 f"all of {what} at once")
+    if kind == LATENCY_REGRESSION:
+        return ("this statement got slower than its baseline: EXPLAIN it (a dropped or unused "
+                "index, a changed plan, grown data, locks) and compare with a deploy or a data "
+                "change at the window's start")
+    if kind == NEW_HOT_STATEMENT:
+        return ("a statement never seen before takes a large share of the database's time: "
+                "check the code that started sending it (a new query, or a changed one that "
+                "lost its index or its batching)")
     if kind == DEEP_OFFSET:
         return (f"OFFSET {offset} reads and throws away {offset} rows: use keyset pagination "
                 "(`WHERE (sort_key, id) > ($1, $2) ORDER BY sort_key, id LIMIT n`)")

@@ -5,6 +5,12 @@ Cost per execution matters (see DESIGN.md, "The hot path"): a statement text see
 session is found in that session's memo (one dict lookup on a ``str`` whose hash is cached),
 which already holds its normalized form, its classification and its statistics entry. Only new
 texts go through the literal scanner, and only new shapes through sqlglot.
+
+Tagged statements (sqlcommenter / query log tags in edge comments, see tags.py) are never in
+the memo — their comments make each text unique — so ``_find`` sees every one of them and says
+so (``self.tagged``); only then are the tags read, and the execution takes ``_record_tagged``:
+statistics per endpoint, per-request pattern detection, the optional span export. An untagged
+execution pays nothing for any of it.
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ from sqlproxy.analysis.cache import (
     strip_edge_comments,
 )
 from sqlproxy.analysis.detector import PatternDetector
+from sqlproxy.analysis.endpoints import EndpointStore
 from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
 from sqlproxy.analysis.statement import SessionInfo, Statement
 from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
+from sqlproxy.analysis.tags import TagReader
+from sqlproxy.analysis.windows import Windows
 from sqlproxy.config import AnalysisSection
 
 __all__ = ["MEMO_LIMIT", "Profiler", "SessionInfo", "Statement"]
@@ -50,11 +59,19 @@ class Profiler:
         # Pattern detection: one detector per session, findings aggregated (issue #4).
         self.detector = PatternDetector(config, log, self.wall_offset)
         self.detectors = self.detector.connections
+        # Per-fingerprint time windows (regressions), closed by a background task's tick().
+        self.windows = Windows(config, self.detector.findings, log)
         # The settings read on every execution, as native fields (the config is a pydantic
         # model: reading it is a Python attribute lookup).
         self.slow_seconds = config.slow_query_ms / 1000.0
         self.capture_parameters = config.capture_parameters
         self.matched = ""  # set by _find (see there)
+        self.tagged = False  # set by _find: the text has edge comments (maybe tags)
+        self.tags = TagReader(frozenset(k.lower() for k in config.tag_keys))
+        self.endpoints = EndpointStore(config.max_routes)
+        # Called with (tags, statement, session, started, ended, rows, sqlstate, wall offset)
+        # for each traced statement when OpenTelemetry export is on (sqlproxy.otel); None: off.
+        self.span_sink: Any = None
 
     def configure(self, config: AnalysisSection) -> None:
         """Apply a reloaded [analysis] section (thresholds change live)."""
@@ -62,6 +79,9 @@ class Profiler:
         self.stats.max_entries = config.max_fingerprints
         self.slow_seconds = config.slow_query_ms / 1000.0
         self.capture_parameters = config.capture_parameters
+        self.tags.configure(frozenset(k.lower() for k in config.tag_keys))
+        self.endpoints.max_entries = config.max_routes
+        self.windows.configure(config)
         self.detector.configure(config)
 
     # ------------------------------------------------------------------ hot path
@@ -94,7 +114,10 @@ class Profiler:
             bare = strip_edge_comments(sql)
             if bare is not None and bare != sql:
                 stmts = memo.get(bare)
-                return stmts if stmts is not None else self._find(ctx, bare)
+                if stmts is None:
+                    stmts = self._find(ctx, bare)
+                self.tagged = True
+                return stmts
             skel = None
         if skel is not None:
             base = memo.get(skel)  # skeletons hold a NUL: they never equal a SQL text
@@ -149,8 +172,14 @@ class Profiler:
         else:
             found = ctx.memo.get(sql)
             if found is None:
+                self.tagged = False
                 found = self._find(ctx, sql)
                 raw = self.matched
+                if self.tagged:
+                    tags = self.tags.read(sql)
+                    if tags is not None:
+                        return self._record_tagged(ctx, sql, found, raw, tags, index, bind, rows,
+                                                   sqlstate, started, ended, route)
             stmts = found
         if index >= len(stmts):
             return None  # e.g. an empty query string
@@ -173,6 +202,46 @@ class Profiler:
         if det is None or det.application != application:
             det = ctx.detector = self.detector.connection(ctx)
         det.observe(stmt, bind, raw, rows, sqlstate is not None, started, ended, ctx)
+        return stmt
+
+    def _record_tagged(self, ctx: SessionInfo, sql: str, stmts: list[Statement], raw: str,
+                       tags: Any, index: int, bind: bytes, rows: int, sqlstate: str | None,
+                       started: float, ended: float, route: str) -> Statement | None:
+        """``record`` for a statement whose comments carry tags (see tags.py)."""
+        if index >= len(stmts):
+            return None
+        stmt = stmts[index]
+        now = ended + self.wall_offset
+        entry = stmt.entry
+        if entry is None or entry.evicted:
+            entry = stmt.entry = self._entry(ctx, stmt)
+        if stmt.has_offset and stmt.offset < 0 and len(bind) > 0:
+            stmt = self._bound_offset(stmt, sql, bind)
+        if self.capture_parameters and entry.example_params is None:
+            self._capture(entry, stmt, sql, raw, len(stmts), bind)
+        seconds = ended - started
+        application = ctx.application_name
+        entry.add(seconds, rows, sqlstate, application, route, now)
+        self.executions += 1
+        if seconds >= self.slow_seconds:
+            self._slow(ctx, stmt, raw, entry, seconds, rows, sqlstate, route, now)
+        trace_id: str = tags.trace_id
+        if len(trace_id) > 0:
+            det, new_request = self.detector.trace(ctx, tags, started)
+        else:
+            home = ctx.detector
+            if home is None or home.application != application:
+                home = ctx.detector = self.detector.connection(ctx)
+            new_request = home.tag(tags, started)
+            det = home
+        det.observe(stmt, bind, raw, rows, sqlstate is not None, started, ended, ctx)
+        endpoint: str = tags.endpoint
+        if len(endpoint) > 0:
+            self.endpoints.record(tags, stmt.fingerprint, entry.query, entry.kind, seconds, rows,
+                                  sqlstate is not None, new_request, application, now)
+        sink = self.span_sink
+        if sink is not None and len(trace_id) > 0:
+            sink(tags, stmt, ctx, started, ended, rows, sqlstate, self.wall_offset)
         return stmt
 
     def session_closed(self, ctx: SessionInfo) -> None:
@@ -234,9 +303,47 @@ class Profiler:
     # ------------------------------------------------------------------ read access
     def top(self, sort: str = "total_ms", limit: int = 50, offset: int = 0,
             database: str | None = None, user: str | None = None,
-            application: str | None = None) -> tuple[list[dict[str, Any]], int]:
+            application: str | None = None, route: str | None = None,
+            controller: str | None = None,
+            action: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """Statement statistics; with ``route``/``controller``/``action``, those of each
+        (fingerprint, endpoint) pair that matches instead."""
         rows = self.stats.select(sort, database, user, application)
+        if route or controller or action:
+            pairs = self.endpoints.select_pairs(sort, route, controller, action)
+            if database or user or application:
+                wanted = {e.fingerprint for e in rows}
+                pairs = [p for p in pairs if p.fingerprint in wanted]
+            eps = self.endpoints
+            return ([p.to_dict(eps.requests(p.endpoint)) for p in pairs[offset : offset + limit]],
+                    len(pairs))
         return [e.to_dict() for e in rows[offset : offset + limit]], len(rows)
+
+    def endpoint_summary(self, sort: str = "total_ms", limit: int = 50, offset: int = 0,
+                         route: str | None = None, controller: str | None = None,
+                         action: str | None = None) -> tuple[list[dict[str, Any]], int]:
+        """The endpoints the tags named: requests, statements and database time per request,
+        their findings by kind and their costliest statements."""
+        self.detector.flush_idle(time.perf_counter())
+        eps = self.endpoints.select(sort, route, controller, action)
+        found: dict[str, dict[str, int]] = {}
+        for f in self.detector.findings.entries.values():
+            if f.endpoint:
+                kinds = found.setdefault(f.endpoint, {})
+                kinds[f.kind] = kinds.get(f.kind, 0) + 1
+        pairs: dict[str, list[Any]] = {}
+        for p in self.endpoints.pairs.values():
+            pairs.setdefault(p.endpoint, []).append(p)
+        out = []
+        for ep in eps[offset : offset + limit]:
+            d = ep.to_dict()
+            kinds = found.get(ep.name, {})
+            d["findings"] = sum(kinds.values())
+            d["findings_by_kind"] = kinds
+            top = sorted(pairs.get(ep.name, ()), key=lambda p: p.total, reverse=True)[:5]
+            d["statements_top"] = [p.to_dict(ep.requests) for p in top]
+            out.append(d)
+        return out, len(eps)
 
     def detail(self, fingerprint: str) -> dict[str, Any] | None:
         entries = self.stats.by_fingerprint(fingerprint)
@@ -248,6 +355,9 @@ class Profiler:
         if self.config.capture_parameters and main.example_params is not None:
             out["example_parameters"] = list(main.example_params)
         out["by_database_user"] = [e.to_dict() for e in entries]
+        eps = self.endpoints
+        out["by_route"] = [p.to_dict(eps.requests(p.endpoint))
+                           for p in eps.select_pairs(fingerprint=fingerprint)[:50]]
         out["slow"] = [s.to_dict() for s in self.slow.select(fingerprint=fingerprint)[:50]]
         return out
 
@@ -262,15 +372,24 @@ class Profiler:
 
     def findings(self, kind: str | None = None, application: str | None = None,
                  limit: int = 50, offset: int = 0, database: str | None = None,
-                 sort: str = "total_ms") -> tuple[list[dict[str, Any]], int]:
+                 sort: str = "total_ms", route: str | None = None,
+                 controller: str | None = None,
+                 action: str | None = None) -> tuple[list[dict[str, Any]], int]:
         """Pattern findings, most costly first; ``kind`` one of ``findings.KINDS``."""
         self.detector.flush_idle(time.perf_counter())
-        items = self.detector.findings.select(kind, application, database, sort=sort)
+        items = self.detector.findings.select(kind, application, database, sort=sort,
+                                              route=route, controller=controller,
+                                              action=action)
         return [f.to_dict() for f in items[offset : offset + limit]], len(items)
 
     def n_plus_one(self, application: str | None = None, limit: int = 50, offset: int = 0,
                    database: str | None = None) -> tuple[list[dict[str, Any]], int]:
         return self.findings("n_plus_one", application, limit, offset, database)
+
+    def tick_windows(self, now: float | None = None) -> None:
+        """Close the current time window (a background task calls this every window_s)."""
+        self.windows.tick(list(self.stats.entries.values()),
+                          time.time() if now is None else now)
 
     def finding(self, finding_id: str) -> dict[str, Any] | None:
         """One finding (by its ``id``) in detail, with the statistics of its statements."""
@@ -290,6 +409,8 @@ class Profiler:
             self.detector.reset()
         if what in ("all", "statistics"):
             self.stats.reset()
+            self.endpoints.reset()
+            self.windows.reset()
             self.transactions.clear()
             self.executions = 0
         if what in ("all", "slow"):

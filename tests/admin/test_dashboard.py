@@ -150,3 +150,52 @@ def test_dashboard_renders_real_data(admin_proxy: MakeAdmin, db: str, browser: A
             "return document.getElementById('token-dialog').classList.contains('open')")
     finally:
         holder.close()
+
+
+def test_dashboard_by_endpoint(admin_proxy: MakeAdmin, db: str, browser: Any) -> None:
+    """Tagged traffic (sqlcommenter with a traceparent per request): the endpoints table, a
+    click that filters the queries and findings by route, the query's per-route figures and
+    its regression timeline."""
+    import secrets
+
+    proxy, admin = admin_proxy(analysis={"trace_idle_ms": 100.0, "window_s": 0.5})
+    run(proxy, db,
+        "create table customer (id int primary key, name text)",
+        "create table orders (id serial primary key, customer_id int, total numeric)",
+        "insert into customer select g, 'customer ' || g from generate_series(1, 20) g",
+        "insert into orders (customer_id, total) select g % 20 + 1, g from "
+        "generate_series(1, 200) g", app="migrate")
+    with psycopg.connect(proxy.dsn(dbname=db), autocommit=True) as conn:
+        for _ in range(3):
+            tp = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+            tag = (" /*controller='customers',action='index',route='/customers',"
+                   f"traceparent='{tp}'*/")
+            ids = [r[0] for r in conn.execute("select id from customer order by id limit 10"
+                                              + tag)]
+            for i in ids:  # N+1
+                conn.execute("select sum(total) from orders where customer_id = %s" + tag, (i,))
+            tp = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+            conn.execute(f"select count(*) from orders /*route='/stats',traceparent='{tp}'*/")
+    time.sleep(1.2)  # requests judged (trace_idle_ms), and a few windows closed
+    assert admin.json("/api/findings", route="/customers")["total"] == 1
+    browser.get(admin.base + "/")
+    wait_for(browser, "return document.body.dataset.loaded === 'true'")
+    endpoints = wait_for(browser, "const t = document.getElementById('endpoints').innerText;"
+                                  " return t.includes('/customers') && t")
+    assert "/stats" in endpoints and "customers#index" in endpoints
+    [row] = [r for r in browser.find_elements("css selector", "#endpoints tbody tr")
+             if "/customers" in r.text]
+    cells = [c.text for c in row.find_elements("css selector", "td")]
+    assert cells[2] == "3" and cells[3] == "11.0" and cells[6] == "1"  # requests, stmts, findings
+    row.click()
+    wait_for(browser, "const r = document.querySelectorAll('#queries tbody tr[data-fingerprint]');"
+                      " return r.length === 2")
+    assert "/customers" in browser.find_element("id", "findings").text
+    [child] = [r for r in browser.find_elements(
+        "css selector", "#queries tbody tr[data-fingerprint]") if "where customer_id" in r.text]
+    child.click()
+    routes = wait_for(browser, "const t = document.getElementById('detail-routes').innerText;"
+                               " return t.includes('/customers') && t")
+    assert "10.0 / request" in routes
+    wait_for(browser, "return document.getElementById('detail-windows').innerText"
+                      ".includes('p95')")

@@ -205,7 +205,8 @@ def test_findings_survive_a_restart(tmp_path: Path) -> None:
     StateFile(path).save(profiler_contributors(before))
     with sqlite3.connect(path) as conn:
         names = {r[0] for r in conn.execute("select name from sections")}
-    assert names == {"statistics", "slow_log", "transactions", "findings"}
+    assert names == {"statistics", "slow_log", "transactions", "findings", "endpoints",
+                     "windows"}
     after = _profiler()
     assert StateFile(path).load(profiler_contributors(after))
     assert after.findings(None, limit=100)[0] == found

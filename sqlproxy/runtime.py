@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlproxy import __version__
 from sqlproxy.admin.server import AdminServer
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.timefmt import iso
@@ -23,7 +25,10 @@ from sqlproxy.errors import ConfigError
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.server import ProxyServer
 from sqlproxy.routing.health import Router
-from sqlproxy.state import StateContributor, StateFile, profiler_contributors
+from sqlproxy.state import StateContributor, profiler_contributors
+from sqlproxy.statestore.base import StateStore, StoreStatus
+from sqlproxy.statestore.sqlite import SqliteStore
+from sqlproxy.statestore.view import fleet_view, live_sections
 
 log = get_logger("sqlproxy.runtime")
 
@@ -36,10 +41,17 @@ RESTART_KEYS: tuple[tuple[str, str], ...] = (
     ("analysis", "enabled"),
     ("state", "enabled"),
     ("state", "path"),
+    ("state", "url"),
+    ("state", "instance"),
+    ("state", "fleet_window"),
+    ("state", "timeout"),
     ("log", "format"),
 )
 
 ReloadHook = Callable[[Config, Config], None]
+# The fleet view is rebuilt at most this often (seconds): the dashboard asks for several lists
+# at once, and the other instances' part only changes every snapshot period anyway.
+FLEET_VIEW_TTL = 1.0
 
 
 class Runtime:
@@ -65,24 +77,22 @@ class Runtime:
         self.proxy = ProxyServer(config, self.profiler)
         # Read-replica routing (None when off): health, lag and counters for the admin API.
         self.router: Router | None = self.proxy.router
-        self.state: StateFile | None = (
-            StateFile(config.state.path) if config.state.enabled else None
-        )
+        self.store: StateStore | None = self._make_store() if config.state.enabled else None
+        self._fleet_view: tuple[float, Profiler] | None = None
+        self._fleet_problems: set[str] = set()
         # Components started elsewhere (routing, admin) register here to see reloads.
         self.reload_hooks: list[ReloadHook] = []
         self.reloads = 0
         self.admin: AdminServer | None = AdminServer(self) if config.admin.enabled else None
         self._stop = asyncio.Event()
         self._started = False
-        self._snapshot_task: asyncio.Task[None] | None = None
-        self._snapshot_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         if self.admin is not None:
             self.admin.check()  # refuse an open admin address without a token, before anything
-        if self.state is not None:
-            self.state.load(self.state_contributors())
+        if self.store is not None:
+            await self.store.restore()
         await self.proxy.start()
         if self.admin is not None:
             try:
@@ -95,22 +105,19 @@ class Runtime:
         # process: keep it out of the cyclic collector's full passes, which otherwise walk it
         # again and again while sessions allocate per statement.
         gc.freeze()
-        if self.state is not None:
-            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_loop())
+        if self.store is not None:
+            self.store.start()
         log.info("started", listen=f"{self.proxy.host}:{self.proxy.port}")
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
-        if self._snapshot_task is not None:
-            self._snapshot_task.cancel()
-            await asyncio.gather(self._snapshot_task, return_exceptions=True)
-            self._snapshot_task = None
         if self.admin is not None:
             await self.admin.stop()
         await self.proxy.stop(self.config.proxy.shutdown_grace_seconds)
-        await self.snapshot()  # after the drain: includes what the last sessions did
+        if self.store is not None:
+            await self.store.close()  # a final snapshot after the drain: the last sessions'
         log.info("stopped")
 
     def request_stop(self) -> None:
@@ -194,24 +201,62 @@ class Runtime:
     def state_contributors(self) -> list[StateContributor]:
         return profiler_contributors(self.profiler) if self.profiler is not None else []
 
+    def _make_store(self) -> StateStore:
+        st = self.config.state
+        period = lambda: self.config.state.snapshot_seconds  # noqa: E731 - live after reloads
+        if st.url is None:
+            return SqliteStore(st.path, st.instance_id, self.state_contributors, period)
+        from sqlproxy.statestore.postgres import PostgresStore
+
+        return PostgresStore(st.url, st.instance_id, self.state_contributors, period,
+                             window=st.fleet_window, timeout=st.timeout)
+
     async def snapshot(self) -> bool:
         """Write a state snapshot now; False (and an error logged) if it could not be written."""
-        if self.state is None:
-            return False
-        async with self._snapshot_lock:
-            try:
-                sections = StateFile.collect(self.state_contributors())
-                await asyncio.to_thread(self.state.write, sections)
-            except Exception as exc:  # a full disk must not take the proxy down
-                log.error("state_snapshot_failed", path=str(self.state.path),
-                          error=f"{type(exc).__name__}: {exc}")
-                return False
-        return True
+        return await self.store.snapshot() if self.store is not None else False
 
-    async def _snapshot_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.state.snapshot_seconds)
-            await self.snapshot()
+    def state_status(self) -> StoreStatus | None:
+        return self.store.status() if self.store is not None else None
+
+    # ------------------------------------------------------------------ the fleet
+    def fleet_profiler(self) -> Profiler | None:
+        """The statistics of every instance in the fleet merged (``scope=fleet``): this one's
+        live state and the others' last snapshots. Without other instances, this one's."""
+        others = self.store.others() if self.store is not None else []
+        if not others:
+            return self.profiler
+        now = time.monotonic()
+        cached = self._fleet_view
+        if cached is not None and now - cached[0] < FLEET_VIEW_TTL:
+            return cached[1]
+        parts = [(o.instance, o.sections) for o in sorted(others, key=lambda o: o.instance)]
+        if self.profiler is not None:
+            self.profiler.detector.flush_idle(time.perf_counter())
+            local = live_sections(self.state_contributors())
+            parts.insert(0, (self.config.state.instance_id, local))
+        view, problems = fleet_view(self.config.analysis, parts)
+        for problem in problems:
+            if problem not in self._fleet_problems:  # once each, not at every request
+                self._fleet_problems.add(problem)
+                log.warning("fleet_section_skipped", problem=problem)
+        self._fleet_view = (now, view)
+        return view
+
+    def fleet_instances(self) -> list[dict[str, Any]]:
+        """This instance and the others in the fleet view."""
+        status = self.state_status()
+        me: dict[str, Any] = {
+            "instance": self.config.state.instance_id, "local": True, "sqlproxy": __version__,
+            "snapshot_seconds": self.config.state.snapshot_seconds,
+            "last_snapshot": status.to_dict()["last_snapshot"] if status else None,
+            "age_s": None,
+        }
+        others = self.store.others() if self.store is not None else []
+        return [me, *({
+            "instance": o.instance, "local": False, "sqlproxy": o.sqlproxy,
+            "snapshot_seconds": o.snapshot_seconds, "last_snapshot": iso(o.written_at),
+            "age_s": round(o.age_s, 3),
+        } for o in sorted(others, key=lambda o: o.instance))]
 
     # ------------------------------------------------------------------ reload (SIGHUP)
     def reload(self) -> bool:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sqlproxy.admin.findings import Findings
 from sqlproxy.admin.params import (
     APIError,
     choice_param,
@@ -24,6 +25,9 @@ from sqlproxy.analysis.stats import SORT_KEYS
 from sqlproxy.analysis.timefmt import iso
 
 RESET_TARGETS = ("all", "statistics", "slow", "findings")
+# "local": this instance's statistics; "fleet": every instance sharing its state database
+# ([state] url), merged.
+SCOPES = ("local", "fleet")
 
 
 def state_of(request: Request) -> AdminState:
@@ -36,7 +40,17 @@ def listing(items: list[dict[str, Any]], total: int) -> JSONResponse:
 
 
 def _profiler(request: Request) -> Profiler | None:
-    return state_of(request).source.profiler
+    """This instance's profiler, or the fleet's merged view with ``scope=fleet``."""
+    source = state_of(request).source
+    if choice_param(request.query_params, "scope", SCOPES, "local") == "fleet":
+        return source.fleet_profiler()
+    return source.profiler
+
+
+def _findings(request: Request) -> Findings:
+    st = state_of(request)
+    profiler = _profiler(request)
+    return st.findings if profiler is st.source.profiler else Findings(profiler)
 
 
 class ExplainRequest(BaseModel):
@@ -80,8 +94,13 @@ async def healthz(request: Request) -> Response:
         "primary": {"ok": bool(probe.healthy), **probe.to_dict()},
     }
     failed = [name for name, c in checks.items() if not c["ok"]]
-    body = {"status": "ok" if not failed else "unavailable", "failed": failed,
-            "checks": checks}
+    body: dict[str, Any] = {"status": "ok" if not failed else "unavailable", "failed": failed,
+                            "checks": checks}
+    # Details that do not make the instance unhealthy: an unreachable state database never
+    # keeps the proxy from serving, so it must not take it out of a load balancer either.
+    store = st.source.state_status()
+    if store is not None:
+        body["details"] = {"state_store": store.to_dict()}
     return JSONResponse(body, status_code=200 if not failed else 503)
 
 
@@ -102,11 +121,11 @@ async def queries(request: Request) -> Response:
 async def query_detail(request: Request) -> Response:
     fp = request.path_params["fingerprint"]
     st = state_of(request)
-    profiler = st.source.profiler
+    profiler = _profiler(request)
     detail = profiler.detail(fp) if profiler is not None else None
     if detail is None:
         raise APIError(404, f"unknown fingerprint {fp!r}", fingerprint=fp)
-    detail["findings"] = st.findings.for_fingerprint(fp)
+    detail["findings"] = _findings(request).for_fingerprint(fp)
     detail["explain"] = st.explainer.latest(fp)
     st.history.watch(fp)
     return JSONResponse(detail)
@@ -154,7 +173,7 @@ async def transactions(request: Request) -> Response:
 async def n_plus_one(request: Request) -> Response:
     q = request.query_params
     limit, offset = page(q)
-    items, total = state_of(request).findings.n_plus_one(
+    items, total = _findings(request).n_plus_one(
         application=str_param(q, "application"), limit=limit, offset=offset,
         database=str_param(q, "database"))
     return listing(items, total)
@@ -163,7 +182,7 @@ async def n_plus_one(request: Request) -> Response:
 async def findings(request: Request) -> Response:
     q = request.query_params
     limit, offset = page(q)
-    items, total = state_of(request).findings.select(
+    items, total = _findings(request).select(
         kind=str_param(q, "kind"), application=str_param(q, "application"),
         limit=limit, offset=offset, database=str_param(q, "database"),
         sort=str_param(q, "sort") or "total_ms")
@@ -172,10 +191,17 @@ async def findings(request: Request) -> Response:
 
 async def finding_detail(request: Request) -> Response:
     fid = request.path_params["finding_id"]
-    item = state_of(request).findings.detail(fid)
+    item = _findings(request).detail(fid)
     if item is None:
         raise APIError(404, f"unknown finding {fid!r}", finding=fid)
     return JSONResponse(item)
+
+
+# ---------------------------------------------------------------------------- fleet
+async def fleet(request: Request) -> Response:
+    limit, offset = page(request.query_params)
+    items = state_of(request).source.fleet_instances()
+    return listing(items[offset : offset + limit], len(items))
 
 
 # ---------------------------------------------------------------------------- live state

@@ -21,7 +21,7 @@ class InstanceSnapshot:
     instance: str
     sqlproxy: str  # the version that wrote it
     written_at: float  # Unix time, by the state database's clock
-    age_s: float  # seconds since it was written, when it was read (state database clock)
+    age_s: float  # seconds since it was written (by the state database's clock)
     snapshot_seconds: float  # that instance's snapshot period
     sections: Mapping[str, tuple[int, Any]]  # name -> (version, parsed JSON)
 
@@ -55,9 +55,12 @@ class StoreStatus:
 class StateStore(Protocol):
     """Keeps this instance's state across restarts; a shared store also shows the others'."""
 
-    async def open(self) -> None:
-        """Restore this instance's state and start snapshotting. Must not hold up the proxy
-        for an unreachable store: restoring may then happen later, in the background."""
+    async def restore(self) -> None:
+        """Restore this instance's state, before the proxy starts. Must not hold up the proxy
+        for a store that may be unreachable: that one restores later, in the background."""
+
+    def start(self) -> None:
+        """Start the background work (periodic snapshots), once the proxy runs."""
 
     async def snapshot(self) -> bool:
         """Write a snapshot now; False (and logged) if it could not be written."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +26,8 @@ from sqlproxy.proxy.server import ProxyServer
 from sqlproxy.routing.health import Router
 from sqlproxy.state import StateContributor, profiler_contributors
 from sqlproxy.statestore.base import StateStore, StoreStatus
+from sqlproxy.statestore.fleet import FleetViews
 from sqlproxy.statestore.sqlite import SqliteStore
-from sqlproxy.statestore.view import fleet_view, live_sections
 
 log = get_logger("sqlproxy.runtime")
 
@@ -49,9 +48,6 @@ RESTART_KEYS: tuple[tuple[str, str], ...] = (
 )
 
 ReloadHook = Callable[[Config, Config], None]
-# The fleet view is rebuilt at most this often (seconds): the dashboard asks for several lists
-# at once, and the other instances' part only changes every snapshot period anyway.
-FLEET_VIEW_TTL = 1.0
 
 
 class Runtime:
@@ -78,8 +74,9 @@ class Runtime:
         # Read-replica routing (None when off): health, lag and counters for the admin API.
         self.router: Router | None = self.proxy.router
         self.store: StateStore | None = self._make_store() if config.state.enabled else None
-        self._fleet_view: tuple[float, Profiler] | None = None
-        self._fleet_problems: set[str] = set()
+        self.fleet: FleetViews | None = (
+            FleetViews(self.store, config.state.instance_id, lambda: self.config.analysis)
+            if self.store is not None else None)
         # Components started elsewhere (routing, admin) register here to see reloads.
         self.reload_hooks: list[ReloadHook] = []
         self.reloads = 0
@@ -219,28 +216,11 @@ class Runtime:
         return self.store.status() if self.store is not None else None
 
     # ------------------------------------------------------------------ the fleet
-    def fleet_profiler(self) -> Profiler | None:
-        """The statistics of every instance in the fleet merged (``scope=fleet``): this one's
-        live state and the others' last snapshots. Without other instances, this one's."""
-        others = self.store.others() if self.store is not None else []
-        if not others:
-            return self.profiler
-        now = time.monotonic()
-        cached = self._fleet_view
-        if cached is not None and now - cached[0] < FLEET_VIEW_TTL:
-            return cached[1]
-        parts = [(o.instance, o.sections) for o in sorted(others, key=lambda o: o.instance)]
-        if self.profiler is not None:
-            self.profiler.detector.flush_idle(time.perf_counter())
-            local = live_sections(self.state_contributors())
-            parts.insert(0, (self.config.state.instance_id, local))
-        view, problems = fleet_view(self.config.analysis, parts)
-        for problem in problems:
-            if problem not in self._fleet_problems:  # once each, not at every request
-                self._fleet_problems.add(problem)
-                log.warning("fleet_section_skipped", problem=problem)
-        self._fleet_view = (now, view)
-        return view
+    async def fleet_profiler(self) -> Profiler | None:
+        """The statistics of every instance in the fleet merged (``scope=fleet``), as of their
+        last snapshots; this instance's live ones when it has no fleet."""
+        view = await self.fleet.view() if self.fleet is not None else None
+        return view if view is not None else self.profiler
 
     def fleet_instances(self) -> list[dict[str, Any]]:
         """This instance and the others in the fleet view."""

@@ -39,17 +39,17 @@ def listing(items: list[dict[str, Any]], total: int) -> JSONResponse:
     return JSONResponse({"items": items, "total": total})
 
 
-def _profiler(request: Request) -> Profiler | None:
+async def _profiler(request: Request) -> Profiler | None:
     """This instance's profiler, or the fleet's merged view with ``scope=fleet``."""
     source = state_of(request).source
     if choice_param(request.query_params, "scope", SCOPES, "local") == "fleet":
-        return source.fleet_profiler()
+        return await source.fleet_profiler()
     return source.profiler
 
 
-def _findings(request: Request) -> Findings:
+async def _findings(request: Request) -> Findings:
     st = state_of(request)
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     return st.findings if profiler is st.source.profiler else Findings(profiler)
 
 
@@ -111,7 +111,7 @@ async def queries(request: Request) -> Response:
     sort = choice_param(q, "sort", SORT_KEYS, "total_ms")
     database, user = str_param(q, "database"), str_param(q, "user")
     application = str_param(q, "application")
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     if profiler is None:
         return listing([], 0)
     items, total = profiler.top(sort, limit, offset, database, user, application)
@@ -121,11 +121,11 @@ async def queries(request: Request) -> Response:
 async def query_detail(request: Request) -> Response:
     fp = request.path_params["fingerprint"]
     st = state_of(request)
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     detail = profiler.detail(fp) if profiler is not None else None
     if detail is None:
         raise APIError(404, f"unknown fingerprint {fp!r}", fingerprint=fp)
-    detail["findings"] = _findings(request).for_fingerprint(fp)
+    detail["findings"] = (await _findings(request)).for_fingerprint(fp)
     detail["explain"] = st.explainer.latest(fp)
     st.history.watch(fp)
     return JSONResponse(detail)
@@ -155,7 +155,7 @@ async def slow(request: Request) -> Response:
     limit, offset = page(q)
     since = time_param(q, "since")
     min_ms = float_param(q, "min_ms")
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     if profiler is None:
         return listing([], 0)
     items, total = profiler.slow_log(since, min_ms, limit, offset)
@@ -164,7 +164,7 @@ async def slow(request: Request) -> Response:
 
 async def transactions(request: Request) -> Response:
     limit, offset = page(request.query_params)
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     items = profiler.transaction_summary() if profiler is not None else []
     return listing(items[offset : offset + limit], len(items))
 
@@ -173,7 +173,7 @@ async def transactions(request: Request) -> Response:
 async def n_plus_one(request: Request) -> Response:
     q = request.query_params
     limit, offset = page(q)
-    items, total = _findings(request).n_plus_one(
+    items, total = (await _findings(request)).n_plus_one(
         application=str_param(q, "application"), limit=limit, offset=offset,
         database=str_param(q, "database"))
     return listing(items, total)
@@ -182,7 +182,7 @@ async def n_plus_one(request: Request) -> Response:
 async def findings(request: Request) -> Response:
     q = request.query_params
     limit, offset = page(q)
-    items, total = _findings(request).select(
+    items, total = (await _findings(request)).select(
         kind=str_param(q, "kind"), application=str_param(q, "application"),
         limit=limit, offset=offset, database=str_param(q, "database"),
         sort=str_param(q, "sort") or "total_ms")
@@ -191,7 +191,7 @@ async def findings(request: Request) -> Response:
 
 async def finding_detail(request: Request) -> Response:
     fid = request.path_params["finding_id"]
-    item = _findings(request).detail(fid)
+    item = (await _findings(request)).detail(fid)
     if item is None:
         raise APIError(404, f"unknown finding {fid!r}", finding=fid)
     return JSONResponse(item)

@@ -42,7 +42,7 @@ class AdminSource(Protocol):
         """Primary first, then replicas; see ``Runtime.backends`` for the keys."""
         ...
 
-    def fleet_profiler(self) -> Profiler | None:
+    async def fleet_profiler(self) -> Profiler | None:
         """Every instance's statistics merged (``scope=fleet``); this one's alone without a
         shared state database."""
         ...

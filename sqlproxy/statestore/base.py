@@ -52,6 +52,18 @@ class StoreStatus:
         }  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class FleetState:
+    """What a fleet view is built from: this instance's last snapshot and the others'.
+
+    ``generation`` changes whenever either does, so a view built from one generation can be
+    reused until the next."""
+
+    generation: int
+    local: Sections | None  # this instance's sections as last written (None: not yet)
+    others: list[InstanceSnapshot]
+
+
 class StateStore(Protocol):
     """Keeps this instance's state across restarts; a shared store also shows the others'."""
 
@@ -72,3 +84,5 @@ class StateStore(Protocol):
 
     def others(self) -> list[InstanceSnapshot]:
         """The other instances in the fleet view (empty for a store of one)."""
+
+    def fleet_state(self) -> FleetState: ...

@@ -41,7 +41,13 @@ from sqlproxy.config import redact_url
 from sqlproxy.logs import get_logger
 from sqlproxy.state import StateFile, restore_sections
 from sqlproxy.statestore.backoff import CAP_SECONDS, INITIAL_SECONDS, retry_delay
-from sqlproxy.statestore.base import Contributors, InstanceSnapshot, StoreStatus
+from sqlproxy.statestore.base import (
+    Contributors,
+    FleetState,
+    InstanceSnapshot,
+    Sections,
+    StoreStatus,
+)
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "PostgresStore", "StoreError"]
 
@@ -145,6 +151,8 @@ class PostgresStore:
         self._last_success: float | None = None
         # Other instances: their last snapshot, and time.monotonic() when it was read.
         self._others: dict[str, tuple[InstanceSnapshot, float]] = {}
+        self._local: Sections | None = None  # what this instance wrote last
+        self._generation = 0  # bumped when _local or _others change
 
     # ------------------------------------------------------------------ lifecycle
     async def restore(self) -> None:
@@ -269,6 +277,8 @@ class PostgresStore:
                                    [(self.instance, n, v, d) for n, v, d in sections])
         self._wrote = True
         self._last_success = float(written_at)
+        self._local = sections
+        self._generation += 1
 
     async def _refresh(self, conn: Any) -> None:
         """Read the other instances' snapshots: only those written since the last read."""
@@ -294,6 +304,8 @@ class PostgresStore:
                 others[name] = (snap, now)
             elif name in self._others:
                 others[name] = self._others[name]
+        if others.keys() != self._others.keys() or parsed:
+            self._generation += 1
         self._others = others
 
     # ------------------------------------------------------------------ status
@@ -331,6 +343,12 @@ class PostgresStore:
             retry_in_s=max(0.0, self._next_at - time.monotonic()) if failing else None,
             failures=self._failures, restored=self._restored,
             last_success=self._last_success, fleet_instances=len(self.others()))
+
+    def fleet_state(self) -> FleetState:
+        others = self.others()
+        # An instance leaving the window changes the view too.
+        generation = hash((self._generation, tuple(sorted(o.instance for o in others))))
+        return FleetState(generation, self._local, others)
 
     def others(self) -> list[InstanceSnapshot]:
         """The other instances whose last snapshot is at most ``window`` of their periods old

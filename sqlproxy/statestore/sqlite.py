@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from sqlproxy.logs import get_logger
 from sqlproxy.state import StateFile
-from sqlproxy.statestore.base import Contributors, InstanceSnapshot, StoreStatus
+from sqlproxy.statestore.base import Contributors, FleetState, InstanceSnapshot, StoreStatus
 
 log = get_logger("sqlproxy.state")
 
@@ -75,3 +75,6 @@ class SqliteStore:
 
     def others(self) -> list[InstanceSnapshot]:
         return []
+
+    def fleet_state(self) -> FleetState:
+        return FleetState(0, None, [])

@@ -211,3 +211,32 @@ def test_started_while_the_state_database_is_down(
     assert calls["select $1 * $2"] == 7
     _wait(lambda: _stored_calls(state_cluster, state_url, "late", "select $1 * $2") == 7,
           "the merged state is written")
+
+
+def test_dashboard_switches_to_the_fleet_view(make_proxy: MakeProxy, state_url: str, db: str,
+                                              browser: Any) -> None:
+    from tests.admin.test_dashboard import wait_for
+
+    a = make_proxy(state=_state(state_url, "a"))
+    b = make_proxy(state=_state(state_url, "b"))
+    _run(a, db, *["select 1"] * 2)
+    _run(b, db, *["select 1"] * 5, "select 2 as only_b")
+    _wait(lambda: _fleet_is_sum([a, b], db), "fleet view = sum of the instances")
+
+    def calls(proxy: ProxyThread, scope: str) -> int:
+        items = _get(proxy, "/api/queries", scope=scope, limit=1000)["items"]
+        return sum(int(q["calls"]) for q in items)
+
+    local, fleet = calls(a, "local"), calls(a, "fleet")
+    assert fleet > local
+    browser.get(f"http://127.0.0.1:{a.runtime.admin_port}/")  # type: ignore[union-attr]
+    wait_for(browser, "return document.body.dataset.loaded === 'true'")
+    wait_for(browser, "return !document.getElementById('scope-label').hidden")
+    assert browser.execute_script(
+        "return document.querySelector('#scope option[value=fleet]').textContent"
+    ) == "fleet (2 instances)"
+    wait_for(browser, f"return document.getElementById('c-calls').textContent === '{local}'")
+    browser.execute_script("const s = document.getElementById('scope'); s.value = 'fleet';"
+                           "s.dispatchEvent(new Event('change'));")
+    wait_for(browser, f"return document.getElementById('c-calls').textContent === '{fleet}'")
+    assert "select $1 as only_b" in browser.find_element("id", "queries").text

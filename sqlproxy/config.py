@@ -7,6 +7,8 @@ variables < command-line flags. Every validation error names the offending key.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -201,6 +203,27 @@ class StateSection(_Section):
     enabled: bool = True
     path: str = "sqlproxy-state.sqlite"
     snapshot_seconds: float = Field(30.0, gt=0)
+    # A fleet: the state in a PostgreSQL database shared by every instance (None: the file).
+    url: str | None = None
+    instance: str | None = Field(None, min_length=1, max_length=200)  # None: the host name
+    fleet_window: int = Field(3, ge=1)  # snapshot periods an instance stays in the fleet view
+    timeout: float = Field(5.0, gt=0)  # connect and statement timeout on the state database
+
+    @field_validator("url")
+    @classmethod
+    def _v_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                BackendURL.parse(value)
+            except ValueError:
+                # Not the parser's message: it would repeat the URL, password included.
+                raise ValueError("expected a postgresql://user:password@host:port/database "
+                                 "URL") from None
+        return value
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance or socket.gethostname()
 
 
 class OtelSection(_Section):
@@ -244,6 +267,14 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of any ``scheme://user:password@`` in it replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1***@", text)
+
+
 def _format_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
@@ -253,7 +284,7 @@ def _format_error(exc: ValidationError) -> str:
             msg = "unknown key"
         elif "input" in err and not isinstance(err["input"], dict | list):
             msg += f" (got {err['input']!r})"
-        lines.append(f"{key}: {msg}")
+        lines.append(f"{key}: {redact_url(msg)}")
     return "invalid configuration: " + "; ".join(lines)
 
 

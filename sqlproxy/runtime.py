@@ -15,6 +15,7 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from sqlproxy import __version__
 from sqlproxy.admin.server import AdminServer
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.timefmt import iso
@@ -24,7 +25,10 @@ from sqlproxy.logs import get_logger
 from sqlproxy.otel import SpanExporter
 from sqlproxy.proxy.server import ProxyServer
 from sqlproxy.routing.health import Router
-from sqlproxy.state import StateContributor, StateFile, profiler_contributors
+from sqlproxy.state import StateContributor, profiler_contributors
+from sqlproxy.statestore.base import StateStore, StoreStatus
+from sqlproxy.statestore.fleet import FleetViews
+from sqlproxy.statestore.sqlite import SqliteStore
 
 log = get_logger("sqlproxy.runtime")
 
@@ -37,6 +41,10 @@ RESTART_KEYS: tuple[tuple[str, str], ...] = (
     ("analysis", "enabled"),
     ("state", "enabled"),
     ("state", "path"),
+    ("state", "url"),
+    ("state", "instance"),
+    ("state", "fleet_window"),
+    ("state", "timeout"),
     ("log", "format"),
 )
 
@@ -71,25 +79,24 @@ class Runtime:
         self.proxy = ProxyServer(config, self.profiler)
         # Read-replica routing (None when off): health, lag and counters for the admin API.
         self.router: Router | None = self.proxy.router
-        self.state: StateFile | None = (
-            StateFile(config.state.path) if config.state.enabled else None
-        )
+        self.store: StateStore | None = self._make_store() if config.state.enabled else None
+        self.fleet: FleetViews | None = (
+            FleetViews(self.store, config.state.instance_id, lambda: self.config.analysis)
+            if self.store is not None else None)
         # Components started elsewhere (routing, admin) register here to see reloads.
         self.reload_hooks: list[ReloadHook] = []
         self.reloads = 0
         self.admin: AdminServer | None = AdminServer(self) if config.admin.enabled else None
         self._stop = asyncio.Event()
         self._started = False
-        self._snapshot_task: asyncio.Task[None] | None = None
         self._windows_task: asyncio.Task[None] | None = None
-        self._snapshot_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         if self.admin is not None:
             self.admin.check()  # refuse an open admin address without a token, before anything
-        if self.state is not None:
-            self.state.load(self.state_contributors())
+        if self.store is not None:
+            await self.store.restore()
         await self.proxy.start()
         if self.admin is not None:
             try:
@@ -102,8 +109,8 @@ class Runtime:
         # process: keep it out of the cyclic collector's full passes, which otherwise walk it
         # again and again while sessions allocate per statement.
         gc.freeze()
-        if self.state is not None:
-            self._snapshot_task = asyncio.get_running_loop().create_task(self._snapshot_loop())
+        if self.store is not None:
+            self.store.start()
         if self.profiler is not None:
             self._windows_task = asyncio.get_running_loop().create_task(self._windows_loop())
         log.info("started", listen=f"{self.proxy.host}:{self.proxy.port}")
@@ -112,15 +119,15 @@ class Runtime:
         if not self._started:
             return
         self._started = False
-        for task in (self._snapshot_task, self._windows_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._snapshot_task = self._windows_task = None
+        if self._windows_task is not None:
+            self._windows_task.cancel()
+            await asyncio.gather(self._windows_task, return_exceptions=True)
+            self._windows_task = None
         if self.admin is not None:
             await self.admin.stop()
         await self.proxy.stop(self.config.proxy.shutdown_grace_seconds)
-        await self.snapshot()  # after the drain: includes what the last sessions did
+        if self.store is not None:
+            await self.store.close()  # a final snapshot after the drain: the last sessions'
         if self.span_exporter is not None:
             await asyncio.to_thread(self.span_exporter.shutdown)  # sends the last batch
         log.info("stopped")
@@ -206,24 +213,45 @@ class Runtime:
     def state_contributors(self) -> list[StateContributor]:
         return profiler_contributors(self.profiler) if self.profiler is not None else []
 
+    def _make_store(self) -> StateStore:
+        st = self.config.state
+        period = lambda: self.config.state.snapshot_seconds  # noqa: E731 - live after reloads
+        if st.url is None:
+            return SqliteStore(st.path, st.instance_id, self.state_contributors, period)
+        from sqlproxy.statestore.postgres import PostgresStore
+
+        return PostgresStore(st.url, st.instance_id, self.state_contributors, period,
+                             window=st.fleet_window, timeout=st.timeout)
+
     async def snapshot(self) -> bool:
         """Write a state snapshot now; False (and an error logged) if it could not be written."""
-        if self.state is None:
-            return False
-        async with self._snapshot_lock:
-            try:
-                sections = StateFile.collect(self.state_contributors())
-                await asyncio.to_thread(self.state.write, sections)
-            except Exception as exc:  # a full disk must not take the proxy down
-                log.error("state_snapshot_failed", path=str(self.state.path),
-                          error=f"{type(exc).__name__}: {exc}")
-                return False
-        return True
+        return await self.store.snapshot() if self.store is not None else False
 
-    async def _snapshot_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.state.snapshot_seconds)
-            await self.snapshot()
+    def state_status(self) -> StoreStatus | None:
+        return self.store.status() if self.store is not None else None
+
+    # ------------------------------------------------------------------ the fleet
+    async def fleet_profiler(self) -> Profiler | None:
+        """The statistics of every instance in the fleet merged (``scope=fleet``), as of their
+        last snapshots; this instance's live ones when it has no fleet."""
+        view = await self.fleet.view() if self.fleet is not None else None
+        return view if view is not None else self.profiler
+
+    def fleet_instances(self) -> list[dict[str, Any]]:
+        """This instance and the others in the fleet view."""
+        status = self.state_status()
+        me: dict[str, Any] = {
+            "instance": self.config.state.instance_id, "local": True, "sqlproxy": __version__,
+            "snapshot_seconds": self.config.state.snapshot_seconds,
+            "last_snapshot": status.to_dict()["last_snapshot"] if status else None,
+            "age_s": None,
+        }
+        others = self.store.others() if self.store is not None else []
+        return [me, *({
+            "instance": o.instance, "local": False, "sqlproxy": o.sqlproxy,
+            "snapshot_seconds": o.snapshot_seconds, "last_snapshot": iso(o.written_at),
+            "age_s": round(o.age_s, 3),
+        } for o in sorted(others, key=lambda o: o.instance))]
 
     async def _windows_loop(self) -> None:
         """Close a regression window every analysis.window_s (on the loop: the statistics are

@@ -32,6 +32,7 @@ import shutil
 import sqlite3
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,6 +41,7 @@ from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
 from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
 from sqlproxy.logs import get_logger
+from sqlproxy.statestore.merge import merge_entry, merge_transactions
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,6 +51,7 @@ __all__ = [
     "StatisticsState",
     "TransactionState",
     "profiler_contributors",
+    "restore_sections",
     "sketch_from_state",
     "sketch_to_state",
 ]
@@ -158,12 +161,23 @@ class StatisticsState:
             raise StateError(f"unknown statistics version {version}")
         store: StatsStore = self.profiler.stats
         entries = [_entry_from_state(d) for d in data["entries"]]
-        if len(entries) > store.max_entries:
+        for e in entries:
+            key = (e.fingerprint, e.database, e.user)
+            mine = store.entries.get(key)
+            if mine is None:
+                store.entries[key] = e
+            else:  # recorded since start (a late load), or another instance's (a fleet view)
+                merge_entry(mine, e)
+        excess = len(store.entries) - store.max_entries
+        if excess > 0:
             # analysis.max_fingerprints shrank since the snapshot: keep the most used.
-            entries.sort(key=lambda e: e.usage, reverse=True)
-            store.evictions += len(entries) - store.max_entries
-            entries = entries[: store.max_entries]
-        store.entries = {(e.fingerprint, e.database, e.user): e for e in entries}
+            victims = sorted(store.entries.items(), key=lambda kv: kv[1].usage)[:excess]
+            if store.on_retire is not None:
+                store.on_retire([e for _, e in victims])
+            for key, e in victims:
+                e.evicted = True  # a session holding it looks its entry up again
+                del store.entries[key]
+            store.evictions += excess
         store.evictions += int(data["evictions"])
         self.profiler.executions += int(data["executions"])
         self.profiler.started_at = min(self.profiler.started_at, float(data["started_at"]))
@@ -302,19 +316,13 @@ class TransactionState:
             tx = TransactionStats()
             _attrs_from_state(tx, d)
             restored[(str(d["database"]), str(d["user"]))] = tx
-        for key, tx in self.profiler.transactions.items():  # recorded since start: merge
-            old = restored.get(key)
-            if old is None:
-                restored[key] = tx
-                continue
-            old.count += tx.count
-            old.total += tx.total
-            old.max = max(old.max, tx.max)
-            old.statements += tx.statements
-            old.idle += tx.idle
-            old.rolled_back += tx.rolled_back
-            old.sketch.merge(tx.sketch)
-        self.profiler.transactions = restored
+        current = self.profiler.transactions  # recorded since start: merge
+        for key, tx in restored.items():
+            mine = current.get(key)
+            if mine is None:
+                current[key] = tx
+            else:
+                merge_transactions(mine, tx)
 
 
 def profiler_contributors(profiler: Profiler) -> list[StateContributor]:
@@ -328,6 +336,31 @@ def profiler_contributors(profiler: Profiler) -> list[StateContributor]:
         if isinstance(part, StateContributor):
             out.append(part)
     return out
+
+
+def restore_sections(contributors: list[StateContributor],
+                     sections: Mapping[str, tuple[int, str]],
+                     **where: str) -> tuple[list[str], bool]:
+    """Hand each section (name -> (version, JSON text)) to its contributor; never raises.
+
+    The sections restored, and whether any was refused (logged with ``where``)."""
+    by_name = {c.state_section: c for c in contributors}
+    restored: list[str] = []
+    failed = False
+    for name, (version, data) in sections.items():
+        c = by_name.get(name)
+        if c is None:
+            log.info("state_section_ignored", section=name, **where)
+            continue
+        try:
+            c.from_state(json.loads(data), version)
+        except Exception as exc:  # any bad section must not stop startup
+            failed = True
+            log.warning("state_section_unreadable", section=name, version=version,
+                        error=f"{type(exc).__name__}: {exc}", **where)
+            continue
+        restored.append(name)
+    return restored, failed
 
 
 # ------------------------------------------------------------------------------ the file
@@ -404,22 +437,7 @@ class StateFile:
         except (sqlite3.Error, StateError, ValueError, OSError) as exc:
             self._set_aside(f"{type(exc).__name__}: {exc}", move=True)
             return False
-        by_name = {c.state_section: c for c in contributors}
-        restored: list[str] = []
-        failed = False
-        for name, (version, data) in sections.items():
-            c = by_name.get(name)
-            if c is None:
-                log.info("state_section_ignored", path=str(self.path), section=name)
-                continue
-            try:
-                c.from_state(json.loads(data), version)
-            except Exception as exc:  # any bad section must not stop startup
-                failed = True
-                log.warning("state_section_unreadable", path=str(self.path), section=name,
-                            version=version, error=f"{type(exc).__name__}: {exc}")
-                continue
-            restored.append(name)
+        restored, failed = restore_sections(contributors, sections, path=str(self.path))
         if failed:
             self._set_aside("some sections could not be restored", move=False)
         log.info("state_loaded", path=str(self.path), sections=restored)

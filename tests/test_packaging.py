@@ -149,28 +149,37 @@ def _depends(service: dict[str, Any]) -> dict[str, str]:
     return {name: spec.get("condition", "service_started") for name, spec in dep.items()}
 
 
-def _proxy_config(compose: dict[str, Any]) -> Config:
+PROXIES = ("sqlproxy", "sqlproxy-2")  # the fleet's instances, and the app going through each
+APPS = {"sqlproxy": "app", "sqlproxy-2": "app-2"}
+
+
+def _proxy_config(compose: dict[str, Any], service: str = "sqlproxy") -> Config:
     """What sqlproxy runs with in the compose file: the image's file plus the service's
     environment (load_config raises ConfigError on any SQLPROXY_* key that is not a key)."""
-    env = _env(compose["services"]["sqlproxy"])
+    env = _env(compose["services"][service])
     return load_config(IMAGE_CONFIG, environ=env)
 
 
 def test_compose_services_and_dependencies(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"primary", "replica", "sqlproxy", "app"}
-    for name in ("primary", "replica"):
+    assert set(services) == {"primary", "replica", "state-db", *PROXIES, *APPS.values()}
+    for name in ("primary", "replica", "state-db"):
         assert services[name]["image"].split(":")[0] == "postgres"
         assert services[name]["image"].split(":")[1].startswith("15")
     assert _depends(services["replica"]) == {"primary": "service_healthy"}
-    assert _depends(services["sqlproxy"]) == {"primary": "service_healthy",
-                                              "replica": "service_healthy"}
+    for proxy in PROXIES:
+        # The state database is not waited for: the proxy runs without it (and retries).
+        assert _depends(services[proxy]) == {"primary": "service_healthy",
+                                             "replica": "service_healthy",
+                                             "state-db": "service_started"}
+        probe = services[proxy]["healthcheck"]["test"]
+        assert probe[0] == "CMD" and probe[1:3] == ["sqlproxy", "healthcheck"]
+        assert services[proxy]["build"] in (".", {"context": "."})
     assert _depends(services["app"]) == {"sqlproxy": "service_healthy"}
-    for name in ("primary", "replica", "sqlproxy"):
+    assert _depends(services["app-2"]) == {"app": "service_started",
+                                           "sqlproxy-2": "service_healthy"}
+    for name in ("primary", "replica", "state-db", *PROXIES):
         assert "test" in services[name].get("healthcheck", {}), f"{name} has no healthcheck"
-    probe = services["sqlproxy"]["healthcheck"]["test"]
-    assert probe[0] == "CMD" and probe[1:3] == ["sqlproxy", "healthcheck"]
-    assert services["sqlproxy"]["build"] in (".", {"context": "."})
 
 
 def test_compose_replica_is_a_streaming_clone_of_the_primary(compose: dict[str, Any]) -> None:
@@ -194,11 +203,13 @@ def test_compose_replica_is_a_streaming_clone_of_the_primary(compose: dict[str, 
         assert penv[key] == renv[key]
 
 
-def test_compose_proxy_env_keys_are_real_config_keys(compose: dict[str, Any]) -> None:
-    env = _env(compose["services"]["sqlproxy"])
+@pytest.mark.parametrize("service", PROXIES)
+def test_compose_proxy_env_keys_are_real_config_keys(compose: dict[str, Any],
+                                                     service: str) -> None:
+    env = _env(compose["services"][service])
     assert env and all(k.startswith("SQLPROXY_") for k in env)
     load_config(None, environ=env)  # every key exists, every value is valid
-    cfg = _proxy_config(compose)
+    cfg = _proxy_config(compose, service)
     assert cfg.routing.enabled
     assert cfg.replicas, "routing needs at least one replica"
     primary = cfg.proxy.primary_url
@@ -209,29 +220,48 @@ def test_compose_proxy_env_keys_are_real_config_keys(compose: dict[str, Any]) ->
     penv = _env(compose["services"]["primary"])
     assert primary.user == penv["POSTGRES_USER"]
     assert primary.password == penv["POSTGRES_PASSWORD"]
-    assert urlsplit(_env(compose["services"]["app"])["DATABASE_URL"]).username in (
+    assert urlsplit(_env(compose["services"][APPS[service]])["DATABASE_URL"]).username in (
         primary.user, *cfg.routing.passwords)
     host, _ = parse_hostport(cfg.admin.listen, "admin.listen")
     if not is_loopback(host):
         assert cfg.admin.token, "an admin API on a non-loopback address needs admin.token"
 
 
-def test_compose_proxy_ports_and_app_url(compose: dict[str, Any]) -> None:
+@pytest.mark.parametrize("service", PROXIES)
+def test_compose_proxy_ports_and_app_url(compose: dict[str, Any], service: str) -> None:
     services = compose["services"]
-    cfg = _proxy_config(compose)
+    cfg = _proxy_config(compose, service)
     _, proxy_port = parse_hostport(cfg.proxy.listen, "proxy.listen")
     _, admin_port = parse_hostport(cfg.admin.listen, "admin.listen")
-    published = {int(str(p).rsplit(":", 1)[1]) for p in services["sqlproxy"]["ports"]}
+    published = {int(str(p).rsplit(":", 1)[1]) for p in services[service]["ports"]}
     assert published == {proxy_port, admin_port}
-    app = services["app"]
+    app = services[APPS[service]]
     url = urlsplit(_env(app)["DATABASE_URL"])
     assert url.scheme == "postgresql"
-    assert (url.hostname, url.port) == ("sqlproxy", proxy_port), "the app goes through sqlproxy"
+    assert (url.hostname, url.port) == (service, proxy_port), "the app goes through sqlproxy"
     entry = app["entrypoint"]
     assert entry[:3] == ["python", "-m", "sqlproxy.demo.app"]
     from sqlproxy.demo.app import build_parser
 
     build_parser().parse_args(app.get("command", []))
+
+
+def test_compose_fleet_shares_one_state_database(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    configs = [_proxy_config(compose, p) for p in PROXIES]
+    urls = {c.state.url for c in configs}
+    assert len(urls) == 1 and None not in urls, "one state database for the whole fleet"
+    state = urlsplit(urls.pop() or "")
+    senv = _env(services["state-db"])
+    assert (state.hostname, state.port or 5432) == ("state-db", 5432)
+    assert (state.username, state.password, state.path.lstrip("/")) == (
+        senv["POSTGRES_USER"], senv["POSTGRES_PASSWORD"], senv["POSTGRES_DB"])
+    instances = [c.state.instance for c in configs]
+    assert None not in instances and len(set(instances)) == len(PROXIES), instances
+    published = [str(p).rsplit(":", 1)[0] for p in (*services["sqlproxy"]["ports"],
+                                                     *services["sqlproxy-2"]["ports"])]
+    assert len(set(published)) == len(published), "each instance on its own host ports"
+    assert "--skip-setup" in services["app-2"]["command"], "one app creates the tables"
 
 
 # -------------------------------------------------------------------------------- config/

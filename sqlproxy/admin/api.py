@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from sqlproxy.admin.findings import Findings
 from sqlproxy.admin.params import (
     APIError,
     choice_param,
@@ -25,6 +26,9 @@ from sqlproxy.analysis.stats import SORT_KEYS
 from sqlproxy.analysis.timefmt import iso
 
 RESET_TARGETS = ("all", "statistics", "slow", "findings")
+# "local": this instance's statistics; "fleet": every instance sharing its state database
+# ([state] url), merged.
+SCOPES = ("local", "fleet")
 
 
 def state_of(request: Request) -> AdminState:
@@ -36,8 +40,18 @@ def listing(items: list[dict[str, Any]], total: int) -> JSONResponse:
     return JSONResponse({"items": items, "total": total})
 
 
-def _profiler(request: Request) -> Profiler | None:
-    return state_of(request).source.profiler
+async def _profiler(request: Request) -> Profiler | None:
+    """This instance's profiler, or the fleet's merged view with ``scope=fleet``."""
+    source = state_of(request).source
+    if choice_param(request.query_params, "scope", SCOPES, "local") == "fleet":
+        return await source.fleet_profiler()
+    return source.profiler
+
+
+async def _findings(request: Request) -> Findings:
+    st = state_of(request)
+    profiler = await _profiler(request)
+    return st.findings if profiler is st.source.profiler else Findings(profiler)
 
 
 def _where(q: Any) -> dict[str, str | None]:
@@ -87,8 +101,13 @@ async def healthz(request: Request) -> Response:
         "primary": {"ok": bool(probe.healthy), **probe.to_dict()},
     }
     failed = [name for name, c in checks.items() if not c["ok"]]
-    body = {"status": "ok" if not failed else "unavailable", "failed": failed,
-            "checks": checks}
+    body: dict[str, Any] = {"status": "ok" if not failed else "unavailable", "failed": failed,
+                            "checks": checks}
+    # Details that do not make the instance unhealthy: an unreachable state database never
+    # keeps the proxy from serving, so it must not take it out of a load balancer either.
+    store = st.source.state_status()
+    if store is not None:
+        body["details"] = {"state_store": store.to_dict()}
     return JSONResponse(body, status_code=200 if not failed else 503)
 
 
@@ -99,7 +118,7 @@ async def queries(request: Request) -> Response:
     sort = choice_param(q, "sort", SORT_KEYS, "total_ms")
     database, user = str_param(q, "database"), str_param(q, "user")
     application = str_param(q, "application")
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     if profiler is None:
         return listing([], 0)
     items, total = profiler.top(sort, limit, offset, database, user, application, **_where(q))
@@ -110,7 +129,7 @@ async def endpoints(request: Request) -> Response:
     q = request.query_params
     limit, offset = page(q)
     sort = choice_param(q, "sort", ENDPOINT_SORT_KEYS, "total_ms")
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     if profiler is None:
         return listing([], 0)
     items, total = profiler.endpoint_summary(sort, limit, offset, **_where(q))
@@ -120,11 +139,11 @@ async def endpoints(request: Request) -> Response:
 async def query_detail(request: Request) -> Response:
     fp = request.path_params["fingerprint"]
     st = state_of(request)
-    profiler = st.source.profiler
+    profiler = await _profiler(request)
     detail = profiler.detail(fp) if profiler is not None else None
     if detail is None:
         raise APIError(404, f"unknown fingerprint {fp!r}", fingerprint=fp)
-    detail["findings"] = st.findings.for_fingerprint(fp)
+    detail["findings"] = (await _findings(request)).for_fingerprint(fp)
     detail["explain"] = st.explainer.latest(fp)
     detail["windows"] = profiler.windows.timeline(fp) if profiler is not None else []
     st.history.watch(fp)
@@ -155,7 +174,7 @@ async def slow(request: Request) -> Response:
     limit, offset = page(q)
     since = time_param(q, "since")
     min_ms = float_param(q, "min_ms")
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     if profiler is None:
         return listing([], 0)
     items, total = profiler.slow_log(since, min_ms, limit, offset)
@@ -164,7 +183,7 @@ async def slow(request: Request) -> Response:
 
 async def transactions(request: Request) -> Response:
     limit, offset = page(request.query_params)
-    profiler = _profiler(request)
+    profiler = await _profiler(request)
     items = profiler.transaction_summary() if profiler is not None else []
     return listing(items[offset : offset + limit], len(items))
 
@@ -173,7 +192,7 @@ async def transactions(request: Request) -> Response:
 async def n_plus_one(request: Request) -> Response:
     q = request.query_params
     limit, offset = page(q)
-    items, total = state_of(request).findings.n_plus_one(
+    items, total = (await _findings(request)).n_plus_one(
         application=str_param(q, "application"), limit=limit, offset=offset,
         database=str_param(q, "database"))
     return listing(items, total)
@@ -182,7 +201,7 @@ async def n_plus_one(request: Request) -> Response:
 async def findings(request: Request) -> Response:
     q = request.query_params
     limit, offset = page(q)
-    items, total = state_of(request).findings.select(
+    items, total = (await _findings(request)).select(
         kind=str_param(q, "kind"), application=str_param(q, "application"),
         limit=limit, offset=offset, database=str_param(q, "database"),
         sort=str_param(q, "sort") or "total_ms", **_where(q))
@@ -191,10 +210,17 @@ async def findings(request: Request) -> Response:
 
 async def finding_detail(request: Request) -> Response:
     fid = request.path_params["finding_id"]
-    item = state_of(request).findings.detail(fid)
+    item = (await _findings(request)).detail(fid)
     if item is None:
         raise APIError(404, f"unknown finding {fid!r}", finding=fid)
     return JSONResponse(item)
+
+
+# ---------------------------------------------------------------------------- fleet
+async def fleet(request: Request) -> Response:
+    limit, offset = page(request.query_params)
+    items = state_of(request).source.fleet_instances()
+    return listing(items[offset : offset + limit], len(items))
 
 
 # ---------------------------------------------------------------------------- live state

@@ -130,6 +130,7 @@ ROUTES = [
     Route("/api/n-plus-one", api.n_plus_one, methods=["GET"]),
     Route("/api/findings", api.findings, methods=["GET"]),
     Route("/api/findings/{finding_id}", api.finding_detail, methods=["GET"]),
+    Route("/api/fleet", api.fleet, methods=["GET"]),
     Route("/api/connections", api.connections, methods=["GET"]),
     Route("/api/backends", api.backends, methods=["GET"]),
     Route("/api/reset", api.reset, methods=["POST"]),

@@ -215,6 +215,7 @@ class ProfilerCollector(Collector):
         if self.explainer is not None:
             yield CounterMetricFamily("sqlproxy_explains", "EXPLAINs run by the admin API",
                                       value=self.explainer.count)
+        yield from self._state_store()
 
         if profiler is None:
             return
@@ -261,6 +262,28 @@ class ProfilerCollector(Collector):
                                   value=profiler.windows.closed)
 
         yield from self._top(entries)
+
+    def _state_store(self) -> Iterator[Metric]:
+        status = self.source.state_status()
+        if status is None:
+            return
+        labels = ["kind"]
+        up = GaugeMetricFamily("sqlproxy_state_store_up",
+                               "1 while state snapshots are written (0 while they fail)",
+                               labels=labels)
+        up.add_metric([status.kind], 0 if status.ok is False else 1)
+        failures = CounterMetricFamily("sqlproxy_state_store_failures",
+                                       "Failed attempts to reach or write the state store",
+                                       labels=labels)
+        failures.add_metric([status.kind], status.failures)
+        yield from (up, failures)
+        if status.last_success is not None:
+            yield GaugeMetricFamily("sqlproxy_state_store_last_snapshot_timestamp_seconds",
+                                    "When the last snapshot was written (Unix time)",
+                                    value=status.last_success)
+        yield GaugeMetricFamily("sqlproxy_fleet_instances",
+                                "Instances in the fleet view, this one included",
+                                value=status.fleet_instances + 1)
 
     def _top(self, entries: list[StatEntry]) -> Iterator[Metric]:
         n = self.source.config.admin.metrics_top_n

@@ -163,7 +163,26 @@ _SCHEMAS: _S = {
     "Health": {"type": "object", "properties": {
         "status": {"type": "string", "enum": ["ok", "unavailable"]},
         "failed": {"type": "array", "items": _STR},
-        "checks": {"type": "object", "additionalProperties": {"type": "object"}}}},
+        "checks": {"type": "object", "additionalProperties": {"type": "object"}},
+        "details": {"type": "object", "description": "not health checks: never a 503",
+                    "properties": {"state_store": _ref("StateStore")}}}},
+    "StateStore": {"type": "object", "properties": {
+        "ok": {"type": "boolean", "description": "false while snapshots fail"},
+        "kind": {"type": "string", "enum": ["sqlite", "postgresql"]},
+        "where": {"type": "string", "description": "file path, or URL without password"},
+        "instance": _STR, "error": _NULLABLE_STR,
+        "retry_in_s": {"type": ["number", "null"], "description": "next attempt, while failing"},
+        "failures": _INT,
+        "restored": {"type": "boolean",
+                     "description": "this instance's own state was read back"},
+        "last_snapshot": {"type": ["string", "null"], "format": "date-time"},
+        "fleet_instances": {"type": "integer", "description": "other instances in the view"}}},
+    "FleetInstance": {"type": "object", "properties": {
+        "instance": _STR, "local": {"type": "boolean", "description": "this instance"},
+        "sqlproxy": _STR, "snapshot_seconds": _NUM,
+        "last_snapshot": {"type": ["string", "null"], "format": "date-time"},
+        "age_s": {"type": ["number", "null"],
+                  "description": "seconds since its last snapshot (null: this instance)"}}},
     "ExplainRequest": {"type": "object", "additionalProperties": False, "properties": {
         "analyze": {"type": "boolean", "default": False,
                     "description": "EXPLAIN ANALYZE: runs the statement (always rolled back); "
@@ -196,6 +215,10 @@ _FILTERS = [_q("database", "only this database"), _q("user", "only this user"),
             _q("application", "only statements from this application_name")]
 _WHERE = [_q("route", "only this route (or endpoint name) of the statements' tags"),
           _q("controller", "only this controller"), _q("action", "only this action")]
+_SCOPE = _q("scope", "local: this instance; fleet: every instance sharing the state database "
+                     "([state] url) that wrote within state.fleet_window snapshot periods, "
+                     "merged (this instance alone without one)",
+            {"type": "string", "enum": ["local", "fleet"], "default": "local"})
 
 
 def openapi_spec() -> dict[str, Any]:
@@ -209,7 +232,7 @@ def openapi_spec() -> dict[str, Any]:
             "Per-fingerprint statement statistics", _list_of("QueryStats"),
             [*_PAGE, _q("sort", "order, descending", {"type": "string", "enum": list(SORT_KEYS),
                                                       "default": "total_ms"}), *_FILTERS,
-             *_WHERE]),
+             *_WHERE, _SCOPE]),
         "/api/endpoints": _get(
             "Endpoints named by the statements' tags: requests, statements and database "
             "time per request, findings", _list_of("Endpoint"),
@@ -218,7 +241,7 @@ def openapi_spec() -> dict[str, Any]:
              *_WHERE]),
         "/api/queries/{fingerprint}": _get(
             "One fingerprint: statistics, redacted example, slow executions, findings",
-            _ref("QueryDetail"), [_FP], ("401", "404")),
+            _ref("QueryDetail"), [_FP, _SCOPE], ("400", "401", "404")),
         "/api/queries/{fingerprint}/history": _get(
             "Latency over time (per sampling interval), newest first",
             _list_of("HistoryPoint"), [_FP, *_PAGE], ("400", "401", "404")),
@@ -232,24 +255,29 @@ def openapi_spec() -> dict[str, Any]:
         "/api/slow": _get(
             "The slow-query log, newest first", _list_of("SlowQuery"),
             [*_PAGE, _q("since", "ISO 8601 time or Unix seconds"),
-             _q("min_ms", "at least this duration", {"type": "number", "minimum": 0})]),
+             _q("min_ms", "at least this duration", {"type": "number", "minimum": 0}),
+             _SCOPE]),
         "/api/transactions": _get("Explicit transactions per database and user",
-                                  _list_of("Transactions"), _PAGE),
+                                  _list_of("Transactions"), [*_PAGE, _SCOPE]),
         "/api/n-plus-one": _get("N+1 findings", _list_of("Finding"),
                                 [*_PAGE, _q("application", "only this application_name"),
-                                 _q("database", "only findings seen in this database")]),
+                                 _q("database", "only findings seen in this database"),
+                                 _SCOPE]),
         "/api/findings": _get(
             "All findings, most costly first", _list_of("Finding"),
             [*_PAGE, _q("kind", "only this kind", {"type": "string", "enum": list(KINDS)}),
              _q("application", "only this application_name"),
              _q("database", "only findings seen in this database"),
              _q("sort", "order, descending", {"type": "string", "enum": list(FINDING_SORT),
-                                              "default": "total_ms"}), *_WHERE]),
+                                              "default": "total_ms"}), *_WHERE, _SCOPE]),
         "/api/findings/{finding_id}": _get(
             "One finding in detail, with the statistics of its statements",
             {"type": "object"},
             [{"name": "finding_id", "in": "path", "required": True,
-              "schema": {"type": "string"}}], ("401", "404")),
+              "schema": {"type": "string"}}, _SCOPE], ("400", "401", "404")),
+        "/api/fleet": _get(
+            "This instance and the other instances in the fleet view ([state] url)",
+            _list_of("FleetInstance"), _PAGE),
         "/api/connections": _get("Live client sessions", _list_of("Connection"),
                                  [*_PAGE, *_FILTERS]),
         "/api/backends": _get("Primary and replicas: health, lag, rotation, routed, pool",

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.config import Config
+from sqlproxy.statestore.base import StoreStatus
 
 
 class SessionView(Protocol):
@@ -39,4 +40,17 @@ class AdminSource(Protocol):
 
     def backends(self) -> list[dict[str, Any]]:
         """Primary first, then replicas; see ``Runtime.backends`` for the keys."""
+        ...
+
+    async def fleet_profiler(self) -> Profiler | None:
+        """Every instance's statistics merged (``scope=fleet``); this one's alone without a
+        shared state database."""
+        ...
+
+    def fleet_instances(self) -> list[dict[str, Any]]:
+        """This instance and the others in the fleet view (``/api/fleet``)."""
+        ...
+
+    def state_status(self) -> StoreStatus | None:
+        """The state store's health (None: no durable state)."""
         ...

@@ -48,6 +48,9 @@ EXTRAS: dict[str, Extra] = {
     # greenlet by name: sqlalchemy imports without it, and sqlalchemy.ext.asyncio then fails
     # with its own ImportError (not a ModuleNotFoundError naming greenlet).
     "demo": Extra("demo", (("sqlalchemy", "SQLAlchemy"), ("greenlet", "greenlet"))),
+    "otel": Extra("otel", (("opentelemetry.sdk.trace", "opentelemetry-sdk"),
+                           ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
+                            "opentelemetry-exporter-otlp-proto-http"))),
 }
 
 

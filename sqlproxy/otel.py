@@ -17,7 +17,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sqlproxy.config import OtelSection
-from sqlproxy.errors import ConfigError
+from sqlproxy.errors import ConfigError, MissingExtra
+from sqlproxy.extras import require
 
 if TYPE_CHECKING:
     from sqlproxy.analysis.statement import SessionInfo, Statement
@@ -25,20 +26,13 @@ if TYPE_CHECKING:
 
 __all__ = ["SpanExporter", "require_otel"]
 
-INSTALL_HINT = "pip install 'sqlproxy[otel]'"
-
-
 def require_otel() -> None:
-    """Raise the config error naming the extra when the OpenTelemetry packages are missing.
-
-    One small function so that a shared "missing optional dependency" helper can replace it.
-    """
+    """Raise the config error naming the extra when the OpenTelemetry packages are missing
+    (the ``otel`` extra of ``sqlproxy.extras``)."""
     try:
-        import opentelemetry.exporter.otlp.proto.http.trace_exporter
-        import opentelemetry.sdk.trace  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(f"otel.endpoint is set but the OpenTelemetry packages are missing "
-                          f"({exc.name}): {INSTALL_HINT}") from None
+        require("otel", "otel.endpoint (OpenTelemetry export)")
+    except MissingExtra as exc:
+        raise ConfigError(exc.message) from None
 
 
 class SpanExporter:

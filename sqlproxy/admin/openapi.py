@@ -176,7 +176,9 @@ _SCHEMAS: _S = {
         "restored": {"type": "boolean",
                      "description": "this instance's own state was read back"},
         "last_snapshot": {"type": ["string", "null"], "format": "date-time"},
-        "fleet_instances": {"type": "integer", "description": "other instances in the view"}}},
+        "fleet_instances": {"type": "integer", "description": "other instances in the view"},
+        "warning": {"type": ["string", "null"],
+                    "description": "e.g. another process writing under this instance name"}}},
     "FleetInstance": {"type": "object", "properties": {
         "instance": _STR, "local": {"type": "boolean", "description": "this instance"},
         "sqlproxy": _STR, "snapshot_seconds": _NUM,

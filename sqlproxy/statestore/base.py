@@ -38,6 +38,7 @@ class StoreStatus:
     restored: bool  # this instance's own state was read back (or there was none)
     last_success: float | None  # Unix time of the last successful snapshot
     fleet_instances: int  # other instances in the fleet view
+    warning: str | None = None  # a problem that does not stop snapshots (a shared name)
 
     def to_dict(self) -> dict[str, Any]:
         from sqlproxy.analysis.timefmt import iso
@@ -48,7 +49,7 @@ class StoreStatus:
             "retry_in_s": None if self.retry_in_s is None else round(self.retry_in_s, 3),
             "failures": self.failures, "restored": self.restored,
             "last_snapshot": iso(self.last_success) if self.last_success else None,
-            "fleet_instances": self.fleet_instances,
+            "fleet_instances": self.fleet_instances, "warning": self.warning,
         }  # fmt: skip
 
 

@@ -142,7 +142,7 @@ class PostgresStore:
         self._task: asyncio.Task[None] | None = None
         self._restored = False
         self._wrote = False
-        self._conflict_logged = False
+        self._conflict: str | None = None  # another process writes under our name
         self._ok: bool | None = None
         self._error: str | None = None
         self._failures = 0
@@ -262,11 +262,12 @@ class PostgresStore:
             writer = await conn.fetchval(
                 f"SELECT writer FROM {SCHEMA}.instances WHERE instance = $1 FOR UPDATE",
                 self.instance)
-            if self._wrote and writer not in (None, self.writer) and not self._conflict_logged:
-                self._conflict_logged = True
+            if self._wrote and writer not in (None, self.writer) and self._conflict is None:
+                self._conflict = (f"another process writes under the instance name "
+                                  f"{self.instance!r}: give each instance its own "
+                                  "([state] instance, SQLPROXY_STATE__INSTANCE)")
                 log.error("state_instance_conflict", where=self.where, instance=self.instance,
-                          detail="another process writes under this [state] instance name: "
-                                 "give each instance its own (SQLPROXY_STATE__INSTANCE)")
+                          detail=self._conflict)
             written_at = await conn.fetchval(
                 _UPSERT_INSTANCE, self.instance, float(self.period()), self.started_at,
                 __version__, self.writer)
@@ -342,7 +343,8 @@ class PostgresStore:
             error=self._error,
             retry_in_s=max(0.0, self._next_at - time.monotonic()) if failing else None,
             failures=self._failures, restored=self._restored,
-            last_success=self._last_success, fleet_instances=len(self.others()))
+            last_success=self._last_success, fleet_instances=len(self.others()),
+            warning=self._conflict)
 
     def fleet_state(self) -> FleetState:
         others = self.others()

@@ -240,3 +240,12 @@ def test_dashboard_switches_to_the_fleet_view(make_proxy: MakeProxy, state_url: 
                            "s.dispatchEvent(new Event('change'));")
     wait_for(browser, f"return document.getElementById('c-calls').textContent === '{fleet}'")
     assert "select $1 as only_b" in browser.find_element("id", "queries").text
+
+
+def test_two_processes_with_one_instance_name_are_told(make_proxy: MakeProxy,
+                                                       state_url: str) -> None:
+    a = make_proxy(state=_state(state_url, "same"))
+    b = make_proxy(state=_state(state_url, "same"))
+    _wait(lambda: any(_store(p)["warning"] for p in (a, b)), "a shared name is noticed")
+    warning = next(_store(p)["warning"] for p in (a, b) if _store(p)["warning"])
+    assert "'same'" in warning and "SQLPROXY_STATE__INSTANCE" in warning

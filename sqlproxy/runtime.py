@@ -38,6 +38,9 @@ RESTART_KEYS: tuple[tuple[str, str], ...] = (
     ("state", "enabled"),
     ("state", "path"),
     ("log", "format"),
+    ("otel", "endpoint"),
+    ("otel", "sample_ratio"),
+    ("otel", "service_name"),
 )
 
 ReloadHook = Callable[[Config, Config], None]
@@ -120,6 +123,8 @@ class Runtime:
         if self.admin is not None:
             await self.admin.stop()
         await self.proxy.stop(self.config.proxy.shutdown_grace_seconds)
+        if self.profiler is not None:
+            self.profiler.detector.traces.flush_all()  # requests still open are judged too
         await self.snapshot()  # after the drain: includes what the last sessions did
         if self.span_exporter is not None:
             await asyncio.to_thread(self.span_exporter.shutdown)  # sends the last batch

@@ -46,6 +46,9 @@ RESTART_KEYS: tuple[tuple[str, str], ...] = (
     ("state", "fleet_window"),
     ("state", "timeout"),
     ("log", "format"),
+    ("otel", "endpoint"),
+    ("otel", "sample_ratio"),
+    ("otel", "service_name"),
 )
 
 ReloadHook = Callable[[Config, Config], None]
@@ -126,6 +129,8 @@ class Runtime:
         if self.admin is not None:
             await self.admin.stop()
         await self.proxy.stop(self.config.proxy.shutdown_grace_seconds)
+        if self.profiler is not None:
+            self.profiler.detector.traces.flush_all()  # requests still open are judged too
         if self.store is not None:
             await self.store.close()  # a final snapshot after the drain: the last sessions'
         if self.span_exporter is not None:

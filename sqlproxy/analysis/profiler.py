@@ -172,12 +172,20 @@ class Profiler:
         else:
             found = ctx.memo.get(sql)
             if found is None:
+                known = ctx.tagged.get(sql)
+                if known is not None:
+                    return self._record_tagged(ctx, sql, known[0], "", known[1], index, bind,
+                                               rows, sqlstate, started, ended, route)
                 self.tagged = False
                 found = self._find(ctx, sql)
                 raw = self.matched
                 if self.tagged:
                     tags = self.tags.read(sql)
                     if tags is not None:
+                        if len(raw) == 0 and len(tags.trace_id) == 0:
+                            if len(ctx.tagged) >= MEMO_LIMIT:
+                                ctx.tagged.clear()
+                            ctx.tagged[sql] = (found, tags)
                         return self._record_tagged(ctx, sql, found, raw, tags, index, bind, rows,
                                                    sqlstate, started, ended, route)
             stmts = found

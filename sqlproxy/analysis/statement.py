@@ -113,3 +113,7 @@ class SessionInfo:
         self.lit_stmts: list[Statement] | None = None
         self.detector: ConnectionDetector | None = None
         self.conv: Any = None
+        # Tagged texts without a trace id (static tags: Rails, a prepared statement's text)
+        # repeat: text -> (statements, tags), so that they skip the lookup and the tag reading
+        # (bounded by the profiler like the memo). Texts with a traceparent never repeat.
+        self.tagged: dict[str, tuple[list[Statement], Any]] = {}

@@ -298,11 +298,15 @@ class TagReader:
     values are checked and added per statement.
     """
 
-    __slots__ = ("_cache", "extra_keys", "hits", "misses")
+    __slots__ = ("_cache", "_last", "_last_tags", "extra_keys", "hits", "misses")
 
     def __init__(self, extra_keys: frozenset[str] = frozenset()) -> None:
         self.extra_keys = extra_keys
         self._cache: dict[str, Tags | None] = {}
+        # The last comment text read and its tags: a request's statements repeat it (same
+        # endpoint, same traceparent), so the trace values need not be checked again.
+        self._last = ""
+        self._last_tags: Tags | None = None
         self.hits = 0
         self.misses = 0
 
@@ -310,12 +314,22 @@ class TagReader:
         if extra_keys != self.extra_keys:
             self.extra_keys = extra_keys
             self._cache.clear()
+            self._last = ""
 
     def read(self, sql: str) -> Tags | None:
         """The tags of ``sql``'s edge comments, or None when they say nothing."""
         body = edge_comments(sql)
         if body is None:
             return None
+        if body == self._last:
+            self.hits += 1
+            return self._last_tags
+        tags = self._read(body)
+        self._last = body
+        self._last_tags = tags
+        return tags
+
+    def _read(self, body: str) -> Tags | None:
         key, tp = _cut(body, _TP_KEY)
         ts = ""
         if tp:

@@ -125,6 +125,9 @@ def test_tags_without_trace_ids_split_the_burst_where_the_endpoint_changes() -> 
     for i in range(4):
         clock.run(prof, c, other + CUSTOMER, param=50 + i)
     prof.session_closed(c)
+    # Static tags repeat: such texts are remembered with their tags (no trace id in them),
+    # unless their own literals matter (ORDERS inlines one: found by its skeleton).
+    assert set(c.tagged) == {tag + CUSTOMER, other + CUSTOMER}
     (f,) = findings(prof, kind="n_plus_one")
     assert (f["controller"], f["action"], f["endpoint"]) == ("orders", "index", "orders#index")
     assert f["max_burst"] == 10

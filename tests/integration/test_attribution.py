@@ -291,3 +291,19 @@ def test_hostile_comments_are_ignored_and_statements_profiled(proxy: ProxyThread
         # Only what could be read safely became an endpoint; nothing forged one.
         assert eps <= {"*/; drop table customers; /*", "a'b", "ok"}
         assert not any("\n" in e or "\r" in e for e in eps)
+
+
+def test_requests_still_open_are_judged_at_shutdown(make_proxy: Callable[..., ProxyThread],
+                                                    db: str) -> None:
+    proxy = make_proxy(analysis={"trace_idle_ms": 600_000.0})
+    _, tp = traceparent()
+    tag = f" /*route='/orders',traceparent='{tp}'*/"
+    with psycopg.connect(proxy.dsn(dbname=db), autocommit=True) as conn:
+        ids = [r[1] for r in conn.execute("select id, customer_id from orders" + tag)]
+        for i in ids:
+            conn.execute("select name from customers where id = %s" + tag, (i,))
+    assert proxy.runtime is not None and proxy.runtime.profiler is not None
+    prof = proxy.runtime.profiler
+    assert proxy.call(lambda: len(prof.detector.traces.open)) == 1
+    proxy.stop()
+    assert [f["route"] for f in prof.findings("n_plus_one")[0]] == ["/orders"]

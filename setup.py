@@ -21,6 +21,7 @@ HOT_MODULES = [
     "sqlproxy/analysis/statement.py",
     "sqlproxy/analysis/stats.py",
     "sqlproxy/proxy/pump.py",
+    "sqlproxy/proxy/fastroute.py",
     "sqlproxy/proxy/recorder.py",
 ]
 

@@ -23,12 +23,17 @@ valgrind``)::
     .venv/bin/python -m bench.callgrind --modes prepared --transactions 500
     .venv/bin/python -m bench.callgrind --keep /tmp/cg     # keep the dumps, per function
     .venv/bin/python -m bench.callgrind --tags              # statements with sqlcommenter tags
+    .venv/bin/python -m bench.callgrind --routing           # routing off vs on (profiling on)
 
 ``--tags`` runs pgbench's select-only transaction from a script whose statement carries
 sqlcommenter tags (route, controller, action): in ``-M simple`` with a traceparent whose trace
 id changes every transaction (each text unique: one request per transaction), in the other
 modes without one (pgbench would turn a variable in the comment into a parameter), as
 Rails-style static tags on a prepared statement.
+
+``--routing`` compares, with profiling on, sqlproxy with routing off and routing on in front of
+a streaming replica of the primary (reads go to the replica): the instructions per *routed*
+transaction, instead of profiling off against on.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ class Run:
     """One sqlproxy under callgrind, driven by pgbench."""
 
     def __init__(self, args: argparse.Namespace, primary: pg.PgCluster, work: Path,
-                 pgbench: str, psql: str, mode: str, profiling: bool) -> None:
+                 pgbench: str, psql: str, mode: str, profiling: bool,
+                 replica: pg.PgCluster | None = None) -> None:
         self.args = args
         self.primary = primary
         self.work = work
@@ -98,18 +104,20 @@ class Run:
         self.mode = mode
         self.profiling = profiling
         self.port = pg.free_port(LOOPBACK)
-        name = f"{mode}-{'on' if profiling else 'off'}"
+        name = f"{mode}-{'on' if profiling else 'off'}" + ("-routed" if replica else "")
         self.out = work / f"callgrind.{name}"
         env = client_env({
             "SQLPROXY_ANALYSIS__ENABLED": "true" if profiling else "false",
             "SQLPROXY_STATE__ENABLED": "false",
             "SQLPROXY_ADMIN__ENABLED": "false",
+            "SQLPROXY_ROUTING__ENABLED": "true" if replica else "false",
         })
+        routing = ["--replica", replica.dsn(DB_USER, dbname=DB_NAME)] if replica else []
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}",
                 *(["--cache-sim=yes"] if args.cache_sim else []),
                 sys.executable, "-m", "sqlproxy.cli", "serve",
                 "--listen", f"{LOOPBACK}:{self.port}",
-                "--primary", primary.dsn(DB_USER, dbname=DB_NAME)]  # fmt: skip
+                "--primary", primary.dsn(DB_USER, dbname=DB_NAME), *routing]  # fmt: skip
         self.service = Service(name, argv, log_path=work / f"{name}.log", env=env,
                                cwd=_REPO_ROOT)
 
@@ -184,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         "dumps then count cache misses per function; slower")
     parser.add_argument("--tags", action="store_true",
                         help="statements carry sqlcommenter tags (see the module docstring)")
+    parser.add_argument("--routing", action="store_true",
+                        help="routing off vs on with a streaming replica, profiling on")
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -193,26 +203,36 @@ def main(argv: list[str] | None = None) -> int:
     psql = shutil.which("psql") or str(pg.find_pg_bindir() / "psql")
     base = pg.make_base_dir()
     primary = pg.start_primary(base)
+    replica: pg.PgCluster | None = None
+    labels = ("routing off", "routing on") if args.routing else ("profiling off",
+                                                                  "profiling on")
     results: dict[str, dict[bool, float]] = {}
     try:
         subprocess.run([pgbench, "-i", "-q", "-s", "10", "-h", primary.host,
                         "-p", str(primary.port), "-U", DB_USER, DB_NAME],
                        capture_output=True, env=client_env(), check=True, timeout=600)
+        if args.routing:
+            replica = pg.start_replica(primary, base)
+            replica.wait_for_replay()
         for mode in args.modes:
-            for profiling in (False, True):
-                run = Run(args, primary, base, pgbench, psql, mode, profiling)
+            for second in (False, True):
+                # --routing: (routing off, routing on), profiling on; else profiling off, on.
+                run = Run(args, primary, base, pgbench, psql, mode,
+                          profiling=second or args.routing,
+                          replica=replica if args.routing and second else None)
                 per_tx = run.measure()
-                results.setdefault(mode, {})[profiling] = per_tx
-                log(f"{mode:9s} profiling {'on ' if profiling else 'off'}  "
-                    f"{per_tx:9.0f} instructions per transaction")
+                results.setdefault(mode, {})[second] = per_tx
+                log(f"{mode:9s} {labels[second]:13s} {per_tx:9.0f} instructions per transaction")
     finally:
+        if replica is not None:
+            replica.stop()
         primary.stop()
         shutil.rmtree(base, ignore_errors=True)
     what = "-f <tagged select-only script>" if args.tags else "-S"
     print(f"sqlproxy user-space instructions per transaction (callgrind), pgbench {what} "
           f"-c {args.clients}, {args.transactions} and {2 * args.transactions} transactions "
           "per client, difference of the two runs")
-    print(f"{'mode':10s} {'profiling off':>14s} {'profiling on':>13s} {'on/off':>7s}")
+    print(f"{'mode':10s} {labels[0]:>14s} {labels[1]:>13s} {'on/off':>7s}")
     for mode, r in results.items():
         print(f"{mode:10s} {r[False]:14.0f} {r[True]:13.0f} {r[True] / r[False]:7.3f}")
     return 0

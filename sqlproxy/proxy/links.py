@@ -10,7 +10,7 @@ replica's is opened by ``open_replica`` and logged in by ``routing.replica_login
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.proxy.connect import connect_backend
@@ -42,6 +42,8 @@ class Link:
         self.replay = BackendReplay(fresh=replica is not None)
         self.answers = Answers(replica=replica is not None)
         self.unit: Unit | None = None  # the replica unit in flight
+        self.protocol: ReplicaConnection | None = None  # a replica's own protocol
+        self.pump: Any = None  # the fast path's protocol in front of it (fastroute.py)
         self.closed = False
 
     @property
@@ -72,6 +74,7 @@ class ReplicaConnection(ServerSideProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.link.transport = cast(asyncio.Transport, transport)
+        self.link.protocol = self
 
     def data_received(self, data: bytes) -> None:
         if self.login.done:

@@ -14,10 +14,16 @@ from __future__ import annotations
 from typing import Any, Final
 
 from sqlproxy.analysis.profiler import Profiler
-from sqlproxy.analysis.statement import KIND_TRANSACTION, SessionInfo
+from sqlproxy.analysis.statement import (
+    KIND_READ,
+    KIND_TRANSACTION,
+    KIND_WRITE,
+    SessionInfo,
+    Statement,
+)
 from sqlproxy.wire.conversation import NativeListener, Pending
 
-__all__ = ["SessionListener", "SessionRecorder"]
+__all__ = ["RoutedRecorder", "SessionListener", "SessionRecorder"]
 
 _IDLE: Final = 73  # ReadyForQuery status 'I'
 _FAILED: Final = 69  # 'E'
@@ -41,6 +47,11 @@ class SessionRecorder(NativeListener):
                        sqlstate: str | None, started: float, ended: float) -> None:
         stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
                                     sqlstate, started, ended, self.route)
+        self._block(stmt, pending, started, ended)
+
+    def _block(self, stmt: Statement | None, pending: Pending, started: float,
+               ended: float) -> None:
+        """The transaction block's figures, after each statement."""
         self.last_started = started
         if self.in_block and stmt is not None:
             if stmt.kind != KIND_TRANSACTION:
@@ -63,6 +74,22 @@ class SessionRecorder(NativeListener):
             self.profiler.transaction_done(self.info, now - self.tx_start,
                                            self.tx_statements, self.tx_idle,
                                            previous == _FAILED)
+
+
+class RoutedRecorder(SessionRecorder):
+    """The recorder of one backend connection (link) of a routed session: statements are
+    recorded with the link's name as their route, and the few that change what the session
+    must replay elsewhere — SET, RESET, DISCARD, DEALLOCATE, ROLLBACK, any error — are passed
+    to the session (``statement_event``); reads and writes never leave native code."""
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
+                                    sqlstate, started, ended, self.route)
+        self._block(stmt, pending, started, ended)
+        if sqlstate is not None or stmt is None or (stmt.kind != KIND_READ
+                                                    and stmt.kind != KIND_WRITE):
+            self.session.statement_event(self.route, pending, index, stmt, sqlstate)
 
 
 class SessionListener(NativeListener):

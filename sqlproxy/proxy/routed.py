@@ -37,13 +37,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlproxy.analysis.classify import Shape
+from sqlproxy.analysis.classify import Shape, StatementKind
 from sqlproxy.analysis.normalize import Normalized
+from sqlproxy.analysis.statement import Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy.fastroute import FastRoutes, RoutedClientPump, RoutedLinkPump
 from sqlproxy.proxy.links import Link, open_replica
+from sqlproxy.proxy.recorder import RoutedRecorder
 from sqlproxy.proxy.session import (
     BackendConnection,
     ClientSession,
@@ -63,7 +66,7 @@ from sqlproxy.routing.replica_login import ReplicaLogin
 from sqlproxy.routing.scram import ScramKeys, ScramWatch
 from sqlproxy.routing.session_routing import SessionRouting
 from sqlproxy.routing.units import Unit, UnitCutter
-from sqlproxy.wire.conversation import Conversation, Pending
+from sqlproxy.wire.conversation import Conversation, ConversationListener, Pending
 from sqlproxy.wire.frames import Frames
 from sqlproxy.wire.messages import (
     F_COPY_DATA,
@@ -109,6 +112,9 @@ class RoutedSession(ClientSession):
         self.unit_failed = False  # a statement of the transaction in progress failed
         self.connecting: str | None = None
         self._current = "primary"
+        # The fast path (fastroute.py): profiled sessions, read_your_writes = "session".
+        self.fast: FastRoutes | None = None
+        self._fast_functions: object = None
         self.scram = ScramWatch()  # the client's exchange with the primary, for replicas
 
     # ------------------------------------------------------------------ authentication
@@ -131,7 +137,7 @@ class RoutedSession(ClientSession):
         # backend_startup_data (the backend is never put on its own hot path).
         self._cancel_startup_timer()
         self.ready_at = _perf()
-        conv = Conversation(self, self.config.proxy.max_message_bytes)
+        conv = self._conversation("primary")
         self.conv = self.info.conv = conv
         link = Link("primary", conv, None)
         link.transport = backend.transport
@@ -141,8 +147,24 @@ class RoutedSession(ClientSession):
         self.state = SessionState.READY
         self._buf.clear()
         self.router.functions(self.database)
+        client = self.client_transport
+        if self.profiler is not None and not self.router.table_mode and client is not None:
+            fast = self.fast = FastRoutes(self, self.profiler, self.info,
+                                          self.config.proxy.max_message_bytes)
+            fast.write_client = client.write
+            # Duck-typed protocol: asyncio and uvloop call its methods by name.
+            client.set_protocol(cast(Any, RoutedClientPump(self, fast)))
         if rest:
             self.link_data(link, rest)
+
+    def _conversation(self, route: str) -> Conversation:
+        """A backend link's tracker. Profiled, its listener is a compiled recorder that
+        records with the link's name as route and calls ``statement_event`` only for what
+        changes the replay (SET, ROLLBACK, errors, ...); else the session listens."""
+        profiler = self.profiler
+        listener: ConversationListener = (
+            self if profiler is None else RoutedRecorder(profiler, self, self.info, route))
+        return Conversation(listener, self.config.proxy.max_message_bytes)
 
     def backend_startup_data(self, backend: BackendConnection, data: bytes) -> None:
         if self.primary_link is not None:
@@ -162,6 +184,97 @@ class RoutedSession(ClientSession):
             self.fail(exc)
             return
         self._pump()
+
+    def _learn(self, unit: Unit, decision: Decision) -> None:
+        """Remember a lone Query's statement routed to a replica from an idle, unpinned
+        session, for the fast path (``fastroute.py``)."""
+        fast = self.fast
+        if fast is None or decision.target is not Target.REPLICA or decision.writes \
+                or decision.pin or decision.read_only_transaction or unit.closes \
+                or unit.unknown:
+            return
+        if unit.has_query:
+            if len(unit.queries) != 1 or unit.parses or unit.binds:
+                return
+            sql = unit.queries[0]
+        else:  # one statement bound (maybe parsed in the same unit)
+            if len(unit.binds) != 1 or len(unit.parses) > 1 or not unit.binds[0]:
+                return
+            if unit.parses:
+                name, sql, _ = unit.parses[0]
+                if name != unit.binds[0]:
+                    return
+            else:
+                known = self.replay.statements.get(unit.binds[0])
+                if known is None:
+                    return
+                sql = known[0]
+        functions = self.router.functions(self.database)
+        if functions is not self._fast_functions:  # a reloaded catalog: decide again
+            fast.routes.clear()
+            self._fast_functions = functions
+        key = fast.key(sql)
+        if key is not None:
+            fast.remember(key)
+
+    def _refresh_fast(self) -> None:
+        """Let the fast path take the next read when nothing the general path keeps could
+        change where it goes or what must precede it (see ``fastroute.py``)."""
+        fast = self.fast
+        if fast is None:
+            return
+        fast.ready = False
+        fast.inflight = b""
+        if self.state is not SessionState.READY or self.units or self.open_link is not None \
+                or self.connecting is not None or len(self.frames) or not self.cutter.empty \
+                or self.unit_failed or self.replay.pending_settings or not fast.routes:
+            return
+        routing = self.routing
+        router = self.router
+        if routing.pinned or routing.no_replica or routing.dirty \
+                or router.functions(self.database) is not self._fast_functions:
+            return
+        primary = self.primary_link
+        if primary is None or primary.busy:
+            return
+        tx = self.tx_link
+        if tx is not None and tx.conv.tx_status != _IDLE:
+            return
+        if any(lk.busy for lk in self.links.values()):
+            return
+        min_lsn = None
+        if routing.horizon:
+            min_lsn = router.lsn_after(routing.horizon)
+            if min_lsn is None:
+                return
+        rep = router.choose(min_lsn, routing.excluded(time.monotonic()))
+        link = self.links.get(rep.name) if rep is not None else None
+        if link is None or link.closed or link.transport is None or link.pump is None:
+            return
+        backend, replay = link.replay, self.replay
+        if backend.settings_gen != replay.settings_gen or backend.to_close \
+                or backend.settings_applied != len(replay.settings) \
+                or b"" in replay.statements or b"" in backend.prepared:
+            return
+        if fast.link is not link:
+            fast.link = link
+            fast.replica = rep
+            fast.answers = link.answers
+            fast.conv = link.conv
+            fast.write_replica = link.transport.write
+            fast.unit = Unit()
+        elif fast.unit is None or fast.unit is link.unit:
+            fast.unit = Unit()
+        # Named statements the link holds as the client defined them, and routed before.
+        fast.prepared_ok.clear()
+        for name, msg in backend.prepared.items():
+            known = replay.statements.get(name)
+            if name and known is not None and known[1] == msg:
+                key = fast.key(known[0])
+                if key is not None and key in fast.routes:
+                    fast.prepared_ok[name] = True
+        fast.touched = False
+        fast.ready = True
 
     def _client_message(self, t: int, msg: bytes) -> None:
         link = self.open_link
@@ -296,6 +409,8 @@ class RoutedSession(ClientSession):
             return primary
         if decision is None or decision.target is Target.PRIMARY:
             return primary
+        if not self.routing.pinned and not self.routing.no_replica:
+            self._learn(unit, decision)
         min_lsn = None
         horizon = self.routing.horizon
         if unit.tables:
@@ -320,7 +435,7 @@ class RoutedSession(ClientSession):
         self.server.track(asyncio.get_running_loop().create_task(self._open_replica(rep)))
 
     async def _open_replica(self, rep: ReplicaState) -> None:
-        link = Link(rep.name, Conversation(self, self.config.proxy.max_message_bytes), rep)
+        link = Link(rep.name, self._conversation(rep.name), rep)
         password = self.router.routing.passwords.get(self.user)
         try:
             login = ReplicaLogin(self.user, password, await self._replica_keys())
@@ -340,6 +455,10 @@ class RoutedSession(ClientSession):
         if problem is None:
             self.links[rep.name] = link
             self.routing.connected(rep.name)
+            if self.fast is not None and link.transport is not None \
+                    and link.protocol is not None:
+                link.pump = RoutedLinkPump(link.protocol, self.fast, link)
+                link.transport.set_protocol(cast(Any, link.pump))
         elif any(word in problem for word in _AUTH_PROBLEMS):
             self.routing.no_replica = True
             self.router.warn_once(
@@ -495,6 +614,7 @@ class RoutedSession(ClientSession):
                 if written:
                     self.router.note_writes(self.database, written, self.routing.horizon)
         self._pump()
+        self._refresh_fast()
 
     # ------------------------------------------------------------------ settings
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
@@ -513,6 +633,33 @@ class RoutedSession(ClientSession):
         current = self._link_named(self._current)
         if index < len(stmts) and current is not None:
             n, shape = stmts[index]
+            self.replay.statement_completed(n, shape, current.replay,
+                                            [lk.replay for lk in self._all_links()])
+
+    def statement_event(self, route: str, pending: Pending, index: int,
+                        stmt: Statement | None, sqlstate: str | None) -> None:
+        """From a link's RoutedRecorder: a statement that may change what must be replayed
+        elsewhere (or failed). The recorder has recorded it already."""
+        fast = self.fast
+        if fast is not None:
+            fast.ready = False
+            fast.touched = True
+        if sqlstate is not None:
+            self.unit_failed = True
+            return
+        if stmt is not None:
+            n, shape = stmt.normalized, stmt.shape
+        else:
+            stmts = self._statements_nr(pending.sql) if pending.sql else []
+            if index >= len(stmts):
+                return
+            n, shape = stmts[index]
+        if shape.kind is StatementKind.TRANSACTION:
+            if shape.transaction_op in ("rollback", "rollback_to"):
+                self.replay.rolled_back()
+            return
+        current = self._link_named(route)
+        if current is not None:
             self.replay.statement_completed(n, shape, current.replay,
                                             [lk.replay for lk in self._all_links()])
 

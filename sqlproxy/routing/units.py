@@ -52,7 +52,7 @@ class Unit:
     )
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self.data: bytes | bytearray = bytearray()
         self.queries: list[str] = []  # simple Query texts
         self.parses: list[tuple[bytes, str, bytes]] = []  # (name, sql, whole Parse message)
         self.binds: list[bytes] = []  # statement names bound

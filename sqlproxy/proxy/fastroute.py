@@ -1,0 +1,278 @@
+"""The routed session's hot path: a read sent to a replica and its answer, in native code.
+
+Compiled with mypyc (see setup.py), like the plain session's pumps. The routed session
+(``routed.py``) handles everything in general, correctly, and slowly: it frames every message,
+cuts units, asks the policy, replays state, holds answers. Most of a read-mostly application's
+traffic is simpler than that: an idle session sends one Query whose statement it sent before,
+the policy sent that statement to a replica then and nothing since could change that, and the
+replica answers with a few messages ending in ReadyForQuery and no error. ``FastRoutes`` does
+exactly that and nothing else:
+
+* ``RoutedClientPump`` (the client transport's protocol) offers each chunk to ``query``: one
+  whole Query, the session *ready* (``RoutedSession._refresh_fast`` decided it: no unit queued
+  or in flight, not pinned, no transaction, no write awaiting its read-your-writes horizon, no
+  setting or statement to replay on the replica, the replica healthy) and its statement known
+  (by normalized text, so inlined literals do not make it new) as one routed to a replica.
+  Then the bytes go to that replica as received, with the unit noted on its link as the
+  general path would note it.
+* ``RoutedLinkPump`` (the replica transport's protocol) offers each chunk to ``answer``: when it
+  is the whole answer to that unit with no ErrorResponse in it, nothing can make the session
+  retry it elsewhere, so it goes to the client as it came and the conversation records it.
+
+Anything else goes to the session's general path, which clears ``ready`` first; the session
+sets it again when it is idle (``RoutedSession._refresh_fast``). A chunk the fast path declined
+leaves no trace: the general path sees exactly what it would have seen.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.analysis.statement import SessionInfo
+from sqlproxy.errors import ProtocolViolation
+from sqlproxy.wire.conversation import Conversation
+
+__all__ = ["FastRoutes", "RoutedClientPump", "RoutedLinkPump"]
+
+_unpack_int32 = struct.Struct("!I").unpack_from
+_QUERY: Final = 81  # 'Q'
+_ERROR: Final = 69  # 'E'
+_READY: Final = 90  # 'Z'
+_BIND: Final = 66  # 'B'
+_EXECUTE: Final = 69  # 'E'
+_DESCRIBE: Final = 68  # 'D'
+_SYNC: Final = 83  # 'S'
+_PORTAL: Final = 80  # 'P'
+MAX_ROUTES: Final = 4096  # statements remembered per session
+
+
+def whole_answer(data: bytes) -> bool:
+    """``data`` is whole messages ending with ReadyForQuery, none an ErrorResponse."""
+    n = len(data)
+    pos = 0
+    t = 0
+    while pos < n:
+        if n - pos < 5:
+            return False
+        t = data[pos]
+        length = _unpack_int32(data, pos + 1)[0]
+        if t == _ERROR or length < 4:
+            return False
+        pos += 1 + length
+    return pos == n and t == _READY
+
+
+class FastRoutes:
+    """One routed session's fast path (see the module doc). The session owns the decisions:
+    it fills ``routes`` and sets ``ready`` with the link to use; this only acts on them."""
+
+    def __init__(self, session: Any, profiler: Profiler, info: SessionInfo,
+                 max_message: int) -> None:
+        self.session = session
+        self.profiler = profiler
+        self.info = info
+        self.max_message = max_message
+        self.routes: dict[str, bool] = {}  # normalized text -> routed to a replica
+        # Named statements the link holds as the client defined them, whose statement is
+        # in ``routes`` (set by the session with the link).
+        self.prepared_ok: dict[bytes, bool] = {}
+        self.ready = False
+        self.touched = False  # the general path ran since ready was set
+        # The link in use while ready (set by the session).
+        self.link: Any = None
+        self.replica: Any = None  # its ReplicaState
+        self.answers: Any = None  # its Answers
+        self.unit: Any = None  # a Unit to note on it
+        self.conv: Conversation | None = None
+        self.write_replica: Callable[[bytes], object] | None = None
+        self.write_client: Callable[[bytes], object] | None = None
+        self.inflight = b""  # the Query sent, until its answer
+        self.sent = 0.0
+        self.clock: Callable[[], float] = time.perf_counter
+
+    def remember(self, key: str) -> None:
+        if len(self.routes) >= MAX_ROUTES:
+            self.routes.clear()
+        self.routes[key] = True
+
+    def key(self, text: str) -> str | None:
+        """The normalized text of a lone statement (the profiler's per-session memo)."""
+        stmts = self.profiler.statements(self.info, text)
+        if len(stmts) != 1:
+            return None
+        return stmts[0].normalized.text
+
+    def query(self, data: bytes) -> bool:
+        n = len(data)
+        if not self.ready or n < 6:
+            return False
+        bound: bytes | None = None
+        if data[0] == _QUERY:
+            if _unpack_int32(data, 1)[0] != n - 1 or n - 1 > self.max_message:
+                return False
+            key = self.key(data[5 : n - 1].decode("utf-8", "replace"))
+            if key is None or key not in self.routes:
+                return False
+        else:
+            bound = self.bound_statement(data)
+            if bound is None:
+                return False
+        replica = self.replica
+        write = self.write_replica
+        if write is None or not replica.healthy:
+            return False
+        self.ready = False
+        now = self.clock()
+        unit = self.unit
+        unit.data = data
+        unit.sent = now
+        unit.has_query = bound is None
+        unit.binds = [] if bound is None else [bound]
+        self.link.unit = unit
+        replica.outstanding += 1
+        replica.routed += 1
+        self.answers.start_unit(True)
+        self.inflight = data
+        self.sent = now
+        write(data)
+        return True
+
+    def bound_statement(self, data: bytes) -> bytes | None:
+        """The statement of a whole extended-protocol unit that only binds and executes one
+        statement prepared on the link (Bind, Describe of the portal, Execute, Sync — what a
+        driver sends for a prepared statement), if the session marked it ``prepared_ok``."""
+        n = len(data)
+        pos = 0
+        name: bytes | None = None
+        t = 0
+        while pos < n:
+            if n - pos < 5:
+                return None
+            t = data[pos]
+            length = _unpack_int32(data, pos + 1)[0]
+            end = pos + 1 + length
+            if length < 4 or end > n or length > self.max_message:
+                return None
+            if t == _BIND:
+                if name is not None:
+                    return None
+                portal_end = data.find(b"\x00", pos + 5, end)
+                if portal_end < 0:
+                    return None
+                stmt_end = data.find(b"\x00", portal_end + 1, end)
+                if stmt_end < 0:
+                    return None
+                name = data[portal_end + 1 : stmt_end]
+            elif t == _SYNC:
+                if end != n:
+                    return None
+            elif t != _EXECUTE and not (t == _DESCRIBE and length > 4
+                                        and data[pos + 5] == _PORTAL):
+                return None
+            pos = end
+        if t != _SYNC or name is None or name not in self.prepared_ok:
+            return None
+        return name
+
+    def answer(self, data: bytes) -> bool:
+        inflight = self.inflight
+        if not inflight:
+            return False
+        answers = self.answers
+        hold = answers.hold
+        if hold is None or len(hold) or len(answers.buf) or answers.swallow \
+                or not whole_answer(data):
+            return False
+        conv = self.conv
+        assert conv is not None
+        session = self.session
+        session._current = self.link.name
+        conv.feed_frontend(inflight, self.sent)
+        write = self.write_client
+        if write is not None:
+            write(data)
+        conv.feed_backend(data, self.clock())
+        self.inflight = b""
+        self.replica.outstanding -= 1
+        self.link.unit = None
+        answers.end_unit()
+        if self.touched:
+            session._after(self.link)  # the general path ran meanwhile: let it go on
+        else:
+            self.ready = True
+        return True
+
+    def step_aside(self) -> None:
+        """The general path takes over (it saw bytes of either side)."""
+        self.ready = False
+        self.touched = True
+        if self.inflight:  # its answer, whenever it comes, is the general path's now
+            self.inflight = b""
+
+
+class RoutedClientPump:
+    """The client transport's protocol of a routed session: the fast path first, else the
+    session (``owner``), which also hears of everything else on the connection."""
+
+    def __init__(self, owner: Any, fast: FastRoutes) -> None:
+        self.owner = owner
+        self.fast = fast
+
+    def data_received(self, data: bytes) -> None:
+        fast = self.fast
+        if fast.ready:
+            try:
+                if fast.query(data):
+                    return
+            except ProtocolViolation as exc:
+                self.owner.fail(exc)
+                return
+        fast.step_aside()
+        self.owner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
+
+
+class RoutedLinkPump:
+    """A replica transport's protocol once logged in: its answer to the fast path's unit
+    goes straight to the client, anything else to the session (``owner`` is the link's
+    ReplicaConnection)."""
+
+    def __init__(self, owner: Any, fast: FastRoutes, link: Any) -> None:
+        self.owner = owner
+        self.fast = fast
+        self.link = link
+
+    def data_received(self, data: bytes) -> None:
+        fast = self.fast
+        if fast.link is self.link and fast.answer(data):
+            return
+        if fast.link is self.link:
+            fast.step_aside()
+        self.owner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()

@@ -13,7 +13,7 @@ session's reads stay on the primary until the replica has replayed it — read-y
 
 Run from the repository root::
 
-    .venv/bin/python -m bench.routing                     # 10 s per run, ~2.5 min
+    .venv/bin/python -m bench.routing                     # 3 rounds x 10 s per run, ~8 min
     .venv/bin/python bench/routing.py --seconds 3 --modes simple --workloads select-only
 
 Figures, never pass/fail: nothing here asserts a timing.
@@ -26,6 +26,7 @@ import contextlib
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +38,16 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-from bench.pgbench_compare import client_env, find_pgbench, find_sqlproxy, wait_accepting  # noqa: E402
+from bench.pgbench_compare import (  # noqa: E402
+    Service,
+    _chown_to,
+    client_env,
+    find_pgbench,
+    find_pgbouncer,
+    find_sqlproxy,
+    wait_accepting,
+)
+from sqlproxy.devcluster import server_os_user  # noqa: E402
 from tests.support import pg  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
@@ -153,14 +163,72 @@ def report(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+def start_pgbouncer(primary: pg.PgCluster, base: Path, clients: int) -> tuple[Service, int]:
+    """PgBouncer (session mode) in front of the primary, run as the servers' OS user."""
+    os_user = server_os_user()
+    work = base / "pgbouncer"
+    work.mkdir(exist_ok=True)
+    _chown_to(work, os_user, 0o700)
+    port = pg.free_port()
+    userlist, ini = work / "userlist.txt", work / "pgbouncer.ini"
+    userlist.write_text(f'"{pg.SUPERUSER}" ""\n')
+    ini.write_text(
+        "[databases]\n"
+        f"* = host={primary.host} port={primary.port}\n"
+        "\n[pgbouncer]\n"
+        f"listen_addr = {LOOPBACK}\nlisten_port = {port}\nunix_socket_dir =\n"
+        f"auth_type = trust\nauth_file = {userlist}\npool_mode = session\n"
+        f"max_client_conn = 1000\ndefault_pool_size = {max(2 * clients, 20)}\n"
+        "ignore_startup_parameters = extra_float_digits\n"
+        f"logfile = {work / 'pgbouncer.log'}\n")
+    for path in (userlist, ini):
+        _chown_to(path, os_user, 0o600)
+    service = Service("pgbouncer", [find_pgbouncer(install=True), str(ini)],
+                      log_path=base / "pgbouncer.stderr.log", env=client_env(), cwd=work,
+                      os_user=os_user)
+    service.start()
+    return service, port
+
+
+def ratios(runs: Sequence[Run], modes: Sequence[str], workloads: Sequence[str],
+           names: Sequence[str]) -> str:
+    """Medians over rounds: each target's TPS, and routing on against routing off and
+    PgBouncer (ratios taken within each round, then the median)."""
+    lines = ["medians over rounds (ratios per round, then the median):"]
+    for mode in modes:
+        for workload in workloads:
+            by: dict[str, list[float | None]] = {n: [r.tps for r in runs if r.mode == mode
+                                                      and r.workload == workload
+                                                      and r.target == n] for n in names}
+            parts = [f"{n} {_median(by[n]) or 0:.0f}" for n in names]
+            for num, den in (("sqlproxy routing on", "sqlproxy routing off"),
+                             ("sqlproxy routing on", "pgbouncer")):
+                if den in by:
+                    per_round = [a / b for a, b in zip(by[num], by[den], strict=True)
+                                 if a and b]
+                    parts.append(f"on/{'off' if 'off' in den else den} "
+                                 f"{_median(per_round) or 0:.3f}")
+            lines.append(f"  {mode:<9} {workload:<12} " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    vals = sorted(v for v in values if v)
+    return statistics.median(vals) if vals else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=10, help="per pgbench run (default 10)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds over the targets (default 3)")
     parser.add_argument("--clients", type=int, default=8, help="pgbench -c (default 8)")
     parser.add_argument("--scale", type=int, default=10, help="pgbench -i -s (default 10)")
     parser.add_argument("--modes", default="simple,prepared", help="pgbench -M modes")
     parser.add_argument("--workloads", default="select-only,mixed",
                         help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--no-pgbouncer", action="store_true",
+                        help="leave PgBouncer out (it is installed from Debian if missing)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     workloads = [w for w in args.workloads.split(",") if w]
@@ -170,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     base = pg.make_base_dir()
     proxies: list[Proxy] = []
+    bouncer: Service | None = None
     try:
         log("starting primary and replica")
         primary = pg.start_primary(base)
@@ -184,26 +253,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         psql = str(primary.bindir / "psql")
         for p in proxies:
             wait_accepting(psql, LOOPBACK, p.port, None)
-        time.sleep(1.0)  # the router's first probes: replica in rotation
         targets = [("direct (primary)", primary.port), ("sqlproxy routing off", off.port),
                    ("sqlproxy routing on", on.port)]
+        if not args.no_pgbouncer:
+            bouncer, bport = start_pgbouncer(primary, base, args.clients)
+            wait_accepting(psql, LOOPBACK, bport, None)
+            targets.append(("pgbouncer", bport))
+        time.sleep(1.0)  # the router's first probes: replica in rotation
         runs: list[Run] = []
-        for mode in modes:
-            for workload in workloads:
-                for name, port in targets:
-                    log(f"{mode} {workload}: {name}")
-                    runs.append(measure(name, port, mode, workload, args.seconds, args.clients,
-                                        primary, replica))
+        for rnd in range(args.rounds):
+            for mode in modes:
+                for workload in workloads:
+                    k = rnd % len(targets)  # alternate who goes first
+                    for name, port in targets[k:] + targets[:k]:
+                        log(f"round {rnd + 1} {mode} {workload}: {name}")
+                        runs.append(measure(name, port, mode, workload, args.seconds,
+                                            args.clients, primary, replica))
         cores = os.cpu_count()
         print(f"pgbench -c {args.clients} -j 2 -T {args.seconds}, scale {args.scale}, "
-              f"{cores} cores; primary + 1 streaming replica on the same machine")
+              f"{cores} cores, {args.rounds} alternating rounds; primary + 1 streaming replica "
+              "on the same machine")
         print("calls: pg_stat_statements calls of statements on pgbench_accounts, per server")
         print(report(runs))
+        print(ratios(runs, modes, workloads, [n for n, _ in targets]))
         return 0
     finally:
         for p in proxies:
             with contextlib.suppress(Exception):
                 p.stop()
+        if bouncer is not None:
+            with contextlib.suppress(Exception):
+                bouncer.stop()
         pg.remove_base_dir(base)
 
 

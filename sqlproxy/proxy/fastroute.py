@@ -19,6 +19,13 @@ exactly that and nothing else:
   is the whole answer to that unit with no ErrorResponse in it, nothing can make the session
   retry it elsewhere, so it goes to the client as it came and the conversation records it.
 
+The same statements go to the primary by the same path when the session cannot use a replica
+for them right now (inside a transaction block on the primary, pinned, or while its reads wait
+for a replica to replay its last write): the session learned what each statement does
+(``routes``: a read a replica may serve, a statement with no effect on routing, a write), so a
+write only has to mark the session *dirty* — its read-your-writes horizon is then set by the
+general path when the primary is idle again — and the rest need no bookkeeping at all.
+
 Anything else goes to the session's general path, which clears ``ready`` first; the session
 sets it again when it is idle (``RoutedSession._refresh_fast``). A chunk the fast path declined
 leaves no trace: the general path sees exactly what it would have seen.
@@ -36,7 +43,8 @@ from sqlproxy.analysis.statement import SessionInfo
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.wire.conversation import Conversation
 
-__all__ = ["FastRoutes", "RoutedClientPump", "RoutedLinkPump"]
+__all__ = ["NEUTRAL", "REPLICA_READ", "WRITES", "FastRoutes", "RoutedClientPump",
+           "RoutedLinkPump"]
 
 _unpack_int32 = struct.Struct("!I").unpack_from
 _QUERY: Final = 81  # 'Q'
@@ -66,9 +74,18 @@ def whole_answer(data: bytes) -> bool:
     return pos == n and t == _READY
 
 
+#: What a statement does, as the session learned it (``FastRoutes.routes``).
+REPLICA_READ: Final = 1  # a read a replica may serve (the policy said so)
+NEUTRAL: Final = 2  # no effect on routing (BEGIN, COMMIT, a read that must stay primary)
+WRITES: Final = 3  # may change data: the session's reads then wait for its horizon
+_IDLE: Final = 73  # 'I'
+RECHECK_S: Final = 0.01  # how often reads held on the primary ask whether a replica may serve
+
+
 class FastRoutes:
     """One routed session's fast path (see the module doc). The session owns the decisions:
-    it fills ``routes`` and sets ``ready`` with the link to use; this only acts on them."""
+    it fills ``routes``, and ``_refresh_fast`` sets ``ready`` with the links to use; this only
+    acts on them."""
 
     def __init__(self, session: Any, profiler: Profiler, info: SessionInfo,
                  max_message: int) -> None:
@@ -76,28 +93,39 @@ class FastRoutes:
         self.profiler = profiler
         self.info = info
         self.max_message = max_message
-        self.routes: dict[str, bool] = {}  # normalized text -> routed to a replica
-        # Named statements the link holds as the client defined them, whose statement is
-        # in ``routes`` (set by the session with the link).
-        self.prepared_ok: dict[bytes, bool] = {}
+        self.routes: dict[str, int] = {}  # normalized text -> REPLICA_READ, NEUTRAL, WRITES
         self.ready = False
         self.touched = False  # the general path ran since ready was set
-        # The link in use while ready (set by the session).
-        self.link: Any = None
+        self.clock: Callable[[], float] = time.perf_counter
+        # The primary (always there while ready).
+        self.primary: Any = None  # its Link
+        self.primary_conv: Conversation | None = None
+        self.primary_answers: Any = None
+        self.write_primary: Callable[[bytes], object] | None = None
+        self.primary_prepared: dict[bytes, int] = {}  # names held there -> what they do
+        self.primary_inflight = False
+        self.routing: Any = None  # the session's SessionRouting
+        self.router: Any = None
+        # A replica, when reads may go to one (replica_ok).
+        self.replica_ok = False
+        self.link: Any = None  # its Link
         self.replica: Any = None  # its ReplicaState
         self.answers: Any = None  # its Answers
         self.unit: Any = None  # a Unit to note on it
         self.conv: Conversation | None = None
         self.write_replica: Callable[[bytes], object] | None = None
+        self.prepared_ok: dict[bytes, bool] = {}  # names held there, routed there before
+        self.recheck_at = 0.0  # reads held on the primary: when to ask the session again
         self.write_client: Callable[[bytes], object] | None = None
-        self.inflight = b""  # the Query sent, until its answer
+        self.inflight = b""  # the unit sent to the replica, until its answer
         self.sent = 0.0
-        self.clock: Callable[[], float] = time.perf_counter
 
-    def remember(self, key: str) -> None:
-        if len(self.routes) >= MAX_ROUTES:
-            self.routes.clear()
-        self.routes[key] = True
+    def remember(self, key: str, what: int) -> None:
+        routes = self.routes
+        if len(routes) >= MAX_ROUTES:
+            routes.clear()
+        if routes.get(key, 0) != REPLICA_READ:  # a read seen in a transaction stays one
+            routes[key] = what
 
     def key(self, text: str) -> str | None:
         """The normalized text of a lone statement (the profiler's per-session memo)."""
@@ -115,16 +143,49 @@ class FastRoutes:
             if _unpack_int32(data, 1)[0] != n - 1 or n - 1 > self.max_message:
                 return False
             key = self.key(data[5 : n - 1].decode("utf-8", "replace"))
-            if key is None or key not in self.routes:
+            if key is None:
                 return False
+            what = self.routes.get(key, 0)
         else:
             bound = self.bound_statement(data)
             if bound is None:
                 return False
-        replica = self.replica
-        write = self.write_replica
-        if write is None or not replica.healthy:
+            what = self.primary_prepared.get(bound, 0)
+            if what == 0 and bound in self.prepared_ok:
+                what = REPLICA_READ
+        if what == 0:
             return False
+        if what == REPLICA_READ:
+            go = self.replica_go(bound)
+            if not self.ready:  # a refresh found the session busy after all
+                return False
+            if go:
+                return self.to_replica(data, bound)
+        if bound is not None and bound not in self.primary_prepared:
+            return False  # prepared on the replica only: the general path replays it
+        return self.to_primary(data, what)
+
+    def replica_go(self, bound: bytes | None) -> bool:
+        """May this read go to the replica now? (The primary is idle outside a block.)"""
+        conv = self.primary_conv
+        if conv is None or conv.tx_status != _IDLE:
+            return False
+        if not self.replica_ok:
+            now = self.clock()
+            if now < self.recheck_at:
+                return False
+            self.recheck_at = now + RECHECK_S
+            self.session._refresh_fast()  # has a replica caught up with our last write?
+            if not self.ready or not self.replica_ok:
+                return False
+        if bound is not None and bound not in self.prepared_ok:
+            return False
+        replica = self.replica
+        return self.write_replica is not None and bool(replica.healthy)
+
+    def to_replica(self, data: bytes, bound: bytes | None) -> bool:
+        write = self.write_replica
+        assert write is not None
         self.ready = False
         now = self.clock()
         unit = self.unit
@@ -133,6 +194,7 @@ class FastRoutes:
         unit.has_query = bound is None
         unit.binds = [] if bound is None else [bound]
         self.link.unit = unit
+        replica = self.replica
         replica.outstanding += 1
         replica.routed += 1
         self.answers.start_unit(True)
@@ -141,10 +203,25 @@ class FastRoutes:
         write(data)
         return True
 
+    def to_primary(self, data: bytes, what: int) -> bool:
+        write = self.write_primary
+        conv = self.primary_conv
+        if write is None or conv is None:
+            return False
+        self.ready = False
+        conv.feed_frontend(data, self.clock())
+        self.session.tx_link = self.primary
+        self.router.primary_routed += 1
+        if what == WRITES:
+            self.routing.dirty = True  # its horizon is set when the primary is idle again
+        self.primary_inflight = True
+        write(data)
+        return True
+
     def bound_statement(self, data: bytes) -> bytes | None:
         """The statement of a whole extended-protocol unit that only binds and executes one
-        statement prepared on the link (Bind, Describe of the portal, Execute, Sync — what a
-        driver sends for a prepared statement), if the session marked it ``prepared_ok``."""
+        named statement (Bind, Describe of the portal, Execute, Sync — what a driver sends
+        for a prepared statement)."""
         n = len(data)
         pos = 0
         name: bytes | None = None
@@ -174,11 +251,12 @@ class FastRoutes:
                                         and data[pos + 5] == _PORTAL):
                 return None
             pos = end
-        if t != _SYNC or name is None or name not in self.prepared_ok:
+        if t != _SYNC or not name:
             return None
         return name
 
     def answer(self, data: bytes) -> bool:
+        """The replica's answer to the unit sent there."""
         inflight = self.inflight
         if not inflight:
             return False
@@ -206,12 +284,36 @@ class FastRoutes:
             self.ready = True
         return True
 
+    def primary_answer(self, data: bytes) -> bool:
+        """The primary's answer to the unit sent there: it streams (nothing is retried)."""
+        if not self.primary_inflight:
+            return False
+        answers = self.primary_answers
+        if answers.swallow or answers.strip or len(answers.buf):
+            return False
+        conv = self.primary_conv
+        assert conv is not None
+        session = self.session
+        session._current = "primary"
+        write = self.write_client
+        if write is not None:
+            write(data)
+        conv.feed_backend(data, self.clock())
+        if conv.busy:
+            return True  # more of the answer to come
+        self.primary_inflight = False
+        if self.touched or (conv.tx_status == _IDLE and self.routing.dirty):
+            session._after(self.primary)  # bookkeeping: the horizon of a write, and more
+        else:
+            self.ready = True
+        return True
+
     def step_aside(self) -> None:
         """The general path takes over (it saw bytes of either side)."""
         self.ready = False
         self.touched = True
-        if self.inflight:  # its answer, whenever it comes, is the general path's now
-            self.inflight = b""
+        self.inflight = b""  # an answer still to come is the general path's now
+        self.primary_inflight = False
 
 
 class RoutedClientPump:
@@ -248,9 +350,9 @@ class RoutedClientPump:
 
 
 class RoutedLinkPump:
-    """A replica transport's protocol once logged in: its answer to the fast path's unit
-    goes straight to the client, anything else to the session (``owner`` is the link's
-    ReplicaConnection)."""
+    """A backend transport's protocol once ready: its answer to the fast path's unit goes
+    straight to the client, anything else to the session (``owner`` is the link's own
+    protocol: a replica's ReplicaConnection, the primary's BackendConnection)."""
 
     def __init__(self, owner: Any, fast: FastRoutes, link: Any) -> None:
         self.owner = owner
@@ -259,9 +361,14 @@ class RoutedLinkPump:
 
     def data_received(self, data: bytes) -> None:
         fast = self.fast
-        if fast.link is self.link and fast.answer(data):
-            return
-        if fast.link is self.link:
+        link = self.link
+        if link is fast.primary:
+            if fast.primary_answer(data):
+                return
+            fast.step_aside()
+        elif link is fast.link:
+            if fast.answer(data):
+                return
             fast.step_aside()
         self.owner.data_received(data)
 

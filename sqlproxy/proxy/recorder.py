@@ -27,6 +27,7 @@ __all__ = ["RoutedRecorder", "SessionListener", "SessionRecorder"]
 
 _IDLE: Final = 73  # ReadyForQuery status 'I'
 _FAILED: Final = 69  # 'E'
+_ROLLBACKS: Final = ("rollback", "rollback_to")  # they drop the block's settings
 
 
 class SessionRecorder(NativeListener):
@@ -87,9 +88,13 @@ class RoutedRecorder(SessionRecorder):
         stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
                                     sqlstate, started, ended, self.route)
         self._block(stmt, pending, started, ended)
-        if sqlstate is not None or stmt is None or (stmt.kind != KIND_READ
-                                                    and stmt.kind != KIND_WRITE):
-            self.session.statement_event(self.route, pending, index, stmt, sqlstate)
+        if sqlstate is None and stmt is not None:
+            kind = stmt.kind
+            if kind in (KIND_READ, KIND_WRITE):
+                return
+            if kind == KIND_TRANSACTION and stmt.shape.transaction_op not in _ROLLBACKS:
+                return  # BEGIN, COMMIT, SAVEPOINT: nothing to replay
+        self.session.statement_event(self.route, pending, index, stmt, sqlstate)
 
 
 class SessionListener(NativeListener):

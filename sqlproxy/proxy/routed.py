@@ -44,7 +44,14 @@ from sqlproxy.analysis.normalize import Normalized
 from sqlproxy.analysis.statement import Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
-from sqlproxy.proxy.fastroute import FastRoutes, RoutedClientPump, RoutedLinkPump
+from sqlproxy.proxy.fastroute import (
+    NEUTRAL,
+    REPLICA_READ,
+    WRITES,
+    FastRoutes,
+    RoutedClientPump,
+    RoutedLinkPump,
+)
 from sqlproxy.proxy.links import Link, open_replica
 from sqlproxy.proxy.recorder import RoutedRecorder
 from sqlproxy.proxy.session import (
@@ -152,8 +159,11 @@ class RoutedSession(ClientSession):
             fast = self.fast = FastRoutes(self, self.profiler, self.info,
                                           self.config.proxy.max_message_bytes)
             fast.write_client = client.write
-            # Duck-typed protocol: asyncio and uvloop call its methods by name.
+            # Duck-typed protocols: asyncio and uvloop call their methods by name.
             client.set_protocol(cast(Any, RoutedClientPump(self, fast)))
+            if backend.transport is not None:
+                link.pump = RoutedLinkPump(backend, fast, link)
+                backend.transport.set_protocol(cast(Any, link.pump))
         if rest:
             self.link_data(link, rest)
 
@@ -185,13 +195,12 @@ class RoutedSession(ClientSession):
             return
         self._pump()
 
-    def _learn(self, unit: Unit, decision: Decision) -> None:
-        """Remember a lone Query's statement routed to a replica from an idle, unpinned
-        session, for the fast path (``fastroute.py``)."""
+    def _learn(self, unit: Unit, decision: Decision, neutral_view: bool) -> None:
+        """Remember what a lone statement does, for the fast path (``fastroute.py``): a read
+        a replica may serve (decided from an idle, unpinned session's view), a statement
+        with no effect on routing, or a write. Pins are never remembered."""
         fast = self.fast
-        if fast is None or decision.target is not Target.REPLICA or decision.writes \
-                or decision.pin or decision.read_only_transaction or unit.closes \
-                or unit.unknown:
+        if fast is None or decision.pin or unit.closes or unit.unknown or unit.describe_only:
             return
         if unit.has_query:
             if len(unit.queries) != 1 or unit.parses or unit.binds:
@@ -214,48 +223,95 @@ class RoutedSession(ClientSession):
             fast.routes.clear()
             self._fast_functions = functions
         key = fast.key(sql)
-        if key is not None:
-            fast.remember(key)
+        if key is None:
+            return
+        if decision.writes:
+            what = WRITES
+        elif neutral_view and decision.target is Target.REPLICA \
+                and not decision.read_only_transaction:
+            what = REPLICA_READ
+        else:
+            what = NEUTRAL
+        fast.remember(key, what)
 
     def _refresh_fast(self) -> None:
-        """Let the fast path take the next read when nothing the general path keeps could
+        """Let the fast path take the next unit when nothing the general path keeps could
         change where it goes or what must precede it (see ``fastroute.py``)."""
         fast = self.fast
         if fast is None:
             return
         fast.ready = False
         fast.inflight = b""
+        fast.primary_inflight = False
         if self.state is not SessionState.READY or self.units or self.open_link is not None \
                 or self.connecting is not None or len(self.frames) or not self.cutter.empty \
                 or self.unit_failed or self.replay.pending_settings or not fast.routes:
             return
-        routing = self.routing
         router = self.router
-        if routing.pinned or routing.no_replica or routing.dirty \
+        routing = self.routing
+        primary = self.primary_link
+        if primary is None or primary.busy or not primary.usable or primary.pump is None \
                 or router.functions(self.database) is not self._fast_functions:
             return
-        primary = self.primary_link
-        if primary is None or primary.busy:
-            return
         tx = self.tx_link
-        if tx is not None and tx.conv.tx_status != _IDLE:
-            return
+        if tx is not None and tx is not primary and tx.conv.tx_status != _IDLE:
+            return  # a read-only transaction on a replica: the general path's
         if any(lk.busy for lk in self.links.values()):
             return
+        replay = self.replay
+        if b"" in replay.statements or b"" in primary.replay.prepared:
+            return
+        fast.primary = primary
+        fast.primary_conv = primary.conv
+        fast.primary_answers = primary.answers
+        fast.write_primary = primary.transport.write  # type: ignore[union-attr]
+        fast.routing = routing
+        fast.router = router
+        fast.primary_prepared = self._prepared_on(primary, fast)
+        replica_ok = self._fast_replica(fast)
+        if replica_ok is None:
+            return  # a read would go to a replica not connected yet: the general path
+        fast.replica_ok = replica_ok
+        fast.touched = False
+        fast.ready = True
+
+    def _prepared_on(self, link: Link, fast: FastRoutes) -> dict[bytes, int]:
+        """Named statements ``link`` holds as the client defined them -> what they do."""
+        out: dict[bytes, int] = {}
+        statements = self.replay.statements
+        for name, msg in link.replay.prepared.items():
+            known = statements.get(name)
+            if name and known is not None and known[1] == msg:
+                key = fast.key(known[0])
+                what = fast.routes.get(key, 0) if key is not None else 0
+                if what:
+                    out[name] = what
+        return out
+
+    def _fast_replica(self, fast: FastRoutes) -> bool | None:
+        """Point the fast path at a replica if reads may go to one now (None: one may serve
+        them, but this session has no connection to it yet — the general path opens it)."""
+        routing = self.routing
+        if routing.pinned or routing.no_replica or routing.dirty:
+            return False
         min_lsn = None
         if routing.horizon:
-            min_lsn = router.lsn_after(routing.horizon)
+            min_lsn = self.router.lsn_after(routing.horizon)
             if min_lsn is None:
-                return
-        rep = router.choose(min_lsn, routing.excluded(time.monotonic()))
-        link = self.links.get(rep.name) if rep is not None else None
-        if link is None or link.closed or link.transport is None or link.pump is None:
-            return
+                return False
+        rep = self.router.choose(min_lsn, routing.excluded(time.monotonic()))
+        if rep is None:
+            return False
+        link = self.links.get(rep.name)
+        if link is None or link.closed:
+            return None
+        if link.transport is None or link.pump is None:
+            return False
         backend, replay = link.replay, self.replay
         if backend.settings_gen != replay.settings_gen or backend.to_close \
                 or backend.settings_applied != len(replay.settings) \
-                or b"" in replay.statements or b"" in backend.prepared:
-            return
+                or b"" in backend.prepared:
+            return False
         if fast.link is not link:
             fast.link = link
             fast.replica = rep
@@ -265,16 +321,10 @@ class RoutedSession(ClientSession):
             fast.unit = Unit()
         elif fast.unit is None or fast.unit is link.unit:
             fast.unit = Unit()
-        # Named statements the link holds as the client defined them, and routed before.
-        fast.prepared_ok.clear()
-        for name, msg in backend.prepared.items():
-            known = replay.statements.get(name)
-            if name and known is not None and known[1] == msg:
-                key = fast.key(known[0])
-                if key is not None and key in fast.routes:
-                    fast.prepared_ok[name] = True
-        fast.touched = False
-        fast.ready = True
+        prepared = self._prepared_on(link, fast)
+        fast.prepared_ok = {name: True for name, what in prepared.items()
+                            if what == REPLICA_READ}
+        return True
 
     def _client_message(self, t: int, msg: bytes) -> None:
         link = self.open_link
@@ -388,6 +438,8 @@ class RoutedSession(ClientSession):
                                   functions=functions)
         if decision is None:
             return None
+        self._learn(unit, decision, neutral_view=tx is None and not was_pinned
+                    and not routing.no_replica)
         if routing.pinned and not was_pinned:
             self.router.note_pinned()
             log.info("session_pinned", session=self.id, reason=decision.reason)
@@ -409,8 +461,6 @@ class RoutedSession(ClientSession):
             return primary
         if decision is None or decision.target is Target.PRIMARY:
             return primary
-        if not self.routing.pinned and not self.routing.no_replica:
-            self._learn(unit, decision)
         min_lsn = None
         horizon = self.routing.horizon
         if unit.tables:

@@ -22,6 +22,8 @@ HOT_MODULES = [
     "sqlproxy/analysis/stats.py",
     "sqlproxy/proxy/pump.py",
     "sqlproxy/proxy/fastroute.py",
+    "sqlproxy/routing/answers.py",
+    "sqlproxy/routing/units.py",
     "sqlproxy/proxy/recorder.py",
 ]
 

@@ -33,20 +33,22 @@ leaves no trace: the general path sees exactly what it would have seen.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from mypy_extensions import i64
+
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import SessionInfo
 from sqlproxy.errors import ProtocolViolation
-from sqlproxy.wire.conversation import Conversation
+from sqlproxy.routing.answers import Answers
+from sqlproxy.routing.units import Unit
+from sqlproxy.wire.conversation import Conversation, find_nul, length_at
 
 __all__ = ["NEUTRAL", "REPLICA_READ", "WRITES", "FastRoutes", "RoutedClientPump",
            "RoutedLinkPump"]
 
-_unpack_int32 = struct.Struct("!I").unpack_from
 _QUERY: Final = 81  # 'Q'
 _ERROR: Final = 69  # 'E'
 _READY: Final = 90  # 'Z'
@@ -60,14 +62,14 @@ MAX_ROUTES: Final = 4096  # statements remembered per session
 
 def whole_answer(data: bytes) -> bool:
     """``data`` is whole messages ending with ReadyForQuery, none an ErrorResponse."""
-    n = len(data)
-    pos = 0
-    t = 0
+    n: i64 = len(data)
+    pos: i64 = 0
+    t: i64 = 0
     while pos < n:
         if n - pos < 5:
             return False
         t = data[pos]
-        length = _unpack_int32(data, pos + 1)[0]
+        length = length_at(data, pos + 1)
         if t == _ERROR or length < 4:
             return False
         pos += 1 + length
@@ -100,7 +102,7 @@ class FastRoutes:
         # The primary (always there while ready).
         self.primary: Any = None  # its Link
         self.primary_conv: Conversation | None = None
-        self.primary_answers: Any = None
+        self.primary_answers: Answers | None = None
         self.write_primary: Callable[[bytes], object] | None = None
         self.primary_prepared: dict[bytes, int] = {}  # names held there -> what they do
         self.primary_inflight = False
@@ -110,8 +112,8 @@ class FastRoutes:
         self.replica_ok = False
         self.link: Any = None  # its Link
         self.replica: Any = None  # its ReplicaState
-        self.answers: Any = None  # its Answers
-        self.unit: Any = None  # a Unit to note on it
+        self.answers: Answers | None = None
+        self.unit: Unit | None = None  # a Unit to note on it
         self.conv: Conversation | None = None
         self.write_replica: Callable[[bytes], object] | None = None
         self.prepared_ok: dict[bytes, bool] = {}  # names held there, routed there before
@@ -140,7 +142,7 @@ class FastRoutes:
             return False
         bound: bytes | None = None
         if data[0] == _QUERY:
-            if _unpack_int32(data, 1)[0] != n - 1 or n - 1 > self.max_message:
+            if length_at(data, 1) != n - 1 or n - 1 > self.max_message:
                 return False
             key = self.key(data[5 : n - 1].decode("utf-8", "replace"))
             if key is None:
@@ -189,6 +191,8 @@ class FastRoutes:
         self.ready = False
         now = self.clock()
         unit = self.unit
+        answers = self.answers
+        assert unit is not None and answers is not None
         unit.data = data
         unit.sent = now
         unit.has_query = bound is None
@@ -197,7 +201,7 @@ class FastRoutes:
         replica = self.replica
         replica.outstanding += 1
         replica.routed += 1
-        self.answers.start_unit(True)
+        answers.start_unit(True)
         self.inflight = data
         self.sent = now
         write(data)
@@ -222,28 +226,24 @@ class FastRoutes:
         """The statement of a whole extended-protocol unit that only binds and executes one
         named statement (Bind, Describe of the portal, Execute, Sync — what a driver sends
         for a prepared statement)."""
-        n = len(data)
-        pos = 0
-        name: bytes | None = None
-        t = 0
+        n: i64 = len(data)
+        pos: i64 = 0
+        start: i64 = -1
+        stop: i64 = -1
+        t: i64 = 0
         while pos < n:
             if n - pos < 5:
                 return None
             t = data[pos]
-            length = _unpack_int32(data, pos + 1)[0]
+            length = length_at(data, pos + 1)
             end = pos + 1 + length
             if length < 4 or end > n or length > self.max_message:
                 return None
             if t == _BIND:
-                if name is not None:
+                if start >= 0:
                     return None
-                portal_end = data.find(b"\x00", pos + 5, end)
-                if portal_end < 0:
-                    return None
-                stmt_end = data.find(b"\x00", portal_end + 1, end)
-                if stmt_end < 0:
-                    return None
-                name = data[portal_end + 1 : stmt_end]
+                start = find_nul(data, pos + 5, end) + 1  # past the portal's name
+                stop = find_nul(data, start, end)
             elif t == _SYNC:
                 if end != n:
                     return None
@@ -251,9 +251,9 @@ class FastRoutes:
                                         and data[pos + 5] == _PORTAL):
                 return None
             pos = end
-        if t != _SYNC or not name:
+        if t != _SYNC or start < 0 or stop <= start:
             return None
-        return name
+        return data[start:stop]
 
     def answer(self, data: bytes) -> bool:
         """The replica's answer to the unit sent there."""
@@ -261,6 +261,7 @@ class FastRoutes:
         if not inflight:
             return False
         answers = self.answers
+        assert answers is not None
         hold = answers.hold
         if hold is None or len(hold) or len(answers.buf) or answers.swallow \
                 or not whole_answer(data):
@@ -268,7 +269,6 @@ class FastRoutes:
         conv = self.conv
         assert conv is not None
         session = self.session
-        session._current = self.link.name
         conv.feed_frontend(inflight, self.sent)
         write = self.write_client
         if write is not None:
@@ -289,12 +289,12 @@ class FastRoutes:
         if not self.primary_inflight:
             return False
         answers = self.primary_answers
+        assert answers is not None
         if answers.swallow or answers.strip or len(answers.buf):
             return False
         conv = self.primary_conv
         assert conv is not None
         session = self.session
-        session._current = "primary"
         write = self.write_client
         if write is not None:
             write(data)

@@ -152,7 +152,7 @@ def command_tag_rows(tag: bytes, start: i64 = 0, end: i64 = -1) -> i64:
     return value
 
 
-def _length_at(data: bytes, pos: i64) -> i64:
+def length_at(data: bytes, pos: i64) -> i64:
     """The big-endian int32 at ``data[pos:pos + 4]`` (a message length; never negative as
     read here). Each byte goes to a machine integer first: shifting the ``int`` that
     ``data[i]`` gives would be tagged-integer arithmetic with overflow checks."""
@@ -176,7 +176,7 @@ def _same_name(data: bytes, start: i64, end: i64, name: bytes) -> bool:
     return True
 
 
-def _find_nul(data: bytes, start: i64, end: i64) -> i64:
+def find_nul(data: bytes, start: i64, end: i64) -> i64:
     """Where the string that starts at ``start`` ends (its NUL), before ``end``.
 
     Names are short: a loop finds their end. A long text (a statement in Parse) is searched
@@ -202,7 +202,7 @@ def _error_fields(data: bytes, start: int, end: int) -> tuple[str, bool]:
     fatal = False
     while i < end and data[i] != 0:
         code = data[i]
-        j = _find_nul(data, i + 1, end)
+        j = find_nul(data, i + 1, end)
         if code == 67:  # 'C'
             sqlstate = data[i + 1 : j].decode("ascii", "replace")
         elif code == 86:  # 'V': severity, never localized
@@ -316,7 +316,7 @@ class Conversation:
                 self.fe_want = 0
                 return
             t = data[pos]
-            ln = _length_at(data, pos + 1)
+            ln = length_at(data, pos + 1)
             kind = table[t]
             if kind == 0 or ln < 4 or ln > max_message:
                 _bad_frontend(t, ln, max_message)
@@ -385,7 +385,7 @@ class Conversation:
                 else:
                     pending = Pending(EXECUTE, "", now)
             else:
-                portal = data[start : _find_nul(data, start, end)]
+                portal = data[start : find_nul(data, start, end)]
                 entry = self.portals.get(portal)
                 if entry is None:
                     pending = Pending(EXECUTE, "", now, b"", b"", portal)
@@ -396,8 +396,8 @@ class Conversation:
         elif t == 83:  # 'S' Sync
             self._push(_SYNC_ENTRY)
         elif t == 66:  # 'B' Bind
-            nul1 = _find_nul(data, start, end)
-            nul2 = _find_nul(data, nul1 + 1, end)
+            nul1 = find_nul(data, start, end)
+            nul2 = find_nul(data, nul1 + 1, end)
             self.binds += 1
             if nul2 == nul1 + 1:  # the unnamed statement
                 stmt = b""
@@ -424,8 +424,8 @@ class Conversation:
                     portals.clear()
                 portals[portal] = (stmt, sql, self.binds, params)
         elif t == 80:  # 'P' Parse
-            nul1 = _find_nul(data, start, end)
-            text_end = _find_nul(data, nul1 + 1, end)
+            nul1 = find_nul(data, start, end)
+            text_end = find_nul(data, nul1 + 1, end)
             name = data[start:nul1]
             statements = self.statements
             if len(statements) >= MAX_NAMED and name not in statements:
@@ -444,7 +444,7 @@ class Conversation:
         elif t == 67:  # 'C' Close
             if end - start < 2:
                 raise ProtocolViolation("invalid Close message")
-            name = data[start + 1 : _find_nul(data, start + 1, end)]
+            name = data[start + 1 : find_nul(data, start + 1, end)]
             if data[start] == 83:  # 'S'
                 self.statements.pop(name, None)
                 if name == self.last_name:
@@ -497,7 +497,7 @@ class Conversation:
                 self.be_want = 0
                 break
             t = data[pos]
-            end = pos + 1 + _length_at(data, pos + 1)
+            end = pos + 1 + length_at(data, pos + 1)
             if t == 68:  # 'D' DataRow: counted, never decoded
                 rows += 1
                 if end > n:
@@ -590,7 +590,7 @@ class Conversation:
         elif t == 83:  # 'S' ParameterStatus
             listener = self.listener
             if listener is not None:
-                nul = _find_nul(data, start, end)
+                nul = find_nul(data, start, end)
                 listener.parameter_status(
                     data[start:nul].decode("utf-8", "replace"),
                     data[nul + 1 : end - 1].decode("utf-8", "replace"),

@@ -202,14 +202,20 @@ def ratios(runs: Sequence[Run], modes: Sequence[str], workloads: Sequence[str],
                                                       and r.target == n] for n in names}
             parts = [f"{n} {_median(by[n]) or 0:.0f}" for n in names]
             for num, den in (("sqlproxy routing on", "sqlproxy routing off"),
-                             ("sqlproxy routing on", "pgbouncer")):
+                             ("sqlproxy routing on", "pgbouncer"),
+                             ("sqlproxy routing on", "direct (replica)"),
+                             ("direct (replica)", "direct (primary)")):
                 if den in by:
                     per_round = [a / b for a, b in zip(by[num], by[den], strict=True)
                                  if a and b]
-                    parts.append(f"on/{'off' if 'off' in den else den} "
-                                 f"{_median(per_round) or 0:.3f}")
+                    parts.append(f"{_short(num)}/{_short(den)} {_median(per_round) or 0:.3f}")
             lines.append(f"  {mode:<9} {workload:<12} " + ", ".join(parts))
     return "\n".join(lines)
+
+
+def _short(target: str) -> str:
+    return {"sqlproxy routing on": "on", "sqlproxy routing off": "off",
+            "direct (replica)": "replica", "direct (primary)": "primary"}.get(target, target)
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -255,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             wait_accepting(psql, LOOPBACK, p.port, None)
         targets = [("direct (primary)", primary.port), ("sqlproxy routing off", off.port),
                    ("sqlproxy routing on", on.port)]
+        if set(workloads) == {"select-only"}:
+            # What the replica itself serves: the ceiling of routed reads on this machine
+            # (a hot standby answers reads more slowly than the primary).
+            targets.append(("direct (replica)", replica.port))
         if not args.no_pgbouncer:
             bouncer, bport = start_pgbouncer(primary, base, args.clients)
             wait_accepting(psql, LOOPBACK, bport, None)

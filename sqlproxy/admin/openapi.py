@@ -152,7 +152,11 @@ _SCHEMAS: _S = {
         "backends": {"type": "array", "items": _STR}, "connected_at": _TS,
         "tls": {"type": ["string", "null"], "description": "the client's TLS version"},
         "direct_relay": {"type": "boolean", "description":
-                         "bytes moved by the direct relay (plain sessions; proxy.direct_relay)"}}},
+                         "bytes moved by the direct relay (plain sessions; proxy.direct_relay)"},
+        "pinned": {"type": "boolean", "description": "routed sessions: pinned to the primary"},
+        "fast_path": {"type": ["object", "null"], "description":
+                      "routed sessions: units the routed fast path sent to a replica and to "
+                      "the primary", "properties": {"to_replica": _INT, "to_primary": _INT}}}},
     "Backend": {"type": "object", "properties": {
         "name": _STR, "role": {"type": "string", "enum": ["primary", "replica"]},
         "address": _STR, "healthy": {"type": ["boolean", "null"]},

@@ -119,6 +119,8 @@ class FastRoutes:
         self.prepared_ok: dict[bytes, bool] = {}  # names held there, routed there before
         self.recheck_at = 0.0  # reads held on the primary: when to ask the session again
         self.write_client: Callable[[bytes], object] | None = None
+        self.to_replicas = 0  # units the fast path sent (admin connections view)
+        self.to_primary_count = 0
         self.inflight = b""  # the unit sent to the replica, until its answer
         self.sent = 0.0
 
@@ -158,16 +160,18 @@ class FastRoutes:
         if what == 0:
             return False
         if what == REPLICA_READ:
-            go = self.replica_go(bound)
+            go = self.replica_go()
             if not self.ready:  # a refresh found the session busy after all
                 return False
             if go:
+                if bound is not None and bound not in self.prepared_ok:
+                    return False  # the general path prepares it on the replica first
                 return self.to_replica(data, bound)
         if bound is not None and bound not in self.primary_prepared:
             return False  # prepared on the replica only: the general path replays it
         return self.to_primary(data, what)
 
-    def replica_go(self, bound: bytes | None) -> bool:
+    def replica_go(self) -> bool:
         """May this read go to the replica now? (The primary is idle outside a block.)"""
         conv = self.primary_conv
         if conv is None or conv.tx_status != _IDLE:
@@ -180,8 +184,6 @@ class FastRoutes:
             self.session._refresh_fast()  # has a replica caught up with our last write?
             if not self.ready or not self.replica_ok:
                 return False
-        if bound is not None and bound not in self.prepared_ok:
-            return False
         replica = self.replica
         return self.write_replica is not None and bool(replica.healthy)
 
@@ -204,6 +206,7 @@ class FastRoutes:
         answers.start_unit(True)
         self.inflight = data
         self.sent = now
+        self.to_replicas += 1
         write(data)
         return True
 
@@ -219,6 +222,7 @@ class FastRoutes:
         if what == WRITES:
             self.routing.dirty = True  # its horizon is set when the primary is idle again
         self.primary_inflight = True
+        self.to_primary_count += 1
         write(data)
         return True
 

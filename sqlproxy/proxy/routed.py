@@ -290,7 +290,8 @@ class RoutedSession(ClientSession):
 
     def _fast_replica(self, fast: FastRoutes) -> bool | None:
         """Point the fast path at a replica if reads may go to one now (None: one may serve
-        them, but this session has no connection to it yet — the general path opens it)."""
+        them, but this session has no connection to it yet, or the connection lacks a
+        setting or statement — the general path opens it or replays them)."""
         routing = self.routing
         if routing.pinned or routing.no_replica or routing.dirty:
             return False
@@ -311,7 +312,7 @@ class RoutedSession(ClientSession):
         if backend.settings_gen != replay.settings_gen or backend.to_close \
                 or backend.settings_applied != len(replay.settings) \
                 or b"" in backend.prepared:
-            return False
+            return None  # the general path replays what the replica lacks
         if fast.link is not link:
             fast.link = link
             fast.replica = rep
@@ -800,4 +801,7 @@ class RoutedSession(ClientSession):
         out["backends"] = (["primary"] if self.primary_link is not None else []) + list(
             self.links)
         out["pinned"] = self.routing.pinned
+        fast = self.fast
+        out["fast_path"] = None if fast is None else {
+            "to_replica": fast.to_replicas, "to_primary": fast.to_primary_count}
         return out

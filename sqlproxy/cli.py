@@ -157,9 +157,12 @@ def _command(args: argparse.Namespace) -> int:
     configure_logging(cfg.log.format, cfg.log.level)
     if args.command == "serve":
         from sqlproxy.runtime import run
+        from sqlproxy.workers.supervisor import run_workers
 
+        # More than one worker: a supervisor and its worker processes.
+        runner = run_workers if cfg.proxy.worker_count > 1 else run
         try:
-            run(cfg, config_path=getattr(args, "config", None),
+            runner(cfg, config_path=getattr(args, "config", None),
                 overrides=overrides_from_args(args))
         except ConfigError as exc:  # found at start: an admin address without a token, ...
             print(f"sqlproxy: {exc}", file=sys.stderr)

@@ -1,0 +1,259 @@
+"""``[proxy] workers = 2`` against a real server: clients of every kind, cancel requests that
+land on either worker, a killed worker, machine-wide limits, signals, merged statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import psycopg
+import pytest
+
+from sqlproxy.analysis.normalize import normalize
+from tests.support import pg
+from tests.workers.conftest import Served
+
+PSQL = shutil.which("psql")
+PGBENCH = shutil.which("pgbench")
+
+
+@pytest.fixture
+def db(pg_primary: pg.PgCluster) -> Iterator[str]:
+    name = f"wk_{uuid.uuid4().hex[:10]}"
+    pg_primary.psql(f"create database {name}")
+    pg_primary.psql("create extension if not exists pg_stat_statements", dbname=name)
+    yield name
+    pg_primary.psql(f"drop database {name} with (force)")
+
+
+def _psql(served: Served, db: str, *commands: str) -> str:
+    assert PSQL is not None
+    args = [PSQL, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", served.dsn(db)]
+    for c in commands:
+        args += ["-c", c]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _workers_of_sessions(served: Served) -> set[int]:
+    return {int(e["worker"]) for e in served.events("client_connected")}
+
+
+@pytest.mark.skipif(PSQL is None, reason="psql not on PATH")
+def test_psql_asyncpg_psycopg_on_two_workers(serve_workers: Callable[..., Served],
+                                            db: str) -> None:
+    served = serve_workers(2)
+    assert len(served.worker_pids()) == 2
+    for i in range(6):
+        assert _psql(served, db, f"select {i} + 1").strip() == str(i + 1)
+
+    async def with_asyncpg() -> None:
+        conns = [await asyncpg.connect(served.dsn(db)) for _ in range(12)]
+        for i, c in enumerate(conns):
+            assert await c.fetchval("select $1::int * 2", i) == 2 * i
+        for c in conns:
+            await c.close()
+
+    asyncio.run(with_asyncpg())
+    for i in range(12):
+        with psycopg.connect(served.dsn(db), autocommit=True) as conn:
+            assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
+    # The kernel spread 30 connections over both workers (the chance it did not: 2^-29).
+    assert _workers_of_sessions(served) == {0, 1}
+    assert served.stop() == 0
+
+
+def test_cancel_reaches_the_right_query_whatever_worker(serve_workers: Callable[..., Served],
+                                                        pg_primary: pg.PgCluster,
+                                                        db: str) -> None:
+    """20 sessions each run pg_sleep; a cancel sent for each cancels exactly that one, whether
+    the kernel gives the cancel connection to the session's worker or the other."""
+    served = serve_workers(2)
+    tag = uuid.uuid4().hex[:8]
+    conns = [psycopg.connect(served.dsn(db), autocommit=True) for _ in range(20)]
+    outcome: dict[int, str] = {}
+
+    def sleep(i: int) -> None:
+        try:
+            conns[i].execute(f"select pg_sleep(60) /* {tag} {i} */")
+            outcome[i] = "finished"
+        except psycopg.errors.QueryCanceled:
+            outcome[i] = "canceled"
+        except psycopg.Error as exc:
+            outcome[i] = f"error: {exc}"
+
+    threads = [threading.Thread(target=sleep, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+
+    def running() -> set[int]:
+        out = pg_primary.psql(f"select query from pg_stat_activity where query like "
+                              f"'select pg_sleep(60) /* {tag} %' and state = 'active'")
+        return {int(line.split()[-2]) for line in out.splitlines() if line.strip()}
+
+    try:
+        deadline = time.monotonic() + 30
+        while running() != set(range(20)):
+            assert time.monotonic() < deadline, running()
+            time.sleep(0.1)
+        for i in range(20):
+            conns[i].cancel()
+            threads[i].join(30)
+            assert outcome.get(i) == "canceled", outcome
+            assert running() == set(range(i + 1, 20))
+    finally:
+        for c in conns:
+            c.cancel()
+        for t in threads:
+            t.join(30)
+        for c in conns:
+            c.close()
+    # Some of the 20 landed on the other worker (the chance none did: about 2^-20).
+    assert served.events("cancel_request_foreign")
+    assert served.stop() == 0
+
+
+def test_killed_worker_is_restarted_others_unaffected(serve_workers: Callable[..., Served],
+                                                      db: str) -> None:
+    served = serve_workers(2)
+    pids = served.worker_pids()
+
+    async def main() -> None:
+        conns = [await asyncpg.connect(served.dsn(db)) for _ in range(16)]
+        owner = {}
+        for c in conns:
+            await c.fetchval("select 1")
+        for e in served.events("client_connected"):
+            owner[int(e["session"]), int(e["worker"])] = True
+        workers = {int(e["worker"]) for e in served.events("client_connected")}
+        assert workers == {0, 1}
+        os.kill(pids[0], signal.SIGKILL)
+        ev = await asyncio.to_thread(served.wait_events, "worker_exited")
+        assert ev[0]["worker"] == 0 and "SIGKILL" in str(ev[0]["status"])
+        # Sessions on worker 1 go on; those on worker 0 are gone with it.
+        alive = broken = 0
+        for c in conns:
+            try:
+                assert await c.fetchval("select 41 + 1") == 42
+                alive += 1
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError):
+                broken += 1
+        assert alive > 0 and broken > 0
+        for c in conns:
+            c.terminate()
+        # A new worker 0, and new connections are served.
+        await asyncio.to_thread(served.wait_events, "worker_started", 3)
+        assert served.worker_pids()[0] != pids[0]
+        assert served.worker_pids()[1] == pids[1]
+        deadline = time.monotonic() + 30
+        while True:  # until the new worker listens (its socket joins the port's group)
+            started = [e for e in served.events("started") if e.get("worker") == 0]
+            if len(started) >= 2:
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        for _ in range(10):
+            c = await asyncpg.connect(served.dsn(db))
+            assert await c.fetchval("select 7") == 7
+            await c.close()
+
+    asyncio.run(main())
+    assert served.stop() == 0
+
+
+def test_max_client_connections_across_workers(serve_workers: Callable[..., Served],
+                                               db: str) -> None:
+    served = serve_workers(2, extra="max_client_connections = 6\nmax_connections_per_user = 0")
+
+    async def main() -> None:
+        conns = [await asyncpg.connect(served.dsn(db)) for _ in range(6)]
+        assert {int(e["worker"]) for e in served.events("client_connected")} == {0, 1}
+        for _ in range(4):  # whichever worker gets it
+            with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+                await asyncpg.connect(served.dsn(db))
+            assert "for all workers" in str(info.value.detail)
+        await conns[0].close()
+        await asyncio.sleep(0.2)
+        conns[0] = await asyncpg.connect(served.dsn(db))  # a freed place is free machine-wide
+        for c in conns:
+            await c.close()
+
+    asyncio.run(main())
+    assert served.stop() == 0
+
+
+def test_sighup_reloads_all_sigterm_drains_all(serve_workers: Callable[..., Served],
+                                               db: str) -> None:
+    served = serve_workers(2)
+
+    async def main() -> None:
+        conns = [await asyncpg.connect(served.dsn(db)) for _ in range(8)]
+        served.popen.send_signal(signal.SIGHUP)
+        reloaded = await asyncio.to_thread(served.wait_events, "config_reloaded", 2)
+        assert {e["worker"] for e in reloaded} == {0, 1}
+        for c in conns:
+            assert await c.fetchval("select 3") == 3  # nothing dropped
+        served.popen.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(served.popen.wait, 60) == 0
+        for c in conns:
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+                await c.fetchval("select 1")
+
+    asyncio.run(main())
+    drained = served.events("sessions_drained")
+    assert {e["worker"] for e in drained} == {0, 1}
+
+
+def _server_calls(primary: pg.PgCluster, db: str) -> dict[str, int]:
+    out = primary.psql("select query, calls from pg_stat_statements s join pg_database d "
+                       f"on d.oid = s.dbid where d.datname = '{db}'", dbname=db)
+    calls: dict[str, int] = {}
+    for line in out.splitlines():
+        query, n = line.rsplit("|", 1)
+        if "pg_stat_statements" in query:
+            continue
+        key = normalize(query).fingerprint
+        calls[key] = calls.get(key, 0) + int(n)
+    return calls
+
+
+@pytest.mark.skipif(PGBENCH is None, reason="pgbench not on PATH")
+def test_merged_queries_agree_with_pg_stat_statements(serve_workers: Callable[..., Served],
+                                                      pg_primary: pg.PgCluster,
+                                                      db: str) -> None:
+    """200 concurrent pgbench clients over 2 workers: the merged /api/queries calls per
+    fingerprint equal the server's pg_stat_statements calls."""
+    assert PGBENCH is not None
+    init = subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-h", pg_primary.host, "-p",
+                           str(pg_primary.port), "-U", pg.SUPERUSER, db],
+                          capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    served = serve_workers(2, extra="max_client_connections = 400")
+    pg_primary.psql("select pg_stat_statements_reset()", dbname=db)
+    run = subprocess.run([PGBENCH, "-n", "-S", "-M", "extended", "-c", "200", "-j", "4",
+                          "-t", "20", "-h", "127.0.0.1", "-p", str(served.port),
+                          "-U", pg.SUPERUSER, db], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "number of transactions actually processed: 4000/4000" in run.stdout
+    assert _workers_of_sessions(served) == {0, 1}
+    theirs = _server_calls(pg_primary, db)
+    items = served.api(f"/api/queries?database={db}&limit=1000")["items"]
+    ours = {i["fingerprint"]: i["calls"] - i["errors"] for i in items}
+    select = normalize("SELECT abalance FROM pgbench_accounts WHERE aid = $1").fingerprint
+    assert ours[select] == theirs[select] == 4000
+    compared = [k for k in ours if k in theirs]
+    for key in compared:
+        assert ours[key] == theirs[key], key
+    # The connection view names each session's worker; /metrics sums both workers.
+    metrics = served.api("/metrics")
+    assert 'sqlproxy_statements_total{route="primary"}' in metrics or "sqlproxy_" in metrics
+    assert served.stop() == 0

@@ -4,9 +4,11 @@ land on either worker, a killed worker, machine-wide limits, signals, merged sta
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -257,3 +259,61 @@ def test_merged_queries_agree_with_pg_stat_statements(serve_workers: Callable[..
     metrics = served.api("/metrics")
     assert 'sqlproxy_statements_total{route="primary"}' in metrics or "sqlproxy_" in metrics
     assert served.stop() == 0
+
+
+def _statements_total(metrics: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith('sqlproxy_statements_total{route="primary"} '):
+            return float(line.split()[-1])
+    raise AssertionError(metrics[:2000])
+
+
+def test_merged_admin_view_survives_a_killed_worker(serve_workers: Callable[..., Served],
+                                                    db: str) -> None:
+    """Connections show their worker; the merged calls and the Prometheus counters do not go
+    down when a worker is killed and restarted; the state file holds the merged totals."""
+    served = serve_workers(2)
+    key = normalize("select $1::int + 100").fingerprint
+
+    async def main() -> None:
+        conns = [await asyncpg.connect(served.dsn(db)) for _ in range(12)]
+        for c in conns:
+            for i in range(5):
+                await c.fetchval("select $1::int + 100", i)
+        items = served.api("/api/connections?limit=1000")["items"]
+        assert {i["worker"] for i in items if i.get("database") == db} == {0, 1}
+        queries = {i["fingerprint"]: i for i in
+                   served.api(f"/api/queries?database={db}&limit=1000")["items"]}
+        assert queries[key]["calls"] == 60
+        before = _statements_total(served.api("/metrics"))
+        assert before >= 60
+        os.kill(served.worker_pids()[0], signal.SIGKILL)
+        await asyncio.to_thread(served.wait_events, "worker_exited")
+        await asyncio.to_thread(served.wait_events, "worker_started", 3)
+        queries = {i["fingerprint"]: i for i in
+                   served.api(f"/api/queries?database={db}&limit=1000")["items"]}
+        assert queries[key]["calls"] == 60  # worker 0's part is carried, not lost
+        assert _statements_total(served.api("/metrics")) >= before
+        for c in conns:
+            c.terminate()
+        c = await asyncpg.connect(served.dsn(db))
+        for i in range(10):
+            await c.fetchval("select $1::int + 100", i)
+        await c.close()
+        deadline = time.monotonic() + 10  # the view is at most MIN_REFRESH (0.5 s) old
+        while True:
+            queries = {i["fingerprint"]: i for i in
+                       served.api(f"/api/queries?database={db}&limit=1000")["items"]}
+            if queries[key]["calls"] == 70 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert queries[key]["calls"] == 70
+
+    asyncio.run(main())
+    assert served.stop() == 0
+    state = served.log.parent / "state.sqlite"
+    with sqlite3.connect(state) as conn:
+        data = json.loads(conn.execute(
+            "select data from sections where name = 'statistics'").fetchone()[0])
+    calls = {(e["query"], e["database"]): e["calls"] for e in data["entries"]}
+    assert calls["select $1::int + $2", db] == 70

@@ -6,7 +6,8 @@ request owned by another worker, and the supervisor's questions (a few per secon
 
 Requests: ``{"op": "ping"}``; ``{"op": "cancel", "pid": P, "secret": HEX}`` — answered once
 the owner's cancel has been processed by the server (the client's cancel connection is
-closed only then, as PostgreSQL does); ``{"op": "state"}`` — what ``Handler.state`` returns.
+closed only then, as PostgreSQL does); ``{"op": "state"}`` — what ``Worker.state`` returns;
+``{"op": "reset", "what": ...}`` — ``POST /api/reset`` passed on by the supervisor.
 """
 
 from __future__ import annotations

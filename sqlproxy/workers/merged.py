@@ -240,6 +240,23 @@ class MergedWorkers:
         view.executions = fresh.executions
         view.started_at = fresh.started_at
 
+    async def reset(self, what: str) -> None:
+        """``POST /api/reset`` on the supervisor: every worker resets, and so does what the
+        supervisor carries for stopped workers."""
+        if self.carried is not None:
+            self.carried.reset(what)
+        alive = [s for s in self.sup.slots if s.alive]
+        await asyncio.gather(*(self._reset_one(s.index, what) for s in alive))
+        await self.refresh(force=True)
+
+    async def _reset_one(self, index: int, what: str) -> None:
+        try:
+            await request(socket_path(self.sup.rundir, index), {"op": "reset", "what": what},
+                          timeout=ASK_TIMEOUT)
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+            log.warning("workers_reset_failed", worker=index,
+                        error=f"{type(exc).__name__}: {exc}")
+
     # ------------------------------------------------------------------ AdminSource
     def backends(self) -> list[dict[str, Any]]:
         return [dict(b) for b in self._backends] or [{

@@ -85,7 +85,7 @@ class Supervisor:
             from sqlproxy.admin.server import AdminServer
 
             self.admin = AdminServer(self.merged)
-            self.admin.app = _refreshing(self.admin.app, self.merged.refresh)
+            self.admin.app = _refreshing(self.admin.app, self.merged)
 
     def _make_store(self, contributors: Any) -> Any:
         st = self.config.state
@@ -288,16 +288,38 @@ class Supervisor:
         log.info("stopped")
 
 
-def _refreshing(app: Any, refresh: Any) -> Any:
+def _refreshing(app: Any, merged: Any) -> Any:
     """The admin ASGI app, answering from the workers' state as of now (give or take
-    ``MIN_REFRESH``): each HTTP request first refreshes the merged view."""
+    ``MIN_REFRESH``): each HTTP request first refreshes the merged view. A reset the app
+    accepted (``POST /api/reset``, 200) is passed on to every worker and to what the
+    supervisor carries, or the next refresh would bring the statistics back."""
     async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-        if scope.get("type") == "http":
+        if scope.get("type") != "http":
+            await app(scope, receive, send)
+            return
+        try:
+            await merged.refresh()
+        except Exception as exc:  # answer from the previous view rather than fail
+            log.error("workers_refresh_failed", error=f"{type(exc).__name__}: {exc}")
+        if scope.get("method") != "POST" or scope.get("path") != "/api/reset":
+            await app(scope, receive, send)
+            return
+        answer: dict[str, Any] = {"status": 0, "body": b""}
+
+        async def capture(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                answer["body"] += message.get("body", b"")
+            await send(message)
+
+        await app(scope, receive, capture)
+        if answer["status"] == 200:
             try:
-                await refresh()
-            except Exception as exc:  # answer from the previous view rather than fail
-                log.error("workers_refresh_failed", error=f"{type(exc).__name__}: {exc}")
-        await app(scope, receive, send)
+                what = json.loads(answer["body"])["reset"]
+            except (ValueError, KeyError, TypeError):
+                return
+            await merged.reset(str(what))
 
     return wrapped
 

@@ -103,6 +103,10 @@ class Worker:
             return {"sent": task is not None}
         if op == "state":
             return self.state()
+        if op == "reset":  # POST /api/reset on the supervisor
+            if self.rt.profiler is not None:
+                self.rt.profiler.reset(str(req.get("what", "all")))
+            return {"reset": True}
         return {"error": f"unknown op {op!r}"}
 
     def state(self) -> dict[str, Any]:

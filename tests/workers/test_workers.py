@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -317,3 +318,35 @@ def test_merged_admin_view_survives_a_killed_worker(serve_workers: Callable[...,
             "select data from sections where name = 'statistics'").fetchone()[0])
     calls = {(e["query"], e["database"]): e["calls"] for e in data["entries"]}
     assert calls["select $1::int + $2", db] == 70
+
+
+def test_reset_reaches_every_worker(serve_workers: Callable[..., Served], db: str) -> None:
+    served = serve_workers(2)
+    key = normalize("select $1::int + 200").fingerprint
+
+    async def main() -> None:
+        conns = [await asyncpg.connect(served.dsn(db)) for _ in range(8)]
+        for c in conns:
+            await c.fetchval("select $1::int + 200", 1)
+        assert {int(e["worker"]) for e in served.events("client_connected")} == {0, 1}
+
+        def calls() -> int:
+            items = served.api(f"/api/queries?database={db}&limit=1000")["items"]
+            return sum(i["calls"] for i in items if i["fingerprint"] == key)
+
+        assert calls() == 8
+        req = urllib.request.Request(f"http://127.0.0.1:{served.admin_port}/api/reset",
+                                     data=b"{}", method="POST",
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert json.loads(resp.read())["reset"] == "all"
+        await asyncio.sleep(0.6)
+        assert calls() == 0
+        for c in conns:
+            await c.fetchval("select $1::int + 200", 2)
+            await c.close()
+        await asyncio.sleep(0.6)
+        assert calls() == 8
+
+    asyncio.run(main())
+    assert served.stop() == 0

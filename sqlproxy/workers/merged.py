@@ -30,10 +30,12 @@ from typing import Any
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.sketch import LogSketch
 from sqlproxy.analysis.stats import SKETCH_ACCURACY, StatEntry
+from sqlproxy.analysis.timefmt import iso
 from sqlproxy.config import Config
 from sqlproxy.logs import get_logger
 from sqlproxy.state import profiler_contributors
 from sqlproxy.statestore.base import StateStore, StoreStatus
+from sqlproxy.statestore.fleet import FleetViews
 from sqlproxy.statestore.merge import merge_entry
 from sqlproxy.statestore.view import InstanceSections, fleet_view, live_sections
 from sqlproxy.workers.control import request, socket_path
@@ -109,6 +111,11 @@ class MergedWorkers:
         self._task: asyncio.Task[None] | None = None
         self.store: StateStore | None = store_factory(self.contributors) \
             if store_factory is not None and self.profiler is not None else None
+        # With a fleet database: this machine (all its workers, as one instance) and the
+        # other instances, as a single process shows them.
+        self.fleet: FleetViews | None = (
+            FleetViews(self.store, cfg.state.instance_id, lambda: self.config.analysis)
+            if self.store is not None else None)
         supervisor.on_exit.append(self.worker_exited)
 
     @staticmethod
@@ -266,14 +273,22 @@ class MergedWorkers:
             "error": None, "checked_at": None}]
 
     async def fleet_profiler(self) -> Profiler | None:
-        return self.profiler
+        view = await self.fleet.view() if self.fleet is not None else None
+        return view if view is not None else self.profiler
 
     def fleet_instances(self) -> list[dict[str, Any]]:
         status = self.state_status()
-        return [{"instance": self.config.state.instance_id, "local": True,
-                 "sqlproxy": _version(), "snapshot_seconds": self.config.state.snapshot_seconds,
-                 "last_snapshot": status.to_dict()["last_snapshot"] if status else None,
-                 "age_s": None, "workers": self.sup.count}]
+        me: dict[str, Any] = {
+            "instance": self.config.state.instance_id, "local": True, "sqlproxy": _version(),
+            "snapshot_seconds": self.config.state.snapshot_seconds,
+            "last_snapshot": status.to_dict()["last_snapshot"] if status else None,
+            "age_s": None, "workers": self.sup.count}
+        others = self.store.others() if self.store is not None else []
+        return [me, *({
+            "instance": o.instance, "local": False, "sqlproxy": o.sqlproxy,
+            "snapshot_seconds": o.snapshot_seconds, "last_snapshot": iso(o.written_at),
+            "age_s": round(o.age_s, 3),
+        } for o in sorted(others, key=lambda o: o.instance))]
 
     def state_status(self) -> StoreStatus | None:
         return self.store.status() if self.store is not None else None

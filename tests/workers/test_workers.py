@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from sqlproxy.analysis.normalize import normalize
+from tests.integration.test_profiling import agreement_workload, check_agreement
 from tests.support import pg
 from tests.workers.conftest import Served
 
@@ -194,6 +195,31 @@ def test_max_client_connections_across_workers(serve_workers: Callable[..., Serv
     assert served.stop() == 0
 
 
+def test_per_database_limit_across_workers(serve_workers: Callable[..., Served],
+                                          db: str) -> None:
+    served = serve_workers(2, extra="max_connections_per_database = 4")
+
+    async def main() -> None:
+        conns = [await asyncpg.connect(served.dsn(db)) for _ in range(4)]
+        own = {w: sum(1 for e in served.events("client_connected")
+                      if e["worker"] == w and e["database"] == db) for w in (0, 1)}
+        for _ in range(30):  # until a worker with fewer than 4 of its own refuses
+            with pytest.raises(asyncpg.TooManyConnectionsError) as info:
+                await asyncpg.connect(served.dsn(db))
+            assert f'too many connections for database "{db}"' in str(info.value)
+            refused = {e["worker"] for e in served.events("connection_rejected")}
+            if any(own[w] < 4 for w in refused):
+                break
+        else:
+            raise AssertionError(f"no worker with fewer than 4 sessions refused: {own}")
+        other = [await asyncpg.connect(served.dsn("postgres")) for _ in range(4)]
+        for c in conns + other:
+            await c.close()
+
+    asyncio.run(main())
+    assert served.stop() == 0
+
+
 def test_sighup_reloads_all_sigterm_drains_all(serve_workers: Callable[..., Served],
                                                db: str) -> None:
     served = serve_workers(2)
@@ -216,25 +242,13 @@ def test_sighup_reloads_all_sigterm_drains_all(serve_workers: Callable[..., Serv
     assert {e["worker"] for e in drained} == {0, 1}
 
 
-def _server_calls(primary: pg.PgCluster, db: str) -> dict[str, int]:
-    out = primary.psql("select query, calls from pg_stat_statements s join pg_database d "
-                       f"on d.oid = s.dbid where d.datname = '{db}'", dbname=db)
-    calls: dict[str, int] = {}
-    for line in out.splitlines():
-        query, n = line.rsplit("|", 1)
-        if "pg_stat_statements" in query:
-            continue
-        key = normalize(query).fingerprint
-        calls[key] = calls.get(key, 0) + int(n)
-    return calls
-
-
-@pytest.mark.skipif(PGBENCH is None, reason="pgbench not on PATH")
+@pytest.mark.skipif(PGBENCH is None or PSQL is None, reason="pgbench or psql not on PATH")
 def test_merged_queries_agree_with_pg_stat_statements(serve_workers: Callable[..., Served],
                                                       pg_primary: pg.PgCluster,
                                                       db: str) -> None:
-    """200 concurrent pgbench clients over 2 workers: the merged /api/queries calls per
-    fingerprint equal the server's pg_stat_statements calls."""
+    """The agreement test of tests/integration/test_profiling.py through 2 workers, plus 200
+    concurrent pgbench clients: the merged /api/queries calls and rows per fingerprint equal
+    the server's pg_stat_statements."""
     assert PGBENCH is not None
     init = subprocess.run([PGBENCH, "-i", "-s", "1", "-q", "-h", pg_primary.host, "-p",
                            str(pg_primary.port), "-U", pg.SUPERUSER, db],
@@ -242,23 +256,18 @@ def test_merged_queries_agree_with_pg_stat_statements(serve_workers: Callable[..
     assert init.returncode == 0, init.stderr
     served = serve_workers(2, extra="max_client_connections = 400")
     pg_primary.psql("select pg_stat_statements_reset()", dbname=db)
+    agreement_workload(served.dsn(db))
     run = subprocess.run([PGBENCH, "-n", "-S", "-M", "extended", "-c", "200", "-j", "4",
                           "-t", "20", "-h", "127.0.0.1", "-p", str(served.port),
                           "-U", pg.SUPERUSER, db], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "number of transactions actually processed: 4000/4000" in run.stdout
     assert _workers_of_sessions(served) == {0, 1}
-    theirs = _server_calls(pg_primary, db)
     items = served.api(f"/api/queries?database={db}&limit=1000")["items"]
-    ours = {i["fingerprint"]: i["calls"] - i["errors"] for i in items}
+    ours = {i["fingerprint"]: i for i in items}
     select = normalize("SELECT abalance FROM pgbench_accounts WHERE aid = $1").fingerprint
-    assert ours[select] == theirs[select] == 4000
-    compared = [k for k in ours if k in theirs]
-    for key in compared:
-        assert ours[key] == theirs[key], key
-    # The connection view names each session's worker; /metrics sums both workers.
-    metrics = served.api("/metrics")
-    assert 'sqlproxy_statements_total{route="primary"}' in metrics or "sqlproxy_" in metrics
+    assert ours[select]["calls"] == 4000
+    check_agreement(ours, pg_primary, db)  # pgbench's SELECT included
     assert served.stop() == 0
 
 

@@ -27,7 +27,8 @@ __all__ = ["ControlServer", "request", "socket_path"]
 log = get_logger("sqlproxy.workers")
 
 MAX_MESSAGE = 256 * 1024 * 1024  # a state answer holds all of a worker's statistics
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+# An answer is an object, or one already encoded (a worker's state: see ``Worker.state``).
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | bytes]]
 
 
 def socket_path(rundir: str, worker: int) -> str:
@@ -44,8 +45,8 @@ async def _read(reader: asyncio.StreamReader) -> dict[str, Any]:
     return out
 
 
-def _frame(obj: dict[str, Any]) -> bytes:
-    body = json.dumps(obj, separators=(",", ":")).encode()
+def _frame(obj: dict[str, Any] | bytes) -> bytes:
+    body = obj if isinstance(obj, bytes) else json.dumps(obj, separators=(",", ":")).encode()
     return struct.pack("!I", len(body)) + body
 
 

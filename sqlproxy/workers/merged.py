@@ -199,6 +199,7 @@ class MergedWorkers:
             answers = await asyncio.gather(*(self._ask(s.index) for s in alive))
             for slot, answer in zip(alive, answers, strict=True):
                 if answer is not None and answer.get("pid") == slot.pid:
+                    _reassemble(answer)
                     self._answers[slot.index] = answer
             await self._rebuild()
             self._refreshed = time.monotonic()
@@ -302,6 +303,15 @@ class MergedWorkers:
                         "restarts": slot.restarts, "sessions": len(a.get("sessions", [])),
                         "rejected": a.get("rejected", {}), "timeouts": a.get("timeouts", {})})
         return out
+
+
+def _reassemble(answer: dict[str, Any]) -> None:
+    """Put the statistics entries a worker sends beside its sections back into the section
+    (see ``Worker.state``)."""
+    entries = answer.pop("statistics_entries", None)
+    stats = answer.get("sections", {}).get("statistics")
+    if entries is not None and stats is not None:
+        stats[1]["entries"] = entries
 
 
 def _version() -> str:

@@ -18,10 +18,12 @@ from typing import Any
 
 import structlog
 
+from sqlproxy.analysis.stats import StatEntry
 from sqlproxy.config import load_config
 from sqlproxy.errors import ConfigError
 from sqlproxy.logs import configure_logging, get_logger
 from sqlproxy.runtime import Runtime, install_uvloop
+from sqlproxy.state import StatisticsState, entry_to_state
 from sqlproxy.statestore.view import live_sections
 from sqlproxy.workers.control import ControlServer, request, socket_path
 from sqlproxy.workers.limits import SharedLimits
@@ -73,6 +75,9 @@ class Worker:
         proxy.shared_limits = spec.limits
         proxy.foreign_cancel = self.pass_cancel
         self.control = ControlServer(socket_path(spec.rundir, spec.index), self.handle)
+        # Statistics entry -> (the entry, its calls, its encoded JSON) when last sent: the
+        # supervisor's questions re-encode only what changed since (see ``state``).
+        self._encoded: dict[tuple[str, str, str], tuple[StatEntry, int, str]] = {}
 
     # ------------------------------------------------------------------ cancel requests
     def pass_cancel(self, owner: int, pid: int, secret: bytes) -> asyncio.Task[None] | None:
@@ -92,7 +97,7 @@ class Worker:
             log.warning("cancel_pass_failed", worker=owner, error=f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ the control channel
-    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any] | bytes:
         op = req.get("op")
         if op == "ping":
             return {"ok": True, "pid": os.getpid()}
@@ -109,12 +114,36 @@ class Worker:
             return {"reset": True}
         return {"error": f"unknown op {op!r}"}
 
-    def state(self) -> dict[str, Any]:
-        """What the supervisor merges: statistics sections, sessions, backends, counters."""
+    def state(self) -> bytes:
+        """What the supervisor merges: state sections, sessions, backends, counters; encoded.
+
+        This runs on the worker's event loop, between its sessions' callbacks, so it must be
+        cheap however many fingerprints there are. Encoding the statistics section whole
+        costs about 0.15 ms per fingerprint (0.7 s for 5,000, measured on the 2-core machine
+        this was written on); so each entry's JSON is kept, and only the entries whose calls
+        changed since the last question are encoded again. The supervisor puts the section
+        back together (``statistics_entries``)."""
         rt, proxy, i = self.rt, self.rt.proxy, self.spec.index
-        return {
+        sections = {c.state_section: (c.state_version, c.to_state())
+                    for c in rt.state_contributors() if not isinstance(c, StatisticsState)}
+        entries: list[str] = []
+        prof = rt.profiler
+        if prof is not None:
+            old, new = self._encoded, {}
+            for key, e in prof.stats.entries.items():
+                have = old.get(key)
+                if have is None or have[0] is not e or have[1] != e.calls:
+                    have = (e, e.calls, json.dumps(entry_to_state(e), separators=(",", ":"),
+                                                   allow_nan=False))
+                new[key] = have
+                entries.append(have[2])
+            self._encoded = new
+            sections["statistics"] = (StatisticsState.state_version, {
+                "evictions": prof.stats.evictions, "executions": prof.executions,
+                "started_at": prof.started_at, "entries": []})
+        head = json.dumps({
             "worker": i, "pid": os.getpid(),
-            "sections": live_sections(rt.state_contributors()),
+            "sections": sections,
             "sessions": [{**s.describe(), "worker": i} for s in list(proxy.sessions.values())],
             "backends": rt.backends(),
             "accepting": proxy.accepting,
@@ -122,7 +151,8 @@ class Worker:
             "rejected": dict(proxy.rejected),
             "timeouts": dict(proxy.timeouts),
             "reloads": rt.reloads,
-        }
+        }, separators=(",", ":"), allow_nan=False)
+        return (head[:-1] + ',"statistics_entries":[' + ",".join(entries) + "]}").encode()
 
     async def _watch_parent(self) -> None:
         """A supervisor killed outright cannot stop its workers: they stop themselves."""

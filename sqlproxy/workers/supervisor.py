@@ -156,6 +156,9 @@ class Supervisor:
     async def start(self) -> None:
         if self.admin is not None:
             self.admin.check()  # an open admin address without a token: refused first
+        from sqlproxy.proxy.tls import client_context
+
+        client_context(self.config.tls)  # an unreadable certificate: named here, not N times
         self._reserve_port()
         await self.merged.start()  # restores the durable state before anything is counted
         for slot in self.slots:

@@ -15,6 +15,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -359,3 +360,26 @@ def test_reset_reaches_every_worker(serve_workers: Callable[..., Served], db: st
 
     asyncio.run(main())
     assert served.stop() == 0
+
+
+def test_workers_stop_when_the_supervisor_is_killed(serve_workers: Callable[..., Served]) -> None:
+    served = serve_workers(2)
+    pids = list(served.worker_pids().values())
+    served.popen.kill()
+    served.popen.wait(10)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids):
+        assert time.monotonic() < deadline, "workers outlived their supervisor"
+        time.sleep(0.1)
+    assert len(served.events("supervisor_gone")) == 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except OSError:
+        return False

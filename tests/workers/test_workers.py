@@ -383,3 +383,32 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+def test_findings_merged_by_id_across_workers(serve_workers: Callable[..., Served],
+                                              pg_primary: pg.PgCluster, db: str) -> None:
+    """The same N+1 pattern on sessions of both workers is one finding, occurrences summed."""
+    pg_primary.psql("create table item (id int primary key, v int)", dbname=db)
+    pg_primary.psql("insert into item select g, g from generate_series(1, 100) g", dbname=db)
+    served = serve_workers(2)
+
+    async def main() -> None:
+        conns = [await asyncpg.connect(served.dsn(db)) for _ in range(8)]
+        for c in conns:
+            for i in range(6):  # one burst of 6 lookups by id: an N+1 (threshold 5)
+                await c.fetchrow("select v from item where id = $1", i)
+        for c in conns:
+            await c.close()
+
+    asyncio.run(main())
+    assert _workers_of_sessions(served) == {0, 1}
+    deadline = time.monotonic() + 15  # a burst is judged once burst_gap_ms has passed
+    while True:
+        items = [f for f in served.api("/api/findings?limit=100")["items"]
+                 if f["kind"] == "n_plus_one" and "from item" in f["query"]]
+        if (items and items[0]["occurrences"] == 8) or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert len(items) == 1, items
+    assert items[0]["occurrences"] == 8
+    assert served.stop() == 0

@@ -157,10 +157,12 @@ def _command(args: argparse.Namespace) -> int:
     configure_logging(cfg.log.format, cfg.log.level)
     if args.command == "serve":
         from sqlproxy.runtime import run
-        from sqlproxy.workers.supervisor import run_workers
 
-        # More than one worker: a supervisor and its worker processes.
-        runner = run_workers if cfg.proxy.worker_count > 1 else run
+        runner = run
+        if cfg.proxy.worker_count > 1:  # a supervisor and its worker processes
+            from sqlproxy.workers.supervisor import run_workers
+
+            runner = run_workers
         try:
             runner(cfg, config_path=getattr(args, "config", None),
                 overrides=overrides_from_args(args))

@@ -158,8 +158,13 @@ def _command(args: argparse.Namespace) -> int:
     if args.command == "serve":
         from sqlproxy.runtime import run
 
+        runner = run
+        if cfg.proxy.worker_count > 1:  # a supervisor and its worker processes
+            from sqlproxy.workers.supervisor import run_workers
+
+            runner = run_workers
         try:
-            run(cfg, config_path=getattr(args, "config", None),
+            runner(cfg, config_path=getattr(args, "config", None),
                 overrides=overrides_from_args(args))
         except ConfigError as exc:  # found at start: an admin address without a token, ...
             print(f"sqlproxy: {exc}", file=sys.stderr)

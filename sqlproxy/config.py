@@ -95,6 +95,10 @@ def _check_listen(value: str) -> str:
     return value
 
 
+# A worker's index is the first byte of the cancel secrets it hands out (sqlproxy.workers).
+MAX_WORKERS = 64
+
+
 class ProxySection(_Section):
     listen: str = "127.0.0.1:6432"
     primary: str = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -108,9 +112,25 @@ class ProxySection(_Section):
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     direct_relay: bool = True
+    # Worker processes sharing the listen address (SO_REUSEPORT); "auto" = usable CPUs.
+    workers: int | Literal["auto"] = 1
 
     _v_primary = field_validator("primary")(_check_url)
     _v_listen = field_validator("listen")(_check_listen)
+
+    @field_validator("workers")
+    @classmethod
+    def _v_workers(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"must be between 1 and {MAX_WORKERS} or \"auto\"")
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        """``workers`` as a number: "auto" is the CPUs this process may run on."""
+        if self.workers == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        return int(self.workers)
 
     @property
     def primary_url(self) -> BackendURL:

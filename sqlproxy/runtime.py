@@ -36,6 +36,7 @@ log = get_logger("sqlproxy.runtime")
 # built once. A reload that changes them keeps the running value and says so.
 RESTART_KEYS: tuple[tuple[str, str], ...] = (
     ("proxy", "listen"),
+    ("proxy", "workers"),
     ("admin", "listen"),
     ("admin", "enabled"),
     ("analysis", "enabled"),

@@ -50,6 +50,7 @@ __all__ = [
     "StateFile",
     "StatisticsState",
     "TransactionState",
+    "entry_to_state",
     "profiler_contributors",
     "restore_sections",
     "sketch_from_state",
@@ -247,6 +248,12 @@ def _attrs_from_state(obj: Any, data: dict[str, Any]) -> None:
 
 
 def _entry_to_state(e: StatEntry) -> dict[str, Any]:
+    return _attrs_to_state(e)
+
+
+def entry_to_state(e: StatEntry) -> dict[str, Any]:
+    """One entry of the ``statistics`` section (workers encode only the entries that changed
+    since the supervisor last asked: ``sqlproxy.workers.worker``)."""
     return _attrs_to_state(e)
 
 

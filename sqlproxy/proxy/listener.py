@@ -60,7 +60,7 @@ class Listener:
         self.direct_tls = 0  # handshakes completed with ALPN "postgresql"
         self.refused = 0  # direct TLS clients refused (no certificate, no ALPN)
 
-    async def start(self, host: str, port: int, backlog: int) -> None:
+    async def start(self, host: str, port: int, backlog: int, reuse_port: bool = False) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
@@ -74,6 +74,8 @@ class Listener:
                 sock = socket.socket(family, type_, proto)
                 self.sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:  # worker processes: the kernel spreads connections over them
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)

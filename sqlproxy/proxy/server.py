@@ -7,6 +7,8 @@ import os
 import resource
 import ssl
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.config import Config, parse_hostport
@@ -18,8 +20,15 @@ from sqlproxy.proxy.session import ClientSession, SessionState
 from sqlproxy.proxy.tls import client_context, server_context
 from sqlproxy.routing.health import Router
 from sqlproxy.wire.messages import cancel_request
+from sqlproxy.workers.keys import secret_for, worker_of
+
+if TYPE_CHECKING:
+    from sqlproxy.workers.limits import SharedLimits
 
 log = get_logger("sqlproxy.server")
+
+# Passes a cancel request owned by another worker to it: (worker, pid, secret) -> the task.
+ForeignCancel = Callable[[int, int, bytes], "asyncio.Task[None] | None"]
 
 
 def ensure_fd_limit(need: int) -> int:
@@ -72,6 +81,12 @@ class ProxyServer:
         self.router: Router | None = (
             Router(config) if config.routing.enabled and config.replicas else None
         )
+        # Set by a worker process (sqlproxy.workers.worker) before start; None/False otherwise,
+        # and then nothing below differs from a single process.
+        self.worker: int | None = None
+        self.reuse_port = False
+        self.shared_limits: SharedLimits | None = None
+        self.foreign_cancel: ForeignCancel | None = None
 
     def backend_tls_context(self, mode: str) -> ssl.SSLContext | None:
         if mode not in self._backend_tls:
@@ -100,7 +115,7 @@ class ProxyServer:
         if self.tls_context is None:
             self._server = await loop.create_server(
                 lambda: session_class(self), self.host, self.port, backlog=4096,
-                reuse_address=True,
+                reuse_address=True, reuse_port=self.reuse_port or None,
             )
             sock = self._server.sockets[0]
         else:
@@ -108,7 +123,8 @@ class ProxyServer:
             # before asyncio reads it (see listener.py). Without a certificate at start there
             # is no TLS to offer, and the plain server above is kept as it always was.
             self._listener = Listener(self, lambda: session_class(self))
-            await self._listener.start(self.host, self.port, backlog=4096)
+            await self._listener.start(self.host, self.port, backlog=4096,
+                                       reuse_port=self.reuse_port)
             sock = self._listener.sockets[0]
         self.port = sock.getsockname()[1]
         self.accepting = True
@@ -220,6 +236,12 @@ class ProxyServer:
             key = "shutting_down"
             problem = ProxyError("the database system is shutting down", sqlstate="57P03",
                                  detail="sqlproxy is draining its sessions")
+        elif self.shared_limits is not None:
+            key = self.shared_limits.admit(st.user, st.database, cfg.max_client_connections,
+                                           cfg.max_connections_per_user,
+                                           cfg.max_connections_per_database) or ""
+            if key:
+                problem = self._limit_error(key, st.user, st.database)
         elif self.admitted >= cfg.max_client_connections:
             key = "max_client_connections"
             problem = TooManyConnections(
@@ -252,6 +274,24 @@ class ProxyServer:
         self.per_database[st.database] = self.per_database.get(st.database, 0) + 1
         return None
 
+    def _limit_error(self, key: str, user: str, database: str) -> ProxyError:
+        """The error for a limit the machine-wide counts refused (as the ones below say)."""
+        cfg = self.config.proxy
+        if key == "max_connections_per_user":
+            return TooManyConnections(
+                f'too many connections for role "{user}"',
+                detail=f"proxy.max_connections_per_user is {cfg.max_connections_per_user} "
+                "(for all workers)")
+        if key == "max_connections_per_database":
+            return TooManyConnections(
+                f'too many connections for database "{database}"',
+                detail="proxy.max_connections_per_database is "
+                f"{cfg.max_connections_per_database} (for all workers)")
+        return TooManyConnections(
+            "sorry, too many clients already",
+            detail=f"proxy.max_client_connections is {cfg.max_client_connections} "
+            "(for all workers)")
+
     def session_closed(self, session: ClientSession) -> None:
         self.sessions.pop(session.id, None)
         if session.proxy_key is not None:
@@ -263,6 +303,8 @@ class ProxyServer:
             if st is not None:
                 _decrement(self.per_user, st.user)
                 _decrement(self.per_database, st.database)
+                if self.shared_limits is not None:
+                    self.shared_limits.release(st.user, st.database)
 
     # ------------------------------------------------------------------ cancellation
     def register_cancel_key(self, session: ClientSession, pid: int,
@@ -271,9 +313,11 @@ class ProxyServer:
         driver's PID agrees with ``pg_backend_pid()``, ``pg_stat_activity`` and
         NotificationResponse) with a secret of our own, so that its cancel requests come to
         us and are routed by us. The secret is as long as the server's (protocol 3.2 allows
-        up to 256 bytes), at least 4."""
+        up to 256 bytes), at least 4. A worker's secrets begin with its index (see
+        ``sqlproxy.workers.keys``)."""
         while True:
-            key = (pid, os.urandom(max(4, secret_len)))
+            key = (pid, os.urandom(max(4, secret_len)) if self.worker is None
+                   else secret_for(self.worker, secret_len))
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = session
                 return key
@@ -284,6 +328,11 @@ class ProxyServer:
         cancel connection open until it is done, as PostgreSQL closes that connection only
         once the cancel is processed. A client that waits for that close before its next
         query (asyncpg does) must not have the next query hit by a late cancel."""
+        if self.worker is not None and self.foreign_cancel is not None:
+            owner = worker_of(secret)
+            if owner is not None and owner != self.worker:
+                log.info("cancel_request_foreign", pid=pid, worker=owner)
+                return self.foreign_cancel(owner, pid, secret)
         session = self.cancel_keys.get((pid, secret))
         if session is None:
             log.info("cancel_request_unknown_key", pid=pid)

@@ -197,9 +197,16 @@ def test_agrees_with_pg_stat_statements(profiled: ProxyThread, pg_primary: pg.Pg
                                         db: str) -> None:
     """Calls and rows per fingerprint equal the server's sums over the matching queryids."""
     pg_primary.psql("select pg_stat_statements_reset()", dbname=db)
+    agreement_workload(profiled.dsn(dbname=db))
+    check_agreement(stats(profiled, database=db), pg_primary, db)
 
+
+def agreement_workload(dsn: str) -> None:
+    """asyncpg (extended protocol, executemany, a transaction), psql (simple protocol, a
+    multi-statement query, IN lists) and psycopg (with a pipeline), through ``dsn``. Also run
+    through worker processes (tests/workers/test_workers.py)."""
     async def extended() -> None:
-        conn = await asyncpg.connect(profiled.dsn(dbname=db))
+        conn = await asyncpg.connect(dsn)
         await conn.execute("create table acc (id int primary key, owner text, balance int)")
         await conn.executemany("insert into acc values ($1, $2, $3)",
                                [(i, f"o{i % 7}", i * 10) for i in range(200)])
@@ -213,19 +220,26 @@ def test_agrees_with_pg_stat_statements(profiled: ProxyThread, pg_primary: pg.Pg
         await conn.close()
 
     asyncio.run(extended())
-    psql(profiled, db,
-         "select count(*) from acc; select max(balance) from acc where id in (1, 2, 3)",
-         "select max(balance) from acc where id in (4, 5, 6, 7, 8, 9, 10)",
-         "update acc set owner = 'x' where id = 5",
-         "select owner, count(*) from acc group by owner")
-    with psycopg.connect(profiled.dsn(dbname=db), autocommit=True) as conn:
+    args = ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn]
+    for c in ("select count(*) from acc; select max(balance) from acc where id in (1, 2, 3)",
+              "select max(balance) from acc where id in (4, 5, 6, 7, 8, 9, 10)",
+              "update acc set owner = 'x' where id = 5",
+              "select owner, count(*) from acc group by owner"):
+        args += ["-c", c]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
         for i in range(12):
             conn.execute("select balance from acc where id = %s", (i,)).fetchone()
         with conn.pipeline():
             for i in range(15):
                 conn.execute("update acc set balance = %s where id = %s", (i, i))
 
-    ours = stats(profiled, database=db)
+
+def check_agreement(ours: dict[str, dict[str, Any]], pg_primary: pg.PgCluster,
+                    db: str) -> None:
+    """``ours`` (fingerprint -> /api/queries item) against the server's pg_stat_statements,
+    after ``agreement_workload``."""
     theirs: dict[str, list[int]] = {}
     for query, calls, nrows in _server_stats(pg_primary, db):
         if "pg_stat_statements" in query:

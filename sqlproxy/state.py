@@ -38,6 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from sqlproxy import __version__
 from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.analysis.sketch import LogSketch
 from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
 from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
 from sqlproxy.logs import get_logger
@@ -80,53 +81,20 @@ class StateContributor(Protocol):
 
 
 # ------------------------------------------------------------------------------ sketches
-def sketch_to_state(sketch: Any) -> dict[str, Any]:
-    """A latency sketch as plain data: its own ``to_state()`` when it has one (LogSketch),
-    else the non-empty store bins of a ``ddsketch.DDSketch``."""
-    own = getattr(sketch, "to_state", None)
-    if own is not None:
-        return {"kind": type(sketch).__name__, "state": own()}
-
-    def bins(store: Any) -> list[list[float]]:
-        return [[i + store.offset, w] for i, w in enumerate(store.bins) if w]
-
-    return {
-        "kind": "DDSketch",
-        "accuracy": sketch._relative_accuracy,
-        "pos": bins(sketch._store),
-        "neg": bins(sketch._negative_store),
-        "zero": sketch._zero_count,
-        "count": sketch._count,
-        "min": _num(sketch._min),
-        "max": _num(sketch._max),
-        "sum": sketch._sum,
-    }
+def sketch_to_state(sketch: LogSketch) -> dict[str, Any]:
+    """A latency sketch as plain data (its own ``to_state()``)."""
+    return {"kind": type(sketch).__name__, "state": sketch.to_state()}
 
 
-def sketch_from_state(data: dict[str, Any], template: Any) -> Any:
-    """Rebuild a sketch of the same class as ``template`` (a fresh, empty one)."""
+def sketch_from_state(data: dict[str, Any], template: LogSketch) -> LogSketch:
+    """Rebuild a sketch of the same class and accuracy as ``template`` (a fresh, empty one)."""
     kind = type(template).__name__
     if data.get("kind") != kind:
         raise StateError(f"sketch kind {data.get('kind')!r} in the file, {kind!r} in use")
-    own = getattr(type(template), "from_state", None)
-    if own is not None:
-        sketch = own(data["state"])
-        if getattr(sketch, "relative_accuracy", None) != getattr(template, "relative_accuracy",
-                                                                   None):
-            raise StateError("sketch accuracy differs from the one in use")
-        return sketch
-    if not math.isclose(float(data["accuracy"]), float(template._relative_accuracy)):
+    sketch = type(template).from_state(data["state"])
+    if sketch.relative_accuracy != template.relative_accuracy:
         raise StateError("sketch accuracy differs from the one in use")
-    for key, w in data["pos"]:
-        template._store.add(int(key), float(w))
-    for key, w in data["neg"]:
-        template._negative_store.add(int(key), float(w))
-    template._zero_count = float(data["zero"])
-    template._count = float(data["count"])
-    template._min = _unnum(data["min"])
-    template._max = _unnum(data["max"])
-    template._sum = float(data["sum"])
-    return template
+    return sketch
 
 
 def _num(x: float) -> float | str:

@@ -9,7 +9,7 @@ replica answers with a few messages ending in ReadyForQuery and no error. ``Fast
 exactly that and nothing else:
 
 * ``RoutedClientPump`` (the client transport's protocol) offers each chunk to ``query``: one
-  whole Query, the session *ready* (``RoutedSession._refresh_fast`` decided it: no unit queued
+  whole Query, the session *ready* (``RoutedSession.refresh_fast`` decided it: no unit queued
   or in flight, not pinned, no transaction, no write awaiting its read-your-writes horizon, no
   setting or statement to replay on the replica, the replica healthy) and its statement known
   (by normalized text, so inlined literals do not make it new) as one routed to a replica.
@@ -27,7 +27,7 @@ write only has to mark the session *dirty* — its read-your-writes horizon is t
 general path when the primary is idle again — and the rest need no bookkeeping at all.
 
 Anything else goes to the session's general path, which clears ``ready`` first; the session
-sets it again when it is idle (``RoutedSession._refresh_fast``). A chunk the fast path declined
+sets it again when it is idle (``RoutedSession.refresh_fast``). A chunk the fast path declined
 leaves no trace: the general path sees exactly what it would have seen.
 """
 
@@ -86,7 +86,7 @@ RECHECK_S: Final = 0.01  # how often reads held on the primary ask whether a rep
 
 class FastRoutes:
     """One routed session's fast path (see the module doc). The session owns the decisions:
-    it fills ``routes``, and ``_refresh_fast`` sets ``ready`` with the links to use; this only
+    it fills ``routes``, and ``fastplan.refresh`` sets ``ready`` with the links to use; this only
     acts on them."""
 
     def __init__(self, session: Any, profiler: Profiler, info: SessionInfo,
@@ -181,7 +181,7 @@ class FastRoutes:
             if now < self.recheck_at:
                 return False
             self.recheck_at = now + RECHECK_S
-            self.session._refresh_fast()  # has a replica caught up with our last write?
+            self.session.refresh_fast()  # has a replica caught up with our last write?
             if not self.ready or not self.replica_ok:
                 return False
         replica = self.replica
@@ -283,7 +283,7 @@ class FastRoutes:
         self.link.unit = None
         answers.end_unit()
         if self.touched:
-            session._after(self.link)  # the general path ran meanwhile: let it go on
+            session.backend_done(self.link)  # the general path ran meanwhile: let it go on
         else:
             self.ready = True
         return True
@@ -307,7 +307,7 @@ class FastRoutes:
             return True  # more of the answer to come
         self.primary_inflight = False
         if self.touched or (conv.tx_status == _IDLE and self.routing.dirty):
-            session._after(self.primary)  # bookkeeping: the horizon of a write, and more
+            session.backend_done(self.primary)  # bookkeeping: the horizon of a write, and more
         else:
             self.ready = True
         return True

@@ -39,19 +39,12 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlproxy.analysis.classify import Shape, StatementKind
-from sqlproxy.analysis.normalize import Normalized
+from sqlproxy.analysis.classify import StatementKind
 from sqlproxy.analysis.statement import Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
-from sqlproxy.proxy.fastroute import (
-    NEUTRAL,
-    REPLICA_READ,
-    WRITES,
-    FastRoutes,
-    RoutedClientPump,
-    RoutedLinkPump,
-)
+from sqlproxy.proxy import deciding, fastplan
+from sqlproxy.proxy.fastroute import FastRoutes, RoutedClientPump, RoutedLinkPump
 from sqlproxy.proxy.links import Link, open_replica
 from sqlproxy.proxy.recorder import RoutedRecorder
 from sqlproxy.proxy.session import (
@@ -67,7 +60,6 @@ from sqlproxy.routing.answers import (
     should_retry,
 )
 from sqlproxy.routing.health import ReplicaState, Router
-from sqlproxy.routing.policy import Decision, RoutedStatement, Target
 from sqlproxy.routing.replay import SESSION_TAGS, Replay
 from sqlproxy.routing.replica_login import ReplicaLogin
 from sqlproxy.routing.scram import ScramKeys, ScramWatch
@@ -121,7 +113,7 @@ class RoutedSession(ClientSession):
         self._current = "primary"
         # The fast path (fastroute.py): profiled sessions, read_your_writes = "session".
         self.fast: FastRoutes | None = None
-        self._fast_functions: object = None
+        self.fast_functions: object = None
         self.scram = ScramWatch()  # the client's exchange with the primary, for replicas
 
     # ------------------------------------------------------------------ authentication
@@ -195,137 +187,11 @@ class RoutedSession(ClientSession):
             return
         self._pump()
 
-    def _learn(self, unit: Unit, decision: Decision, neutral_view: bool) -> None:
-        """Remember what a lone statement does, for the fast path (``fastroute.py``): a read
-        a replica may serve (decided from an idle, unpinned session's view), a statement
-        with no effect on routing, or a write. Pins are never remembered."""
-        fast = self.fast
-        if fast is None or decision.pin or unit.closes or unit.unknown or unit.describe_only:
-            return
-        if unit.has_query:
-            if len(unit.queries) != 1 or unit.parses or unit.binds:
-                return
-            sql = unit.queries[0]
-        else:  # one statement bound (maybe parsed in the same unit)
-            if len(unit.binds) != 1 or len(unit.parses) > 1 or not unit.binds[0]:
-                return
-            if unit.parses:
-                name, sql, _ = unit.parses[0]
-                if name != unit.binds[0]:
-                    return
-            else:
-                known = self.replay.statements.get(unit.binds[0])
-                if known is None:
-                    return
-                sql = known[0]
-        functions = self.router.functions(self.database)
-        if functions is not self._fast_functions:  # a reloaded catalog: decide again
-            fast.routes.clear()
-            self._fast_functions = functions
-        key = fast.key(sql)
-        if key is None:
-            return
-        if decision.writes:
-            what = WRITES
-        elif neutral_view and decision.target is Target.REPLICA \
-                and not decision.read_only_transaction:
-            what = REPLICA_READ
-        else:
-            what = NEUTRAL
-        fast.remember(key, what)
-
-    def _refresh_fast(self) -> None:
-        """Let the fast path take the next unit when nothing the general path keeps could
-        change where it goes or what must precede it (see ``fastroute.py``)."""
-        fast = self.fast
-        if fast is None:
-            return
-        fast.ready = False
-        fast.inflight = b""
-        fast.primary_inflight = False
-        if self.state is not SessionState.READY or self.units or self.open_link is not None \
-                or self.connecting is not None or len(self.frames) or not self.cutter.empty \
-                or self.unit_failed or self.replay.pending_settings or not fast.routes:
-            return
-        router = self.router
-        routing = self.routing
-        primary = self.primary_link
-        if primary is None or primary.busy or not primary.usable or primary.pump is None \
-                or router.functions(self.database) is not self._fast_functions:
-            return
-        tx = self.tx_link
-        if tx is not None and tx is not primary and tx.conv.tx_status != _IDLE:
-            return  # a read-only transaction on a replica: the general path's
-        if any(lk.busy for lk in self.links.values()):
-            return
-        replay = self.replay
-        if b"" in replay.statements or b"" in primary.replay.prepared:
-            return
-        fast.primary = primary
-        fast.primary_conv = primary.conv
-        fast.primary_answers = primary.answers
-        fast.write_primary = primary.transport.write  # type: ignore[union-attr]
-        fast.routing = routing
-        fast.router = router
-        fast.primary_prepared = self._prepared_on(primary, fast)
-        replica_ok = self._fast_replica(fast)
-        if replica_ok is None:
-            return  # a read would go to a replica not connected yet: the general path
-        fast.replica_ok = replica_ok
-        fast.touched = False
-        fast.ready = True
-
-    def _prepared_on(self, link: Link, fast: FastRoutes) -> dict[bytes, int]:
-        """Named statements ``link`` holds as the client defined them -> what they do."""
-        out: dict[bytes, int] = {}
-        statements = self.replay.statements
-        for name, msg in link.replay.prepared.items():
-            known = statements.get(name)
-            if name and known is not None and known[1] == msg:
-                key = fast.key(known[0])
-                what = fast.routes.get(key, 0) if key is not None else 0
-                if what:
-                    out[name] = what
-        return out
-
-    def _fast_replica(self, fast: FastRoutes) -> bool | None:
-        """Point the fast path at a replica if reads may go to one now (None: one may serve
-        them, but this session has no connection to it yet, or the connection lacks a
-        setting or statement — the general path opens it or replays them)."""
-        routing = self.routing
-        if routing.pinned or routing.no_replica or routing.dirty:
-            return False
-        min_lsn = None
-        if routing.horizon:
-            min_lsn = self.router.lsn_after(routing.horizon)
-            if min_lsn is None:
-                return False
-        rep = self.router.choose(min_lsn, routing.excluded(time.monotonic()))
-        if rep is None:
-            return False
-        link = self.links.get(rep.name)
-        if link is None or link.closed:
-            return None
-        if link.transport is None or link.pump is None:
-            return False
-        backend, replay = link.replay, self.replay
-        if backend.settings_gen != replay.settings_gen or backend.to_close \
-                or backend.settings_applied != len(replay.settings) \
-                or b"" in backend.prepared:
-            return None  # the general path replays what the replica lacks
-        if fast.link is not link:
-            fast.link = link
-            fast.replica = rep
-            fast.answers = link.answers
-            fast.conv = link.conv
-            fast.write_replica = link.transport.write
-            fast.unit = Unit()
-        elif fast.unit is None or fast.unit is link.unit:
-            fast.unit = Unit()
-        prepared = self._prepared_on(link, fast)
-        fast.prepared_ok = {name: True for name, what in prepared.items()
-                            if what == REPLICA_READ}
-        return True
+    def refresh_fast(self) -> None:
+        """Hand the next unit to the fast path if nothing kept here could change where it
+        goes (``fastplan.refresh``); the fast path asks again while reads wait."""
+        if self.fast is not None:
+            fastplan.refresh(self, self.fast)
 
     def _client_message(self, t: int, msg: bytes) -> None:
         link = self.open_link
@@ -390,7 +256,7 @@ class RoutedSession(ClientSession):
                 # the primary first needs a replay (its answers would interleave).
                 if self.replay.preamble(primary.replay, unit, dry_run=True)[0]:
                     return
-                self._decide(unit)
+                deciding.decide(self, unit)
                 self.units.popleft()
                 self._send(primary, unit)
                 continue
@@ -400,88 +266,17 @@ class RoutedSession(ClientSession):
             self.units.popleft()
             self._send(link, unit)
 
-    def _unit_statements(self, unit: Unit) -> list[RoutedStatement] | None:
-        out: list[RoutedStatement] = []
-        for sql in unit.queries:
-            out.extend(self._statements(sql))
-        parsed = set()
-        for name, sql, _ in unit.parses:
-            parsed.add(name)
-            out.extend(self._statements(sql))
-        for name in unit.binds:
-            if name in parsed:
-                continue
-            known = self.replay.statements.get(name)
-            if known is None:
-                return None
-            out.extend(self._statements(known[0]))
-        return out
-
-    def _statements(self, sql: str) -> list[RoutedStatement]:
-        return [RoutedStatement(n.text, shape, n.hints) for n, shape in self._statements_nr(sql)]
-
-    def _in_tx(self) -> Link | None:
+    def in_transaction(self) -> Link | None:
+        """The link of the transaction block in progress, if any."""
         tx = self.tx_link
         if tx is not None and tx.conv.tx_status != _IDLE and not tx.closed:
             return tx
         return None
 
-    def _decide(self, unit: Unit) -> Decision | None:
-        """The policy's decision for ``unit`` (None: unknown statements), noting pins and
-        writes for the session."""
-        tx = self._in_tx()
-        stmts = None if unit.unknown else self._unit_statements(unit)
-        routing = self.routing
-        was_pinned = routing.pinned
-        functions = self.router.functions(self.database)
-        decision = routing.decide(stmts, in_transaction=tx is not None,
-                                  transaction_on_replica=tx is not None and tx.replica is not None,
-                                  functions=functions)
-        if decision is None:
-            return None
-        self._learn(unit, decision, neutral_view=tx is None and not was_pinned
-                    and not routing.no_replica)
-        if routing.pinned and not was_pinned:
-            self.router.note_pinned()
-            log.info("session_pinned", session=self.id, reason=decision.reason)
-        if routing.table_mode and not decision.writes and decision.target is Target.REPLICA:
-            unit.tables = frozenset(t for st in stmts or () for t in st.shape.tables)
-        if decision.target is Target.PRIMARY and "volatile function" in decision.reason:
-            self.router.load_functions(self.database)  # maybe a function we do not know yet
-        return decision
-
     def _route(self, unit: Unit) -> Link | None:
-        primary = self.primary_link
-        assert primary is not None
-        tx = self._in_tx()
-        decision = self._decide(unit)
-        unit.in_tx = tx is not None
-        if tx is not None:
-            return tx  # transactions stay on one backend, whatever the statement
-        if unit.describe_only:
-            return primary
-        if decision is None or decision.target is Target.PRIMARY:
-            return primary
-        min_lsn = None
-        horizon = self.routing.horizon
-        if unit.tables:
-            horizon = max(horizon, self.router.table_horizon(self.database, unit.tables))
-        if horizon:
-            min_lsn = self.router.lsn_after(horizon)
-            if min_lsn is None:
-                self.router.note_fallback()
-                return primary
-        rep = self.router.choose(min_lsn, self.routing.excluded(time.monotonic()))
-        if rep is None:
-            self.router.note_fallback()
-            return primary
-        link = self.links.get(rep.name)
-        if link is None or link.closed:
-            self._connect_replica(rep)
-            return None
-        return link
+        return deciding.route(self, unit)
 
-    def _connect_replica(self, rep: ReplicaState) -> None:
+    def connect_replica(self, rep: ReplicaState) -> None:
         self.connecting = rep.name
         self.server.track(asyncio.get_running_loop().create_task(self._open_replica(rep)))
 
@@ -577,7 +372,7 @@ class RoutedSession(ClientSession):
                 log.info("routing_replay_failed", session=self.id, backend=link.name,
                          error=error_summary(body))
             answers.swallow_errors.clear()
-        self._after(link)
+        self.backend_done(link)
 
     def _answer(self, link: Link, event: Event) -> None:
         kind = event.kind
@@ -651,7 +446,7 @@ class RoutedSession(ClientSession):
             self.units.popleft()
             self._send(primary, unit)
 
-    def _after(self, link: Link) -> None:
+    def backend_done(self, link: Link) -> None:
         """After a backend's bytes: a finished unit frees the session for the next."""
         if link.replica is not None and link.closed and link.unit is None:
             self._drop_link(link)
@@ -665,27 +460,18 @@ class RoutedSession(ClientSession):
                 if written:
                     self.router.note_writes(self.database, written, self.routing.horizon)
         self._pump()
-        self._refresh_fast()
+        self.refresh_fast()
 
     # ------------------------------------------------------------------ settings
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
                        sqlstate: str | None, started: float, ended: float) -> None:
+        # Unprofiled sessions only: the links' conversations call the session itself.
         self.route = self._current
         super().statement_done(pending, index, tag, rows, sqlstate, started, ended)
-        if sqlstate is not None:
-            self.unit_failed = True
-            return
-        if tag == b"ROLLBACK":
-            self.replay.rolled_back()
-            return
-        if not pending.sql or (tag is not None and not tag.startswith(SESSION_TAGS)):
+        if sqlstate is None and tag is not None and tag != b"ROLLBACK" \
+                and not tag.startswith(SESSION_TAGS):
             return  # only SET / RESET / DISCARD / DEALLOCATE change what a replica must replay
-        stmts = self._statements_nr(pending.sql)
-        current = self._link_named(self._current)
-        if index < len(stmts) and current is not None:
-            n, shape = stmts[index]
-            self.replay.statement_completed(n, shape, current.replay,
-                                            [lk.replay for lk in self._all_links()])
+        self.statement_event(self._current, pending, index, None, sqlstate)
 
     def statement_event(self, route: str, pending: Pending, index: int,
                         stmt: Statement | None, sqlstate: str | None) -> None:
@@ -701,7 +487,7 @@ class RoutedSession(ClientSession):
         if stmt is not None:
             n, shape = stmt.normalized, stmt.shape
         else:
-            stmts = self._statements_nr(pending.sql) if pending.sql else []
+            stmts = deciding.statements_nr(self, pending.sql) if pending.sql else []
             if index >= len(stmts):
                 return
             n, shape = stmts[index]
@@ -713,13 +499,6 @@ class RoutedSession(ClientSession):
         if current is not None:
             self.replay.statement_completed(n, shape, current.replay,
                                             [lk.replay for lk in self._all_links()])
-
-    def _statements_nr(self, sql: str) -> list[tuple[Normalized, Shape]]:
-        profiler = self.profiler
-        if profiler is not None:
-            return [(s.normalized, s.shape) for s in profiler.statements(self.info, sql)]
-        cache = self.router.cache
-        return [(n, cache.shape(n)) for n in cache.scan(sql)]
 
     # ------------------------------------------------------------------ teardown
     def link_lost(self, link: Link, exc: Exception | None) -> None:

@@ -76,6 +76,7 @@ from sqlproxy.wire.messages import (
     F_COPY_FAIL,
     F_FLUSH,
     F_TERMINATE,
+    SYNC,
     TERMINATE,
     StartupMessage,
     backend_key_data,
@@ -103,6 +104,7 @@ _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
 #: never names a real backend (see docs/reliability.md).
 PROXY_PID_BASE = 1 << 30
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
+PARSE_COMPLETE = build(b"1", b"")
 
 
 def _quote(value: str) -> str:
@@ -246,6 +248,9 @@ class PoolIO:
         self.max_clients_by_app: dict[str, int] = {}
         self._clients_by_app: dict[str, int] = {}
         self.errors_53300 = 0
+        # Parse messages that a server of this pool accepted: a client preparing one of these
+        # outside a transaction is answered without a server (see PooledSession._prepare).
+        self.known_parses: set[bytes] = set()
 
     @property
     def can_open(self) -> bool:
@@ -534,6 +539,8 @@ class PooledSession(ClientSession):
         self._open_unit = False  # a unit ended by Flush: the server stays until Sync
         self.pinned: str | None = None
         self._joined = False
+        self._parses_sent: list[bytes] = []  # Parse messages awaiting their answers
+        self._errors_at = 0
 
     # ------------------------------------------------------------------ startup
     def _client_pid(self, pid: int) -> int:
@@ -673,6 +680,9 @@ class PooledSession(ClientSession):
             if server is None:
                 if self.waiting:
                     return
+                if self._prepare_only(self.units[0]):
+                    self.units.popleft()
+                    continue
                 pool = self.pool
                 assert pool is not None
                 server = pool.checkout(self)
@@ -684,6 +694,35 @@ class PooledSession(ClientSession):
                 self.fail(ConnectionFailure("server closed the connection unexpectedly"))
                 return
             self._send(server, self.units.popleft())
+
+    def _prepare_only(self, unit: Unit) -> bool:
+        """Answer a unit of nothing but Parse messages and a Sync, outside a transaction,
+        without a server, when every statement it prepares was accepted by a server of the
+        pool already: the statement is noted for this client and prepared lazily wherever it
+        next runs. Clients that prepare synchronously from one thread serving many
+        connections (pgbench -M prepared) would otherwise wait for a server held by a
+        connection that thread cannot serve meanwhile."""
+        pool = self.pool
+        conv = self.conv
+        if pool is None or conv is None or conv.tx_status != _IDLE or conv.busy \
+                or not unit.parses or unit.binds or unit.describes or unit.closes \
+                or unit.queries or unit.unknown or unit.open or unit.describe_only:
+            return False
+        known = pool.known_parses
+        if any(not name or msg not in known for name, _, msg in unit.parses):
+            return False
+        if len(unit.data) != sum(len(m) for _, _, m in unit.parses) + len(SYNC):
+            return False  # something else in it
+        for name, sql, msg in unit.parses:
+            self.replay.statements[name] = (sql, msg)
+        now = _perf()
+        conv.feed_frontend(bytes(unit.data), now)
+        answer = PARSE_COMPLETE * len(unit.parses) + ready_for_query()
+        t = self.client_transport
+        if t is not None:
+            t.write(answer)
+        conv.feed_backend(answer, now)
+        return True
 
     def granted(self, server: ServerConn) -> None:
         """A server for this session (checked out after a wait, or opened for it)."""
@@ -745,6 +784,9 @@ class PooledSession(ClientSession):
         data = bytes(unit.data)
         self.conv.feed_frontend(data, now)  # type: ignore[union-attr]
         transport.write(pre + data if pre else data)
+        if unit.parses:
+            self._parses_sent.extend(m for name, _, m in unit.parses if name)
+            self._errors_at = self.conv.sql_errors  # type: ignore[union-attr]
         self.replay.sent(server.replay, unit, ())
         if unit.binds or unit.parses or unit.describes:
             server.replay.bound((*unit.binds, *unit.describes),
@@ -761,9 +803,11 @@ class PooledSession(ClientSession):
             for n, shape in self._statements_nr(text):
                 st = RoutedStatement(n.text, shape, n.hints)
                 reason = pin_reason(st)
-                if reason is None and shape.kind.value == "set" and not in_tx \
+                if reason is None and shape.kind.value == "set" \
                         and not n.text.startswith(("set local ", "set transaction ")):
-                    reason = "set outside a transaction"
+                    # A SET in a transaction block outlives its COMMIT too.
+                    reason = ("set in a transaction (kept after commit)" if in_tx
+                              else "set outside a transaction")
                 if reason is None and shape.command == "begin":
                     in_tx = True
                 if reason is not None:
@@ -809,6 +853,13 @@ class PooledSession(ClientSession):
                 conv.feed_backend(ev.data, _perf())
             elif ev.kind is Kind.TRACK:
                 conv.feed_backend(ev.data, _perf())
+        if self._parses_sent and not conv.busy:
+            if conv.sql_errors == self._errors_at and self.pool is not None:
+                known = self.pool.known_parses
+                if len(known) > 10_000:
+                    known.clear()
+                known.update(self._parses_sent)
+            self._parses_sent.clear()
         if server.answers.swallow_errors:
             for body in server.answers.swallow_errors:
                 log.info("pool_replay_failed", session=self.id, error=error_summary(body))

@@ -44,6 +44,18 @@ def pools_of(proxy: ProxyThread) -> list[dict[str, Any]]:
     return proxy.call(get)
 
 
+def eventually(proxy: ProxyThread, ok: Callable[[dict[str, Any]], bool],
+               timeout: float = 10.0) -> dict[str, Any]:
+    """The (only) pool's description once ``ok`` holds for it (the proxy hears of a client's
+    departure a moment after the client has gone)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        (pool,) = pools_of(proxy)
+        if ok(pool) or time.monotonic() > deadline:
+            return pool
+        time.sleep(0.02)
+
+
 @pytest.fixture
 def bench_db(pg_primary: PgCluster) -> Iterator[str]:
     name = unique_name("pool")
@@ -135,7 +147,7 @@ def test_500_clients_over_10_server_connections(
     assert init.returncode == 0, describe(init)
     p = pooled(make_proxy, size=10, max_wait_ms=60_000)
     with _Peak(pg_primary, bench_db) as peak:
-        out = _pgbench(p, bench_db, "-c", "500", "-j", "4", "-t", "10", "-M", mode)
+        out = _pgbench(p, bench_db, "-n", "-c", "500", "-j", "4", "-t", "10", "-M", mode)
     assert "number of transactions actually processed: 5000/5000" in out, out
     assert peak.peak <= 10, f"{peak.peak} server connections seen"
     for sql in MISMATCHES:
@@ -144,3 +156,138 @@ def test_500_clients_over_10_server_connections(
     assert int(count) == 5000
     (pool,) = pools_of(p)
     assert pool["servers"] <= 10
+
+
+KILLED_CLIENT = """
+import sys, time, psycopg
+conn = psycopg.connect(sys.argv[1])
+conn.execute("INSERT INTO killed VALUES (1)")
+print("inserted", flush=True)
+if sys.argv[2] == "busy":
+    conn.execute("SELECT pg_sleep(60)")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("state", ["idle", "busy"])
+def test_client_killed_mid_transaction_leaves_nothing_behind(
+    make_proxy: Callable[..., ProxyThread], pg_primary: PgCluster, bench_db: str, state: str,
+) -> None:
+    import sys
+
+    pg_primary.psql("CREATE TABLE killed (id int)", dbname=bench_db)
+    p = pooled(make_proxy, size=1)
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, p.dsn(dbname=bench_db), state],
+                            stdout=subprocess.PIPE, text=True, env=client_env())
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "inserted"
+        time.sleep(0.2 if state == "busy" else 0)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    # The next client gets the pool's only slot: a fresh server, none of the killed writes.
+    with psycopg.connect(p.dsn(dbname=bench_db), autocommit=True) as c:
+        assert c.execute("SELECT count(*) FROM killed").fetchone() == (0,)
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = pg_primary.psql("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                               f"'{bench_db}' AND state LIKE '%in transaction%' "
+                               "OR (datname = '{bench_db}' AND query LIKE '%pg_sleep(60)%' "
+                               "AND state = 'active')")
+        if left == "0":
+            break
+        time.sleep(0.05)
+    assert left == "0"
+    pool = eventually(p, lambda pool: "client_gone_in_transaction" in pool["servers_closed"])
+    assert pool["servers_closed"].get("client_gone_in_transaction") == 1
+
+
+def test_max_wait_gives_53300_and_the_session_stays_usable(
+    make_proxy: Callable[..., ProxyThread], bench_db: str,
+) -> None:
+    p = pooled(make_proxy, size=1, max_wait_ms=200)
+    with psycopg.connect(p.dsn(dbname=bench_db)) as holder, \
+            psycopg.connect(p.dsn(dbname=bench_db), autocommit=True) as waiter:
+        holder.execute("SELECT 1")  # opens a transaction: holds the only server
+        with pytest.raises(psycopg.errors.TooManyConnections) as err:
+            waiter.execute("SELECT 2")
+        assert "pool.size is 1" in str(err.value)
+        holder.commit()
+        assert waiter.execute("SELECT 3").fetchone() == (3,)  # a retry works
+    (pool,) = pools_of(p)
+    assert pool["wait_timeouts"] == 1
+
+
+def test_cancel_reaches_the_query_of_the_client_that_asked(
+    make_proxy: Callable[..., ProxyThread], bench_db: str,
+) -> None:
+    p = pooled(make_proxy, size=2)
+    with psycopg.connect(p.dsn(dbname=bench_db), autocommit=True) as a, \
+            psycopg.connect(p.dsn(dbname=bench_db), autocommit=True) as b:
+        results: dict[str, Any] = {}
+
+        def run(name: str, conn: psycopg.Connection[Any], sql: str) -> None:
+            try:
+                conn.execute(sql)
+                results[name] = "done"
+            except psycopg.Error as exc:
+                results[name] = exc.sqlstate
+
+        tb = threading.Thread(target=run, args=("b", b, "SELECT pg_sleep(1.5)"))
+        ta = threading.Thread(target=run, args=("a", a, "SELECT pg_sleep(30)"))
+        tb.start()
+        ta.start()
+        time.sleep(0.5)
+        a.cancel_safe()  # (cancel() holds the GIL: the proxy thread would stall)
+        ta.join(10)
+        tb.join(10)
+        assert results == {"a": "57014", "b": "done"}
+        assert a.execute("SELECT 1").fetchone() == (1,)  # usable after the cancel
+
+
+PINS = {
+    "LISTEN pool_channel": "listen",
+    "SET work_mem = '8MB'": "set outside a transaction",
+    "CREATE TEMP TABLE pool_tmp (id int)": "temporary table",
+    "SELECT pg_advisory_lock(42)": "function pg_advisory_lock",
+    "PREPARE pool_p AS SELECT 1": "sql prepare",
+}
+
+
+@pytest.mark.parametrize("sql", list(PINS))
+def test_session_state_pins_the_client_and_is_reported(
+    make_proxy: Callable[..., ProxyThread], bench_db: str, sql: str,
+) -> None:
+    p = pooled(make_proxy, size=2)
+    with psycopg.connect(p.dsn(dbname=bench_db), autocommit=True) as c:
+        c.execute(sql)
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()
+        (pool,) = pools_of(p)
+        (pinned,) = pool["pinned_clients"]
+        assert pinned["reason"] == PINS[sql] and pinned["statement"] == sql
+        # Pinned: the same server connection for the rest of the session.
+        with psycopg.connect(p.dsn(dbname=bench_db), autocommit=True) as other:
+            other.execute("SELECT 1")
+        for _ in range(3):
+            assert c.execute("SELECT pg_backend_pid()").fetchone() == pid
+    pool = eventually(p, lambda pool: not pool["pinned_clients"])
+    assert pool["servers_closed"].get("pinned_client_left") == 1
+
+
+def test_set_local_does_not_pin_but_set_in_a_transaction_does(
+    make_proxy: Callable[..., ProxyThread], bench_db: str,
+) -> None:
+    p = pooled(make_proxy, size=2)
+    with psycopg.connect(p.dsn(dbname=bench_db)) as c:
+        c.execute("SET LOCAL work_mem = '8MB'")
+        c.execute("SELECT 1")
+        c.commit()
+        (pool,) = pools_of(p)
+        assert pool["pinned_clients"] == []
+        c.execute("SET statement_timeout = '5s'")  # outlives the COMMIT
+        c.commit()
+        (pool,) = pools_of(p)
+        assert [x["reason"] for x in pool["pinned_clients"]] == [
+            "set in a transaction (kept after commit)"]

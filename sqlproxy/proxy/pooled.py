@@ -50,6 +50,7 @@ session mode.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -59,7 +60,6 @@ from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
 from sqlproxy.proxy.connect import connect_backend
-from sqlproxy.proxy.recorder import SessionListener
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.answers import Answers, Kind
 from sqlproxy.routing.policy import RoutedStatement
@@ -67,7 +67,7 @@ from sqlproxy.routing.policy import _pins as pin_reason
 from sqlproxy.routing.replay import BackendReplay, Replay
 from sqlproxy.routing.replica_login import ReplicaLogin
 from sqlproxy.routing.units import Unit, UnitCutter
-from sqlproxy.wire.conversation import Conversation, ConversationListener
+from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.frames import MAX_SERVER_MESSAGE, Frames, frame_end
 from sqlproxy.wire.messages import (
     B_ERROR_RESPONSE,
@@ -103,6 +103,7 @@ _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
 #: Pooled sessions get PIDs from here up: above any Linux PID (at most 2**22), so a proxy PID
 #: never names a real backend (see docs/reliability.md).
 PROXY_PID_BASE = 1 << 30
+_DEALLOCATE_RE = re.compile(r"(?i)\bdeallocate\s+(?:prepare\s+)?(?!all\b)(\"[^\"]+\"|\w+)")
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
 PARSE_COMPLETE = build(b"1", b"")
 
@@ -631,10 +632,9 @@ class PooledSession(ClientSession):
     def _start(self, rest: bytes) -> None:
         self._cancel_startup_timer()
         self.ready_at = _perf()
-        listener: ConversationListener = (
-            SessionListener(self) if self.recorder is None else self.recorder
-        )
-        self.conv = self.info.conv = Conversation(listener, self.config.proxy.max_message_bytes)
+        # The session listens itself (DEALLOCATE / DISCARD change what the servers hold),
+        # and hands each statement on to its recorder.
+        self.conv = self.info.conv = Conversation(self, self.config.proxy.max_message_bytes)
         self.state = SessionState.READY
         self._buf.clear()
         if self._pending_to_backend:  # sent before we answered the login
@@ -668,8 +668,13 @@ class PooledSession(ClientSession):
                 server.transport.write(msg)  # type: ignore[union-attr]
             return
         if t == F_TERMINATE:
+            # The client leaves: its server goes back (clean or not, see _give_back) and we
+            # close the connection, as the server would (drivers wait for that EOF).
             self.conv.feed_frontend(msg, _perf())  # type: ignore[union-attr]
-            return  # the client leaves: connection_lost gives the server back
+            self._give_back("client_gone_in_transaction")
+            if self.client_transport is not None:
+                self.client_transport.close()
+            return
         unit = self.cutter.add(t, msg)
         if unit is not None:
             self.units.append(unit)
@@ -774,6 +779,8 @@ class PooledSession(ClientSession):
             pre = build(b"Q", cstr(sql))
             injected = 1
             server.settings = dict(self.settings)
+        if unit.queries and self.replay.statements:
+            self._deallocated(unit)
         rp, n, _ = self.replay.preamble(server.replay, unit)
         if n:
             pre += rp
@@ -792,6 +799,26 @@ class PooledSession(ClientSession):
             server.replay.bound((*unit.binds, *unit.describes),
                                 self.config.pool.max_prepared_per_server)
         self._open_unit = unit.open or unit.describe_only
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        super().statement_done(pending, index, tag, rows, sqlstate, started, ended)
+        if sqlstate is None and tag is not None and tag.startswith((b"DEALLOCATE", b"DISCARD")):
+            server = self.held
+            stmts = self._statements_nr(pending.sql) if pending.sql else []
+            if server is not None and index < len(stmts):
+                # Gone from this server (the client's and maybe another's of that name).
+                self.replay.forget_statements(stmts[index][0].text, server.replay,
+                                              [server.replay])
+
+    def _deallocated(self, unit: Unit) -> None:
+        """A SQL DEALLOCATE of a statement the client prepared by protocol on another
+        server: prepare it here first, so that the DEALLOCATE finds it."""
+        for text in unit.queries:
+            for m in _DEALLOCATE_RE.finditer(text):
+                name = m.group(1).strip('"').encode()
+                if name in self.replay.statements and name not in unit.describes:
+                    unit.describes.append(name)
 
     # ------------------------------------------------------------------ pinning
     def _check_pin(self, unit: Unit) -> None:

@@ -439,6 +439,7 @@ class PoolIO:
             "database": self.database,
             "user": self.user,
             "size": st.limits.size,
+            "min_idle": st.limits.min_idle,
             "servers": len(st.servers),
             "opening": st.opening,
             "active": st.active,

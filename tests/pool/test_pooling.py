@@ -291,3 +291,73 @@ def test_set_local_does_not_pin_but_set_in_a_transaction_does(
         (pool,) = pools_of(p)
         assert [x["reason"] for x in pool["pinned_clients"]] == [
             "set in a transaction (kept after commit)"]
+
+
+def _admin(p: ProxyThread, path: str) -> Any:
+    import httpx
+
+    assert p.runtime is not None
+    r = httpx.get(f"http://127.0.0.1:{p.runtime.admin_port}{path}", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json() if path.startswith("/api") else r.text
+
+
+def test_api_pools_metrics_and_advice(
+    make_proxy: Callable[..., ProxyThread], bench_db: str,
+) -> None:
+    p = pooled(make_proxy, size=3)
+    conns = [psycopg.connect(p.dsn(dbname=bench_db), autocommit=True,
+                             application_name="web") for _ in range(8)]
+    try:
+        for c in conns:
+            c.execute("SELECT 1")
+        conns[0].execute("LISTEN pool_api")
+        body = _admin(p, "/api/pools")
+        (pool,) = body["items"]
+        assert (pool["database"], pool["user"], pool["size"]) == (bench_db, "postgres", 3)
+        assert pool["clients"] == 8 and pool["checkouts"] >= 8
+        assert [x["reason"] for x in pool["pinned_clients"]] == ["listen"]
+        kinds = [f["kind"] for f in pool["findings"]]
+        assert "session_state_in_pool" in kinds
+        assert any(a.startswith("application web: at most") for a in pool["advice"]), pool
+        metrics = _admin(p, "/metrics")
+        assert f'sqlproxy_pool_size{{database="{bench_db}",user="postgres"}} 3.0' in metrics
+        assert "sqlproxy_pool_checkouts_total" in metrics
+        assert "sqlproxy_pool_pinned_clients" in metrics
+    finally:
+        for c in conns:
+            c.close()
+
+
+def _workload(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True, application_name="same") as c:
+        c.execute("CREATE TABLE IF NOT EXISTS items (id int PRIMARY KEY, owner int)")
+        c.execute("TRUNCATE items")
+        c.execute("INSERT INTO items SELECT g, g % 7 FROM generate_series(1, 40) g")
+        owners = c.execute("SELECT DISTINCT owner FROM items ORDER BY owner").fetchall()
+        for (owner,) in owners:  # an N+1 burst
+            c.execute("SELECT id FROM items WHERE owner = %s", (owner,)).fetchall()
+        with c.transaction():
+            for i in range(1, 6):
+                c.execute("UPDATE items SET owner = owner WHERE id = %s", (i,))
+        c.execute("SELECT pg_sleep(0.12)")  # a slow query (analysis.slow_query_ms = 100)
+
+
+def test_analysis_is_the_same_in_session_and_transaction_mode(
+    make_proxy: Callable[..., ProxyThread], bench_db: str,
+) -> None:
+    seen = {}
+    for mode in ("session", "transaction"):
+        p = make_proxy(pool={"mode": mode, "size": 2})
+        _workload(p.dsn(dbname=bench_db))
+        time.sleep(0.3)  # the burst detector closes the burst after analysis.burst_gap_ms
+        queries = _admin(p, "/api/queries?limit=1000")["items"]
+        slow = _admin(p, "/api/slow")["items"]
+        findings = _admin(p, "/api/findings")["items"]
+        seen[mode] = (
+            sorted((q["query"], q["calls"], q["rows"]) for q in queries),
+            sorted(s["query"] for s in slow),
+            sorted((f["kind"], f["query"]) for f in findings),
+        )
+    assert seen["session"] == seen["transaction"]
+    assert any(kind == "n_plus_one" for kind, _ in seen["transaction"][2])

@@ -139,3 +139,45 @@ def test_min_idle_spares() -> None:
     p.spare_opened("s1", 0.0)
     p.spare_opened("s2", 0.0)
     assert p.checkout("a", 1.0) == "s2"
+
+
+def _figures(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "database": "app", "user": "web", "size": 20, "all_busy_share": 0.0,
+        "wait_ms": {"p50": 0.0, "p99": 0.0, "max": 0.0}, "max_active": 20, "wait_timeouts": 0,
+        "checkouts": 1000, "servers_opened": 20, "servers_closed": {}, "pinned_clients": [],
+        "max_active_by_application": {}, "max_clients_by_application": {}}
+    base.update(kw)
+    return base
+
+
+def test_advice_for_a_saturated_pool() -> None:
+    from sqlproxy.pool.advice import findings, sizing
+
+    pool = _figures(all_busy_share=0.14, wait_ms={"p50": 1.0, "p99": 38.0, "max": 50.0})
+    (advice,) = sizing(pool)
+    assert advice.startswith("pool.size 20: all 20 busy 14 % of the time, clients waited p99 "
+                             "38 ms → 26")
+    assert [f["kind"] for f in findings(pool)] == ["pool_saturated"]
+
+
+def test_advice_for_an_oversized_pool_and_an_application_pool() -> None:
+    from sqlproxy.pool.advice import sizing
+
+    pool = _figures(max_active=6, max_active_by_application={"web": 6},
+                    max_clients_by_application={"web": 40})
+    assert sizing(pool) == [
+        "pool.size 20: at most 6 server connections ever busy → 8 is enough",
+        "application web: at most 6 connections ever busy of 40 opened → SQLAlchemy "
+        "pool_size=6, max_overflow=4 (or the same in its own pool)"]
+
+
+def test_churn_and_pinned_findings() -> None:
+    from sqlproxy.pool.advice import findings
+
+    pool = _figures(servers_opened=500, checkouts=600, servers_closed={"login": 480},
+                    pinned_clients=[{"session": 3, "application_name": "web",
+                                     "reason": "listen", "statement": "LISTEN x"}])
+    kinds = [(f["kind"], f.get("reason")) for f in findings(pool)]
+    assert kinds == [("connection_churn", None), ("session_state_in_pool", "listen")]
+    assert "authenticate through" in findings(pool)[0]["suggestion"]

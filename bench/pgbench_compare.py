@@ -290,7 +290,8 @@ class RunResult:
         return self.proxy_user_seconds * 1e6 / self.transactions
 
 
-_TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
+_TPS_RE = re.compile(
+    r"^tps = ([0-9.]+) \((?:without initial connection time|including reconnection times)\)", re.M)
 _LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 _CONN_RE = re.compile(r"^initial connection time = ([0-9.]+) ms", re.M)
 _TX_RE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)

@@ -474,6 +474,8 @@ class PoolManager:
         self.server_ids = 0
         self.pids = 0
         self.cache = StatementCache()  # statement shapes when the profiler is off
+        # Statement texts known not to pin (the check costs a scan per unit otherwise).
+        self.clean_texts: set[str] = set()
         self._ticker: asyncio.Task[None] | None = None
 
     def pool(self, database: str, user: str) -> PoolIO:
@@ -775,7 +777,8 @@ class PooledSession(ClientSession):
             self._check_pin(unit)
         pre = b""
         injected = 0
-        sql = _settings_sql(server.settings, self.settings)
+        sql = "" if server.settings == self.settings else _settings_sql(server.settings,
+                                                                          self.settings)
         if sql:
             pre = build(b"Q", cstr(sql))
             injected = 1
@@ -827,20 +830,32 @@ class PooledSession(ClientSession):
         if not texts:
             return
         in_tx = self.conv is not None and self.conv.tx_status != _IDLE
+        clean = self.manager.clean_texts
         for text in texts:
-            for n, shape in self._statements_nr(text):
-                st = RoutedStatement(n.text, shape, n.hints)
-                reason = pin_reason(st)
-                if reason is None and shape.kind.value == "set" \
-                        and not n.text.startswith(("set local ", "set transaction ")):
-                    # A SET in a transaction block outlives its COMMIT too.
-                    reason = ("set in a transaction (kept after commit)" if in_tx
-                              else "set outside a transaction")
-                if reason is None and shape.command == "begin":
-                    in_tx = True
-                if reason is not None:
-                    self._pin(reason, text)
-                    return
+            if text in clean:  # seen before: pins nothing, in or out of a transaction
+                continue
+            if self._pin_text(text, in_tx):
+                return
+            if len(clean) >= 10_000:
+                clean.clear()
+            clean.add(text)
+
+    def _pin_text(self, text: str, in_tx: bool) -> bool:
+        """Pin the session if ``text`` holds a statement that pins (True if it did)."""
+        for n, shape in self._statements_nr(text):
+            st = RoutedStatement(n.text, shape, n.hints)
+            reason = pin_reason(st)
+            if reason is None and shape.kind.value == "set" \
+                    and not n.text.startswith(("set local ", "set transaction ")):
+                # A SET in a transaction block outlives its COMMIT too.
+                reason = ("set in a transaction (kept after commit)" if in_tx
+                          else "set outside a transaction")
+            if reason is None and shape.command == "begin":
+                in_tx = True
+            if reason is not None:
+                self._pin(reason, text)
+                return True
+        return False
 
     def _statements_nr(self, sql: str) -> list[tuple[Any, Any]]:
         profiler = self.profiler

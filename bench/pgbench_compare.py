@@ -79,7 +79,7 @@ TARGET_LABELS: dict[str, str] = {
     SQLPROXY_ON: "sqlproxy (profiling on)",
     SQLPROXY_OFF: "sqlproxy (profiling off)",
     SQLPROXY_TRANSPORTS: "sqlproxy (on, no relay)",
-    PGBOUNCER: "pgbouncer (session)",
+    PGBOUNCER: "pgbouncer",
 }
 # (label, numerator, denominator): medians of the per-round TPS ratios.
 RATIOS: tuple[tuple[str, str, str], ...] = (

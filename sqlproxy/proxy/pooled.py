@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,7 @@ from sqlproxy.wire.messages import (
     F_COPY_DONE,
     F_COPY_FAIL,
     F_FLUSH,
+    F_QUERY,
     F_TERMINATE,
     SYNC,
     TERMINATE,
@@ -96,6 +98,7 @@ __all__ = ["PoolManager", "PooledSession", "ServerConn"]
 
 log = get_logger("sqlproxy.pool")
 _perf = time.perf_counter
+_unpack_int32 = struct.Struct("!I").unpack_from
 _IDLE = 73  # 'I'
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 #: Startup parameters that are not settings (or cannot be SET later).
@@ -655,6 +658,10 @@ class PooledSession(ClientSession):
         if self.state is not SessionState.READY:
             super().data_received(data)
             return
+        if not self.units and data[0] == F_QUERY and not self.frames.buf \
+                and self.cutter.empty and len(data) > 5 and data[-1] == 0 \
+                and _unpack_int32(data, 1)[0] + 1 == len(data) and self._fast_query(data):
+            return
         try:
             for t, msg in self.frames.feed(data):
                 self._client_message(t, msg)
@@ -662,6 +669,39 @@ class PooledSession(ClientSession):
             self.fail(exc)
             return
         self._pump()
+
+    def _fast_query(self, data: bytes) -> bool:
+        """The common case, without cutting a unit: a chunk that is exactly one simple Query
+        the session has seen before (it pins nothing), for the server it holds or an idle one,
+        with nothing to replay there. False: take the ordinary path (a server checked out
+        here stays held for it)."""
+        text = data[5:-1].decode("utf-8", "replace")
+        if text not in self.manager.clean_texts or self.waiting:
+            return False
+        server = self.held
+        if server is None:
+            pool = self.pool
+            if pool is None or not pool.state.idle or pool.state.waiters:
+                return False
+            server = pool.checkout(self)
+            if server is None:  # (cannot happen with an idle server and no waiters)
+                return True
+            server.holder = self
+            self.held = server
+        transport = server.transport
+        if transport is None or server.closed or server.replay.to_close \
+                or server.settings != self.settings or server.answers.busy:
+            return False
+        try:
+            self.conv.feed_frontend(data, _perf())  # type: ignore[union-attr]
+        except ProtocolViolation as exc:
+            self.fail(exc)
+            return True
+        transport.write(data)
+        self.replay.statements.pop(b"", None)  # a simple Query drops the unnamed statement
+        server.replay.prepared.pop(b"", None)
+        self._open_unit = False
+        return True
 
     def _client_message(self, t: int, msg: bytes) -> None:
         if t in _COPY_MESSAGES or (t == F_FLUSH and self.cutter.empty):
@@ -881,6 +921,15 @@ class PooledSession(ClientSession):
 
     # ------------------------------------------------------------------ server side
     def server_data(self, server: ServerConn, data: bytes) -> None:
+        answers = server.answers
+        if not (answers.swallow or answers.strip or answers.buf or self._parses_sent):
+            # Nothing to swallow or strip: the chunk goes to the client as received.
+            t = self.client_transport
+            if t is not None and not t.is_closing():
+                t.write(data)
+            self.conv.feed_backend(data, _perf())  # type: ignore[union-attr]
+            self._after()
+            return
         try:
             events = server.answers.feed(data)
         except ProtocolViolation as exc:

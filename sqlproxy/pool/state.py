@@ -139,14 +139,20 @@ class Pool(Generic[S, C]):
         return min(1.0, busy / life)
 
     def _busy_changed(self, now: float) -> None:
+        # On every checkout and check-in: kept to a few comparisons.
         st = self.stats
-        st.max_active = max(st.max_active, self.active)
-        st.max_waiting = max(st.max_waiting, len(self.waiters))
-        full = self.active + self.opening >= self.limits.size
-        if full and self._all_busy_since is None:
-            self._all_busy_since = now
-        elif not full and self._all_busy_since is not None:
-            st.all_busy_s += now - self._all_busy_since
+        active = self.active
+        if active > st.max_active:
+            st.max_active = active
+        waiting = len(self.waiters)
+        if waiting > st.max_waiting:
+            st.max_waiting = waiting
+        since = self._all_busy_since
+        if active + self.opening >= self.limits.size:
+            if since is None:
+                self._all_busy_since = now
+        elif since is not None:
+            st.all_busy_s += now - since
             self._all_busy_since = None
 
     def _lent(self, client: C, app: str | None, waited: float, now: float) -> None:
@@ -249,9 +255,10 @@ class Pool(Generic[S, C]):
             self._lent(w.client, self._app_of.get(w.client), waited, now)
             return [Handoff(w.client, server, waited)], False
         self.idle.append(server)
-        out = self._fill(now)  # a login waiting: it closes this idle one for room
+        if self.waiters:  # a login waiting: it closes this idle one for room
+            return self._fill(now), False
         self._busy_changed(now)
-        return out, False
+        return [], False
 
     def _fill(self, now: float) -> list[Handoff[S, C]]:
         """Give free slots (and idle servers) to waiters, in order."""

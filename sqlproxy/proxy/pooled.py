@@ -289,7 +289,8 @@ class PoolIO:
     def checkout(self, session: PooledSession) -> ServerConn | None:
         """A server for ``session`` now, or None: ``session.granted`` follows (or
         ``session.wait_timed_out``)."""
-        self.state.may_open = self.can_open
+        if not self.state.idle:
+            self.state.may_open = self.can_open
         got = self.state.checkout(session, time.monotonic(), session.application_name)
         if got is OPEN:
             session.waiting = True
@@ -479,6 +480,7 @@ class PoolManager:
         self.cache = StatementCache()  # statement shapes when the profiler is off
         # Statement texts known not to pin (the check costs a scan per unit otherwise).
         self.clean_texts: set[str] = set()
+        self.clean_shapes: set[str] = set()  # normalized statements that pin nothing
         self._ticker: asyncio.Task[None] | None = None
 
     def pool(self, database: str, user: str) -> PoolIO:
@@ -675,9 +677,13 @@ class PooledSession(ClientSession):
         the session has seen before (it pins nothing), for the server it holds or an idle one,
         with nothing to replay there. False: take the ordinary path (a server checked out
         here stays held for it)."""
-        text = data[5:-1].decode("utf-8", "replace")
-        if text not in self.manager.clean_texts or self.waiting:
+        if self.waiting:
             return False
+        text = data[5:-1].decode("utf-8", "replace")
+        if self.pinned is None and text not in self.manager.clean_texts:
+            in_tx = self.conv is not None and self.conv.tx_status != _IDLE
+            if self._pin_text(text, in_tx):
+                return False  # pinned now: the ordinary path (it holds its server)
         server = self.held
         if server is None:
             pool = self.pool
@@ -882,7 +888,12 @@ class PooledSession(ClientSession):
 
     def _pin_text(self, text: str, in_tx: bool) -> bool:
         """Pin the session if ``text`` holds a statement that pins (True if it did)."""
+        clean = self.manager.clean_shapes
         for n, shape in self._statements_nr(text):
+            if n.text in clean:
+                if shape.command == "begin":
+                    in_tx = True
+                continue
             st = RoutedStatement(n.text, shape, n.hints)
             reason = pin_reason(st)
             if reason is None and shape.kind.value == "set" \
@@ -895,6 +906,9 @@ class PooledSession(ClientSession):
             if reason is not None:
                 self._pin(reason, text)
                 return True
+            if len(clean) >= 10_000:
+                clean.clear()
+            clean.add(n.text)
         return False
 
     def _statements_nr(self, sql: str) -> list[tuple[Any, Any]]:

@@ -107,6 +107,10 @@ _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
 #: never names a real backend (see docs/reliability.md).
 PROXY_PID_BASE = 1 << 30
 _DEALLOCATE_RE = re.compile(r"(?i)\bdeallocate\s+(?:prepare\s+)?(?!all\b)(\"[^\"]+\"|\w+)")
+#: A text matching none of these words cannot pin (see _pin_text): it skips the statement
+#: lookup. Conservative: a word in a string literal or a comment only costs the full check.
+_MAY_PIN_RE = re.compile(
+    r"(?i)listen|prepare|declare|temp|set|advisory|dblink|lo_open|into")
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
 PARSE_COMPLETE = build(b"1", b"")
 
@@ -888,6 +892,8 @@ class PooledSession(ClientSession):
 
     def _pin_text(self, text: str, in_tx: bool) -> bool:
         """Pin the session if ``text`` holds a statement that pins (True if it did)."""
+        if _MAY_PIN_RE.search(text) is None:
+            return False
         clean = self.manager.clean_shapes
         for n, shape in self._statements_nr(text):
             if n.text in clean:

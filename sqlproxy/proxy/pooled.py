@@ -72,6 +72,7 @@ from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.frames import MAX_SERVER_MESSAGE, Frames, frame_end
 from sqlproxy.wire.messages import (
     B_ERROR_RESPONSE,
+    B_READY_FOR_QUERY,
     F_COPY_DATA,
     F_COPY_DONE,
     F_COPY_FAIL,
@@ -113,6 +114,7 @@ _MAY_PIN_RE = re.compile(
     r"(?i)listen|prepare|declare|temp|set|advisory|dblink|lo_open|into")
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
 PARSE_COMPLETE = build(b"1", b"")
+_ROLLBACK = build(b"Q", b"ROLLBACK\x00")
 
 
 def _quote(value: str) -> str:
@@ -148,6 +150,9 @@ class ServerConn(asyncio.Protocol):
         self.waiter: asyncio.Future[str | None] | None = None
         self.cancels = 0  # cancel requests on their way: not lent meanwhile
         self.return_pending: PooledSession | None = None
+        self.resetting: PooledSession | None = None  # rolling back for this departed client
+        self._reset_buf = bytearray()
+        self._reset_failed = False
         self.closed = False
         self.id = pool.next_server_id()
 
@@ -167,6 +172,9 @@ class ServerConn(asyncio.Protocol):
         if holder is not None:
             holder.server_data(self, data)
             return
+        if self.resetting is not None:
+            self._reset_data(data)
+            return
         # An idle server speaking: a shutdown FATAL, a notice. It is not anyone's; one that
         # sends an error is closing (or in a state we do not know): never lend it again.
         pos = 0
@@ -175,6 +183,33 @@ class ServerConn(asyncio.Protocol):
                 self.pool.discard(self, "server_error_while_idle")
                 return
             pos = end
+
+    def reset(self, session: PooledSession) -> None:
+        """Roll back the transaction a departed client left open, then go back to the pool
+        (see ``_reset_data``); lent to nobody meanwhile."""
+        assert self.transport is not None
+        self.resetting = session
+        self._reset_buf = bytearray()
+        self.transport.write(_ROLLBACK)
+
+    def _reset_data(self, data: bytes) -> None:
+        buf = self._reset_buf
+        buf += data
+        pos = 0
+        while (end := frame_end(buf, pos, MAX_SERVER_MESSAGE, "server message")) >= 0:
+            t = buf[pos]
+            if t == B_ERROR_RESPONSE:
+                self._reset_failed = True
+            elif t == B_READY_FOR_QUERY:
+                session = self.resetting
+                assert session is not None
+                self.resetting = None
+                clean = buf[pos + 5] == _IDLE and not self._reset_failed
+                del buf[:]
+                self.pool.reset_done(session, self, clean)
+                return
+            pos = end
+        del buf[:pos]
 
     def _login_data(self, login: ReplicaLogin, data: bytes) -> None:
         assert self.frames is not None
@@ -214,11 +249,12 @@ class ServerConn(asyncio.Protocol):
         self.transport = None
         self._login_done(f"connection lost: {exc}" if exc else "connection closed")
         holder = self.holder
-        self.holder = None
+        owner = holder or self.resetting or self.return_pending
+        self.holder = self.resetting = self.return_pending = None
         was_closed = self.closed
         self.closed = True
-        if not was_closed:
-            self.pool.lost(self)
+        if not was_closed or owner is not None:
+            self.pool.lost(self, owner)
         if holder is not None:
             holder.server_lost(self, exc)
 
@@ -256,6 +292,7 @@ class PoolIO:
         self.max_clients_by_app: dict[str, int] = {}
         self._clients_by_app: dict[str, int] = {}
         self.errors_53300 = 0
+        self.rolled_back = 0  # servers a departed client left in a transaction, rolled back
         # Parse messages that a server of this pool accepted: a client preparing one of these
         # outside a transaction is answered without a server (see PooledSession._prepare).
         self.known_parses: set[bytes] = set()
@@ -321,6 +358,11 @@ class PoolIO:
             server.close()
         self.carry_out(handoffs)
 
+    def reset_done(self, session: PooledSession, server: ServerConn, clean: bool) -> None:
+        if clean:
+            self.rolled_back += 1
+        self.checkin(session, server, clean=clean, reason="rollback_failed")
+
     def cancel_done(self, server: ServerConn) -> None:
         server.cancels -= 1
         session = server.return_pending
@@ -334,9 +376,15 @@ class PoolIO:
             server.close()
             self.carry_out(self.state.remove(server, time.monotonic(), reason))
 
-    def lost(self, server: ServerConn) -> None:
-        """The server closed ``server`` (not us)."""
-        self.carry_out(self.state.remove(server, time.monotonic(), "server_closed"))
+    def lost(self, server: ServerConn, owner: PooledSession | None) -> None:
+        """The connection ``server`` is gone (closed by the server, or by us while lent):
+        back to the pool's books, from ``owner`` if it was lent."""
+        now = time.monotonic()
+        if owner is None:
+            self.carry_out(self.state.remove(server, now, "server_closed"))
+            return
+        handoffs, _ = self.state.checkin(server, now, owner, clean=False, reason="server_closed")
+        self.carry_out(handoffs)
 
     def carry_out(self, handoffs: list[Handoff[ServerConn, PooledSession]]) -> None:
         for h in handoffs:
@@ -466,6 +514,7 @@ class PoolIO:
             "servers_opened": stats.opened,
             "open_failures": stats.open_failures,
             "servers_closed": dict(stats.closed),
+            "rolled_back": self.rolled_back,
             "pinned_clients": list(self.pinned.values()),
             "max_active_by_application": dict(stats.max_active_by_app),
             "max_clients_by_application": dict(self.max_clients_by_app),
@@ -1036,6 +1085,12 @@ class PooledSession(ClientSession):
             conv = self.conv
             if self.pinned is not None:
                 pool.checkin(self, server, clean=False, reason="pinned_client_left")
+            elif conv is not None and not conv.busy and conv.tx_status != _IDLE \
+                    and not self._open_unit and not server.answers.busy and server.usable \
+                    and not server.cancels:
+                # Gone inside a transaction, nothing running: roll it back, then reuse.
+                server.holder = None
+                server.reset(self)
             elif conv is None or conv.busy or conv.tx_status != _IDLE or self._open_unit \
                     or server.answers.busy:
                 if conv is not None and conv.busy and server.key is not None:

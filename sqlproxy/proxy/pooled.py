@@ -38,9 +38,10 @@ temporary tables, session advisory locks, WITH HOLD cursors, SQL PREPARE, SET or
 outside a transaction) pins the client to its server for the rest of its session; the server
 is closed when the client leaves. The reason and the statement are reported.
 
-*Never dirty.* A server given back in a transaction, busy, pinned, or with a cancel request
-still on its way, is not lent to anyone else: it is closed (or, for a cancel, returned once the
-cancel has been processed).
+*Never dirty.* A server left inside a transaction by a departed client is rolled back first
+(reused only if the ROLLBACK ends idle without error); one left busy, pinned, or in an unknown
+state is closed; one with a cancel request on its way goes back once the cancel has been
+processed.
 
 *Analysis* stays per client: the client's own ``Conversation`` sees its units and the answers
 delivered to it (never the injected ones), so statistics and findings are the same as in

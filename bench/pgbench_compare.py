@@ -79,7 +79,7 @@ TARGET_LABELS: dict[str, str] = {
     SQLPROXY_ON: "sqlproxy (profiling on)",
     SQLPROXY_OFF: "sqlproxy (profiling off)",
     SQLPROXY_TRANSPORTS: "sqlproxy (on, no relay)",
-    PGBOUNCER: "pgbouncer (session)",
+    PGBOUNCER: "pgbouncer",
 }
 # (label, numerator, denominator): medians of the per-round TPS ratios.
 RATIOS: tuple[tuple[str, str, str], ...] = (
@@ -290,7 +290,8 @@ class RunResult:
         return self.proxy_user_seconds * 1e6 / self.transactions
 
 
-_TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
+_TPS_RE = re.compile(
+    r"^tps = ([0-9.]+) \((?:without initial connection time|including reconnection times)\)", re.M)
 _LAT_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
 _CONN_RE = re.compile(r"^initial connection time = ([0-9.]+) ms", re.M)
 _TX_RE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
@@ -312,8 +313,12 @@ class Workload:
     pgbench: str
     clients: int
     jobs: int
+    connect: bool = False  # pgbench -C: a new connection per transaction
 
     def argv(self, target: Target, mode: str, seconds: int) -> list[str]:
+        return [*self._argv(target, mode, seconds), *(["-C"] if self.connect else [])]
+
+    def _argv(self, target: Target, mode: str, seconds: int) -> list[str]:
         return [
             self.pgbench,
             "-h", target.host,
@@ -329,7 +334,8 @@ class Workload:
         ]  # fmt: skip
 
     def describe(self, mode: str, seconds: int) -> str:
-        return f"pgbench -S -M {mode} -c {self.clients} -j {self.jobs} -T {seconds} -n"
+        return (f"pgbench -S -M {mode} -c {self.clients} -j {self.jobs} -T {seconds} -n"
+                + (" -C" if self.connect else ""))
 
     def run(
         self, target: Target, mode: str, seconds: int, *, round_no: int, position: int
@@ -755,6 +761,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="untimed run per target and mode before round 1 (default: %(default)s; 0 disables)",
     )
     parser.add_argument(
+        "--pool-mode", choices=("session", "transaction"), default="session",
+        help="PgBouncer pool_mode and sqlproxy pool.mode (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--pool-size", type=positive_int, default=20,
+        help="server connections in transaction mode: PgBouncer default_pool_size and "
+        "sqlproxy pool.size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--connect", action="store_true", help="pgbench -C: a new connection per transaction",
+    )
+    parser.add_argument(
         "--profile-pyspy",
         type=positive_int,
         default=None,
@@ -801,7 +819,7 @@ class Bench:
         self.sqlproxy = ""
         self.pgbouncer = ""
         self.os_user = ""
-        self.workload = Workload(self.pgbench, args.clients, args.jobs)
+        self.workload = Workload(self.pgbench, args.clients, args.jobs, args.connect)
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -818,7 +836,8 @@ class Bench:
             if PGBOUNCER in self.target_keys
             else ""
         )
-        self.workload = Workload(self.pgbench, self.args.clients, self.args.jobs)
+        self.workload = Workload(self.pgbench, self.args.clients, self.args.jobs,
+                                 self.args.connect)
 
         self.base_dir = pg.make_base_dir()
         self.os_user = pg.server_os_user()
@@ -878,6 +897,8 @@ class Bench:
                     "SQLPROXY_STATE__ENABLED": "false",
                     "SQLPROXY_ADMIN__ENABLED": "false",
                     "SQLPROXY_PROXY__SHUTDOWN_GRACE_SECONDS": "1",
+                    "SQLPROXY_POOL__MODE": self.args.pool_mode,
+                    "SQLPROXY_POOL__SIZE": str(self.args.pool_size),
                     "SQLPROXY_PROXY__DIRECT_RELAY": "true" if relay else "false",
                 }
             )
@@ -902,7 +923,8 @@ class Bench:
         logfile = work / "pgbouncer.log"
         ini = work / "pgbouncer.ini"
         userlist.write_text(f'"{DB_USER}" ""\n')
-        pool = max(self.args.clients * 2, 20)
+        pool = (self.args.pool_size if self.args.pool_mode == "transaction"
+                else max(self.args.clients * 2, 20))
         ini.write_text(
             "[databases]\n"
             f"* = host={self.primary.host} port={self.primary.port}\n"
@@ -912,7 +934,7 @@ class Bench:
             "unix_socket_dir =\n"
             "auth_type = trust\n"
             f"auth_file = {userlist}\n"
-            "pool_mode = session\n"
+            f"pool_mode = {self.args.pool_mode}\n"
             "max_client_conn = 1000\n"
             f"default_pool_size = {pool}\n"
             "max_db_connections = 0\n"
@@ -1105,7 +1127,7 @@ class Bench:
             f"pgbench:   {m['pgbench']}",
         ]
         if m["pgbouncer"]:
-            lines.append(f"pgbouncer: {m['pgbouncer']} (pool_mode=session)")
+            lines.append(f"pgbouncer: {m['pgbouncer']} (pool_mode={self.args.pool_mode})")
         if m["sqlproxy"]:
             lines.append(f"sqlproxy:  {m['sqlproxy']}")
         lines.append(

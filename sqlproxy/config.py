@@ -252,6 +252,26 @@ class OtelSection(_Section):
     service_name: str = "sqlproxy"
 
 
+class PoolSection(_Section):
+    """Server-connection pooling (docs/pooling.md). ``session``: a client keeps the server
+    connection it logged in on (no pooling: the direct relay). ``transaction``: server
+    connections are lent per transaction, per (database, user) pair."""
+
+    mode: Literal["session", "transaction"] = "session"
+    size: int = Field(20, ge=1, le=10_000)
+    min_idle: int = Field(0, ge=0)
+    max_wait_ms: float = Field(5000.0, gt=0)
+    server_idle_timeout_s: float = Field(600.0, ge=0)  # 0: never closed for idleness
+    server_lifetime_s: float = Field(3600.0, ge=0)  # 0: no lifetime limit
+    max_prepared_per_server: int = Field(200, ge=1)  # named statements kept (LRU)
+
+    @model_validator(mode="after")
+    def _check_min_idle(self) -> PoolSection:
+        if self.min_idle > self.size:
+            raise ValueError(f"pool.min_idle ({self.min_idle}) exceeds pool.size ({self.size})")
+        return self
+
+
 class LogSection(_Section):
     format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -270,6 +290,7 @@ class Config(BaseModel):
     tls: TLSSection = Field(default_factory=TLSSection)
     state: StateSection = Field(default_factory=StateSection)
     otel: OtelSection = Field(default_factory=OtelSection)
+    pool: PoolSection = Field(default_factory=PoolSection)
     log: LogSection = Field(default_factory=LogSection)
 
     def replica_name(self, index: int) -> str:

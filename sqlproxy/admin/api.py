@@ -24,6 +24,7 @@ from sqlproxy.analysis.endpoints import ENDPOINT_SORT_KEYS
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.stats import SORT_KEYS
 from sqlproxy.analysis.timefmt import iso
+from sqlproxy.pool import advice as pool_advice
 
 RESET_TARGETS = ("all", "statistics", "slow", "findings")
 # "local": this instance's statistics; "fleet": every instance sharing its state database
@@ -248,6 +249,20 @@ async def connections(request: Request) -> Response:
 async def backends(request: Request) -> Response:
     limit, offset = page(request.query_params)
     items = state_of(request).backends()
+    return listing(items[offset : offset + limit], len(items))
+
+
+async def pools(request: Request) -> Response:
+    """The transaction pools (empty in session mode), each with its sizing advice and
+    findings (``sqlproxy.pool.advice``)."""
+    limit, offset = page(request.query_params)
+    manager = getattr(state_of(request).source.proxy, "pools", None)
+    items = []
+    if manager is not None:
+        for pool in manager.describe():
+            pool["advice"] = pool_advice.sizing(pool)
+            pool["findings"] = pool_advice.findings(pool)
+            items.append(pool)
     return listing(items[offset : offset + limit], len(items))
 
 

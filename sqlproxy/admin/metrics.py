@@ -202,6 +202,7 @@ class ProfilerCollector(Collector):
                 lag_b.add_metric([name], float(b["lag_bytes"]))
             pool.add_metric([name], float(b.get("server_connections") or 0))
         yield from (up, rotation, lag_s, lag_b, pool)
+        yield from self._pools()
 
         findings = GaugeMetricFamily("sqlproxy_findings", "Current findings by kind",
                                      labels=["kind"])
@@ -262,6 +263,46 @@ class ProfilerCollector(Collector):
                                   value=profiler.windows.closed)
 
         yield from self._top(entries)
+
+    def _pools(self) -> Iterator[Metric]:
+        """The transaction pools (pool.mode = "transaction"), labelled database and user."""
+        manager = getattr(self.source.proxy, "pools", None)
+        if manager is None:
+            return
+        labels = ["database", "user"]
+        gauges = {k: GaugeMetricFamily(f"sqlproxy_pool_{k}", doc, labels=labels) for k, doc in (
+            ("size", "pool.size"), ("servers", "Server connections open"),
+            ("active", "Server connections lent to a client"),
+            ("idle", "Server connections idle in the pool"),
+            ("clients_waiting", "Clients waiting for a server connection"),
+            ("pinned_clients", "Clients pinned to their server connection"),
+            ("all_busy_ratio", "Share of the pool's life with every server connection busy"))}
+        wait = GaugeMetricFamily("sqlproxy_pool_wait_seconds",
+                                 "Waits for a server connection (max, p50, p99)",
+                                 labels=[*labels, "quantile"])
+        counters = {k: CounterMetricFamily(f"sqlproxy_pool_{k}", doc, labels=labels)
+                    for k, doc in (("checkouts", "Server connections lent"),
+                                   ("wait_timeouts", "Waits past pool.max_wait_ms (53300)"),
+                                   ("servers_opened", "Server connections opened"))}
+        closed = CounterMetricFamily("sqlproxy_pool_servers_closed",
+                                     "Server connections closed, by reason",
+                                     labels=[*labels, "reason"])
+        for p in manager.describe():
+            key = [str(p["database"]), str(p["user"])]
+            for k, g in gauges.items():
+                v = len(p["pinned_clients"]) if k == "pinned_clients" else (
+                    p["all_busy_share"] if k == "all_busy_ratio" else p[k])
+                g.add_metric(key, float(v))
+            for q in ("max", "p50", "p99"):
+                wait.add_metric([*key, q], float(p["wait_ms"][q]) / 1000)
+            for k, c in counters.items():
+                c.add_metric(key, float(p[k]))
+            for reason, n in sorted(p["servers_closed"].items()):
+                closed.add_metric([*key, reason], float(n))
+        yield from gauges.values()
+        yield wait
+        yield from counters.values()
+        yield closed
 
     def _state_store(self) -> Iterator[Metric]:
         status = self.source.state_status()

@@ -143,6 +143,17 @@ _SCHEMAS: _S = {
         "database": _STR, "user": _STR, "transactions": _INT, "failed": _INT,
         "total_ms": _NUM, "mean_ms": _NUM, "max_ms": _NUM, "p99_ms": _NUM,
         "statements_per_transaction": _NUM, "idle_in_transaction_ms": _NUM}},
+    "Pool": {"type": "object", "description": "One transaction pool (pool.mode = "
+             "\"transaction\"): a (database, user) pair's server connections", "properties": {
+        "database": _STR, "user": _STR, "size": _INT, "servers": _INT, "active": _INT,
+        "idle": _INT, "clients": _INT, "clients_waiting": _INT, "checkouts": _INT,
+        "wait_timeouts": _INT, "wait_ms": {"type": "object",
+                                           "description": "max, p50, p99 of the waits"},
+        "all_busy_share": _NUM, "servers_opened": _INT,
+        "servers_closed": {"type": "object", "description": "closes by reason"},
+        "pinned_clients": {"type": "array", "items": {"type": "object"}},
+        "advice": {"type": "array", "items": _STR},
+        "findings": {"type": "array", "items": {"type": "object"}}}},
     "Connection": {"type": "object", "properties": {
         "id": _INT, "client": _STR, "user": _NULLABLE_STR, "database": _NULLABLE_STR,
         "application_name": _STR, "state": _STR,
@@ -286,6 +297,9 @@ def openapi_spec() -> dict[str, Any]:
             _list_of("FleetInstance"), _PAGE),
         "/api/connections": _get("Live client sessions", _list_of("Connection"),
                                  [*_PAGE, *_FILTERS]),
+        "/api/pools": _get("Transaction pools: size, busy, waits, opens and closes, pinned "
+                           "clients, sizing advice and pool findings", _list_of("Pool"),
+                           _PAGE),
         "/api/backends": _get("Primary and replicas: health, lag, rotation, routed, pool",
                               _list_of("Backend"), _PAGE),
         "/api/reset": {"post": {

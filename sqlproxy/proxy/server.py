@@ -15,6 +15,7 @@ from sqlproxy.config import Config, parse_hostport
 from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.listener import Listener
+from sqlproxy.proxy.pooled import PooledSession, PoolManager
 from sqlproxy.proxy.routed import RoutedSession
 from sqlproxy.proxy.session import ClientSession, SessionState
 from sqlproxy.proxy.tls import client_context, server_context
@@ -87,6 +88,10 @@ class ProxyServer:
         self.reuse_port = False
         self.shared_limits: SharedLimits | None = None
         self.foreign_cancel: ForeignCancel | None = None
+        # Transaction pooling: likewise chosen once (pool.mode needs a restart to change).
+        self.pools: PoolManager | None = (
+            PoolManager(self) if config.pool.mode == "transaction" else None
+        )
 
     def backend_tls_context(self, mode: str) -> ssl.SSLContext | None:
         if mode not in self._backend_tls:
@@ -101,6 +106,8 @@ class ProxyServer:
             self.tls_context = client_context(config.tls)
             self._backend_tls = {}
         self.config = config
+        if self.pools is not None:
+            self.pools.reconfigure(config.pool)
 
     def next_session_id(self) -> int:
         self._next_id += 1
@@ -109,7 +116,13 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         ensure_fd_limit(4 * self.config.proxy.max_client_connections + 256)
-        session_class = ClientSession if self.router is None else RoutedSession
+        session_class: type[ClientSession] = (
+            ClientSession if self.router is None else RoutedSession)
+        if self.pools is not None:
+            if self.router is not None:
+                log.warning("pool_routing_unsupported",
+                            consequence="routing is off in transaction pooling mode for now")
+            session_class = PooledSession
         if self.router is not None:
             await self.router.start()
         if self.tls_context is None:
@@ -180,6 +193,8 @@ class ProxyServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self.router is not None:
             await self.router.stop()
+        if self.pools is not None:
+            self.pools.close()
 
     # ------------------------------------------------------------------ idle timeouts
     async def _sweep_loop(self) -> None:

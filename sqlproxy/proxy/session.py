@@ -397,7 +397,8 @@ class ClientSession(asyncio.Protocol):
                 pid = _unpack_int32(msg, 5)[0]
                 secret = msg[9:]
                 backend.key = (pid, secret)
-                self.proxy_key = self.server.register_cancel_key(self, pid, len(secret))
+                self.proxy_key = self.server.register_cancel_key(
+                    self, self._client_pid(pid), len(secret))
                 out += backend_key_data(self.proxy_key[0], self.proxy_key[1])
                 continue
             if t == B_AUTHENTICATION and len(msg) >= 9 and _unpack_int32(msg, 5)[0] == AUTH_SASL:
@@ -430,6 +431,11 @@ class ClientSession(asyncio.Protocol):
 
     def _check_auth_done(self) -> None:
         pass
+
+    def _client_pid(self, pid: int) -> int:
+        """The PID the client is given for its server's ``pid`` (a pooled session has no
+        server of its own: see docs/reliability.md)."""
+        return pid
 
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
         self._cancel_startup_timer()

@@ -42,6 +42,7 @@ __all__ = [
     "SessionView",
     "Target",
     "decide",
+    "pin_reason",
 ]
 
 
@@ -177,7 +178,8 @@ _K = StatementKind
 _NEUTRAL_TX_OPS = frozenset({"commit", "rollback", "set_transaction"})
 
 
-def _pins(st: RoutedStatement) -> str | None:
+def pin_reason(st: RoutedStatement) -> str | None:
+    """Why this statement pins its session to its server connection, or None."""
     shape = st.shape
     cmd = shape.command
     if cmd == "listen":
@@ -238,10 +240,10 @@ def decide(
     statements: Sequence[RoutedStatement], session: SessionView, functions: FunctionPolicy
 ) -> Decision:
     """Where a unit may run (see the module docstring)."""
-    pin_reason = None
+    pin_why = None
     for st in statements:
-        pin_reason = _pins(st)
-        if pin_reason is not None:
+        pin_why = pin_reason(st)
+        if pin_why is not None:
             break
     writes = False
     read_only = True
@@ -255,8 +257,8 @@ def decide(
             reason = why
         if ok and why == "read-only transaction":
             ro_txn = True
-    if pin_reason is not None:
-        return Decision(Target.PRIMARY, f"pinned: {pin_reason}", pin=True, writes=True)
+    if pin_why is not None:
+        return Decision(Target.PRIMARY, f"pinned: {pin_why}", pin=True, writes=True)
     if session.pinned:
         return Decision(Target.PRIMARY, "session pinned", writes=writes)
     if session.in_transaction:

@@ -62,6 +62,24 @@ class BackendReplay:
         self.settings_gen = -1 if fresh else 0
         self.settings_applied = 0
 
+    def bound(self, used: Iterable[bytes], limit: int) -> None:
+        """Keep at most ``limit`` named statements here (a pooled server connection serves
+        many clients): ``used`` were just used (most recent last, in ``prepared``'s order);
+        the least recently used beyond the limit are closed before the next unit."""
+        prepared = self.prepared
+        for name in used:
+            msg = prepared.pop(name, None)
+            if msg is not None:
+                prepared[name] = msg
+        excess = len(prepared) - len(self.to_close) - limit
+        if excess > 0:
+            for name in prepared:
+                if excess <= 0:
+                    break
+                if name and name not in self.to_close:
+                    self.to_close.add(name)
+                    excess -= 1
+
 
 class Replay:
     """The session's settings and named statements, and the preambles that replay them."""

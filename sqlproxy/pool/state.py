@@ -1,0 +1,369 @@
+"""The pool of server connections of one (database, user) pair, as a pure state machine.
+
+No I/O, no event loop: the pooled session (``proxy/pooled.py``) asks, the pool answers, and the
+session carries the answer out. That keeps every rule of lending testable without a server:
+
+* ``checkout`` lends an idle server connection (the most recently used: its caches are warm,
+  and the least recently used ones age out by ``server_idle_timeout_s``), or grants the right
+  to *open* one while fewer than ``size`` exist or are being opened, or queues the client
+  (FIFO, so nobody starves).
+* ``checkin`` takes one back. A waiting client gets it at once (a hand-over, no idle stop).
+  One returned past ``server_lifetime_s``, or not clean (the session says so: a transaction
+  still open, an unknown state), is closed instead, and its slot goes to the next waiter as
+  the right to open a new one.
+* A *login* (a client authenticating through to the server, see the session) needs a fresh
+  connection, so it waits for a slot like any client; when the pool is full of idle servers
+  the oldest idle one is closed to make room: the total never exceeds ``size``.
+* ``expire`` reports the waiters past ``max_wait_ms`` (they get SQLSTATE 53300) and the idle
+  servers past their idle timeout or lifetime (closed down to ``min_idle``).
+
+The figures kept (waits, checkouts, opens and closes by reason, how long every connection was
+busy at once, the most ever busy per application) feed ``/api/pools``, the metrics, the
+``pool_saturated`` / ``connection_churn`` findings and the sizing advice (``advice.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+__all__ = ["OPEN", "Handoff", "Limits", "Pool", "PoolStats", "Waiter"]
+
+S = TypeVar("S")  # a server connection (any hashable object)
+C = TypeVar("C")  # a client (any hashable object)
+
+_WAIT_SAMPLES = 4096
+
+
+class _Open:
+    """The right to open a new server connection (a slot reserved for the caller)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "OPEN"
+
+
+OPEN = _Open()
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    size: int = 20
+    min_idle: int = 0
+    max_wait_s: float = 5.0
+    idle_timeout_s: float = 600.0  # 0: never
+    lifetime_s: float = 3600.0  # 0: never
+
+
+@dataclass(slots=True)
+class Waiter(Generic[C]):
+    client: C
+    since: float
+    login: bool = False  # wants a slot for a new connection, not a server
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff(Generic[S, C]):
+    """``client`` now holds ``server``, or (``server`` is OPEN) may open a new one."""
+
+    client: C
+    server: S | _Open
+    waited_s: float
+    evict: S | None = None  # an idle server closed to make room for this login: close it
+
+
+@dataclass(slots=True)
+class _ServerInfo:
+    created: float
+    last_used: float
+
+
+@dataclass(slots=True)
+class PoolStats:
+    checkouts: int = 0
+    waits: int = 0  # checkouts that had to wait
+    wait_timeouts: int = 0
+    max_wait_s: float = 0.0
+    wait_samples: deque[float] = field(default_factory=lambda: deque(maxlen=_WAIT_SAMPLES))
+    opened: int = 0
+    open_failures: int = 0
+    closed: dict[str, int] = field(default_factory=dict)  # reason -> count
+    max_active: int = 0
+    max_waiting: int = 0
+    all_busy_s: float = 0.0  # time with every slot busy (active + opening == size)
+    max_active_by_app: dict[str, int] = field(default_factory=dict)
+
+
+class Pool(Generic[S, C]):
+    """Lending the server connections of one pool (see the module doc)."""
+
+    def __init__(self, limits: Limits, now: float) -> None:
+        self.limits = limits
+        self.idle: deque[S] = deque()  # right end: most recently returned
+        self.servers: dict[S, _ServerInfo] = {}
+        self.active = 0
+        self.opening = 0
+        self.waiters: deque[Waiter[C]] = deque()
+        self.stats = PoolStats()
+        self.started = now
+        self._all_busy_since: float | None = None
+        self._active_by_app: dict[str, int] = {}
+        self._app_of: dict[C, str] = {}
+        # False: a client may not open a new connection (the proxy cannot log in as this
+        # user on its own); clients wait for a server instead.
+        self.may_open = True
+
+    # ------------------------------------------------------------------ figures
+    @property
+    def total(self) -> int:
+        """Server connections open or being opened."""
+        return len(self.servers) + self.opening
+
+    def wait_percentile(self, q: float) -> float:
+        samples = sorted(self.stats.wait_samples)
+        if not samples:
+            return 0.0
+        return samples[min(len(samples) - 1, int(q * len(samples)))]
+
+    def busy_share(self, now: float) -> float:
+        """Share of the pool's life with every slot busy."""
+        life = now - self.started
+        if life <= 0:
+            return 0.0
+        busy = self.stats.all_busy_s
+        if self._all_busy_since is not None:
+            busy += now - self._all_busy_since
+        return min(1.0, busy / life)
+
+    def _busy_changed(self, now: float) -> None:
+        # On every checkout and check-in: kept to a few comparisons.
+        st = self.stats
+        active = self.active
+        if active > st.max_active:
+            st.max_active = active
+        waiting = len(self.waiters)
+        if waiting > st.max_waiting:
+            st.max_waiting = waiting
+        since = self._all_busy_since
+        if active + self.opening >= self.limits.size:
+            if since is None:
+                self._all_busy_since = now
+        elif since is not None:
+            st.all_busy_s += now - since
+            self._all_busy_since = None
+
+    def _lent(self, client: C, app: str | None, waited: float, now: float) -> None:
+        st = self.stats
+        st.checkouts += 1
+        st.wait_samples.append(waited)
+        if waited > 0:
+            st.waits += 1
+            st.max_wait_s = max(st.max_wait_s, waited)
+        if app is not None:
+            self._app_of[client] = app
+            n = self._active_by_app.get(app, 0) + 1
+            self._active_by_app[app] = n
+            if n > st.max_active_by_app.get(app, 0):
+                st.max_active_by_app[app] = n
+        self._busy_changed(now)
+
+    def released(self, client: C) -> None:
+        """The client no longer holds a server (per-application concurrency)."""
+        app = self._app_of.pop(client, None)
+        if app is not None:
+            n = self._active_by_app.get(app, 1) - 1
+            if n > 0:
+                self._active_by_app[app] = n
+            else:
+                self._active_by_app.pop(app, None)
+
+    # ------------------------------------------------------------------ lending
+    def checkout(self, client: C, now: float, app: str | None = None) -> S | _Open | None:
+        """A server for ``client``, OPEN (it may open one), or None: it waits in the queue
+        until a ``Handoff`` names it (or ``expire`` times it out)."""
+        if self.idle and not self.waiters:
+            server = self.idle.pop()
+            self.servers[server].last_used = now
+            self.active += 1
+            self._lent(client, app, 0.0, now)
+            return server
+        if self.may_open and self.total < self.limits.size and not self.waiters:
+            self.opening += 1
+            self.active += 1
+            self._lent(client, app, 0.0, now)
+            return OPEN
+        self.waiters.append(Waiter(client, now))
+        if app is not None:
+            self._app_of[client] = app
+        self._busy_changed(now)
+        return None
+
+    def login(self, client: C, now: float) -> tuple[bool, S | None]:
+        """A slot for a login connection: (granted now, an idle server to close to make room).
+        Not granted: the client waits for a ``Handoff`` with OPEN."""
+        if self.total < self.limits.size and not self.waiters:
+            self.opening += 1
+            self.active += 1
+            self._busy_changed(now)
+            return True, None
+        if self.idle and not self.waiters:
+            victim = self.idle.popleft()  # the least recently used
+            self._forget(victim, "login")
+            self.opening += 1
+            self.active += 1
+            self._busy_changed(now)
+            return True, victim
+        self.waiters.append(Waiter(client, now, login=True))
+        self._busy_changed(now)
+        return False, None
+
+    def opened(self, server: S, now: float) -> None:
+        """A connection opened under OPEN (or a login) is ready, held by its opener."""
+        self.opening -= 1
+        self.servers[server] = _ServerInfo(now, now)
+        self.stats.opened += 1
+
+    def open_failed(self, client: C, now: float) -> list[Handoff[S, C]]:
+        """Opening failed: the slot is free again."""
+        self.opening -= 1
+        self.active -= 1
+        self.stats.open_failures += 1
+        self.released(client)
+        return self._fill(now)
+
+    def checkin(self, server: S, now: float, client: C, *, clean: bool = True,
+                reason: str = "dirty") -> tuple[list[Handoff[S, C]], bool]:
+        """``client`` gives ``server`` back. Returns the hand-overs to carry out and whether
+        the session must close ``server`` (not clean, or past its lifetime)."""
+        self.active -= 1
+        self.released(client)
+        info = self.servers.get(server)
+        if info is None:  # already forgotten (closed under us)
+            return self._fill(now), True
+        lifetime = self.limits.lifetime_s
+        if not clean or (lifetime and now - info.created >= lifetime):
+            self._forget(server, reason if not clean else "lifetime")
+            return self._fill(now), True
+        info.last_used = now
+        if self.waiters and not self.waiters[0].login:
+            w = self.waiters.popleft()
+            self.active += 1
+            waited = now - w.since
+            self._lent(w.client, self._app_of.get(w.client), waited, now)
+            return [Handoff(w.client, server, waited)], False
+        self.idle.append(server)
+        if self.waiters:  # a login waiting: it closes this idle one for room
+            return self._fill(now), False
+        self._busy_changed(now)
+        return [], False
+
+    def _fill(self, now: float) -> list[Handoff[S, C]]:
+        """Give free slots (and idle servers) to waiters, in order."""
+        out: list[Handoff[S, C]] = []
+        while self.waiters:
+            w = self.waiters[0]
+            if not w.login and self.idle:
+                server = self.idle.pop()
+                self.servers[server].last_used = now
+                self.waiters.popleft()
+                self.active += 1
+                waited = now - w.since
+                self._lent(w.client, self._app_of.get(w.client), waited, now)
+                out.append(Handoff(w.client, server, waited))
+                continue
+            victim: S | None = None
+            if not w.login and not self.may_open:
+                break
+            if self.total >= self.limits.size:
+                if not (w.login and self.idle):
+                    break
+                victim = self.idle.popleft()
+                self._forget(victim, "login")
+            self.waiters.popleft()
+            self.opening += 1
+            self.active += 1
+            waited = now - w.since
+            if w.login:
+                self._busy_changed(now)
+            else:
+                self._lent(w.client, self._app_of.get(w.client), waited, now)
+            out.append(Handoff(w.client, OPEN, waited, victim))
+        self._busy_changed(now)
+        return out
+
+    def remove(self, server: S, now: float, reason: str) -> list[Handoff[S, C]]:
+        """An idle or lent server connection is gone (closed by us or by the server)."""
+        if server not in self.servers:
+            return []
+        with contextlib.suppress(ValueError):
+            self.idle.remove(server)
+        self._forget(server, reason)
+        return self._fill(now)
+
+    def _forget(self, server: S, reason: str) -> None:
+        if self.servers.pop(server, None) is not None:
+            self.stats.closed[reason] = self.stats.closed.get(reason, 0) + 1
+
+    def cancel_wait(self, client: C) -> None:
+        """A waiting client left."""
+        for w in self.waiters:
+            if w.client == client:
+                self.waiters.remove(w)
+                break
+        self._app_of.pop(client, None)
+
+    def is_idle(self, server: S) -> bool:
+        return server in self.idle
+
+    # ------------------------------------------------------------------ time
+    def expire(self, now: float) -> tuple[list[C], list[S]]:
+        """Waiters past ``max_wait_s`` (removed: they get 53300), and idle servers to close
+        (idle or alive too long, beyond ``min_idle``)."""
+        late: list[C] = []
+        while self.waiters and now - self.waiters[0].since >= self.limits.max_wait_s:
+            w = self.waiters.popleft()
+            late.append(w.client)
+            self._app_of.pop(w.client, None)
+            self.stats.wait_timeouts += 1
+        to_close: list[S] = []
+        lim = self.limits
+        for server in list(self.idle):
+            if len(self.idle) <= lim.min_idle:
+                break
+            info = self.servers[server]
+            why = ("idle_timeout" if lim.idle_timeout_s and now - info.last_used
+                   >= lim.idle_timeout_s else
+                   "lifetime" if lim.lifetime_s and now - info.created >= lim.lifetime_s
+                   else None)
+            if why is not None:
+                self.idle.remove(server)
+                self._forget(server, why)
+                to_close.append(server)
+        self._busy_changed(now)
+        return late, to_close
+
+    def spares_wanted(self) -> int:
+        """How many connections to open now for ``min_idle`` (``open_spare`` each)."""
+        if self.waiters:
+            return 0
+        missing = self.limits.min_idle - len(self.idle) - self.opening
+        return max(0, min(missing, self.limits.size - self.total))
+
+    def open_spare(self) -> None:
+        """A connection is being opened for ``min_idle``, held by nobody."""
+        self.opening += 1
+
+    def spare_opened(self, server: S, now: float) -> list[Handoff[S, C]]:
+        self.opening -= 1
+        self.servers[server] = _ServerInfo(now, now)
+        self.stats.opened += 1
+        self.idle.append(server)
+        return self._fill(now)
+
+    def spare_failed(self, now: float) -> list[Handoff[S, C]]:
+        self.opening -= 1
+        self.stats.open_failures += 1
+        return self._fill(now)

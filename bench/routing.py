@@ -205,7 +205,7 @@ def ratios(runs: Sequence[Run], modes: Sequence[str], workloads: Sequence[str],
                              ("sqlproxy routing on", "pgbouncer"),
                              ("sqlproxy routing on", "direct (replica)"),
                              ("direct (replica)", "direct (primary)")):
-                if den in by:
+                if num in by and den in by:
                     per_round = [a / b for a, b in zip(by[num], by[den], strict=True)
                                  if a and b]
                     parts.append(f"{_short(num)}/{_short(den)} {_median(per_round) or 0:.3f}")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,8 +67,10 @@ class Runtime:
         config_path: str | None = None,
         overrides: dict[str, Any] | None = None,
         environ: dict[str, str] | None = None,
+        adjust: Callable[[Config], Config] | None = None,
     ) -> None:
         self.config = config
+        self.adjust = adjust  # applied to each configuration reloaded (a worker's share)
         # What the config was built from, so that SIGHUP can build it again.
         self.config_path = config_path
         self.overrides = overrides
@@ -93,6 +97,7 @@ class Runtime:
         self.admin: AdminServer | None = AdminServer(self) if config.admin.enabled else None
         self._stop = asyncio.Event()
         self._started = False
+        self.started_at = time.time()
         self._windows_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -243,6 +248,14 @@ class Runtime:
         view = await self.fleet.view() if self.fleet is not None else None
         return view if view is not None else self.profiler
 
+    def workers(self) -> list[dict[str, Any]]:
+        """This process, the only worker with ``workers = 1``."""
+        proxy = self.proxy
+        return [{"worker": 0, "pid": os.getpid(), "alive": True, "restarts": 0,
+                 "started_at": self.started_at, "last_exit": None,
+                 "sessions": len(proxy.sessions), "rejected": dict(proxy.rejected),
+                 "timeouts": dict(proxy.timeouts)}]
+
     def fleet_instances(self) -> list[dict[str, Any]]:
         """This instance and the others in the fleet view."""
         status = self.state_status()
@@ -279,6 +292,8 @@ class Runtime:
         except ConfigError as exc:
             log.error("config_reload_failed", error=exc.message, kept="previous configuration")
             return False
+        if self.adjust is not None:
+            new = self.adjust(new)
         old = self.config
         kept = []
         for section, key in RESTART_KEYS:

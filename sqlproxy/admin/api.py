@@ -224,6 +224,15 @@ async def fleet(request: Request) -> Response:
     return listing(items[offset : offset + limit], len(items))
 
 
+async def workers(request: Request) -> Response:
+    limit, offset = page(request.query_params)
+    items = state_of(request).source.workers()
+    for w in items:
+        if isinstance(w.get("started_at"), float):
+            w["started_at"] = iso(w["started_at"])
+    return listing(items[offset : offset + limit], len(items))
+
+
 # ---------------------------------------------------------------------------- live state
 async def connections(request: Request) -> Response:
     q = request.query_params

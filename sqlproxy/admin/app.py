@@ -131,6 +131,7 @@ ROUTES = [
     Route("/api/findings", api.findings, methods=["GET"]),
     Route("/api/findings/{finding_id}", api.finding_detail, methods=["GET"]),
     Route("/api/fleet", api.fleet, methods=["GET"]),
+    Route("/api/workers", api.workers, methods=["GET"]),
     Route("/api/connections", api.connections, methods=["GET"]),
     Route("/api/backends", api.backends, methods=["GET"]),
     Route("/api/pools", api.pools, methods=["GET"]),

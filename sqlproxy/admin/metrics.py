@@ -203,6 +203,7 @@ class ProfilerCollector(Collector):
             pool.add_metric([name], float(b.get("server_connections") or 0))
         yield from (up, rotation, lag_s, lag_b, pool)
         yield from self._pools()
+        yield from self._workers()
 
         findings = GaugeMetricFamily("sqlproxy_findings", "Current findings by kind",
                                      labels=["kind"])
@@ -303,6 +304,23 @@ class ProfilerCollector(Collector):
         yield wait
         yield from counters.values()
         yield closed
+
+    def _workers(self) -> Iterator[Metric]:
+        """The worker processes ([proxy] workers): up, restarts, sessions."""
+        labels = ["worker"]
+        up = GaugeMetricFamily("sqlproxy_worker_up", "1 while the worker process runs",
+                               labels=labels)
+        sessions = GaugeMetricFamily("sqlproxy_worker_sessions",
+                                     "Client sessions held by the worker", labels=labels)
+        restarts = CounterMetricFamily("sqlproxy_worker_restarts",
+                                       "Times the worker was restarted after it died",
+                                       labels=labels)
+        for w in self.source.workers():
+            label = [str(w["worker"])]
+            up.add_metric(label, 1 if w.get("alive") else 0)
+            sessions.add_metric(label, float(w.get("sessions") or 0))
+            restarts.add_metric(label, float(w.get("restarts") or 0))
+        yield from (up, sessions, restarts)
 
     def _state_store(self) -> Iterator[Metric]:
         status = self.source.state_status()

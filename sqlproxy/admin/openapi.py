@@ -194,6 +194,15 @@ _SCHEMAS: _S = {
         "fleet_instances": {"type": "integer", "description": "other instances in the view"},
         "warning": {"type": ["string", "null"],
                     "description": "e.g. another process writing under this instance name"}}},
+    "Worker": {"type": "object", "properties": {
+        "worker": {"type": "integer", "description": "index (first byte of its cancel keys)"},
+        "pid": {"type": ["integer", "null"]}, "alive": {"type": "boolean"},
+        "restarts": {"type": "integer", "description": "times restarted after dying"},
+        "started_at": {"type": ["string", "null"], "format": "date-time"},
+        "last_exit": {"type": ["string", "null"],
+                      "description": "how its previous process ended (signal or exit code)"},
+        "sessions": {"type": "integer", "description": "client sessions, as last asked"},
+        "rejected": {"type": "object"}, "timeouts": {"type": "object"}}},
     "FleetInstance": {"type": "object", "properties": {
         "instance": _STR, "local": {"type": "boolean", "description": "this instance"},
         "sqlproxy": _STR, "snapshot_seconds": _NUM,
@@ -295,6 +304,9 @@ def openapi_spec() -> dict[str, Any]:
         "/api/fleet": _get(
             "This instance and the other instances in the fleet view ([state] url)",
             _list_of("FleetInstance"), _PAGE),
+        "/api/workers": _get(
+            "The worker processes ([proxy] workers): pid, alive, restarts, sessions",
+            _list_of("Worker"), _PAGE),
         "/api/connections": _get("Live client sessions", _list_of("Connection"),
                                  [*_PAGE, *_FILTERS]),
         "/api/pools": _get("Transaction pools: size, busy, waits, opens and closes, pinned "

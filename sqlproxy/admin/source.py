@@ -54,3 +54,7 @@ class AdminSource(Protocol):
     def state_status(self) -> StoreStatus | None:
         """The state store's health (None: no durable state)."""
         ...
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The worker processes (``/api/workers``): one with ``workers = 1``."""
+        ...

@@ -10,15 +10,17 @@ replica's is opened by ``open_replica`` and logged in by ``routing.replica_login
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlproxy.errors import ProtocolViolation
+from sqlproxy.errors import ProtocolViolation, ProxyError
 from sqlproxy.proxy.connect import connect_backend
 from sqlproxy.proxy.session import ServerSideProtocol
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.health import ReplicaState
 from sqlproxy.routing.replay import BackendReplay
 from sqlproxy.routing.replica_login import ReplicaLogin
+from sqlproxy.routing.scram import ScramKeys
 from sqlproxy.routing.units import Unit
 from sqlproxy.wire.conversation import Conversation
 from sqlproxy.wire.frames import MAX_SERVER_MESSAGE, Frames
@@ -26,7 +28,10 @@ from sqlproxy.wire.frames import MAX_SERVER_MESSAGE, Frames
 if TYPE_CHECKING:
     from sqlproxy.proxy.routed import RoutedSession
 
-__all__ = ["Link", "ReplicaConnection", "open_replica"]
+__all__ = ["Link", "ReplicaConnection", "connect_replica", "open_replica"]
+
+#: A replica login that failed for one of these reasons will not work for this session.
+_AUTH_PROBLEMS = ("password", "authentication", "28P01", "28000")
 
 
 class Link:
@@ -123,3 +128,46 @@ async def open_replica(session: RoutedSession, link: Link, login: ReplicaLogin,
         session.server, rep.url, lambda: ReplicaConnection(session, link, login), timeout)
     transport.write(startup_packet)
     return await asyncio.wait_for(proto.waiter, timeout)
+
+
+async def _client_keys(session: RoutedSession) -> ScramKeys | None:
+    """The client's SCRAM keys, recovered once per session from its exchange."""
+    scram = session.scram
+    if scram.keys is None and scram.complete is not None:
+        scram.recovered(await session.router.scram_keys(session.user, scram.complete))
+    return scram.keys
+
+
+async def connect_replica(session: RoutedSession, rep: ReplicaState) -> None:
+    """Open and log in a link to ``rep`` for ``session`` (whose ``connecting`` names it),
+    then hand it over (``replica_connected``) or note why not: a login that cannot work
+    keeps the session's reads on the primary, anything else is retried later."""
+    router = session.router
+    link = Link(rep.name, session.conversation_for(rep.name), rep)
+    try:
+        login = ReplicaLogin(session.user, router.routing.passwords.get(session.user),
+                             await _client_keys(session))
+        assert session.startup is not None
+        problem = await open_replica(session, link, login, session.startup.raw,
+                                     session.config.proxy.connect_timeout)
+    except (OSError, TimeoutError, ProxyError) as exc:
+        problem = f"connection failed: {exc}"
+        router.mark_down(rep, problem)
+    session.connecting = None
+    ready = session.ready
+    if not ready or problem is not None:
+        link.closed = True
+        if link.transport is not None:
+            link.transport.close()
+    if not ready:
+        return
+    if problem is None:
+        session.replica_connected(link)
+    elif any(word in problem for word in _AUTH_PROBLEMS):
+        session.routing.no_replica = True
+        router.warn_once(
+            f"auth:{session.user}", "replica_authentication_impossible", user=session.user,
+            replica=rep.name, reason=problem, consequence="this user's reads stay on the primary")
+    else:  # try again later (it may be restarting), backing off
+        session.routing.connect_failed(rep.name, time.monotonic())
+    session.dispatch()

@@ -16,12 +16,15 @@ the primary before the client has seen any of it.
 Each backend (a *link*) has its own ``Conversation`` for statistics and transaction status.
 Before a unit is sent to a link, what the session built elsewhere is replayed there as extra
 units whose responses are swallowed (``routing.replay``); what comes back is sorted into the
-client's, the swallowed and the held by ``routing.answers``.
+client's, the swallowed and the held by ``routing.answers`` and carried out by
+``proxy.answering`` (release, or retry on the primary).
 
-Replica connections are opened lazily as the client's user and database and logged in by
-``routing.replica_login`` (SCRAM keys recovered from the client's exchange with the primary,
-observed during startup only, see ``routing.scram``; otherwise ``routing.passwords``). When
-none works, the session's reads stay on the primary (warned once).
+Replica connections are opened lazily as the client's user and database by
+``proxy.links.connect_replica`` and logged in by ``routing.replica_login`` (SCRAM keys
+recovered from the client's exchange with the primary, observed during startup only, see
+``routing.scram``; otherwise ``routing.passwords``). When none works, the session's reads stay
+on the primary (warned once). Where a unit goes is ``proxy.deciding``; what the compiled fast
+path may take over, ``proxy.fastplan`` and ``proxy.fastroute``.
 
 This module is the orchestration: the parts it uses are sans-IO and tested on their own.
 
@@ -43,26 +46,18 @@ from sqlproxy.analysis.classify import StatementKind
 from sqlproxy.analysis.statement import Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
-from sqlproxy.proxy import deciding, fastplan
+from sqlproxy.proxy import answering, deciding, fastplan
 from sqlproxy.proxy.fastroute import FastRoutes, RoutedClientPump, RoutedLinkPump
-from sqlproxy.proxy.links import Link, open_replica
+from sqlproxy.proxy.links import Link, connect_replica
 from sqlproxy.proxy.recorder import RoutedRecorder
 from sqlproxy.proxy.session import (
     BackendConnection,
     ClientSession,
     SessionState,
 )
-from sqlproxy.routing.answers import (
-    DROP_CONNECTION,
-    REPLICA_DOWN,
-    Event,
-    Kind,
-    should_retry,
-)
 from sqlproxy.routing.health import ReplicaState, Router
 from sqlproxy.routing.replay import SESSION_TAGS, Replay
-from sqlproxy.routing.replica_login import ReplicaLogin
-from sqlproxy.routing.scram import ScramKeys, ScramWatch
+from sqlproxy.routing.scram import ScramWatch
 from sqlproxy.routing.session_routing import SessionRouting
 from sqlproxy.routing.units import Unit, UnitCutter
 from sqlproxy.wire.conversation import Conversation, ConversationListener, Pending
@@ -76,7 +71,6 @@ from sqlproxy.wire.messages import (
     F_TERMINATE,
     SYNC,
     TERMINATE,
-    error_summary,
 )
 
 if TYPE_CHECKING:
@@ -110,7 +104,7 @@ class RoutedSession(ClientSession):
         self.routing = SessionRouting(router.table_mode)  # pins, writes, horizon
         self.unit_failed = False  # a statement of the transaction in progress failed
         self.connecting: str | None = None
-        self._current = "primary"
+        self.current = "primary"
         # The fast path (fastroute.py): profiled sessions, read_your_writes = "session".
         self.fast: FastRoutes | None = None
         self.fast_functions: object = None
@@ -123,20 +117,13 @@ class RoutedSession(ClientSession):
     def _client_auth_message(self, body: bytes) -> None:
         self.scram.client_message(body)
 
-    async def _replica_keys(self) -> ScramKeys | None:
-        """The client's SCRAM keys, recovered once per session from its exchange."""
-        capture = self.scram.complete
-        if self.scram.keys is None and capture is not None:
-            self.scram.recovered(await self.router.scram_keys(self.user, capture))
-        return self.scram.keys
-
     # ------------------------------------------------------------------ startup hand-over
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
         # Like the plain session, except that the primary's bytes keep coming through
         # backend_startup_data (the backend is never put on its own hot path).
         self._cancel_startup_timer()
         self.ready_at = _perf()
-        conv = self._conversation("primary")
+        conv = self.conversation_for("primary")
         self.conv = self.info.conv = conv
         link = Link("primary", conv, None)
         link.transport = backend.transport
@@ -159,7 +146,7 @@ class RoutedSession(ClientSession):
         if rest:
             self.link_data(link, rest)
 
-    def _conversation(self, route: str) -> Conversation:
+    def conversation_for(self, route: str) -> Conversation:
         """A backend link's tracker. Profiled, its listener is a compiled recorder that
         records with the link's name as route and calls ``statement_event`` only for what
         changes the replay (SET, ROLLBACK, errors, ...); else the session listens."""
@@ -185,7 +172,7 @@ class RoutedSession(ClientSession):
         except ProtocolViolation as exc:
             self.fail(exc)
             return
-        self._pump()
+        self.dispatch()
 
     def refresh_fast(self) -> None:
         """Hand the next unit to the fast path if nothing kept here could change where it
@@ -208,13 +195,13 @@ class RoutedSession(ClientSession):
                 self._forward(target, msg)
             return
         if t == F_TERMINATE:
-            for lk in self._all_links():
+            for lk in self.all_links():
                 if lk.usable:
                     lk.conv.feed_frontend(msg, _perf())
                     lk.transport.write(msg)  # type: ignore[union-attr]
             return
         if t == F_FLUSH and self.cutter.empty:  # a bare Flush: to whoever owes answers
-            for lk in self._all_links():
+            for lk in self.all_links():
                 if lk.busy:
                     self._forward(lk, msg)
                     break
@@ -227,23 +214,23 @@ class RoutedSession(ClientSession):
         if not link.usable:
             return
         if link.replica is None or link.answers.hold is None:
-            self._current = link.name
+            self.current = link.name
             link.conv.feed_frontend(msg, _perf())
         elif link.unit is not None:
             link.unit.data += msg
         link.transport.write(msg)  # type: ignore[union-attr]
 
     # ------------------------------------------------------------------ dispatch
-    def _all_links(self) -> list[Link]:
+    def all_links(self) -> list[Link]:
         links = list(self.links.values())
         if self.primary_link is not None:
             links.insert(0, self.primary_link)
         return links
 
-    def _link_named(self, name: str) -> Link | None:
+    def link_named(self, name: str) -> Link | None:
         return self.primary_link if name == "primary" else self.links.get(name)
 
-    def _pump(self) -> None:
+    def dispatch(self) -> None:
         primary = self.primary_link
         if primary is None or self.state is not SessionState.READY:
             return
@@ -278,48 +265,21 @@ class RoutedSession(ClientSession):
 
     def connect_replica(self, rep: ReplicaState) -> None:
         self.connecting = rep.name
-        self.server.track(asyncio.get_running_loop().create_task(self._open_replica(rep)))
+        self.server.track(asyncio.get_running_loop().create_task(connect_replica(self, rep)))
 
-    async def _open_replica(self, rep: ReplicaState) -> None:
-        link = Link(rep.name, self._conversation(rep.name), rep)
-        password = self.router.routing.passwords.get(self.user)
-        try:
-            login = ReplicaLogin(self.user, password, await self._replica_keys())
-            assert self.startup is not None
-            problem = await open_replica(self, link, login, self.startup.raw,
-                                         self.config.proxy.connect_timeout)
-        except (OSError, TimeoutError, ProxyError) as exc:
-            problem = f"connection failed: {exc}"
-            self.router.mark_down(rep, problem)
-        self.connecting = None
-        if self.state is not SessionState.READY or problem is not None:
-            link.closed = True
-            if link.transport is not None:
-                link.transport.close()
-        if self.state is not SessionState.READY:
-            return
-        if problem is None:
-            self.links[rep.name] = link
-            self.routing.connected(rep.name)
-            if self.fast is not None and link.transport is not None \
-                    and link.protocol is not None:
-                link.pump = RoutedLinkPump(link.protocol, self.fast, link)
-                link.transport.set_protocol(cast(Any, link.pump))
-        elif any(word in problem for word in _AUTH_PROBLEMS):
-            self.routing.no_replica = True
-            self.router.warn_once(
-                f"auth:{self.user}", "replica_authentication_impossible", user=self.user,
-                replica=rep.name, reason=problem,
-                consequence="this user's reads stay on the primary")
-        else:  # try again later (it may be restarting), backing off
-            self.routing.connect_failed(rep.name, time.monotonic())
-        self._pump()
+    def replica_connected(self, link: Link) -> None:
+        """``links.connect_replica`` logged ``link`` in: the session may use it."""
+        self.links[link.name] = link
+        self.routing.connected(link.name)
+        if self.fast is not None and link.transport is not None and link.protocol is not None:
+            link.pump = RoutedLinkPump(link.protocol, self.fast, link)
+            link.transport.set_protocol(cast(Any, link.pump))
 
     def _send(self, link: Link, unit: Unit) -> None:
         transport = link.transport
         if transport is None or transport.is_closing():
             if link.replica is not None:
-                self._retry_on_primary(link, unit, "connection closed")
+                self.retry_on_primary(link, unit, "connection closed")
                 return
             self.fail(ConnectionFailure("server closed the connection unexpectedly"))
             return
@@ -341,7 +301,7 @@ class RoutedSession(ClientSession):
             unit.open = True
         rep = link.replica
         if rep is None:
-            self._current = "primary"
+            self.current = "primary"
             link.conv.feed_frontend(data, now)
             self.router.note_primary_unit()
         else:
@@ -351,88 +311,21 @@ class RoutedSession(ClientSession):
             if unit.open:
                 link.conv.feed_frontend(data, now)
         transport.write(pre + data if pre else data)
-        self.replay.sent(link.replay, unit, [lk.replay for lk in self._all_links()])
+        self.replay.sent(link.replay, unit, [lk.replay for lk in self.all_links()])
         if unit.open:
             self.open_link = link
         self.tx_link = link
 
     # ------------------------------------------------------------------ backend side
     def link_data(self, link: Link, data: bytes) -> None:
-        """Bytes from a backend of this session."""
-        answers = link.answers
-        try:
-            events = answers.feed(data)
-        except ProtocolViolation as exc:
-            self.fail(ProtocolViolation(f"{exc} from backend {link.name}"))
-            return
-        for event in events:
-            self._answer(link, event)
-        if answers.swallow_errors:
-            for body in answers.swallow_errors:
-                log.info("routing_replay_failed", session=self.id, backend=link.name,
-                         error=error_summary(body))
-            answers.swallow_errors.clear()
-        self.backend_done(link)
+        """Bytes from a backend of this session (``answering``)."""
+        answering.link_data(self, link, data)
 
-    def _answer(self, link: Link, event: Event) -> None:
-        kind = event.kind
-        if kind is Kind.DELIVER:
-            self._deliver(link, event.data)
-        elif kind is Kind.TRACK:
-            self._current = link.name
-            link.conv.feed_backend(event.data, _perf())
-        elif kind is Kind.UNIT_DONE:
-            self._replica_done(link)
-        elif kind is Kind.STREAM_DONE:
-            self._finish_replica_unit(link)
-        elif kind is Kind.RELEASE:
-            self._release(link)
-        elif kind is Kind.IDLE_ERROR:
-            link.closed = True  # an idle replica connection speaks: a shutdown FATAL
+    @property
+    def ready(self) -> bool:
+        return self.state is SessionState.READY
 
-    def _deliver(self, link: Link, data: bytes) -> None:
-        t = self.client_transport
-        if t is not None and not t.is_closing():
-            t.write(data)
-        self._current = link.name
-        link.conv.feed_backend(data, _perf())
-
-    def _release(self, link: Link) -> None:
-        """Stop holding the replica's answer: pass on what is held and stream the rest."""
-        unit = link.unit
-        if unit is None or link.answers.hold is None:
-            return
-        held = link.answers.take_hold()
-        self._current = link.name
-        link.conv.feed_frontend(bytes(unit.data), unit.sent)
-        self._deliver(link, held)
-
-    def _replica_done(self, link: Link) -> None:
-        """A held replica answer is complete: release it, or retry the unit on the primary
-        if the replica proved it could not run it."""
-        unit = link.unit
-        assert unit is not None
-        error = link.answers.error
-        replay_failed = link.answers.replay_failed
-        if should_retry(error, replay_failed, unit.in_tx):
-            reason = f"error {error}" if error else "replay failed"
-            self._finish_replica_unit(link)
-            if error in REPLICA_DOWN and link.replica is not None:
-                self.router.mark_down(link.replica, reason)
-            if replay_failed or error in DROP_CONNECTION:
-                self._drop_link(link)  # its state is not what we think: start afresh
-            self._retry_on_primary(link, unit, reason)
-            return
-        self._release(link)
-        self._finish_replica_unit(link)
-
-    def _finish_replica_unit(self, link: Link) -> None:
-        if link.unit is not None and link.replica is not None:
-            link.replica.unit_finished()
-        link.unit = None
-        link.answers.end_unit()
-
-    def _retry_on_primary(self, link: Link, unit: Unit, reason: str) -> None:
+    def retry_on_primary(self, link: Link, unit: Unit, reason: str) -> None:
         if link.replica is not None:
             link.replica.unit_retried()
         log.info("routing_retry_on_primary", session=self.id, replica=link.name, reason=reason)
@@ -449,7 +342,7 @@ class RoutedSession(ClientSession):
     def backend_done(self, link: Link) -> None:
         """After a backend's bytes: a finished unit frees the session for the next."""
         if link.replica is not None and link.closed and link.unit is None:
-            self._drop_link(link)
+            self.drop_link(link)
         if link.busy:
             return
         if link.conv.tx_status == _IDLE:
@@ -459,19 +352,19 @@ class RoutedSession(ClientSession):
                 written = self.routing.primary_idle(self.router.horizon())
                 if written:
                     self.router.note_writes(self.database, written, self.routing.horizon)
-        self._pump()
+        self.dispatch()
         self.refresh_fast()
 
     # ------------------------------------------------------------------ settings
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
                        sqlstate: str | None, started: float, ended: float) -> None:
         # Unprofiled sessions only: the links' conversations call the session itself.
-        self.route = self._current
+        self.route = self.current
         super().statement_done(pending, index, tag, rows, sqlstate, started, ended)
         if sqlstate is None and tag is not None and tag != b"ROLLBACK" \
                 and not tag.startswith(SESSION_TAGS):
             return  # only SET / RESET / DISCARD / DEALLOCATE change what a replica must replay
-        self.statement_event(self._current, pending, index, None, sqlstate)
+        self.statement_event(self.current, pending, index, None, sqlstate)
 
     def statement_event(self, route: str, pending: Pending, index: int,
                         stmt: Statement | None, sqlstate: str | None) -> None:
@@ -495,10 +388,10 @@ class RoutedSession(ClientSession):
             if shape.transaction_op in ("rollback", "rollback_to"):
                 self.replay.rolled_back()
             return
-        current = self._link_named(route)
+        current = self.link_named(route)
         if current is not None:
             self.replay.statement_completed(n, shape, current.replay,
-                                            [lk.replay for lk in self._all_links()])
+                                            [lk.replay for lk in self.all_links()])
 
     # ------------------------------------------------------------------ teardown
     def link_lost(self, link: Link, exc: Exception | None) -> None:
@@ -509,10 +402,10 @@ class RoutedSession(ClientSession):
             self.router.mark_down(link.replica, f"connection lost: {exc}" if exc else
                                   "connection lost")
             held = link.answers.hold is not None
-            self._finish_replica_unit(link)
+            answering.finish_replica_unit(link)
             self.links.pop(link.name, None)
             if held and self.state is SessionState.READY and not unit.in_tx:
-                self._retry_on_primary(link, unit, "connection lost")
+                self.retry_on_primary(link, unit, "connection lost")
                 return
             if self.state is SessionState.READY:
                 self.fail(ConnectionFailure(
@@ -529,9 +422,9 @@ class RoutedSession(ClientSession):
                     detail=f"replica {link.name}"))
                 return
         if self.state is SessionState.READY:
-            self._pump()
+            self.dispatch()
 
-    def _drop_link(self, link: Link) -> None:
+    def drop_link(self, link: Link) -> None:
         if self.links.get(link.name) is link:
             del self.links[link.name]
         link.closed = True
@@ -544,7 +437,7 @@ class RoutedSession(ClientSession):
 
     def _close_replicas(self) -> None:
         for link in list(self.links.values()):
-            self._drop_link(link)
+            self.drop_link(link)
 
     def connection_lost(self, exc: Exception | None) -> None:
         for link in list(self.links.values()):

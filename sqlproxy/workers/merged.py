@@ -65,12 +65,23 @@ class RemoteSession:
         return self.desc
 
 
+class MergedPools:
+    """The transaction pools of all workers, as ``PoolManager.describe`` gives them."""
+
+    def __init__(self, pools: list[dict[str, Any]]) -> None:
+        self.pools = pools
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [dict(p) for p in self.pools]
+
+
 class MergedProxy:
     """``ProxyView`` over all workers: sessions keyed worker * 10^12 + session id."""
 
     def __init__(self) -> None:
         self.accepting = False
         self.sessions: dict[int, RemoteSession] = {}
+        self.pools: MergedPools | None = None  # pool.mode = "transaction"
 
 
 def _reset_into(into: StatEntry, fresh: StatEntry) -> None:
@@ -213,6 +224,8 @@ class MergedWorkers:
         self.proxy.sessions = sessions
         self.proxy.accepting = any(a.get("accepting") for a in answers)
         self._backends = _merge_backends([a.get("backends", []) for a in answers])
+        self.proxy.pools = MergedPools(merge_pools([a.get("pools", []) for a in answers])) \
+            if self.config.pool.mode == "transaction" else None
         if self.profiler is None or self.carried is None:
             return
         parts: list[tuple[str, InstanceSections]] = [
@@ -300,7 +313,9 @@ class MergedWorkers:
         for slot in self.sup.slots:
             a = self._answers.get(slot.index, {})
             out.append({"worker": slot.index, "pid": slot.pid, "alive": slot.alive,
-                        "restarts": slot.restarts, "sessions": len(a.get("sessions", [])),
+                        "restarts": slot.restarts,
+                        "started_at": slot.started_wall or None, "last_exit": slot.last_exit,
+                        "sessions": len(a.get("sessions", [])) if slot.alive else 0,
                         "rejected": a.get("rejected", {}), "timeouts": a.get("timeouts", {})})
         return out
 
@@ -341,3 +356,44 @@ def _merge_backends(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, An
     return out
 
 
+#: Pool figures that do not add up over workers: the largest worker's stands for all.
+_POOL_MAX = frozenset({"all_busy_share", "uptime_s", "max", "p50", "p99"})
+
+
+def _merge_pool_value(have: Any, more: Any, key: str) -> Any:
+    if isinstance(have, bool) or isinstance(more, bool):
+        return have
+    if isinstance(have, int | float) and isinstance(more, int | float):
+        return max(have, more) if key in _POOL_MAX else have + more
+    if isinstance(have, dict) and isinstance(more, dict):
+        out = dict(have)
+        for k, v in more.items():
+            out[k] = _merge_pool_value(out[k], v, k) if k in out else v
+        return out
+    if isinstance(have, list) and isinstance(more, list):
+        return have + more
+    return have
+
+
+def merge_pools(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One pool per (database, user) for the machine: each worker has its own pool with its
+    share of ``pool.size`` (see ``worker.share_pool``), so sizes, servers, clients, checkouts,
+    opens and closes add up; the wait percentiles, the share of time all were busy and the
+    uptime are the largest worker's (a pool that made clients wait on one worker did so on
+    the machine); the peaks (``max_active``, per application) are summed, an upper bound of
+    what was busy at once; pinned clients are listed from every worker."""
+    out: list[dict[str, Any]] = []
+    index: dict[tuple[Any, Any], dict[str, Any]] = {}
+    for pools in per_worker:
+        for pool in pools:
+            key = (pool.get("database"), pool.get("user"))
+            have = index.get(key)
+            if have is None:
+                index[key] = dict(pool, workers=1)
+                out.append(index[key])
+                continue
+            for k, v in pool.items():
+                if k not in ("database", "user"):
+                    have[k] = _merge_pool_value(have[k], v, k) if k in have else v
+            have["workers"] = int(have.get("workers", 1)) + 1
+    return out

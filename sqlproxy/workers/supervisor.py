@@ -45,7 +45,9 @@ class WorkerSlot:
     def __init__(self, index: int) -> None:
         self.index = index
         self.process: Any = None  # multiprocessing.Process (spawn context)
-        self.started_at = 0.0
+        self.started_at = 0.0  # monotonic
+        self.started_wall = 0.0  # Unix time
+        self.last_exit: str | None = None  # how the previous process ended
         self.restarts = 0
         self.quick_deaths = 0  # consecutive deaths within a second of starting
         self.restart_at = 0.0  # when a restart is due (0: none pending)
@@ -128,6 +130,7 @@ class Supervisor:
         proc.start()
         slot.process = proc
         slot.started_at = time.monotonic()
+        slot.started_wall = time.time()
         slot.restart_at = 0.0
         log.info("worker_started", worker=slot.index, pid=proc.pid, restarts=slot.restarts)
 
@@ -193,6 +196,7 @@ class Supervisor:
     def _died(self, slot: WorkerSlot, proc: Any, now: float) -> None:
         code = proc.exitcode
         how = (f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+        slot.last_exit = how
         self.limits.clear(slot.index)  # its sessions died with it
         lived = now - slot.started_at
         slot.quick_deaths = slot.quick_deaths + 1 if lived < 1.0 else 0

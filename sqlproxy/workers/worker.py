@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from sqlproxy.analysis.stats import StatEntry
-from sqlproxy.config import load_config
+from sqlproxy.config import Config, load_config
 from sqlproxy.errors import ConfigError
 from sqlproxy.logs import configure_logging, get_logger
 from sqlproxy.runtime import Runtime, install_uvloop
@@ -62,12 +62,32 @@ def worker_overrides(spec: WorkerSpec) -> dict[str, Any]:
     return over
 
 
+def share_pool(config: Config, index: int, workers: int) -> Config:
+    """The worker's share of ``pool.size`` and ``pool.min_idle``, so that the machine opens
+    at most ``pool.size`` server connections per pool however many workers there are (each
+    worker keeps its own pools: nothing is shared per statement). Each worker needs at least
+    one, so with fewer than ``workers`` the machine may open ``workers``."""
+    pool = config.pool
+
+    def part(total: int, floor: int) -> int:
+        return max(floor, total // workers + (1 if index < total % workers else 0))
+
+    size = part(pool.size, 1)
+    shared = pool.model_copy(update={"size": size, "min_idle": min(size, part(pool.min_idle,
+                                                                                0))})
+    return config.model_copy(update={"pool": shared})
+
+
 class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         overrides = worker_overrides(spec)
-        config = load_config(spec.config_path, overrides)
-        self.rt = Runtime(config, config_path=spec.config_path, overrides=overrides)
+        def share(c: Config) -> Config:
+            return share_pool(c, spec.index, spec.workers)
+
+        config = share(load_config(spec.config_path, overrides))
+        self.rt = Runtime(config, config_path=spec.config_path, overrides=overrides,
+                          adjust=share)
         proxy = self.rt.proxy
         proxy.worker = spec.index
         proxy.reuse_port = True
@@ -151,6 +171,7 @@ class Worker:
             "rejected": dict(proxy.rejected),
             "timeouts": dict(proxy.timeouts),
             "reloads": rt.reloads,
+            "pools": proxy.pools.describe() if proxy.pools is not None else [],
         }, separators=(",", ":"), allow_nan=False)
         return (head[:-1] + ',"statistics_entries":[' + ",".join(entries) + "]}").encode()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -63,6 +64,18 @@ def test_healthz_names_the_failed_check(admin_proxy: MakeAdmin) -> None:
     assert body["checks"]["primary"]["error"]
     backends = admin.json("/api/backends")["items"]
     assert backends[0]["name"] == "primary" and backends[0]["healthy"] is False
+
+
+def test_workers_lists_the_single_process(admin_proxy: MakeAdmin) -> None:
+    """With workers = 1 the process is the only worker (the supervisor's list is in
+    tests/workers)."""
+    _proxy, admin = admin_proxy()
+    items = admin.json("/api/workers")["items"]
+    assert len(items) == 1
+    w = items[0]
+    assert w["worker"] == 0 and w["pid"] == os.getpid() and w["alive"] is True
+    assert w["restarts"] == 0 and w["last_exit"] is None and w["started_at"].endswith("Z")
+    assert 'sqlproxy_worker_up{worker="0"} 1.0' in admin.get("/metrics").text
 
 
 # ------------------------------------------------------------------------------ queries

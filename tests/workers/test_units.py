@@ -62,3 +62,39 @@ def test_workers_key() -> None:
     for bad in ("0", '"many"', "65"):
         with pytest.raises(ConfigError, match=r"proxy\.workers"):
             load_config(None, None, {"SQLPROXY_PROXY__WORKERS": bad})
+
+
+def test_pool_size_is_shared_between_workers() -> None:
+    from sqlproxy.config import Config
+    from sqlproxy.workers.worker import share_pool
+
+    cfg = Config.model_validate({"pool": {"mode": "transaction", "size": 10, "min_idle": 3}})
+    parts = [share_pool(cfg, i, 3).pool for i in range(3)]
+    assert [p.size for p in parts] == [4, 3, 3]
+    assert [p.min_idle for p in parts] == [1, 1, 1]
+    small = Config.model_validate({"pool": {"size": 1}})
+    assert [share_pool(small, i, 2).pool.size for i in range(2)] == [1, 1]
+
+
+def test_pools_merge_over_workers() -> None:
+    from sqlproxy.workers.merged import merge_pools
+
+    a = {"database": "d", "user": "u", "size": 2, "servers": 2, "active": 1, "checkouts": 10,
+         "wait_ms": {"max": 5.0, "p50": 1.0, "p99": 4.0}, "all_busy_share": 0.2,
+         "servers_closed": {"lifetime": 1}, "pinned_clients": [{"id": 1}],
+         "max_active_by_application": {"web": 2}}
+    b = {"database": "d", "user": "u", "size": 2, "servers": 1, "active": 0, "checkouts": 5,
+         "wait_ms": {"max": 9.0, "p50": 0.5, "p99": 8.0}, "all_busy_share": 0.1,
+         "servers_closed": {"lifetime": 2, "idle_timeout": 1}, "pinned_clients": [],
+         "max_active_by_application": {"web": 1, "jobs": 1}}
+    other = dict(a, user="v")
+    merged = merge_pools([[a, other], [b]])
+    assert [(p["database"], p["user"]) for p in merged] == [("d", "u"), ("d", "v")]
+    m = merged[0]
+    assert m["workers"] == 2 and m["size"] == 4 and m["servers"] == 3 and m["checkouts"] == 15
+    assert m["wait_ms"] == {"max": 9.0, "p50": 1.0, "p99": 8.0}
+    assert m["all_busy_share"] == 0.2
+    assert m["servers_closed"] == {"lifetime": 3, "idle_timeout": 1}
+    assert m["pinned_clients"] == [{"id": 1}]
+    assert m["max_active_by_application"] == {"web": 3, "jobs": 1}
+    assert merged[1]["workers"] == 1

@@ -170,6 +170,15 @@ def test_killed_worker_is_restarted_others_unaffected(serve_workers: Callable[..
             c = await asyncpg.connect(served.dsn(db))
             assert await c.fetchval("select 7") == 7
             await c.close()
+        # The admin API lists both workers, the restarted one with how its last process ended.
+        workers = {w["worker"]: w for w in served.api("/api/workers")["items"]}
+        assert sorted(workers) == [0, 1]
+        assert workers[0]["restarts"] == 1 and workers[0]["last_exit"] == "signal SIGKILL"
+        assert workers[0]["pid"] == served.worker_pids()[0] and workers[0]["alive"]
+        assert workers[1]["restarts"] == 0 and workers[1]["last_exit"] is None
+        metrics = served.api("/metrics")
+        assert 'sqlproxy_worker_restarts_total{worker="0"} 1.0' in metrics
+        assert 'sqlproxy_worker_up{worker="1"} 1.0' in metrics
 
     asyncio.run(main())
     assert served.stop() == 0
@@ -411,4 +420,38 @@ def test_findings_merged_by_id_across_workers(serve_workers: Callable[..., Serve
         time.sleep(0.3)
     assert len(items) == 1, items
     assert items[0]["occurrences"] == 8
+    assert served.stop() == 0
+
+
+def test_transaction_pools_shared_across_workers(serve_workers: Callable[..., Served],
+                                                 pg_primary: pg.PgCluster, db: str) -> None:
+    """pool.size holds for the machine: each worker pools its share, and /api/pools shows the
+    machine's pool (its figures summed over the workers)."""
+    served = serve_workers(2, extra='[pool]\nmode = "transaction"\nsize = 4\n')
+
+    async def client(i: int) -> int:
+        c = await asyncpg.connect(served.dsn(db), statement_cache_size=0)
+        total = 0
+        for _ in range(10):
+            async with c.transaction():
+                total += await c.fetchval("select $1::int + count(*) from pg_sleep(0.005)", i)
+        await c.close()
+        return total
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(client(i) for i in range(24)))
+
+    assert asyncio.run(main()) == [10 * i for i in range(24)]
+    assert _workers_of_sessions(served) == {0, 1}
+    servers = pg_primary.psql(
+        f"select count(*) from pg_stat_activity where datname = '{db}' "
+        "and backend_type = 'client backend' and pid <> pg_backend_pid()", dbname=db)
+    assert int(servers.strip()) <= 4
+    pools = [p for p in served.api("/api/pools")["items"] if p["database"] == db]
+    assert len(pools) == 1
+    pool = pools[0]
+    assert pool["workers"] == 2 and pool["size"] == 4
+    assert pool["servers"] <= 4 and pool["checkouts"] >= 240
+    assert pool["advice"]
+    assert f'sqlproxy_pool_size{{database="{db}"' in served.api("/metrics")
     assert served.stop() == 0

@@ -19,13 +19,13 @@ from sqlproxy.proxy.links import Link
 from sqlproxy.proxy.session import SessionState
 from sqlproxy.routing.policy import Decision, Target
 from sqlproxy.routing.units import Unit
+from sqlproxy.wire.messages import TX_IDLE
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.routed import RoutedSession
 
 __all__ = ["learn", "refresh"]
 
-_IDLE = 73  # 'I'
 
 
 def learn(session: RoutedSession, fast: FastRoutes, unit: Unit, decision: Decision,
@@ -84,7 +84,7 @@ def refresh(session: RoutedSession, fast: FastRoutes) -> None:
             or router.functions(session.database) is not session.fast_functions:
         return
     tx = session.tx_link
-    if tx is not None and tx is not primary and tx.conv.tx_status != _IDLE:
+    if tx is not None and tx is not primary and tx.conv.tx_status != TX_IDLE:
         return  # a read-only transaction on a replica: the general path's
     if any(lk.busy for lk in session.links.values()):
         return

@@ -71,6 +71,7 @@ from sqlproxy.wire.messages import (
     F_TERMINATE,
     SYNC,
     TERMINATE,
+    TX_IDLE,
 )
 
 if TYPE_CHECKING:
@@ -79,7 +80,6 @@ if TYPE_CHECKING:
 log = get_logger("sqlproxy.routing")
 _perf = time.perf_counter
 
-_IDLE = 73  # 'I'
 #: A replica login that failed for one of these reasons will not work for this session.
 _AUTH_PROBLEMS = ("password", "authentication", "28P01", "28000")
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
@@ -256,7 +256,7 @@ class RoutedSession(ClientSession):
     def in_transaction(self) -> Link | None:
         """The link of the transaction block in progress, if any."""
         tx = self.tx_link
-        if tx is not None and tx.conv.tx_status != _IDLE and not tx.closed:
+        if tx is not None and tx.conv.tx_status != TX_IDLE and not tx.closed:
             return tx
         return None
 
@@ -345,7 +345,7 @@ class RoutedSession(ClientSession):
             self.drop_link(link)
         if link.busy:
             return
-        if link.conv.tx_status == _IDLE:
+        if link.conv.tx_status == TX_IDLE:
             self.replay.transaction_ended(link.replay, committed=not self.unit_failed)
             self.unit_failed = False
             if link.replica is None:
@@ -416,7 +416,7 @@ class RoutedSession(ClientSession):
             del self.links[link.name]
         if self.tx_link is link:
             self.tx_link = None
-            if link.conv.tx_status != _IDLE and self.state is SessionState.READY:
+            if link.conv.tx_status != TX_IDLE and self.state is SessionState.READY:
                 self.fail(ConnectionFailure(
                     "replica connection lost inside a transaction block",
                     detail=f"replica {link.name}"))

@@ -20,7 +20,7 @@ from sqlproxy.proxy.routed import RoutedSession
 from sqlproxy.proxy.session import ClientSession, SessionState
 from sqlproxy.proxy.tls import client_context, server_context
 from sqlproxy.routing.health import Router
-from sqlproxy.wire.messages import cancel_request
+from sqlproxy.wire.messages import TX_IDLE, cancel_request
 from sqlproxy.workers.keys import secret_for, worker_of
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ class ProxyServer:
             for s in list(self.sessions.values()):
                 conv = s.conv
                 if s.state is SessionState.READY and conv is not None and not conv.busy \
-                        and conv.tx_status == 73:  # idle, outside a transaction
+                        and conv.tx_status == TX_IDLE:
                     drained += 1
                     s.fail(_shutdown_error(), quiet=True)
             if not self.sessions or loop.time() >= deadline:
@@ -221,7 +221,7 @@ class ProxyServer:
             if conv.receiving:
                 continue  # a message is arriving
             idle = now - max(conv.last_end, s.ready_at)
-            if conv.tx_status == 73:
+            if conv.tx_status == TX_IDLE:
                 if idle_limit and idle >= idle_limit:
                     self._time_out(s, "idle_client_timeout", idle, idle_limit, "57P05",
                                    "idle-session timeout")

@@ -67,6 +67,11 @@ B_PORTAL_SUSPENDED = ord("s")
 B_READY_FOR_QUERY = ord("Z")
 B_ROW_DESCRIPTION = ord("T")
 
+# ReadyForQuery transaction status.
+TX_IDLE = ord("I")  # not in a transaction block
+TX_IN_BLOCK = ord("T")  # in a transaction block
+TX_FAILED = ord("E")  # in a failed transaction block
+
 # Authentication request subtypes (the int after 'R').
 AUTH_OK = 0
 AUTH_CLEARTEXT_PASSWORD = 3

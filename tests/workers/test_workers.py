@@ -441,7 +441,7 @@ def test_transaction_pools_shared_across_workers(serve_workers: Callable[..., Se
     async def main() -> list[int]:
         return await asyncio.gather(*(client(i) for i in range(24)))
 
-    assert asyncio.run(main()) == [10 * i for i in range(24)]
+    assert asyncio.run(main()) == [10 * (i + 1) for i in range(24)]
     assert _workers_of_sessions(served) == {0, 1}
     servers = pg_primary.psql(
         f"select count(*) from pg_stat_activity where datname = '{db}' "

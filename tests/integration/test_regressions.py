@@ -98,8 +98,9 @@ def test_dropped_index_is_a_latency_regression(make_proxy: Callable[..., ProxyTh
             assert load.error is None, load.error
             assert time.monotonic() < deadline, "no regression reported"
             time.sleep(0.05)
-        # The window in progress when the index went away, or the next one.
-        assert closed() - dropped_at <= 2
+        # The window in progress when the index went away, or one of the next few: on a busy
+        # machine a 0.5 s window may see too few of the (now slow) executions to judge.
+        assert closed() - dropped_at <= 5
     (f,) = regressions()
     assert f["query"] == "select id from accounts where k = $1"
     assert f["window"]["factor"] > 3 and f["window"]["baseline_windows"] >= 20

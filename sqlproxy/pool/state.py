@@ -87,6 +87,7 @@ class PoolStats:
     waits: int = 0  # checkouts that had to wait
     wait_timeouts: int = 0
     max_wait_s: float = 0.0
+    wait_total_s: float = 0.0
     wait_samples: deque[float] = field(default_factory=lambda: deque(maxlen=_WAIT_SAMPLES))
     opened: int = 0
     open_failures: int = 0
@@ -161,6 +162,7 @@ class Pool(Generic[S, C]):
         st.wait_samples.append(waited)
         if waited > 0:
             st.waits += 1
+            st.wait_total_s += waited
             st.max_wait_s = max(st.max_wait_s, waited)
         if app is not None:
             self._app_of[client] = app
@@ -328,6 +330,7 @@ class Pool(Generic[S, C]):
             late.append(w.client)
             self._app_of.pop(w.client, None)
             self.stats.wait_timeouts += 1
+            self.stats.wait_total_s += now - w.since
         to_close: list[S] = []
         lim = self.limits
         for server in list(self.idle):

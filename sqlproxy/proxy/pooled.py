@@ -60,6 +60,7 @@ from typing import TYPE_CHECKING, Any
 from sqlproxy.analysis.cache import StatementCache
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
+from sqlproxy.pool.report import PoolReporter
 from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
 from sqlproxy.proxy.connect import connect_backend
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
@@ -506,6 +507,8 @@ class PoolIO:
             "checkouts": stats.checkouts,
             "waits": stats.waits,
             "wait_timeouts": stats.wait_timeouts,
+            "wait_total_ms": stats.wait_total_s * 1000,
+            "max_waiting": stats.max_waiting,
             "wait_ms": {"max": stats.max_wait_s * 1000,
                         "p50": st.wait_percentile(0.5) * 1000,
                         "p99": st.wait_percentile(0.99) * 1000},
@@ -535,6 +538,14 @@ class PoolManager:
         self.clean_texts: set[str] = set()
         self.clean_shapes: set[str] = set()  # normalized statements that pin nothing
         self._ticker: asyncio.Task[None] | None = None
+        self.reporter = PoolReporter()  # the pools' findings into the profiler's store
+        self._report_at = 0.0
+
+    def report_findings(self) -> None:
+        """``pool_saturated`` / ``connection_churn`` into the findings (sqlproxy.pool.report)."""
+        profiler = self.server.profiler
+        if profiler is not None and self.pools:
+            self.reporter.report(profiler.detector.findings, self.describe(), time.time())
 
     def pool(self, database: str, user: str) -> PoolIO:
         key = (database, user)
@@ -565,6 +576,9 @@ class PoolManager:
             now = time.monotonic()
             for p in list(self.pools.values()):
                 p.tick(now)
+            if now >= self._report_at:
+                self._report_at = now + 1.0
+                self.report_findings()
 
     def close(self) -> None:
         if self._ticker is not None:

@@ -228,11 +228,14 @@ class Pool(Generic[S, C]):
         self.servers[server] = _ServerInfo(now, now)
         self.stats.opened += 1
 
-    def open_failed(self, client: C, now: float) -> list[Handoff[S, C]]:
-        """Opening failed: the slot is free again."""
+    def open_failed(self, client: C, now: float, *, failed: bool = True
+                    ) -> list[Handoff[S, C]]:
+        """Opening failed (or, ``failed`` False, was not needed after all): the slot is free
+        again."""
         self.opening -= 1
         self.active -= 1
-        self.stats.open_failures += 1
+        if failed:
+            self.stats.open_failures += 1
         self.released(client)
         return self._fill(now)
 

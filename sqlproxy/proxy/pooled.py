@@ -650,6 +650,12 @@ class PooledSession(ClientSession):
         if self.state is SessionState.CLOSED:
             self._free_login_slot()
             return
+        if pool.trusted and self.pinned is None:
+            # Learnt while this login waited for its slot (a burst of first logins): answered
+            # here, the slot unused, instead of one more server connection opened and closed.
+            self._free_login_slot(failed=False)
+            self._local_login(pool)
+            return
         await super()._connect_backend(msg)
 
     def login_slot_granted(self) -> None:
@@ -660,10 +666,11 @@ class PooledSession(ClientSession):
             self._login_slot = True
             self._free_login_slot()
 
-    def _free_login_slot(self) -> None:
+    def _free_login_slot(self, *, failed: bool = True) -> None:
         if self._login_slot and self.pool is not None:
             self._login_slot = False
-            self.pool.carry_out(self.pool.state.open_failed(self, time.monotonic()))
+            self.pool.carry_out(self.pool.state.open_failed(self, time.monotonic(),
+                                                            failed=failed))
 
     def _server_auth_message(self, code: int, body: bytes) -> None:
         if code != 0:

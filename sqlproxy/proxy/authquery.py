@@ -48,8 +48,8 @@ class AuthQuery:
                                                 timeout=cfg.proxy.connect_timeout)
                     self.lookups += 1
                     return None if value is None else str(value)
-                except (OSError, TimeoutError, asyncpg.PostgresError,
-                        asyncpg.InterfaceError) as exc:
+                except (OSError, TimeoutError, ValueError, asyncpg.PostgresError,
+                        asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
                     await self.close()
                     if attempt or not isinstance(exc, asyncpg.InterfaceError | OSError):
                         self._warn(type(exc).__name__, user=user,

@@ -441,7 +441,7 @@ class PoolIO:
         password = self.password or cfg.routing.passwords.get(self.user)
         keys = session.scram_keys if session is not None else None
         if password is None:
-            keys = keys or self.scram_keys
+            keys = self.scram_keys or keys  # the latest proven (the password may change)
         conn.login = ReplicaLogin(self.user, password, keys,
                                   self.md5_hash if password is None and keys is None else None)
         conn.frames = Frames(MAX_SERVER_MESSAGE, "server message")

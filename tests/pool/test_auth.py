@@ -198,3 +198,31 @@ def test_pgbench_connect_per_transaction_with_a_scram_user(
     time.sleep(0.2)
     (pool,) = pools_of(p)
     assert pool["servers_opened"] <= 2, pool
+
+
+def test_a_changed_password_takes_effect_at_the_next_login(
+    make_proxy: Callable[..., ProxyThread], pg_primary: PgCluster, user_db: str,
+) -> None:
+    """The verifier is read per login: after ALTER ROLE ... PASSWORD the old password is
+    refused (28P01) and the new one works, also for a session that logged in before. (The
+    test cluster's pg_hba.conf trusts a new role: this checks the proxy's side only.)"""
+    role = "auth_changes"
+    pg_primary.psql(f"DROP ROLE IF EXISTS {role}; CREATE ROLE {role} LOGIN PASSWORD 'one'; "
+                    f"GRANT ALL ON DATABASE {user_db} TO {role}")
+    p = _auth_proxy(make_proxy, size=4)
+    try:
+        with psycopg.connect(p.dsn(role, "one", user_db), autocommit=True) as before:
+            assert before.execute("SELECT current_user").fetchone() == (role,)
+            pg_primary.psql(f"ALTER ROLE {role} PASSWORD 'two'")
+            assert _refusal(p.dsn(role, "one", user_db))[1:] == (
+                "28P01", f'password authentication failed for user "{role}"')
+            with psycopg.connect(p.dsn(role, "two", user_db), autocommit=True) as after:
+                assert after.execute("SELECT current_user").fetchone() == (role,)
+            # Both sessions busy at once: the pool opens servers with what it last proved.
+            with before.transaction(), \
+                    psycopg.connect(p.dsn(role, "two", user_db)) as other:
+                before.execute("SELECT 1")
+                assert other.execute("SELECT current_user").fetchone() == (role,)
+    finally:
+        p.stop()
+        pg_primary.psql(f"REVOKE ALL ON DATABASE {user_db} FROM {role}; DROP ROLE {role}")

@@ -226,3 +226,25 @@ def test_a_changed_password_takes_effect_at_the_next_login(
     finally:
         p.stop()
         pg_primary.psql(f"REVOKE ALL ON DATABASE {user_db} FROM {role}; DROP ROLE {role}")
+
+
+def test_after_a_password_change_new_servers_log_in_with_the_new_keys(
+    make_proxy: Callable[..., ProxyThread], pg_primary: PgCluster, user_db: str,
+) -> None:
+    """The SCRAM user (pg_hba.conf asks it for SCRAM): once a login proved the new password,
+    the pool opens its next server connections with the new ClientKey."""
+    user = SCRAM_USER
+    p = _auth_proxy(make_proxy, size=4)
+    try:
+        with psycopg.connect(p.dsn(user.name, user.password, user_db)) as first:
+            first.execute("SELECT 1")  # a transaction: holds the pool's only server
+            pg_primary.psql(f"ALTER ROLE {user.name} PASSWORD 'changed_pw'")
+            with psycopg.connect(p.dsn(user.name, "changed_pw", user_db),
+                                 autocommit=True) as second:
+                # A server of its own, opened now: logged in with the new keys.
+                assert second.execute("SELECT current_user").fetchone() == (user.name,)
+            first.commit()
+        (pool,) = pools_of(p)
+        assert pool["servers_opened"] == 2 and pool["open_failures"] == 0, pool
+    finally:
+        pg_primary.psql(f"ALTER ROLE {user.name} PASSWORD '{user.password}'")

@@ -264,6 +264,19 @@ class PoolSection(_Section):
     server_idle_timeout_s: float = Field(600.0, ge=0)  # 0: never closed for idleness
     server_lifetime_s: float = Field(3600.0, ge=0)  # 0: no lifetime limit
     max_prepared_per_server: int = Field(200, ge=1)  # named statements kept (LRU)
+    # Transaction mode: the role whose connection reads the users' password verifiers with
+    # auth_query, so that the proxy checks SCRAM/MD5 logins itself ("": logins go through).
+    auth_user: str = ""
+    auth_query: str = ("SELECT passwd FROM pg_catalog.pg_shadow WHERE usename = $1 "
+                       "AND (valuntil IS NULL OR valuntil > now())")
+    auth_dbname: str = ""  # "": the database of proxy.primary (else "postgres")
+
+    @field_validator("auth_query")
+    @classmethod
+    def _check_auth_query(cls, v: str) -> str:
+        if "$1" not in v:
+            raise ValueError("must take the user name as $1 and return its password verifier")
+        return v
 
     @model_validator(mode="after")
     def _check_min_idle(self) -> PoolSection:

@@ -6,6 +6,7 @@ and then checks that everything it started is gone.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -13,9 +14,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from sqlproxy.devcluster import BASE_DIR_PREFIX
 from tests.support.pg import PgCluster, free_port
@@ -118,6 +122,14 @@ def test_demo_end_to_end() -> None:
     assert "insert" in rows["primary"], context
     assert "read-your-writes" in routes, context
 
+    # The second sqlproxy, in transaction pooling mode: its pool, the advice, its findings.
+    assert 'Transaction pool (pool.mode = "transaction", pool.size = 4)' in report, context
+    advice = _table_section(report, "Pool advice")
+    assert "application league-web: at most" in advice, context
+    assert "SQLAlchemy pool_size=" in advice, context
+    pool_findings = _table_section(report, "Pool findings")
+    assert "connection churn" in pool_findings and "league-cron" in pool_findings, context
+
     # Everything it started is stopped and removed.
     for port in (listen, admin, *pg_ports):
         assert not _accepting(port), f"port {port} still accepting after the demo{context}"
@@ -215,6 +227,49 @@ def test_league_app_through_the_proxy(proxy: ProxyThread, league_db: str) -> Non
     for kind in ("n_plus_one", "commit_per_row", "row_by_row_write", "unbounded_result",
                  "deep_offset", "repeated_query"):
         assert (kind, "league-site") in kinds, found
+
+
+def test_demo_pool_traffic_gets_pool_advice(make_proxy: Any, league_db: str) -> None:
+    """The demo's web tier and per-run job through a transaction pool of 4 (the demo's second
+    sqlproxy): the report has the pool, sizing advice for pool.size and for the web tier's
+    SQLAlchemy pools, and the job's connection churn."""
+    from rich.console import Console
+
+    from sqlproxy.demo import POOL_SIZE, workload
+    from sqlproxy.demo.report import print_pool_report
+
+    p = make_proxy(pool={"mode": "transaction", "size": POOL_SIZE})
+    url = p.dsn(dbname=league_db)
+
+    async def main() -> None:
+        engine = workload.make_engine(url, "setup")
+        async with engine.begin() as conn:
+            await conn.run_sync(workload.Base.metadata.create_all)
+            await conn.execute(text("INSERT INTO teams SELECT g, 'Team ' || g, 'City' "
+                                    "FROM generate_series(1, :n) g"), {"n": workload.TEAMS})
+            await conn.execute(text("INSERT INTO players (name, position, rating, team_id) "
+                                    "SELECT 'P' || g, 'MF', 50, 1 + g % :n "
+                                    "FROM generate_series(1, 100) g"), {"n": workload.TEAMS})
+        await engine.dispose()
+        await workload.web_tier(url, "league-web")
+        await workload.connect_per_run(url, "league-cron")
+
+    asyncio.run(main())
+    time.sleep(0.3)  # the last clients' departures reach the pool
+    rt = p.runtime
+    assert rt is not None
+    console = Console(record=True, width=160)
+    data = p.call(lambda: print_pool_report(console, rt, rt.config))
+    out = console.export_text()
+    (pool,) = data["pools"]
+    assert pool["max_clients"] >= workload.WEB_WORKERS * workload.WEB_POOL_SIZE
+    assert pool["max_active"] <= POOL_SIZE
+    assert any(a.startswith("application league-web: at most") for a in pool["advice"]), out
+    for a in pool["advice"]:
+        assert " ".join(a.split()[:4]) in " ".join(out.split())
+    kinds = {(f["kind"], f["application"]) for f in data["findings"]}
+    assert ("connection_churn", "league-cron") in kinds, out
+    assert "Pool advice" in out and "connection churn" in out
 
 
 @pytest.mark.parametrize(("args", "env", "message"), [

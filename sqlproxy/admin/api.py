@@ -201,6 +201,9 @@ async def n_plus_one(request: Request) -> Response:
 
 async def findings(request: Request) -> Response:
     q = request.query_params
+    manager = getattr(state_of(request).source.proxy, "pools", None)
+    if manager is not None:
+        manager.report_findings()  # the pools' findings up to now (sqlproxy.pool.report)
     limit, offset = page(q)
     items, total = (await _findings(request)).select(
         kind=str_param(q, "kind"), application=str_param(q, "application"),

@@ -138,7 +138,10 @@ _SCHEMAS: _S = {
             "trace_ids": {"type": "array", "items": _STR,
                           "description": "example requests (W3C trace ids), the latest last"},
             "window": {"type": ["object", "null"],
-                       "description": "regression findings: the window against its baseline"}}},
+                       "description": "regression findings: the window against its baseline"},
+            "users": {"type": "array", "items": _STR,
+                      "description": "connection findings (pool_saturated, connection_churn, "
+                                     "session_state_in_pool): the database users"}}},
     "Transactions": {"type": "object", "properties": {
         "database": _STR, "user": _STR, "transactions": _INT, "failed": _INT,
         "total_ms": _NUM, "mean_ms": _NUM, "max_ms": _NUM, "p99_ms": _NUM,
@@ -147,7 +150,8 @@ _SCHEMAS: _S = {
              "\"transaction\"): a (database, user) pair's server connections", "properties": {
         "database": _STR, "user": _STR, "size": _INT, "servers": _INT, "active": _INT,
         "idle": _INT, "clients": _INT, "clients_waiting": _INT, "checkouts": _INT,
-        "wait_timeouts": _INT, "wait_ms": {"type": "object",
+        "wait_timeouts": _INT, "wait_total_ms": _NUM, "max_waiting": _INT,
+        "wait_ms": {"type": "object",
                                            "description": "max, p50, p99 of the waits"},
         "all_busy_share": _NUM, "servers_opened": _INT,
         "servers_closed": {"type": "object", "description": "closes by reason"},

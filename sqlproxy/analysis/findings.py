@@ -24,13 +24,17 @@ from sqlproxy.analysis.timefmt import iso
 
 __all__ = [
     "COMMIT_PER_ROW",
+    "CONNECTION_CHURN",
     "DEEP_OFFSET",
     "KINDS",
     "LATENCY_REGRESSION",
     "NEW_HOT_STATEMENT",
     "N_PLUS_ONE",
+    "POOL_KINDS",
+    "POOL_SATURATED",
     "REPEATED_QUERY",
     "ROW_BY_ROW_WRITE",
+    "SESSION_STATE_IN_POOL",
     "SORT_KEYS",
     "UNBOUNDED_RESULT",
     "Finding",
@@ -47,8 +51,14 @@ UNBOUNDED_RESULT = "unbounded_result"
 DEEP_OFFSET = "deep_offset"
 LATENCY_REGRESSION = "latency_regression"
 NEW_HOT_STATEMENT = "new_hot_statement"
+# Connection findings (sqlproxy/analysis/churn.py, sqlproxy/pool/report.py): about sessions
+# and pools rather than statements; their ``users`` name the database users.
+POOL_SATURATED = "pool_saturated"
+CONNECTION_CHURN = "connection_churn"
+SESSION_STATE_IN_POOL = "session_state_in_pool"
+POOL_KINDS = (POOL_SATURATED, CONNECTION_CHURN, SESSION_STATE_IN_POOL)
 KINDS = (N_PLUS_ONE, REPEATED_QUERY, ROW_BY_ROW_WRITE, COMMIT_PER_ROW, UNBOUNDED_RESULT,
-         DEEP_OFFSET, LATENCY_REGRESSION, NEW_HOT_STATEMENT)
+         DEEP_OFFSET, LATENCY_REGRESSION, NEW_HOT_STATEMENT, *POOL_KINDS)
 SORT_KEYS = ("total_ms", "occurrences", "max_burst", "last_seen", "first_seen")
 MAX_DATABASES = 16  # database names remembered per finding
 MAX_TRACE_IDS = 5  # example trace ids kept per finding (the latest)
@@ -93,6 +103,7 @@ class Finding:
         "total",
         "trace_ids",
         "usage",
+        "users",
         "window",
     )
 
@@ -127,6 +138,7 @@ class Finding:
         self.max_rows = 0
         self.max_offset = 0
         self.databases: dict[str, int] = {}
+        self.users: dict[str, int] = {}  # database users (connection findings only)
         self.usage = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +155,7 @@ class Finding:
             "total_ms": self.total * 1000,
             "application": self.application,
             "databases": sorted(self.databases),
+            "users": sorted(self.users),
             "suggestion": self.suggestion,
             "first_seen": iso(self.first_seen),
             "last_seen": iso(self.last_seen),
@@ -180,7 +193,8 @@ class Finding:
             "statement_kind": self.statement_kind, "tables": list(self.tables),
             "interleaved_with": list(self.interleaved_with), "max_rows": self.max_rows,
             "max_offset": self.max_offset, "databases": dict(self.databases),
-            "usage": self.usage, "endpoint": self.endpoint, "route": self.route,
+            "users": dict(self.users), "usage": self.usage, "endpoint": self.endpoint,
+            "route": self.route,
             "controller": self.controller, "action": self.action,
             "trace_ids": list(self.trace_ids), "window": dict(self.window),
         }  # fmt: skip
@@ -210,6 +224,7 @@ class Finding:
         f.max_rows = int(d["max_rows"])
         f.max_offset = int(d["max_offset"])
         f.databases = {str(k): int(v) for k, v in dict(d["databases"]).items()}
+        f.users = {str(k): int(v) for k, v in dict(d.get("users") or {}).items()}
         f.usage = float(d["usage"])
         return f
 
@@ -231,6 +246,9 @@ class Finding:
         for db, n in other.databases.items():
             if db in self.databases or len(self.databases) < MAX_DATABASES:
                 self.databases[db] = self.databases.get(db, 0) + n
+        for user, n in other.users.items():
+            if user in self.users or len(self.users) < MAX_DATABASES:
+                self.users[user] = self.users.get(user, 0) + n
         self.usage += other.usage
         for t in other.trace_ids:
             if t not in self.trace_ids:
@@ -286,10 +304,14 @@ class FindingsStore:
         controller: str = "",
         action: str = "",
         trace_id: str = "",
+        user: str = "",
+        count: int = 1,
     ) -> Finding:
         """Record one occurrence of a pattern; logs the first occurrence of each finding.
         ``endpoint`` (with its ``route``, ``controller``, ``action``) is what the statements'
-        tags named; ``trace_id`` the request's, kept as an example."""
+        tags named; ``trace_id`` the request's, kept as an example. ``count`` occurrences
+        at once (connection findings report what happened since they last looked), of the
+        database ``user`` (connection findings only)."""
         key = _key(kind, fingerprint, parent_fingerprint, application, endpoint)
         f = self.entries.get(key)
         new = f is None
@@ -307,7 +329,7 @@ class FindingsStore:
             f.trace_ids.append(trace_id)
             if len(f.trace_ids) > MAX_TRACE_IDS:
                 del f.trace_ids[0]
-        f.occurrences += 1
+        f.occurrences += count
         f.executions += burst
         if burst > f.max_burst:
             f.max_burst = burst
@@ -330,13 +352,20 @@ class FindingsStore:
             dbs[database] += 1
         elif len(dbs) < MAX_DATABASES:
             dbs[database] = 1
-        self.reported += 1
+        if user:
+            users = f.users
+            if user in users:
+                users[user] += count
+            elif len(users) < MAX_DATABASES:
+                users[user] = count
+        self.reported += count
         if new and self.log is not None:
             self.log.warning(
                 "finding", kind=kind, finding_id=f.id, fingerprint=fingerprint,
                 query=query[:2000], parent_fingerprint=parent_fingerprint,
                 parent_query=parent_query[:2000] if parent_query else None,
-                application_name=application, database=database, burst=burst,
+                application_name=application, database=database, user=user or None,
+                burst=burst,
                 duration_ms=round(seconds * 1000, 3), suggestion=suggestion,
                 connection_id=connection_id, route=route or None,
                 controller=controller or None, action=action or None,

@@ -29,8 +29,10 @@ from sqlproxy.analysis.cache import (
     skeleton_scan,
     strip_edge_comments,
 )
+from sqlproxy.analysis.churn import ChurnMeter, churn_fingerprint
 from sqlproxy.analysis.detector import PatternDetector
 from sqlproxy.analysis.endpoints import EndpointStore
+from sqlproxy.analysis.findings import CONNECTION_CHURN, SESSION_STATE_IN_POOL
 from sqlproxy.analysis.slowlog import SlowLog, SlowQuery
 from sqlproxy.analysis.statement import SessionInfo, Statement
 from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
@@ -72,6 +74,7 @@ class Profiler:
         # Called with (tags, statement, session, started, ended, rows, sqlstate, wall offset)
         # for each traced statement when OpenTelemetry export is on (sqlproxy.otel); None: off.
         self.span_sink: Any = None
+        self.churn = ChurnMeter()  # connect-per-request applications (connection_churn)
 
     def configure(self, config: AnalysisSection) -> None:
         """Apply a reloaded [analysis] section (thresholds change live)."""
@@ -252,10 +255,57 @@ class Profiler:
             sink(tags, stmt, ctx, started, ended, rows, sqlstate, self.wall_offset)
         return stmt
 
-    def session_closed(self, ctx: SessionInfo) -> None:
-        """The session ended: its last burst is judged and its detector dropped."""
+    def session_closed(self, ctx: SessionInfo, connected_at: float = 0.0,
+                       ready_at: float = 0.0) -> None:
+        """The session ended: its last burst is judged and its detector dropped. With
+        ``connected_at`` (wall clock) and ``ready_at`` (perf_counter of its first
+        ReadyForQuery, 0: never ready), short sessions feed the churn meter."""
         self.detector.closed(ctx)
         ctx.detector = None
+        if ready_at > 0.0 and connected_at > 0.0:
+            now = time.time()
+            churn = self.churn.closed(ctx.application_name, ctx.database, ctx.user,
+                                      now - connected_at,
+                                      ready_at + self.wall_offset - connected_at, now)
+            if churn is not None:
+                self._churn(ctx, churn.sessions, churn.login_s, churn.in_window, now)
+
+    # ------------------------------------------------------------------ connection findings
+    def _churn(self, ctx: SessionInfo, sessions: int, login_s: float, in_window: int,
+               now: float) -> None:
+        app = ctx.application_name
+        m = self.churn
+        mean_ms = login_s * 1000 / max(1, sessions)
+        what = (f"connections of {app or '(unnamed application)'} to {ctx.database} "
+                f"as {ctx.user}")
+        self.detector.findings.add(
+            CONNECTION_CHURN, churn_fingerprint("sessions", ctx.database, ctx.user), what,
+            None, None, app, ctx.database, in_window, login_s, now, count=sessions,
+            user=ctx.user,
+            example=f"{in_window} sessions shorter than {m.short_s:g} s within "
+                    f"{m.window_s:g} s; login {mean_ms:.1f} ms each",
+            suggestion=f"the application connects per request ({in_window} connections of "
+                       f"under {m.short_s:g} s within {m.window_s:g} s, {mean_ms:.1f} ms "
+                       "to log in each): keep a client-side pool (SQLAlchemy's default "
+                       "QueuePool instead of NullPool, psycopg_pool, HikariCP, pg.Pool) or, "
+                       "for short-lived processes, sqlproxy's pool.mode = \"transaction\"",
+            connection_id=ctx.id)
+
+    def note_pool_pin(self, ctx: SessionInfo, reason: str, text: str) -> None:
+        """Transaction pooling pinned the session ``ctx`` to its server connection because
+        of ``text`` (see sqlproxy/proxy/pooled.py): a ``session_state_in_pool`` finding."""
+        stmts = self.statements(ctx, text)
+        if not stmts:
+            return
+        word = _PIN_WORDS.get(reason.split(" ", 1)[0], reason.rsplit(" ", 1)[-1])
+        pick = next((s for s in stmts if word in s.normalized.text.lower()), stmts[0])
+        n = pick.normalized
+        self.detector.findings.add(
+            SESSION_STATE_IN_POOL, n.fingerprint, n.text, None, None, ctx.application_name,
+            ctx.database, 1, 0.0, time.time(), user=ctx.user,
+            example=f"{n.text}  -- pinned: {reason}",
+            suggestion=_pin_advice(reason), statement_kind=pick.shape.kind.value,
+            tables=pick.shape.tables, connection_id=ctx.id)
 
     # ------------------------------------------------------------------ rare events
     def _bound_offset(self, stmt: Statement, sql: str, bind: bytes) -> Statement:
@@ -423,6 +473,35 @@ class Profiler:
             self.executions = 0
         if what in ("all", "slow"):
             self.slow.reset()
+
+
+#: The first word of a pin reason -> a word of the statement that pinned.
+_PIN_WORDS = {"set": "set", "temporary": "temp", "cursor": "hold", "sql": "prepare",
+              "listen": "listen"}
+
+
+def _pin_advice(reason: str) -> str:
+    """What to change so that the session no longer needs a server of its own."""
+    head = ("this client keeps a server connection for its whole session (" + reason
+            + "), so transaction pooling cannot share it: ")
+    if reason.startswith("set"):
+        return head + ("use SET LOCAL inside the transaction, or pass the setting as a "
+                       "startup parameter (options are pinned too: prefer ALTER ROLE/DATABASE "
+                       "... SET)")
+    if reason.startswith("function"):
+        return head + ("use transaction-scoped advisory locks (pg_advisory_xact_lock) or "
+                       "set_config(..., true)")
+    if reason == "temporary table":
+        return head + "create it ON COMMIT DROP inside the transaction, or use a real table"
+    if reason == "listen":
+        return head + ("LISTEN needs a session: give listeners their own connection "
+                       "through a session-mode sqlproxy (pool.mode = \"session\")")
+    if reason == "sql prepare":
+        return head + ("use the protocol's prepared statements (the driver's), which the "
+                       "pool tracks per client, instead of SQL PREPARE")
+    if reason == "cursor with hold":
+        return head + "fetch the rows inside the transaction, or page with keyset LIMIT"
+    return head + "move the session state into a transaction"
 
 
 def _values(stmt: Statement, raw: str) -> tuple[str, ...]:

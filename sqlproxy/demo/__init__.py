@@ -22,6 +22,10 @@ __all__ = ["run_demo"]
 
 DEMO_DATABASE = "league"
 DEMO_APPLICATION = "league-site"
+#: The second sqlproxy, in transaction pooling mode, and what runs through it.
+POOL_SIZE = 4
+WEB_APPLICATION = "league-web"
+CRON_APPLICATION = "league-cron"
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -54,10 +58,23 @@ def demo_config(primary: devcluster.PgCluster, replica: devcluster.PgCluster | N
     })
 
 
+def pool_config(primary: devcluster.PgCluster, listen: str, admin: str,
+                state_dir: Path) -> Config:
+    """A second sqlproxy in front of the primary that pools server connections per transaction
+    (replica routing with pooling is not there yet: this one has no replicas)."""
+    return Config.model_validate({
+        "proxy": {"listen": listen, "primary": primary.dsn()},
+        "pool": {"mode": "transaction", "size": POOL_SIZE},
+        "admin": {"listen": admin},
+        "state": {"enabled": False, "path": str(state_dir / "pool-state.sqlite")},
+        "log": {"level": "error"},
+    })
+
+
 async def _run(args: Any) -> int:
     from rich.console import Console
 
-    from sqlproxy.demo.report import print_report
+    from sqlproxy.demo.report import print_pool_report, print_report
     from sqlproxy.runtime import Runtime
 
     # Tables need room: at least 120 columns, also when the output is not a terminal.
@@ -72,6 +89,7 @@ async def _run(args: Any) -> int:
     primary: devcluster.PgCluster | None = None
     replica: devcluster.PgCluster | None = None
     runtime: Runtime | None = None
+    pooler: Runtime | None = None
     try:
         with console.status("starting a throwaway PostgreSQL primary and streaming replica"):
             primary = await asyncio.to_thread(devcluster.start_primary, base, bindir=bindir)
@@ -94,8 +112,17 @@ async def _run(args: Any) -> int:
                       f"{'on' if replica else 'off'}), admin on http://{cfg.admin.listen}/")
         fallbacks_before = await _workload(console, url, replica, runtime)
         print_report(console, runtime, cfg, DEMO_DATABASE, fallbacks_before)
+        pool_cfg = pool_config(primary, f"127.0.0.1:{devcluster.free_port()}",
+                               f"127.0.0.1:{devcluster.free_port()}", base)
+        pooler = Runtime(pool_cfg)
+        await pooler.start()
+        pool_url = f"postgresql://postgres@{pool_cfg.proxy.listen}/{DEMO_DATABASE}"
+        await _pool_workload(console, pool_url, pool_cfg)
+        print_pool_report(console, pooler, pool_cfg)
         console.print(f"\nDashboard: [bold]http://{cfg.admin.listen}/[/bold]    "
-                      f"psql: [bold]psql {url}[/bold]")
+                      f"psql: [bold]psql {url}[/bold]\n"
+                      f"Pooled: [bold]http://{pool_cfg.admin.listen}/[/bold] "
+                      f"(/api/pools)    psql: [bold]psql {pool_url}[/bold]")
         if not args.exit:
             console.print("Serving until Ctrl-C.")
             stop = asyncio.Event()
@@ -108,9 +135,10 @@ async def _run(args: Any) -> int:
         return 0
     finally:
         with console.status("stopping and removing everything the demo started"):
-            if runtime is not None:
-                with contextlib.suppress(Exception):
-                    await runtime.stop()
+            for rt in (pooler, runtime):
+                if rt is not None:
+                    with contextlib.suppress(Exception):
+                        await rt.stop()
             for cluster in (replica, primary):
                 if cluster is not None:
                     with contextlib.suppress(Exception):
@@ -149,6 +177,20 @@ async def _workload(console: Any, url: str, replica: devcluster.PgCluster | None
         await engine.dispose()
     await asyncio.sleep(0.2)
     return fallbacks_before
+
+
+async def _pool_workload(console: Any, url: str, cfg: Config) -> None:
+    from sqlproxy.demo import workload
+
+    console.print(f"\nA second sqlproxy pools server connections per transaction "
+                  f'(pool.mode = "transaction", pool.size = {cfg.pool.size}) on '
+                  f"{cfg.proxy.listen}: the league site's web tier ({workload.WEB_WORKERS} "
+                  f"workers, each with a SQLAlchemy pool of {workload.WEB_POOL_SIZE}) and a job "
+                  f"that connects once per run ({workload.CRON_RUNS} runs) go through it.")
+    with console.status("the web tier and the job, through the transaction pool"):
+        await workload.web_tier(url, WEB_APPLICATION)
+        await workload.connect_per_run(url, CRON_APPLICATION)
+    await asyncio.sleep(0.2)  # the last clients' departures reach the pool
 
 
 async def _router_caught_up(runtime: Any, timeout: float = 10.0) -> None:

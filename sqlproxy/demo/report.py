@@ -16,7 +16,11 @@ KIND_TITLES = {
     "commit_per_row": "commit per row",
     "unbounded_result": "unbounded result",
     "deep_offset": "deep OFFSET",
+    "pool_saturated": "pool saturated",
+    "connection_churn": "connection churn",
+    "session_state_in_pool": "session state in pool",
 }
+POOL_KINDS = ("pool_saturated", "connection_churn", "session_state_in_pool")
 
 
 def _short(sql: str, width: int = 70) -> str:
@@ -104,4 +108,57 @@ def print_report(console: Console, runtime: Any, config: Config, database: str,
             "write (read-your-writes) or none was healthy.",
             style="dim",
         )
+    return data
+
+
+def gather_pools(runtime: Any) -> dict[str, Any]:
+    """The transaction pools of ``runtime`` with their sizing advice (as ``/api/pools``), and
+    its pool findings (as ``/api/findings``)."""
+    from sqlproxy.pool import advice
+
+    manager = runtime.proxy.pools
+    pools: list[dict[str, Any]] = []
+    findings: list[dict[str, Any]] = []
+    if manager is not None:
+        manager.report_findings()
+        for pool in manager.describe():
+            pool["advice"] = advice.sizing(pool)
+            pools.append(pool)
+    prof = runtime.profiler
+    if prof is not None:
+        items, _ = prof.findings(limit=100)
+        findings = [f for f in items if f["kind"] in POOL_KINDS]
+    return {"pools": pools, "findings": findings}
+
+
+def print_pool_report(console: Console, runtime: Any, config: Config) -> dict[str, Any]:
+    data = gather_pools(runtime)
+    table = Table(title=f'Transaction pool (pool.mode = "transaction", pool.size = '
+                        f"{config.pool.size})", title_justify="left")
+    for col in ("pool", "most clients", "most busy", "checkouts", "waited", "wait p99 ms",
+                "all busy", "servers opened"):
+        table.add_column(col, justify="left" if col == "pool" else "right")
+    for p in data["pools"]:
+        table.add_row(f"{p['database']}/{p['user']}", str(p["max_clients"]),
+                      str(p["max_active"]), str(p["checkouts"]), str(p["waits"]),
+                      f"{p['wait_ms']['p99']:.1f}", f"{p['all_busy_share'] * 100:.0f} %",
+                      str(p["servers_opened"]))
+    console.print(table)
+    console.print("Pool advice", style="bold")
+    advice = [a for p in data["pools"] for a in p["advice"]]
+    for a in advice or ["nothing to change: the pool is sized for what it saw"]:
+        console.print(f"  • {a}")
+    if data["findings"]:
+        found = Table(title="Pool findings", title_justify="left", show_lines=True)
+        found.add_column("pattern")
+        found.add_column("seen", justify="right")
+        found.add_column("ms", justify="right")
+        found.add_column("what")
+        found.add_column("what to change")
+        for f in data["findings"]:
+            who = f["application"] or ", ".join(f["users"])
+            found.add_row(KIND_TITLES.get(f["kind"], f["kind"]), str(f["occurrences"]),
+                          f"{f['total_ms']:.1f}", f"{_short(f['query'], 60)}\n({who})",
+                          f["suggestion"])
+        console.print(found)
     return data

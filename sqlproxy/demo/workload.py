@@ -256,3 +256,56 @@ async def run_scenes(
         await asyncio.sleep(pause)
         if on_done is not None:
             on_done(scene)
+
+
+# ------------------------------------------------------------------ behind the transaction pool
+#: The league site's web tier, as many deployments run it: several worker processes, each
+#: with its own SQLAlchemy pool sized "generously", in front of a sqlproxy transaction pool.
+WEB_WORKERS = 6
+WEB_POOL_SIZE = 5  # per worker: 30 client connections in all
+WEB_REQUESTS = 40  # per client connection
+CRON_RUNS = 25  # a job that connects once per run (NullPool)
+
+
+async def _request(maker: async_sessionmaker[AsyncSession], n: int) -> None:
+    """One page: a team and its players, in one short transaction."""
+    async with maker() as session:
+        team_id = n % TEAMS + 1
+        await session.scalar(select(Team.name).where(Team.id == team_id))
+        await session.execute(text("SELECT pg_sleep(0.004)"))  # the page's own work
+        _ = (await session.scalars(select(Player).where(Player.team_id == team_id))).all()
+
+
+async def web_tier(url: str, application_name: str) -> None:
+    """``WEB_WORKERS`` engines of ``WEB_POOL_SIZE`` connections, all of them busy at once."""
+    engines = [make_engine(url, application_name, pool_size=WEB_POOL_SIZE)
+               for _ in range(WEB_WORKERS)]
+    try:
+        async def client(engine: AsyncEngine, c: int) -> None:
+            maker = async_sessionmaker(engine, expire_on_commit=False)
+            for n in range(WEB_REQUESTS):
+                await _request(maker, c * WEB_REQUESTS + n)
+
+        await asyncio.gather(*(client(e, w * WEB_POOL_SIZE + c)
+                               for w, e in enumerate(engines) for c in range(WEB_POOL_SIZE)))
+    finally:
+        for e in engines:
+            await e.dispose()
+
+
+async def connect_per_run(url: str, application_name: str) -> None:
+    """A job that opens a connection per run (SQLAlchemy's NullPool): connection churn."""
+    from sqlalchemy.pool import NullPool
+
+    rest = url.partition("://")[2]
+    engine = create_async_engine(
+        f"postgresql+asyncpg://{rest}", poolclass=NullPool,
+        connect_args={"server_settings": {"application_name": application_name}})
+    try:
+        maker = async_sessionmaker(engine, expire_on_commit=False)
+        for n in range(CRON_RUNS):
+            async with maker() as session:
+                await session.scalar(select(func.count()).select_from(Player)
+                                     .where(Player.team_id == n % TEAMS + 1))
+    finally:
+        await engine.dispose()

@@ -87,6 +87,7 @@ class PoolStats:
     waits: int = 0  # checkouts that had to wait
     wait_timeouts: int = 0
     max_wait_s: float = 0.0
+    wait_total_s: float = 0.0
     wait_samples: deque[float] = field(default_factory=lambda: deque(maxlen=_WAIT_SAMPLES))
     opened: int = 0
     open_failures: int = 0
@@ -161,6 +162,7 @@ class Pool(Generic[S, C]):
         st.wait_samples.append(waited)
         if waited > 0:
             st.waits += 1
+            st.wait_total_s += waited
             st.max_wait_s = max(st.max_wait_s, waited)
         if app is not None:
             self._app_of[client] = app
@@ -226,11 +228,14 @@ class Pool(Generic[S, C]):
         self.servers[server] = _ServerInfo(now, now)
         self.stats.opened += 1
 
-    def open_failed(self, client: C, now: float) -> list[Handoff[S, C]]:
-        """Opening failed: the slot is free again."""
+    def open_failed(self, client: C, now: float, *, failed: bool = True
+                    ) -> list[Handoff[S, C]]:
+        """Opening failed (or, ``failed`` False, was not needed after all): the slot is free
+        again."""
         self.opening -= 1
         self.active -= 1
-        self.stats.open_failures += 1
+        if failed:
+            self.stats.open_failures += 1
         self.released(client)
         return self._fill(now)
 
@@ -328,6 +333,7 @@ class Pool(Generic[S, C]):
             late.append(w.client)
             self._app_of.pop(w.client, None)
             self.stats.wait_timeouts += 1
+            self.stats.wait_total_s += now - w.since
         to_close: list[S] = []
         lim = self.limits
         for server in list(self.idle):

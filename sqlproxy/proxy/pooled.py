@@ -60,18 +60,24 @@ from typing import TYPE_CHECKING, Any
 from sqlproxy.analysis.cache import StatementCache
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
+from sqlproxy.pool.auth import LoginServer
+from sqlproxy.pool.report import PoolReporter
 from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
+from sqlproxy.proxy.authquery import AuthQuery
 from sqlproxy.proxy.connect import connect_backend
+from sqlproxy.proxy.pooled_login import client_auth_message, proxy_login, session_ended
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.answers import Answers, Kind
 from sqlproxy.routing.policy import RoutedStatement, pin_reason
 from sqlproxy.routing.replay import BackendReplay, Replay
 from sqlproxy.routing.replica_login import ReplicaLogin
+from sqlproxy.routing.scram import ScramKeys
 from sqlproxy.routing.units import Unit, UnitCutter
 from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.frames import MAX_SERVER_MESSAGE, Frames, frame_end
 from sqlproxy.wire.messages import (
     B_ERROR_RESPONSE,
+    B_PARAMETER_STATUS,
     B_READY_FOR_QUERY,
     F_COPY_DATA,
     F_COPY_DONE,
@@ -154,6 +160,7 @@ class ServerConn(asyncio.Protocol):
         self._reset_buf = bytearray()
         self._reset_failed = False
         self.closed = False
+        self.login_parameters: list[tuple[str, str]] = []
         self.id = pool.next_server_id()
 
     def __repr__(self) -> str:
@@ -219,6 +226,9 @@ class ServerConn(asyncio.Protocol):
             self._login_done(str(exc))
             return
         for t, msg in messages:
+            if t == B_PARAMETER_STATUS and not self.pool.parameters:
+                k, _, v = msg[5:-1].partition(b"\x00")
+                self.login_parameters.append((k.decode(), v.decode("utf-8", "replace")))
             reply = login.receive(t, msg)
             if reply and self.transport is not None:
                 self.transport.write(reply)
@@ -227,6 +237,8 @@ class ServerConn(asyncio.Protocol):
                 return
             if login.done:
                 self.key = login.key
+                if not self.pool.parameters:  # what the proxy tells clients it logs in
+                    self.pool.parameters = self.login_parameters
                 self._login_done(None)
                 return
 
@@ -285,6 +297,11 @@ class PoolIO:
         self.trusted = False  # a login needed no password: the proxy may answer logins
         self.parameters: list[tuple[str, str]] = []  # the server's ParameterStatus at login
         self.password: str | None = None
+        # What a login checked by the proxy proved (pool.auth_user, see pooled_login.py):
+        # how the proxy logs in as this user.
+        self.scram_keys: ScramKeys | None = None
+        self.md5_hash: str | None = None
+        self.priming: asyncio.Task[str | None] | None = None
         self.pinned: dict[int, dict[str, Any]] = {}  # session id -> why
         self.clients = 0  # client sessions of this pair now
         self.clients_total = 0
@@ -302,7 +319,8 @@ class PoolIO:
         """Whether the proxy can open a server connection as this user on its own (trust
         or a configured password); otherwise the pool grows only by its clients' logins."""
         return self.trusted or bool(
-            self.password or self.server.config.routing.passwords.get(self.user))
+            self.password or self.scram_keys or self.md5_hash
+            or self.server.config.routing.passwords.get(self.user))
 
     def next_server_id(self) -> int:
         self.manager.server_ids += 1
@@ -422,7 +440,10 @@ class PoolIO:
         params = {"user": self.user, "database": self.database, **settings}
         password = self.password or cfg.routing.passwords.get(self.user)
         keys = session.scram_keys if session is not None else None
-        conn.login = ReplicaLogin(self.user, password, keys)
+        if password is None:
+            keys = self.scram_keys or keys  # the latest proven (the password may change)
+        conn.login = ReplicaLogin(self.user, password, keys,
+                                  self.md5_hash if password is None and keys is None else None)
         conn.frames = Frames(MAX_SERVER_MESSAGE, "server message")
         conn.waiter = asyncio.get_running_loop().create_future()
         problem: str | None
@@ -442,6 +463,10 @@ class PoolIO:
                 conn.transport.close()
             log.warning("pool_connect_failed", database=self.database, user=self.user,
                         reason=problem)
+            if keys is not None and keys is self.scram_keys:
+                self.scram_keys = None  # the password changed: the next login proves anew
+            if self.md5_hash is not None and keys is None and password is None:
+                self.md5_hash = None
             if session is None:
                 self.carry_out(self.state.spare_failed(now))
                 return
@@ -478,7 +503,7 @@ class PoolIO:
         for session in late:
             session.wait_timed_out()
         for _ in range(self.state.spares_wanted()):
-            if not (self.trusted or self.password):
+            if not self.can_open:
                 break
             self.state.open_spare()
             self.server.track(asyncio.get_running_loop().create_task(self._open(None)))
@@ -506,6 +531,8 @@ class PoolIO:
             "checkouts": stats.checkouts,
             "waits": stats.waits,
             "wait_timeouts": stats.wait_timeouts,
+            "wait_total_ms": stats.wait_total_s * 1000,
+            "max_waiting": stats.max_waiting,
             "wait_ms": {"max": stats.max_wait_s * 1000,
                         "p50": st.wait_percentile(0.5) * 1000,
                         "p99": st.wait_percentile(0.99) * 1000},
@@ -535,6 +562,15 @@ class PoolManager:
         self.clean_texts: set[str] = set()
         self.clean_shapes: set[str] = set()  # normalized statements that pin nothing
         self._ticker: asyncio.Task[None] | None = None
+        self.reporter = PoolReporter()  # the pools' findings into the profiler's store
+        self.auth = AuthQuery(server)  # pool.auth_user: the verifiers, for proxy logins
+        self._report_at = 0.0
+
+    def report_findings(self) -> None:
+        """``pool_saturated`` / ``connection_churn`` into the findings (sqlproxy.pool.report)."""
+        profiler = self.server.profiler
+        if profiler is not None and self.pools:
+            self.reporter.report(profiler.detector.findings, self.describe(), time.time())
 
     def pool(self, database: str, user: str) -> PoolIO:
         key = (database, user)
@@ -565,6 +601,9 @@ class PoolManager:
             now = time.monotonic()
             for p in list(self.pools.values()):
                 p.tick(now)
+            if now >= self._report_at:
+                self._report_at = now + 1.0
+                self.report_findings()
 
     def close(self) -> None:
         if self._ticker is not None:
@@ -572,6 +611,7 @@ class PoolManager:
             self._ticker = None
         for p in self.pools.values():
             p.close_all()
+        self.auth.terminate()
 
     def describe(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -593,7 +633,9 @@ class PooledSession(ClientSession):
         self.units: deque[Unit] = deque()
         self.replay = Replay()
         self.settings: dict[str, str] = {}
-        self.scram_keys = None
+        self.scram_keys: ScramKeys | None = None
+        self.login_server: LoginServer | None = None  # the proxy checks the login (auth_user)
+        self.login_checked: asyncio.Future[None] | None = None
         self.waiting = False  # queued for a server
         self.login_waiting = False  # queued for a login slot
         self._login_future: asyncio.Future[None] | None = None
@@ -618,6 +660,9 @@ class PooledSession(ClientSession):
         if pool.trusted and self.pinned is None:
             self._local_login(pool)
             return
+        if self.pinned is None and self.config.pool.auth_user \
+                and await proxy_login(self, pool, msg):
+            return  # checked by the proxy (pool.auth_user): logged in, or refused
         granted, victim = pool.state.login(self, time.monotonic())
         if victim is not None:
             victim.close()
@@ -636,6 +681,12 @@ class PooledSession(ClientSession):
         if self.state is SessionState.CLOSED:
             self._free_login_slot()
             return
+        if pool.trusted and self.pinned is None:
+            # Learnt while this login waited for its slot (a burst of first logins): answered
+            # here, the slot unused, instead of one more server connection opened and closed.
+            self._free_login_slot(failed=False)
+            self._local_login(pool)
+            return
         await super()._connect_backend(msg)
 
     def login_slot_granted(self) -> None:
@@ -646,14 +697,19 @@ class PooledSession(ClientSession):
             self._login_slot = True
             self._free_login_slot()
 
-    def _free_login_slot(self) -> None:
+    def _free_login_slot(self, *, failed: bool = True) -> None:
         if self._login_slot and self.pool is not None:
             self._login_slot = False
-            self.pool.carry_out(self.pool.state.open_failed(self, time.monotonic()))
+            self.pool.carry_out(self.pool.state.open_failed(self, time.monotonic(),
+                                                            failed=failed))
 
     def _server_auth_message(self, code: int, body: bytes) -> None:
         if code != 0:
             self._asked_password = True
+
+    def _client_auth_message(self, body: bytes) -> None:
+        if self.login_server is not None:
+            client_auth_message(self, body)
 
     _asked_password = False
 
@@ -1106,11 +1162,13 @@ class PooledSession(ClientSession):
     def connection_lost(self, exc: Exception | None) -> None:
         self._give_back("client_gone_in_transaction")
         super().connection_lost(exc)
+        session_ended(self)  # a login the proxy was checking ends here
 
     def fail(self, exc: ProxyError, *, quiet: bool = False) -> None:
         if not self._closing:
             self._give_back("session_error")
         super().fail(exc, quiet=quiet)
+        session_ended(self)
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

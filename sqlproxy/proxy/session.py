@@ -213,7 +213,8 @@ class ClientSession(asyncio.Protocol):
         self._cancel_startup_timer()
         self.server.session_closed(self)
         if self.profiler is not None:
-            self.profiler.session_closed(self.info)  # judges the session's last burst
+            # Judges the session's last burst; a short session feeds the churn meter.
+            self.profiler.session_closed(self.info, self.connected_at, self.ready_at)
         backend = self.backend
         if backend is not None and backend.transport is not None:
             if self.conv is not None and self.conv.busy and backend.key is not None:

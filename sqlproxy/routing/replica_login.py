@@ -45,12 +45,14 @@ def _password_message(body: bytes) -> bytes:
 class ReplicaLogin:
     """The startup/authentication exchange of one replica connection."""
 
-    __slots__ = ("_scram", "done", "key", "keys", "password", "problem", "user")
+    __slots__ = ("_scram", "done", "key", "keys", "md5_hash", "password", "problem", "user")
 
-    def __init__(self, user: str, password: str | None, keys: ScramKeys | None = None) -> None:
+    def __init__(self, user: str, password: str | None, keys: ScramKeys | None = None,
+                 md5_hash: str | None = None) -> None:
         self.user = user
         self.password = password
         self.keys = keys
+        self.md5_hash = md5_hash  # the stored "md5..." hash (pool.auth_user): MD5 logins
         self.done = False  # ReadyForQuery received: the connection is the session's
         self.problem: str | None = None  # why it failed (then nothing more is sent)
         self.key: tuple[int, bytes] | None = None
@@ -105,10 +107,12 @@ class ReplicaLogin:
             return b""
         if code not in (AUTH_CLEARTEXT_PASSWORD, AUTH_MD5_PASSWORD):
             return self._fail(f"authentication: unsupported authentication request {code}")
-        if pw is None:
+        if pw is None and (self.md5_hash is None or code != AUTH_MD5_PASSWORD):
             return self._fail("password required (no routing.passwords entry for this user)")
         if code == AUTH_CLEARTEXT_PASSWORD:
+            assert pw is not None
             return _password_message(cstr(pw))
         salt = body[4:8]
-        inner = hashlib.md5((pw + self.user).encode()).hexdigest().encode()
+        inner = (self.md5_hash[3:].encode() if pw is None and self.md5_hash is not None
+                 else hashlib.md5((str(pw) + self.user).encode()).hexdigest().encode())
         return _password_message(cstr("md5" + hashlib.md5(inner + salt).hexdigest()))

@@ -199,3 +199,49 @@ def test_dashboard_by_endpoint(admin_proxy: MakeAdmin, db: str, browser: Any) ->
     assert "10.0 / request" in routes
     wait_for(browser, "return document.getElementById('detail-windows').innerText"
                       ".includes('p95')")
+
+
+def test_dashboard_pool_panel(admin_proxy: MakeAdmin, db: str, browser: Any) -> None:
+    """Transaction pooling: the pools panel shows each pool's figures, the pinned clients and
+    the sizing advice; the pool findings are in the findings table."""
+    proxy, admin = admin_proxy(pool={"mode": "transaction", "size": 8})
+    conns = [psycopg.connect(proxy.dsn(dbname=db), autocommit=True, application_name="web")
+             for _ in range(8)]
+    try:
+        for c in conns:
+            c.execute("select 1")
+        conns[0].execute("listen dashboard_jobs")  # pins that client
+        (pool,) = admin.json("/api/pools")["items"]
+        assert pool["advice"], pool
+        browser.get(admin.base + "/")
+        wait_for(browser, "return document.body.dataset.loaded === 'true'")
+        text = wait_for(browser, "const t = document.getElementById('pools').innerText;"
+                                 " return t.includes('listen') && t")
+        [row] = [r for r in browser.find_elements("css selector", "#pools tbody tr")
+                 if db in r.text]
+        cells = [c.text for c in row.find_elements("css selector", "td")]
+        assert cells[:3] == [db, "postgres", "8"]
+        assert cells[6] == "8"  # clients
+        assert cells[12] == "1: web (listen)"
+        for advice in pool["advice"]:
+            assert advice in text
+        assert any(a.startswith("application web: at most") for a in pool["advice"])
+        findings = wait_for(browser, "const t = document.getElementById('findings').innerText;"
+                                     " return t.includes('session_state_in_pool') && t")
+        assert "listen dashboard_jobs" in findings
+        artifacts = ROOT / "artifacts"
+        artifacts.mkdir(exist_ok=True)
+        browser.execute_script("document.getElementById('pools').scrollIntoView()")
+        assert browser.save_screenshot(str(artifacts / "dashboard-pools.png"))
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_dashboard_pool_panel_in_session_mode(admin_proxy: MakeAdmin, db: str,
+                                              browser: Any) -> None:
+    proxy, admin = admin_proxy()
+    run(proxy, db, "select 1")
+    browser.get(admin.base + "/")
+    wait_for(browser, "return document.body.dataset.loaded === 'true'")
+    assert 'pool.mode is "session"' in browser.find_element("id", "pools").text

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -62,6 +61,13 @@ from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
 from sqlproxy.proxy.connect import connect_backend
+from sqlproxy.proxy.fastpool import (
+    PooledClientPump,
+    PooledListener,
+    PooledRecorder,
+    PooledServerPump,
+    PoolFast,
+)
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.answers import Answers, Kind
 from sqlproxy.routing.policy import RoutedStatement, pin_reason
@@ -77,7 +83,6 @@ from sqlproxy.wire.messages import (
     F_COPY_DONE,
     F_COPY_FAIL,
     F_FLUSH,
-    F_QUERY,
     F_TERMINATE,
     SYNC,
     TERMINATE,
@@ -99,7 +104,6 @@ __all__ = ["PoolManager", "PooledSession", "ServerConn"]
 
 log = get_logger("sqlproxy.pool")
 _perf = time.perf_counter
-_unpack_int32 = struct.Struct("!I").unpack_from
 _IDLE = 73  # 'I'
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 #: Startup parameters that are not settings (or cannot be SET later).
@@ -141,7 +145,9 @@ class ServerConn(asyncio.Protocol):
         self.address = address
         self.transport: asyncio.Transport | None = None
         self.key: tuple[int, bytes] | None = None
-        self.holder: PooledSession | None = None
+        self._holder: PooledSession | None = None
+        # The transport's protocol once logged in: the holder's fast path first (fastpool).
+        self.pump = PooledServerPump(self)
         self.answers = Answers(replica=False)
         self.replay = BackendReplay()
         self.settings: dict[str, str] = {}  # startup parameters in force
@@ -158,6 +164,22 @@ class ServerConn(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"ServerConn({self.id})"
+
+    @property
+    def holder(self) -> PooledSession | None:
+        """The session this connection is lent to (its fast path hears the answers)."""
+        return self._holder
+
+    @holder.setter
+    def holder(self, session: PooledSession | None) -> None:
+        self._holder = session
+        self.pump.fast = session.fast if session is not None else None
+
+    def go_hot(self) -> None:
+        """Logged in: the fast path's pump reads the connection from now on."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.set_protocol(self.pump)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -450,6 +472,7 @@ class PoolIO:
                 session.open_failed(problem)
             return
         conn.settings = settings
+        conn.go_hot()
         if session is None:
             self.carry_out(self.state.spare_opened(conn, now))
             return
@@ -467,6 +490,7 @@ class PoolIO:
         conn.settings = dict(session.settings)
         if backend.transport is not None:
             backend.transport.set_protocol(conn)
+            conn.go_hot()
         self.state.opened(conn, time.monotonic())
         return conn
 
@@ -587,22 +611,61 @@ class PooledSession(ClientSession):
         assert manager is not None
         self.manager: PoolManager = manager
         self.pool: PoolIO | None = None
-        self.held: ServerConn | None = None
+        # The compiled fast path (fastpool.py) and the state it shares with this class
+        # (held, waiting, _open_unit, pinned: properties below).
+        self.fast = PoolFast(self, self.config.proxy.max_message_bytes,
+                             self.config.pool.max_prepared_per_server)
+        if self.profiler is not None:
+            self.recorder = PooledRecorder(self.profiler, self, self.info, self.route)
         self.frames = Frames(self.config.proxy.max_message_bytes)
         self.cutter = UnitCutter()
         self.units: deque[Unit] = deque()
         self.replay = Replay()
         self.settings: dict[str, str] = {}
         self.scram_keys = None
-        self.waiting = False  # queued for a server
         self.login_waiting = False  # queued for a login slot
         self._login_future: asyncio.Future[None] | None = None
         self._login_slot = False  # holds a login slot not yet adopted
-        self._open_unit = False  # a unit ended by Flush: the server stays until Sync
-        self.pinned: str | None = None
         self._joined = False
         self._parses_sent: list[bytes] = []  # Parse messages awaiting their answers
         self._errors_at = 0
+
+    @property
+    def held(self) -> ServerConn | None:
+        """The server connection lent to this session."""
+        held: ServerConn | None = self.fast.held
+        return held
+
+    @held.setter
+    def held(self, server: ServerConn | None) -> None:
+        self.fast.held = server
+
+    @property
+    def waiting(self) -> bool:
+        """Queued for a server."""
+        return self.fast.waiting
+
+    @waiting.setter
+    def waiting(self, value: bool) -> None:
+        self.fast.waiting = value
+
+    @property
+    def _open_unit(self) -> bool:
+        """A unit ended by Flush: the server stays until Sync."""
+        return self.fast.open_unit
+
+    @_open_unit.setter
+    def _open_unit(self, value: bool) -> None:
+        self.fast.open_unit = value
+
+    @property
+    def pinned(self) -> str | None:
+        """Why the session keeps its server for good (None: it does not)."""
+        return self.fast.pinned
+
+    @pinned.setter
+    def pinned(self, reason: str | None) -> None:
+        self.fast.pinned = reason
 
     # ------------------------------------------------------------------ startup
     def _client_pid(self, pid: int) -> int:
@@ -695,9 +758,18 @@ class PooledSession(ClientSession):
         self.ready_at = _perf()
         # The session listens itself (DEALLOCATE / DISCARD change what the servers hold),
         # and hands each statement on to its recorder.
-        self.conv = self.info.conv = Conversation(self, self.config.proxy.max_message_bytes)
+        listener = self.recorder if self.recorder is not None else PooledListener(self)
+        self.conv = self.info.conv = Conversation(listener, self.config.proxy.max_message_bytes)
         self.state = SessionState.READY
         self._buf.clear()
+        pool = self.pool
+        t = self.client_transport
+        if pool is not None and t is not None:
+            self.fast.attach(pool, self.conv, self.info, self.units, self.cutter, self.frames,
+                             self.replay.statements, self.settings, self.manager.clean_texts,
+                             self.manager.clean_shapes, _MAY_PIN_RE, self.profiler, t,
+                             self._parses_sent)
+            t.set_protocol(PooledClientPump(self, self.fast))  # type: ignore[arg-type]
         if self._pending_to_backend:  # sent before we answered the login
             early = bytes(self._pending_to_backend)
             self._pending_to_backend.clear()
@@ -710,12 +782,9 @@ class PooledSession(ClientSession):
 
     # ------------------------------------------------------------------ client side
     def data_received(self, data: bytes) -> None:
+        """The general path (the compiled pump offers each chunk to ``fast.client`` first)."""
         if self.state is not SessionState.READY:
             super().data_received(data)
-            return
-        if not self.units and data[0] == F_QUERY and not self.frames.buf \
-                and self.cutter.empty and len(data) > 5 and data[-1] == 0 \
-                and _unpack_int32(data, 1)[0] + 1 == len(data) and self._fast_query(data):
             return
         try:
             for t, msg in self.frames.feed(data):
@@ -724,43 +793,6 @@ class PooledSession(ClientSession):
             self.fail(exc)
             return
         self._pump()
-
-    def _fast_query(self, data: bytes) -> bool:
-        """The common case, without cutting a unit: a chunk that is exactly one simple Query
-        the session has seen before (it pins nothing), for the server it holds or an idle one,
-        with nothing to replay there. False: take the ordinary path (a server checked out
-        here stays held for it)."""
-        if self.waiting:
-            return False
-        text = data[5:-1].decode("utf-8", "replace")
-        if self.pinned is None and text not in self.manager.clean_texts:
-            in_tx = self.conv is not None and self.conv.tx_status != _IDLE
-            if self._pin_text(text, in_tx):
-                return False  # pinned now: the ordinary path (it holds its server)
-        server = self.held
-        if server is None:
-            pool = self.pool
-            if pool is None or not pool.state.idle or pool.state.waiters:
-                return False
-            server = pool.checkout(self)
-            if server is None:  # (cannot happen with an idle server and no waiters)
-                return True
-            server.holder = self
-            self.held = server
-        transport = server.transport
-        if transport is None or server.closed or server.replay.to_close \
-                or server.settings != self.settings or server.answers.busy:
-            return False
-        try:
-            self.conv.feed_frontend(data, _perf())  # type: ignore[union-attr]
-        except ProtocolViolation as exc:
-            self.fail(exc)
-            return True
-        transport.write(data)
-        self.replay.statements.pop(b"", None)  # a simple Query drops the unnamed statement
-        server.replay.prepared.pop(b"", None)
-        self._open_unit = False
-        return True
 
     def _client_message(self, t: int, msg: bytes) -> None:
         if t in _COPY_MESSAGES or (t == F_FLUSH and self.cutter.empty):
@@ -903,16 +935,15 @@ class PooledSession(ClientSession):
                                 self.config.pool.max_prepared_per_server)
         self._open_unit = unit.open or unit.describe_only
 
-    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
-                       sqlstate: str | None, started: float, ended: float) -> None:
-        super().statement_done(pending, index, tag, rows, sqlstate, started, ended)
-        if sqlstate is None and tag is not None and tag.startswith((b"DEALLOCATE", b"DISCARD")):
-            server = self.held
-            stmts = self._statements_nr(pending.sql) if pending.sql else []
-            if server is not None and index < len(stmts):
+    def statement_event(self, pending: Pending, index: int) -> None:
+        """A statement that may be a DEALLOCATE or DISCARD completed (from the recorder)."""
+        server = self.held
+        stmts = self._statements_nr(pending.sql) if pending.sql else []
+        if server is not None and index < len(stmts):
+            text = stmts[index][0].text
+            if text.startswith(("deallocate", "discard")):
                 # Gone from this server (the client's and maybe another's of that name).
-                self.replay.forget_statements(stmts[index][0].text, server.replay,
-                                              [server.replay])
+                self.replay.forget_statements(text, server.replay, [server.replay])
 
     def _deallocated(self, unit: Unit) -> None:
         """A SQL DEALLOCATE of a statement the client prepared by protocol on another
@@ -1069,6 +1100,7 @@ class PooledSession(ClientSession):
 
     # ------------------------------------------------------------------ teardown
     def _give_back(self, leaving: str) -> None:
+        self.fast.enabled = False
         pool = self.pool
         if pool is None:
             return
@@ -1116,5 +1148,5 @@ class PooledSession(ClientSession):
         out = super().describe()
         out["backends"] = ["primary"] if self.held is not None else []
         out["pool"] = {"holds_server": self.held is not None, "waiting": self.waiting,
-                       "pinned": self.pinned}
+                       "pinned": self.pinned, "fast_units": self.fast.fast_units}
         return out

@@ -95,6 +95,13 @@ class PoolFast:
         self.last_parse = b""
         self.last_text = ""
         self.fast_units = 0  # units the fast path sent (connections view)
+        # The unit ``client`` scanned: its first message type, its text, its unnamed Parse,
+        # the named statement it binds.
+        self.u_kind: i64 = 0
+        self.u_text = ""
+        self.u_parse = b""
+        self.u_bound = b""
+        self.parked = b""  # a unit waiting for a server (``waiting``)
 
     def attach(self, pool: Any, conv: Conversation, info: SessionInfo, units: Any,
                cutter: Any, frames: Any, statements: dict[bytes, tuple[str, bytes]],
@@ -209,26 +216,45 @@ class PoolFast:
                     return False
         else:
             return False
+        self.u_kind = t
+        self.u_text = text
+        self.u_parse = parse
+        self.u_bound = bound
         server = self.held
         if server is None:
             state = self.state
             assert state is not None
-            if not state.idle or state.waiters:
-                return False
             info = self.info
             assert info is not None
+            if not state.idle or state.waiters:
+                if state.total < state.limits.size:
+                    return False  # the general path opens a server (or waits)
+                # Every server is lent: wait in the pool's queue with the unit parked here;
+                # the server comes with a hand-over (``take``, or the session's ``granted``).
+                got = state.checkout(self.session, self.monotonic(), info.application_name)
+                if got is not None:  # (cannot happen: no idle server, no slot free)
+                    raise RuntimeError("pool checkout lent a server to a queued client")
+                self.waiting = True
+                self.parked = data
+                return True
             got = state.checkout(self.session, self.monotonic(), info.application_name)
             # (An idle server and no waiters: the checkout lends it, never OPEN or a wait.)
             assert got is not None and not isinstance(got, _Open)
             server = got
             server.holder = self.session
             self.held = server
+        return self.send(server, data)
+
+    def send(self, server: Any, data: bytes) -> bool:
+        """Send the unit ``data`` (scanned by ``client``: ``u_*``) to ``server``, held now,
+        unless it needs settings or statements replayed there first (False)."""
         transport = server.transport
         replay = server.replay
         if transport is None or server.closed or replay.to_close \
                 or server.settings != self.settings or server.answers.busy:
             return False  # the general path replays what is needed on the server it holds
         prepared: dict[bytes, bytes] = replay.prepared
+        bound = self.u_bound
         if bound:
             want = self.statements[bound][1]
             have = prepared.get(bound)
@@ -244,18 +270,42 @@ class PoolFast:
         transport.write(data)
         self.open_unit = False
         self.fast_units += 1
-        if t == _QUERY:  # a simple Query drops the unnamed statement
+        if self.u_kind == _QUERY:  # a simple Query drops the unnamed statement
             self.statements.pop(b"", None)
             prepared.pop(b"", None)
-        elif parse:
-            self.statements[b""] = (text, parse)
-            prepared[b""] = parse
+        elif self.u_parse:
+            self.statements[b""] = (self.u_text, self.u_parse)
+            prepared[b""] = self.u_parse
         else:  # most recently used last (BackendReplay.bound)
             msg = prepared.pop(bound)
             prepared[bound] = msg
             if len(prepared) - len(replay.to_close) > self.limit:
                 replay.bound((), self.limit)
         return True
+
+    def send_parked(self, server: Any) -> bool:
+        """The server for the parked unit has come (held now): send it. False: the general
+        path must (``take_parked`` gives it the unit)."""
+        data = self.parked
+        if not data:
+            return True
+        if self.send(server, data):
+            self.parked = b""
+            return True
+        return False
+
+    def take_parked(self) -> bytes:
+        data = self.parked
+        self.parked = b""
+        return data
+
+    def take(self, server: Any) -> None:
+        """A hand-over: ``server`` is this waiting session's now; its parked unit goes."""
+        self.waiting = False
+        server.holder = self.session
+        self.held = server
+        if not self.send_parked(server):
+            self.session.unpark()
 
     # ------------------------------------------------------------------ server side
     def answer(self, server: Any, data: bytes) -> bool:
@@ -295,8 +345,15 @@ class PoolFast:
         handoffs, close = state.checkin(server, self.monotonic(), session)
         if close:
             server.close()
-        if handoffs:
-            pool.carry_out(handoffs)
+        for h in handoffs:
+            # The common hand-over: a waiting session with a parked unit gets this server.
+            got = h.server
+            fast: PoolFast = h.client.fast
+            if isinstance(got, _Open) or h.evict is not None or not fast.enabled \
+                    or not fast.parked or len(fast.units):
+                pool.carry_out([h])
+            else:
+                fast.take(got)
 
 
 class PooledClientPump:

@@ -868,6 +868,25 @@ class PooledSession(ClientSession):
         self.waiting = False
         server.holder = self
         self.held = server
+        if not self.fast.send_parked(server):
+            self.unpark()
+            return
+        self._pump()
+        self._after()
+
+    def unpark(self) -> None:
+        """The unit the fast path parked while waiting needs the general path (settings or
+        statements to replay on the server it got): it goes first, as a unit of its own."""
+        data = self.fast.take_parked()
+        cutter = UnitCutter()
+        try:
+            for t, msg in Frames(self.config.proxy.max_message_bytes).feed(data):
+                unit = cutter.add(t, msg)
+                if unit is not None:
+                    self.units.appendleft(unit)
+        except ProtocolViolation as exc:  # (scanned whole by the fast path: cannot happen)
+            self.fail(exc)
+            return
         self._pump()
         self._after()
 
@@ -892,6 +911,8 @@ class PooledSession(ClientSession):
                              hint="raise pool.size or pool.max_wait_ms, or shorten the "
                                   "transactions that hold server connections")
         out = bytearray()
+        if self.fast.take_parked():
+            out += err + ready_for_query()
         for _ in self.units:
             out += err + ready_for_query()
         self.units.clear()
@@ -1101,6 +1122,7 @@ class PooledSession(ClientSession):
     # ------------------------------------------------------------------ teardown
     def _give_back(self, leaving: str) -> None:
         self.fast.enabled = False
+        self.fast.take_parked()
         pool = self.pool
         if pool is None:
             return

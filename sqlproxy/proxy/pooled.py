@@ -315,6 +315,7 @@ class PoolIO:
         self._clients_by_app: dict[str, int] = {}
         self.errors_53300 = 0
         self.rolled_back = 0  # servers a departed client left in a transaction, rolled back
+        self.fast_units = 0  # units the compiled fast path sent, of the clients gone
         # Parse messages that a server of this pool accepted: a client preparing one of these
         # outside a transaction is answered without a server (see PooledSession._prepare).
         self.known_parses: set[bytes] = set()
@@ -539,6 +540,9 @@ class PoolIO:
             "open_failures": stats.open_failures,
             "servers_closed": dict(stats.closed),
             "rolled_back": self.rolled_back,
+            "fast_units": self.fast_units + sum(
+                s.fast.fast_units for s in self.server.sessions.values()
+                if isinstance(s, PooledSession) and s.pool is self),
             "pinned_clients": list(self.pinned.values()),
             "max_active_by_application": dict(stats.max_active_by_app),
             "max_clients_by_application": dict(self.max_clients_by_app),
@@ -1153,6 +1157,8 @@ class PooledSession(ClientSession):
             else:
                 pool.checkin(self, server, clean=True)
         pool.pinned.pop(self.id, None)
+        pool.fast_units += self.fast.fast_units
+        self.fast.fast_units = 0
         if self._joined:
             self._joined = False
             pool.client_left(self.application_name)

@@ -28,7 +28,6 @@ bookkeeping (which server holds which of the client's statements) as the general
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -43,7 +42,7 @@ from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.wire.conversation import Conversation, NativeListener, Pending, find_nul, length_at
 
 __all__ = ["PoolFast", "PooledClientPump", "PooledListener", "PooledRecorder",
-           "PooledServerPump"]
+           "PooledServerPump", "may_forget", "may_pin"]
 
 _QUERY: Final = 81  # 'Q'
 _PARSE: Final = 80  # 'P'
@@ -53,9 +52,24 @@ _EXECUTE: Final = 69  # 'E'
 _SYNC: Final = 83  # 'S'
 _PORTAL: Final = 80  # 'P' (Describe of a portal)
 _IDLE: Final = 73  # 'I'
-#: A statement text that may hold a DEALLOCATE or DISCARD (a completed statement's tag does
-#: not reach a native listener): the session checks it statement by statement.
-_MAY_FORGET: Final = re.compile(r"(?i)dealloc|discard")
+
+
+def may_pin(text: str) -> bool:
+    """Whether ``text`` holds one of the words of a statement that pins a pooled client (see
+    ``PooledSession._pin_text``). Conservative: a word in a literal or a comment only costs
+    the full check. A lower-cased copy searched word by word: a case-insensitive regex
+    alternation costs tens of thousands of instructions on a one-line SELECT."""
+    low = text.lower()
+    return ("set" in low or "into" in low or "temp" in low or "listen" in low
+            or "prepare" in low or "declare" in low or "advisory" in low or "dblink" in low
+            or "lo_open" in low)
+
+
+def may_forget(text: str) -> bool:
+    """Whether ``text`` may hold a DEALLOCATE or DISCARD (a completed statement's tag does not
+    reach a native listener): the session then checks it statement by statement."""
+    low = text.lower()
+    return "dealloc" in low or "discard" in low
 
 
 class PoolFast:
@@ -85,7 +99,6 @@ class PoolFast:
         self.clean_texts: set[str] = set()  # the manager's texts known not to pin
         self.clean_shapes: set[str] = set()  # its normalized statements known not to pin
         self.profiler: Profiler | None = None
-        self.may_pin: Any = None  # a compiled regex: texts without a match cannot pin
         self.client_transport: Any = None
         self.write_client: Callable[[bytes], object] | None = None
         self.parses_sent: list[bytes] = []  # the session's Parse messages awaiting answers
@@ -106,7 +119,7 @@ class PoolFast:
     def attach(self, pool: Any, conv: Conversation, info: SessionInfo, units: Any,
                cutter: Any, frames: Any, statements: dict[bytes, tuple[str, bytes]],
                settings: dict[str, str], clean_texts: set[str], clean_shapes: set[str],
-               may_pin: Any, profiler: Profiler | None, client_transport: Any,
+               profiler: Profiler | None, client_transport: Any,
                parses_sent: list[bytes]) -> None:
         self.pool = pool
         self.state = pool.state
@@ -119,7 +132,6 @@ class PoolFast:
         self.settings = settings
         self.clean_texts = clean_texts
         self.clean_shapes = clean_shapes
-        self.may_pin = may_pin
         self.profiler = profiler
         self.client_transport = client_transport
         self.write_client = client_transport.write if client_transport is not None else None
@@ -131,9 +143,9 @@ class PoolFast:
         """``text`` is known not to pin, holds none of the words that could, or (profiled)
         each of its statements is known by its normalized text not to pin; and it is no
         DEALLOCATE of a statement the general path may have to prepare first."""
-        if self.statements and _MAY_FORGET.search(text) is not None:
+        if self.statements and may_forget(text):
             return False
-        if text in self.clean_texts or self.may_pin.search(text) is None:
+        if text in self.clean_texts or not may_pin(text):
             return True
         profiler = self.profiler
         if profiler is None:
@@ -425,7 +437,7 @@ class PooledRecorder(SessionRecorder):
         self._block(stmt, pending, started, ended)
         if sqlstate is None:
             if stmt is None:
-                if _MAY_FORGET.search(pending.sql) is not None:
+                if may_forget(pending.sql):
                     self.session.statement_event(pending, index)
             elif stmt.kind != KIND_READ and stmt.kind != KIND_WRITE \
                     and stmt.shape.command in ("deallocate", "discard"):
@@ -440,7 +452,7 @@ class PooledListener(NativeListener):
 
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
                        sqlstate: str | None, started: float, ended: float) -> None:
-        if sqlstate is None and _MAY_FORGET.search(pending.sql) is not None:
+        if sqlstate is None and may_forget(pending.sql):
             self.session.statement_event(pending, index)
 
     def parameter_status(self, name: str, value: str) -> None:

@@ -67,6 +67,7 @@ from sqlproxy.proxy.fastpool import (
     PooledRecorder,
     PooledServerPump,
     PoolFast,
+    may_pin,
 )
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.answers import Answers, Kind
@@ -112,10 +113,6 @@ _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
 #: never names a real backend (see docs/reliability.md).
 PROXY_PID_BASE = 1 << 30
 _DEALLOCATE_RE = re.compile(r"(?i)\bdeallocate\s+(?:prepare\s+)?(?!all\b)(\"[^\"]+\"|\w+)")
-#: A text matching none of these words cannot pin (see _pin_text): it skips the statement
-#: lookup. Conservative: a word in a string literal or a comment only costs the full check.
-_MAY_PIN_RE = re.compile(
-    r"(?i)listen|prepare|declare|temp|set|advisory|dblink|lo_open|into")
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
 PARSE_COMPLETE = build(b"1", b"")
 _ROLLBACK = build(b"Q", b"ROLLBACK\x00")
@@ -771,7 +768,7 @@ class PooledSession(ClientSession):
         if pool is not None and t is not None:
             self.fast.attach(pool, self.conv, self.info, self.units, self.cutter, self.frames,
                              self.replay.statements, self.settings, self.manager.clean_texts,
-                             self.manager.clean_shapes, _MAY_PIN_RE, self.profiler, t,
+                             self.manager.clean_shapes, self.profiler, t,
                              self._parses_sent)
             t.set_protocol(PooledClientPump(self, self.fast))  # type: ignore[arg-type]
         if self._pending_to_backend:  # sent before we answered the login
@@ -997,7 +994,7 @@ class PooledSession(ClientSession):
 
     def _pin_text(self, text: str, in_tx: bool) -> bool:
         """Pin the session if ``text`` holds a statement that pins (True if it did)."""
-        if _MAY_PIN_RE.search(text) is None:
+        if not may_pin(text):
             return False
         clean = self.manager.clean_shapes
         for n, shape in self._statements_nr(text):

@@ -65,6 +65,55 @@ def may_pin(text: str) -> bool:
             or "lo_open" in low)
 
 
+def _word_at(data: bytes, i: i64, end: i64, word: bytes) -> bool:
+    """``word`` (lower-case ASCII) at ``data[i]``, whatever the case of its letters."""
+    n: i64 = len(word)
+    if end - i < n:
+        return False
+    j: i64 = 1  # (the first letter matched already)
+    while j < n:
+        a: i64 = data[i + j]
+        b: i64 = word[j]
+        if (a | 32) != (b | 32):
+            return False
+        j += 1
+    return True
+
+
+def may_pin_at(data: bytes, start: i64, end: i64, forget: bool) -> bool:
+    """``may_pin`` on the bytes of a statement text (``data[start:end]``), without decoding
+    it: one pass that looks further only at the first letters of the words; with
+    ``forget``, DEALLOCATE and DISCARD count too (``may_forget``)."""
+    i: i64 = start
+    while i < end:
+        c: i64 = data[i] | 32
+        if c == 115:  # s
+            if _word_at(data, i, end, b"set"):
+                return True
+        elif c == 105:  # i
+            if _word_at(data, i, end, b"into"):
+                return True
+        elif c == 116:  # t
+            if _word_at(data, i, end, b"temp"):
+                return True
+        elif c == 108:  # l
+            if _word_at(data, i, end, b"listen") or _word_at(data, i, end, b"lo_open"):
+                return True
+        elif c == 112:  # p
+            if _word_at(data, i, end, b"prepare"):
+                return True
+        elif c == 97:  # a
+            if _word_at(data, i, end, b"advisory"):
+                return True
+        elif c == 100 and (_word_at(data, i, end, b"declare")  # d
+                           or _word_at(data, i, end, b"dblink")
+                           or (forget and (_word_at(data, i, end, b"dealloc")
+                                           or _word_at(data, i, end, b"discard")))):
+            return True
+        i += 1
+    return False
+
+
 def may_forget(text: str) -> bool:
     """Whether ``text`` may hold a DEALLOCATE or DISCARD (a completed statement's tag does not
     reach a native listener): the session then checks it statement by statement."""
@@ -170,9 +219,10 @@ class PoolFast:
         if t == _QUERY:
             if length_at(data, 1) != n - 1 or n - 1 > self.max_message or data[n - 1] != 0:
                 return False
-            text = data[5 : n - 1].decode("utf-8", "replace")
-            if not self._clean(text):
-                return False
+            if may_pin_at(data, 5, n - 1, len(self.statements) > 0):
+                text = data[5 : n - 1].decode("utf-8", "replace")
+                if not self._clean(text):
+                    return False
         elif t in (_PARSE, _BIND):
             pos: i64 = 0
             bstart: i64 = -1
@@ -216,7 +266,8 @@ class PoolFast:
                 else:
                     stop = find_nul(data, pstart + 6, pend)
                     text = data[pstart + 6 : stop].decode("utf-8", "replace")
-                    if not self._clean(text):
+                    if may_pin_at(data, pstart + 6, stop, len(self.statements) > 0) \
+                            and not self._clean(text):
                         return False
                     self.last_parse = parse
                     self.last_text = text
@@ -253,8 +304,7 @@ class PoolFast:
             # (An idle server and no waiters: the checkout lends it, never OPEN or a wait.)
             assert got is not None and not isinstance(got, _Open)
             server = got
-            server.holder = self.session
-            self.held = server
+            self.hold(server)
         return self.send(server, data)
 
     def send(self, server: Any, data: bytes) -> bool:
@@ -311,11 +361,17 @@ class PoolFast:
         self.parked = b""
         return data
 
+    def hold(self, server: Any) -> None:
+        """``server`` is lent to this session (ServerConn.holder, without its setter)."""
+        server._holder = self.session
+        pump: PooledServerPump = server.pump
+        pump.fast = self
+        self.held = server
+
     def take(self, server: Any) -> None:
         """A hand-over: ``server`` is this waiting session's now; its parked unit goes."""
         self.waiting = False
-        server.holder = self.session
-        self.held = server
+        self.hold(server)
         if not self.send_parked(server):
             self.session.unpark()
 
@@ -346,7 +402,9 @@ class PoolFast:
         """Give ``server`` back (clean: idle, nothing owed); the next waiter gets it."""
         self.held = None
         session = self.session
-        server.holder = None
+        server._holder = None  # (ServerConn.holder, without its interpreted setter)
+        pump: PooledServerPump = server.pump
+        pump.fast = None
         pool = self.pool
         transport = server.transport
         if server.cancels or server.closed or transport is None or transport.is_closing():

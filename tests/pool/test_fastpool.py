@@ -15,7 +15,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from sqlproxy.proxy.fastpool import may_forget, may_pin, may_pin_at
 from tests.pool.test_pooling import _pgbench, bench_db, pooled, pools_of, server_connections
 from tests.support import pg
 from tests.support.clients import client_env
@@ -110,3 +113,17 @@ def test_pgbench_through_the_fast_path(
     (pool,) = pools_of(p)
     assert pool["servers"] <= 3
     assert pool["fast_units"] >= 1000, pool
+
+
+_ASCII = st.text(alphabet=st.characters(max_codepoint=126), max_size=80)
+_WORDS = st.lists(st.sampled_from(["SELECT", "set", "Into", "TEMP", "listen", "lo_open",
+                                   "prePare", "declare", "advisory", "dblink", "dealloc",
+                                   "DISCARD", "sett", "lo_", "x", " ", "1", "_"]),
+                  max_size=8).map(" ".join)
+
+
+@given(st.one_of(_ASCII, _WORDS), st.booleans())
+def test_byte_scan_agrees_with_the_text_check(text: str, forget: bool) -> None:
+    data = b"Q....\x00" + text.encode() + b"\x00"
+    want = may_pin(text) or (forget and may_forget(text))
+    assert may_pin_at(data, 6, len(data) - 1, forget) == want

@@ -41,11 +41,6 @@ from sqlproxy.pool.state import Pool, _Open
 from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.wire.conversation import Conversation, NativeListener, Pending, find_nul, length_at
 
-try:
-    from sqlproxy.proxy import _sockio
-except ImportError:  # pragma: no cover - built with the package; without it, transports only
-    _sockio = None  # type: ignore[assignment]
-
 __all__ = ["PoolFast", "PooledClientPump", "PooledListener", "PooledRecorder",
            "PooledServerPump", "may_forget", "may_pin"]
 
@@ -126,39 +121,6 @@ def may_forget(text: str) -> bool:
     return "dealloc" in low or "discard" in low
 
 
-class DirectWriter:
-    """Writes to one transport's socket directly (``_sockio.send``: one system call, no
-    transport machinery) while the transport has nothing buffered; what the socket does not
-    take, and everything while the transport holds bytes, goes through the transport, so the
-    order of the bytes is kept. Never for TLS (the socket carries records, not our bytes)."""
-
-    def __init__(self, transport: Any, direct: bool) -> None:
-        self.transport = transport
-        self.fd = -1
-        self.send: Callable[[int, bytes], int] | None = None
-        if direct and _sockio is not None and transport.get_extra_info("ssl_object") is None:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                self.fd = sock.fileno()
-                self.send = _sockio.send
-
-    def write(self, data: bytes) -> None:
-        t = self.transport
-        if t.is_closing():
-            return
-        send = self.send
-        if send is not None and t.get_write_buffer_size() == 0:
-            try:
-                n = send(self.fd, data)
-            except OSError:
-                t.write(data)  # the transport meets the error itself and closes
-                return
-            if n < len(data):
-                t.write(data[n:])
-            return
-        t.write(data)
-
-
 class PoolFast:
     """One pooled session's fast path and the state it shares with the general path: the
     server it holds, whether it waits for one, whether a unit is open past a Flush, why it is
@@ -187,7 +149,7 @@ class PoolFast:
         self.clean_shapes: set[str] = set()  # its normalized statements known not to pin
         self.profiler: Profiler | None = None
         self.client_transport: Any = None
-        self.client_writer: DirectWriter | None = None
+        self.write_client: Callable[[bytes], object] | None = None
         self.parses_sent: list[bytes] = []  # the session's Parse messages awaiting answers
         self.clock: Callable[[], float] = time.perf_counter
         self.monotonic: Callable[[], float] = time.monotonic
@@ -207,7 +169,7 @@ class PoolFast:
                cutter: Any, frames: Any, statements: dict[bytes, tuple[str, bytes]],
                settings: dict[str, str], clean_texts: set[str], clean_shapes: set[str],
                profiler: Profiler | None, client_transport: Any,
-               parses_sent: list[bytes], direct: bool) -> None:
+               parses_sent: list[bytes]) -> None:
         self.pool = pool
         self.state = pool.state
         self.conv = conv
@@ -221,7 +183,7 @@ class PoolFast:
         self.clean_shapes = clean_shapes
         self.profiler = profiler
         self.client_transport = client_transport
-        self.client_writer = DirectWriter(client_transport, direct)
+        self.write_client = client_transport.write if client_transport is not None else None
         self.parses_sent = parses_sent
         self.enabled = True
 
@@ -367,12 +329,7 @@ class PoolFast:
         except ProtocolViolation as exc:
             self.session.fail(exc)
             return True
-        pump: PooledServerPump = server.pump
-        writer = pump.writer
-        if writer is not None:
-            writer.write(data)
-        else:
-            transport.write(data)
+        transport.write(data)
         self.open_unit = False
         self.fast_units += 1
         if self.u_kind == _QUERY:  # a simple Query drops the unnamed statement
@@ -422,17 +379,18 @@ class PoolFast:
     def answer(self, server: Any, data: bytes) -> bool:
         """A chunk from ``server`` (the one this session holds): to the client as received
         when nothing of it is to be swallowed or stripped; the server goes back when idle."""
-        if server is not self.held or not self.enabled:
+        if server is not self.held:
             return False
         answers = server.answers
-        if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent) \
-                or answers.in_unit:
+        if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent):
             return False
         conv = self.conv
         assert conv is not None
-        writer = self.client_writer
-        assert writer is not None
-        writer.write(data)
+        transport = self.client_transport
+        if not transport.is_closing():
+            write = self.write_client
+            assert write is not None
+            write(data)
         conv.feed_backend(data, self.clock())
         if conv.busy or conv.tx_status != _IDLE or self.open_unit or self.pinned is not None \
                 or len(self.units):
@@ -502,7 +460,6 @@ class PooledServerPump:
     def __init__(self, owner: Any) -> None:
         self.owner = owner
         self.fast: PoolFast | None = None
-        self.writer: DirectWriter | None = None  # set once logged in (``go_hot``)
 
     def data_received(self, data: bytes) -> None:
         fast = self.fast

@@ -62,7 +62,6 @@ from sqlproxy.logs import get_logger
 from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
 from sqlproxy.proxy.connect import connect_backend
 from sqlproxy.proxy.fastpool import (
-    DirectWriter,
     PooledClientPump,
     PooledListener,
     PooledRecorder,
@@ -177,7 +176,6 @@ class ServerConn(asyncio.Protocol):
         """Logged in: the fast path's pump reads the connection from now on."""
         t = self.transport
         if t is not None and not t.is_closing():
-            self.pump.writer = DirectWriter(t, self.pool.server.config.proxy.direct_relay)
             t.set_protocol(self.pump)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ asyncio callbacks
@@ -771,8 +769,7 @@ class PooledSession(ClientSession):
             self.fast.attach(pool, self.conv, self.info, self.units, self.cutter, self.frames,
                              self.replay.statements, self.settings, self.manager.clean_texts,
                              self.manager.clean_shapes, self.profiler, t,
-                             self._parses_sent,
-                             self.config.proxy.direct_relay and self.tls is None)
+                             self._parses_sent)
             t.set_protocol(PooledClientPump(self, self.fast))  # type: ignore[arg-type]
         if self._pending_to_backend:  # sent before we answered the login
             early = bytes(self._pending_to_backend)

@@ -379,10 +379,11 @@ class PoolFast:
     def answer(self, server: Any, data: bytes) -> bool:
         """A chunk from ``server`` (the one this session holds): to the client as received
         when nothing of it is to be swallowed or stripped; the server goes back when idle."""
-        if server is not self.held:
+        if server is not self.held or not self.enabled:
             return False
         answers = server.answers
-        if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent):
+        if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent) \
+                or answers.in_unit:
             return False
         conv = self.conv
         assert conv is not None

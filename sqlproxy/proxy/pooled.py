@@ -316,6 +316,8 @@ class PoolIO:
         # Parse messages that a server of this pool accepted: a client preparing one of these
         # outside a transaction is answered without a server (see PooledSession._prepare).
         self.known_parses: set[bytes] = set()
+        # Kept up to date here (the fast path queues clients without asking).
+        self.state.may_open = self.can_open
 
     @property
     def can_open(self) -> bool:
@@ -578,6 +580,7 @@ class PoolManager:
         smaller size close as they come back idle and time out)."""
         for p in self.pools.values():
             p.state.limits = limits_of(cfg)
+            p.state.may_open = p.can_open  # (routing.passwords may have changed)
 
     def ensure_ticking(self) -> None:
         if self._ticker is None or self._ticker.done():
@@ -745,6 +748,7 @@ class PooledSession(ClientSession):
         assert pool is not None
         if not self._asked_password:
             pool.trusted = True
+            pool.state.may_open = True
         if not pool.parameters:
             pool.parameters = list(self.parameters.items())
         self._login_slot = False

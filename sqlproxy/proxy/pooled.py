@@ -60,6 +60,7 @@ from sqlproxy.analysis.cache import StatementCache
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
+from sqlproxy.proxy import poolroute
 from sqlproxy.proxy.connect import connect_backend
 from sqlproxy.proxy.fastpool import (
     PooledClientPump,
@@ -74,6 +75,7 @@ from sqlproxy.routing.answers import Answers, Kind
 from sqlproxy.routing.policy import RoutedStatement, pin_reason
 from sqlproxy.routing.replay import BackendReplay, Replay
 from sqlproxy.routing.replica_login import ReplicaLogin
+from sqlproxy.routing.session_routing import SessionRouting
 from sqlproxy.routing.units import Unit, UnitCutter
 from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.frames import MAX_SERVER_MESSAGE, Frames, frame_end
@@ -100,6 +102,7 @@ from sqlproxy.wire.messages import (
 if TYPE_CHECKING:
     from sqlproxy.config import PoolSection
     from sqlproxy.proxy.server import ProxyServer
+    from sqlproxy.routing.health import ReplicaState, Router
 
 __all__ = ["PoolManager", "PooledSession", "ServerConn"]
 
@@ -145,7 +148,7 @@ class ServerConn(asyncio.Protocol):
         self._holder: PooledSession | None = None
         # The transport's protocol once logged in: the holder's fast path first (fastpool).
         self.pump = PooledServerPump(self)
-        self.answers = Answers(replica=False)
+        self.answers = Answers(replica=pool.replica is not None)
         self.replay = BackendReplay()
         self.settings: dict[str, str] = {}  # startup parameters in force
         self.login: ReplicaLogin | None = None
@@ -294,11 +297,13 @@ class PoolIO:
     """One pool's I/O side: opens, lends (through ``Pool``) and closes its server
     connections."""
 
-    def __init__(self, manager: PoolManager, database: str, user: str) -> None:
+    def __init__(self, manager: PoolManager, database: str, user: str,
+                 replica: ReplicaState | None = None) -> None:
         self.manager = manager
         self.server = manager.server
         self.database = database
         self.user = user
+        self.replica = replica  # a replica's pool (poolroute.py), else the primary's
         self.state: Pool[ServerConn, PooledSession] = Pool(
             limits_of(manager.server.config.pool), time.monotonic())
         self.trusted = False  # a login needed no password: the proxy may answer logins
@@ -323,7 +328,7 @@ class PoolIO:
     def can_open(self) -> bool:
         """Whether the proxy can open a server connection as this user on its own (trust
         or a configured password); otherwise the pool grows only by its clients' logins."""
-        return self.trusted or bool(
+        return self.replica is not None or self.trusted or bool(
             self.password or self.server.config.routing.passwords.get(self.user))
 
     def next_server_id(self) -> int:
@@ -437,7 +442,7 @@ class PoolIO:
 
     async def _open(self, session: PooledSession | None) -> None:
         cfg = self.server.config
-        url = cfg.proxy.primary_url
+        url = cfg.proxy.primary_url if self.replica is None else self.replica.url
         address = (url.host, url.port)
         conn = ServerConn(self, address)
         settings = dict(session.settings) if session is not None else {}
@@ -469,7 +474,10 @@ class PoolIO:
                 return
             self.carry_out(self.state.open_failed(session, now))
             if session.state is not SessionState.CLOSED:
-                session.open_failed(problem)
+                if self.replica is not None:
+                    session.replica_open_failed(self, problem)
+                else:
+                    session.open_failed(problem)
             return
         conn.settings = settings
         conn.go_hot()
@@ -518,6 +526,7 @@ class PoolIO:
         return {
             "database": self.database,
             "user": self.user,
+            "backend": "primary" if self.replica is None else self.replica.name,
             "size": st.limits.size,
             "min_idle": st.limits.min_idle,
             "servers": len(st.servers),
@@ -554,7 +563,7 @@ class PoolManager:
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
-        self.pools: dict[tuple[str, str], PoolIO] = {}
+        self.pools: dict[tuple[str, ...], PoolIO] = {}
         self.server_ids = 0
         self.pids = 0
         self.cache = StatementCache()  # statement shapes when the profiler is off
@@ -568,6 +577,15 @@ class PoolManager:
         p = self.pools.get(key)
         if p is None:
             p = self.pools[key] = PoolIO(self, database, user)
+            self.ensure_ticking()
+        return p
+
+    def replica_pool(self, database: str, user: str, replica: ReplicaState) -> PoolIO:
+        """The pool of ``replica``'s server connections for (database, user)."""
+        key = (database, user, replica.name)
+        p = self.pools.get(key)
+        if p is None:
+            p = self.pools[key] = PoolIO(self, database, user, replica)
             self.ensure_ticking()
         return p
 
@@ -632,6 +650,13 @@ class PooledSession(ClientSession):
         self._login_slot = False  # holds a login slot not yet adopted
         self._joined = False
         self._parses_sent: list[bytes] = []  # Parse messages awaiting their answers
+        # Replica routing (poolroute.py): the router, the session's routing state, the unit
+        # running on a replica (its answer held back) and one to retry on the primary.
+        self.router: Router | None = server.router
+        self.routing = (SessionRouting(server.router.table_mode)
+                        if server.router is not None else None)
+        self.replica_unit: Unit | None = None
+        self.retry_unit: Unit | None = None
         self._errors_at = 0
 
     @property
@@ -775,6 +800,8 @@ class PooledSession(ClientSession):
                              self.manager.clean_shapes, self.profiler, t,
                              self._parses_sent)
             t.set_protocol(PooledClientPump(self, self.fast))  # type: ignore[arg-type]
+            if self.router is not None:
+                self.fast.enabled = False  # every unit is routed by the general path
         if self._pending_to_backend:  # sent before we answered the login
             early = bytes(self._pending_to_backend)
             self._pending_to_backend.clear()
@@ -828,13 +855,24 @@ class PooledSession(ClientSession):
                     self.units.popleft()
                     continue
                 pool = self.pool
+                if self.router is not None:
+                    pool = poolroute.replica_pool_for(self, self.units[0]) or pool
                 assert pool is not None
                 server = pool.checkout(self)
                 if server is None:
                     return  # granted() pumps again
                 server.holder = self
                 self.held = server
+            elif self.routing is not None:
+                if self.replica_unit is not None:
+                    return  # a replica unit runs alone
+                poolroute.note_unit(self, self.units[0], in_transaction=True)
             if not server.usable:
+                if server.pool.replica is not None:  # its reads go elsewhere
+                    self.held = None
+                    server.holder = None
+                    server.pool.checkin(self, server, clean=False, reason="server_closed")
+                    continue
                 self.fail(ConnectionFailure("server closed the connection unexpectedly"))
                 return
             self._send(server, self.units.popleft())
@@ -950,7 +988,20 @@ class PooledSession(ClientSession):
         now = _perf()
         unit.sent = now
         data = bytes(unit.data)
-        self.conv.feed_frontend(data, now)  # type: ignore[union-attr]
+        rep = server.pool.replica
+        if rep is not None:
+            # Held back until complete (retried on the primary if the replica cannot run
+            # it): the conversation sees the unit when its answer is released.
+            self.replica_unit = unit
+            unit.in_tx = self.conv is not None and self.conv.tx_status != _IDLE
+            rep.unit_started()
+            server.answers.start_unit(hold=not unit.open)
+            if unit.open:
+                self.conv.feed_frontend(data, now)  # type: ignore[union-attr]
+        else:
+            self.conv.feed_frontend(data, now)  # type: ignore[union-attr]
+            if self.router is not None:
+                self.router.note_primary_unit()
         transport.write(pre + data if pre else data)
         if unit.parses:
             self._parses_sent.extend(m for name, _, m in unit.parses if name)
@@ -1023,6 +1074,10 @@ class PooledSession(ClientSession):
             clean.add(n.text)
         return False
 
+    def statements_nr(self, sql: str) -> list[tuple[Any, Any]]:
+        """The normalized statements of ``sql`` and their shapes."""
+        return self._statements_nr(sql)
+
     def _statements_nr(self, sql: str) -> list[tuple[Any, Any]]:
         profiler = self.profiler
         if profiler is not None:
@@ -1048,6 +1103,17 @@ class PooledSession(ClientSession):
     # ------------------------------------------------------------------ server side
     def server_data(self, server: ServerConn, data: bytes) -> None:
         answers = server.answers
+        if answers.replica:
+            try:
+                events = answers.feed(data)
+            except ProtocolViolation as exc:
+                self.fail(ProtocolViolation(f"{exc} from a replica"))
+                return
+            poolroute.deliver(self, server, events)
+            self._server_data_done(server)
+            if self.units and self.held is None:
+                self._pump()  # (a unit to retry on the primary, or queued behind)
+            return
         if not (answers.swallow or answers.strip or answers.buf or self._parses_sent):
             # Nothing to swallow or strip: the chunk goes to the client as received.
             t = self.client_transport
@@ -1071,6 +1137,11 @@ class PooledSession(ClientSession):
                 conv.feed_backend(ev.data, _perf())
             elif ev.kind is Kind.TRACK:
                 conv.feed_backend(ev.data, _perf())
+        self._server_data_done(server)
+
+    def _server_data_done(self, server: ServerConn) -> None:
+        conv = self.conv
+        assert conv is not None
         if self._parses_sent and not conv.busy:
             if conv.sql_errors == self._errors_at and self.pool is not None:
                 known = self.pool.known_parses
@@ -1090,12 +1161,35 @@ class PooledSession(ClientSession):
             return
         conv = self.conv
         if conv is None or conv.busy or conv.tx_status != _IDLE or server.answers.busy \
-                or self._open_unit or self.units:
+                or server.answers.in_unit or self._open_unit or self.units:
             return
         self.held = None
-        pool = self.pool
-        assert pool is not None
-        pool.checkin(self, server, clean=True)
+        if self.routing is not None and server.pool.replica is None:
+            poolroute.after_primary(self)
+        server.pool.checkin(self, server, clean=True)
+
+    def replica_done(self, server: ServerConn, clean: bool) -> None:
+        """A replica unit is over (poolroute): outside a transaction its server goes back
+        now, even with units queued (each is routed on its own)."""
+        conv = self.conv
+        if self.held is not server or conv is None:
+            return
+        if not clean:
+            self.held = None
+            server.pool.checkin(self, server, clean=False, reason="replay_failed")
+            return
+        if conv.busy or conv.tx_status != _IDLE or server.answers.busy or self._open_unit:
+            return
+        self.held = None
+        server.pool.checkin(self, server, clean=True)
+
+    def replica_open_failed(self, pool: PoolIO, problem: str) -> None:
+        """No server of a replica pool for this session: its unit goes to the primary."""
+        self.waiting = False
+        poolroute.replica_failed(self, pool, problem)
+        if self.units:
+            self.retry_unit = self.units[0]
+        self._pump()
 
     def server_lost(self, server: ServerConn, exc: Exception | None) -> None:
         if self.held is server:
@@ -1120,7 +1214,7 @@ class PooledSession(ClientSession):
             return None
         server.cancels += 1
         task = self.server.send_cancel(server.address, server.key)
-        pool = self.pool
+        pool = server.pool
         task.add_done_callback(lambda _: pool.cancel_done(server))
         return task
 
@@ -1142,8 +1236,13 @@ class PooledSession(ClientSession):
         self.held = None
         if server is not None:
             conv = self.conv
-            if self.pinned is not None:
-                pool.checkin(self, server, clean=False, reason="pinned_client_left")
+            own = server.pool  # (a replica's pool, with routing)
+            if server.answers.in_unit:  # a replica unit's answer on its way: cancel, close
+                if server.key is not None:
+                    self.server.send_cancel(server.address, server.key)
+                own.checkin(self, server, clean=False, reason=leaving)
+            elif self.pinned is not None:
+                own.checkin(self, server, clean=False, reason="pinned_client_left")
             elif conv is not None and not conv.busy and conv.tx_status != _IDLE \
                     and not self._open_unit and not server.answers.busy and server.usable \
                     and not server.cancels:
@@ -1154,9 +1253,9 @@ class PooledSession(ClientSession):
                     or server.answers.busy:
                 if conv is not None and conv.busy and server.key is not None:
                     self.server.send_cancel(server.address, server.key)
-                pool.checkin(self, server, clean=False, reason=leaving)
+                own.checkin(self, server, clean=False, reason=leaving)
             else:
-                pool.checkin(self, server, clean=True)
+                own.checkin(self, server, clean=True)
         pool.pinned.pop(self.id, None)
         pool.fast_units += self.fast.fast_units
         self.fast.fast_units = 0

@@ -845,6 +845,10 @@ class PooledSession(ClientSession):
         if unit is not None:
             self.units.append(unit)
 
+    def pump(self) -> None:
+        """Send what is queued (to the held server, or one checked out)."""
+        self._pump()
+
     def _pump(self) -> None:
         while self.units and self.state is SessionState.READY:
             server = self.held
@@ -1194,6 +1198,9 @@ class PooledSession(ClientSession):
     def server_lost(self, server: ServerConn, exc: Exception | None) -> None:
         if self.held is server:
             self.held = None
+            if server.pool.replica is not None and self.state is SessionState.READY:
+                poolroute.replica_lost(self, server, exc)
+                return
             if self.state is SessionState.READY:
                 conv = self.conv
                 if conv is not None and (conv.terminated or conv.fatal):

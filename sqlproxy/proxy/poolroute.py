@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from sqlproxy.errors import ConnectionFailure
 from sqlproxy.logs import get_logger
 from sqlproxy.routing.answers import DROP_CONNECTION, REPLICA_DOWN, Kind, should_retry
 from sqlproxy.routing.policy import RoutedStatement, Target
@@ -33,7 +34,8 @@ if TYPE_CHECKING:
     from sqlproxy.proxy.pooled import PooledSession, PoolIO, ServerConn
     from sqlproxy.routing.answers import Event
 
-__all__ = ["after_primary", "deliver", "note_unit", "replica_failed", "replica_pool_for"]
+__all__ = ["after_primary", "deliver", "note_unit", "replica_failed", "replica_lost",
+           "replica_pool_for"]
 
 log = get_logger("sqlproxy.routing")
 _AUTH_PROBLEMS = ("password", "authentication", "28P01", "28000")
@@ -233,3 +235,39 @@ def replica_failed(session: PooledSession, pool: PoolIO, problem: str) -> None:
     else:
         routing.connect_failed(rep.name, time.monotonic())
         router.mark_down(rep, problem)
+
+
+def replica_lost(session: PooledSession, server: ServerConn, exc: Exception | None) -> None:
+    """The replica server ``session`` held is gone (the pool has taken it off its books). A
+    unit whose answer was still held back is retried on the primary; one already streaming,
+    or a transaction on the replica, cannot be: the client gets an error."""
+    rep = server.pool.replica
+    router = session.router
+    routing = session.routing
+    assert rep is not None and router is not None and routing is not None
+    unit = session.replica_unit
+    router.mark_down(rep, f"connection lost: {exc}" if exc else "connection lost")
+    conv = session.conv
+    if unit is not None:
+        held = server.answers.hold is not None
+        rep.unit_finished()
+        session.replica_unit = None
+        server.answers.end_unit()
+        if held and not unit.in_tx:
+            rep.unit_retried()
+            log.info("routing_retry_on_primary", session=session.id, replica=rep.name,
+                     reason="connection lost")
+            routing.may_have_written()
+            unit.open = False
+            session.retry_unit = unit
+            session.units.appendleft(unit)
+            session.pump()
+            return
+        session.fail(ConnectionFailure("replica connection lost in the middle of a statement",
+                                       detail=f"replica {rep.name}"))
+        return
+    if conv is not None and conv.tx_status != 73:  # 'I': a transaction on the replica
+        session.fail(ConnectionFailure("replica connection lost inside a transaction block",
+                                       detail=f"replica {rep.name}"))
+        return
+    session.pump()

@@ -6,16 +6,18 @@ tests/routing; the replica's server connections are pooled too (their pool in /a
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 
 from tests.routing.test_routing import calls, router_of, wait_for, wait_ready
-from tests.support.clients import unique_name
+from tests.support.clients import active_queries, sleep_until_canceled, unique_name
 from tests.support.pg import PgCluster
 from tests.support.proxy import ProxyThread
 
@@ -138,3 +140,110 @@ def test_many_clients_over_few_pooled_servers(
     assert by_backend["primary"]["servers"] <= 3
     assert by_backend.get("r1", {"servers": 0})["servers"] <= 3
     assert calls(pg_replica, f"SELECT v FROM {table} WHERE id") > 0
+
+
+def test_asyncpg_prepared_statements_on_pooled_replicas(
+    pooled_routed: ProxyThread, table: str, pg_primary: PgCluster, pg_replica: PgCluster,
+) -> None:
+    async def main() -> None:
+        conn = await asyncpg.connect(pooled_routed.dsn())
+        try:
+            await asyncio.sleep(0.3)  # past the horizon of the session's setup
+            stmt = await conn.prepare(f"SELECT v FROM {table} WHERE id = $1")
+            for i in range(1, 11):
+                assert await stmt.fetchval(i) == f"v{i}"
+            for i in range(1, 11):
+                assert await conn.fetchval(f"SELECT id FROM {table} WHERE v = $1", f"v{i}") == i
+            await conn.execute(f"UPDATE {table} SET v = 'new' WHERE id = 7")
+            assert await stmt.fetchval(7) == "new"
+            async with conn.transaction():
+                await conn.execute(f"UPDATE {table} SET v = 'tx' WHERE id = 7")
+                assert await stmt.fetchval(7) == "tx"
+            await asyncio.sleep(0.3)
+            for i in range(1, 5):
+                assert await stmt.fetchval(i) == f"v{i}"
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+    assert calls(pg_replica, f"SELECT v FROM {table} WHERE id") >= 1
+    assert calls(pg_primary, f"UPDATE {table}") == 2
+
+
+def test_stopping_the_replica_mid_run(
+    pooled_routed: ProxyThread, table: str, pg_replica: PgCluster,
+) -> None:
+    errors: list[BaseException] = []
+    done = 0
+
+    async def reader(dsn: str, stop: asyncio.Event) -> None:
+        nonlocal done
+        conn = await asyncpg.connect(dsn, statement_cache_size=0)
+        try:
+            while not stop.is_set():
+                try:
+                    assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 10
+                    done += 1
+                except BaseException as exc:
+                    errors.append(exc)
+                    return
+        finally:
+            await conn.close()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(reader(pooled_routed.dsn(), stop)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(pg_replica.stop, "fast")
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(pg_replica.start)
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(main())
+    finally:
+        if not pg_replica.is_running():
+            pg_replica.start()
+    assert not errors, errors
+    assert done > 0
+    wait_ready(pooled_routed)
+    before = calls(pg_replica, f"SELECT count(*) FROM {table}")
+    with psycopg.connect(pooled_routed.dsn(), autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute(f"SELECT count(*) FROM {table}")
+    assert calls(pg_replica, f"SELECT count(*) FROM {table}") > before
+
+
+def test_cancel_reaches_the_query_on_the_pooled_replica(
+    pooled_routed: ProxyThread, pg_replica: PgCluster,
+) -> None:
+    async def main() -> None:
+        markers = [unique_name("prcancel") for _ in range(2)]
+        conns = [await psycopg.AsyncConnection.connect(pooled_routed.dsn(), autocommit=True)
+                 for _ in markers]
+        observer = await asyncpg.connect(pg_replica.dsn())
+        await asyncio.sleep(0.3)  # past the horizon of the sessions' setup
+        tasks = [asyncio.create_task(sleep_until_canceled(c, m))
+                 for c, m in zip(conns, markers, strict=True)]
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not all([await active_queries(observer, m) for m in markers]):
+                assert loop.time() < deadline, "the sleeps never ran on the replica"
+                await asyncio.sleep(0.05)
+            await conns[0].cancel_safe()
+            assert await asyncio.wait_for(tasks[0], 20) == "canceled"
+            assert not tasks[1].done() and await active_queries(observer, markers[1]) == 1
+            await conns[1].cancel_safe()
+            assert await asyncio.wait_for(tasks[1], 20) == "canceled"
+            assert (await (await conns[0].execute("SELECT 1")).fetchone()) == (1,)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for c in conns:
+                await c.close()
+            await observer.close()
+
+    asyncio.run(main())

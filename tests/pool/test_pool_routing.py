@@ -247,3 +247,32 @@ def test_cancel_reaches_the_query_on_the_pooled_replica(
             await observer.close()
 
     asyncio.run(main())
+
+
+def test_table_mode_other_sessions_read_a_written_table_fresh(
+    make_proxy: Callable[..., ProxyThread], pg_primary: PgCluster, pg_replica: PgCluster,
+) -> None:
+    t, other = unique_name("phot"), unique_name("pcold")
+    pg_primary.psql(
+        f"CREATE TABLE {t} (id int PRIMARY KEY, v int); INSERT INTO {t} VALUES (1, 0);"
+        f"CREATE TABLE {other} (id int PRIMARY KEY, v int); INSERT INTO {other} VALUES (1, 0)")
+    pg_replica.set_apply_delay(0)
+    pg_replica.wait_for_replay()
+    p = make_proxy(routing={"enabled": True, "health_interval_ms": 50,
+                            "read_your_writes": "table"},
+                   replicas=[{"url": pg_replica.dsn(), "name": "r1"}],
+                   pool={"mode": "transaction", "size": 3})
+    wait_ready(p)
+    pg_replica.set_apply_delay(300)
+    try:
+        with psycopg.connect(p.dsn(), autocommit=True) as writer, \
+                psycopg.connect(p.dsn(), autocommit=True) as reader:
+            for i in range(1, 8):
+                writer.execute(f"UPDATE {t} SET v = %s WHERE id = 1", (i,))
+                assert reader.execute(f"SELECT v FROM {t} WHERE id = 1").fetchone() == (i,)
+                assert reader.execute(f"SELECT v FROM {other} WHERE id = 1").fetchone() == (0,)
+        assert calls(pg_replica, f"SELECT v FROM {t}") == 0
+        assert calls(pg_replica, f"SELECT v FROM {other}") == 7
+    finally:
+        pg_replica.set_apply_delay(0)
+    pg_primary.psql(f"DROP TABLE {t}, {other}")

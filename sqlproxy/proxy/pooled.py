@@ -43,6 +43,13 @@ is closed when the client leaves. The reason and the statement are reported.
 state is closed; one with a cancel request on its way goes back once the cancel has been
 processed.
 
+*Fast path.* Once ready, the session's common units and their answers are served in
+compiled code (``fastpool.py``): this class is the general path, and owns what the fast path
+reads (``held``, ``waiting``, ``pinned``... are the fast path's fields, through properties).
+
+*Replicas.* With a router, a unit starting outside a transaction may borrow a server of a
+replica pool instead (``poolroute.py``): the routed session's policy and read-your-writes.
+
 *Analysis* stays per client: the client's own ``Conversation`` sees its units and the answers
 delivered to it (never the injected ones), so statistics and findings are the same as in
 session mode.

@@ -25,6 +25,8 @@ HOT_MODULES = [
     "sqlproxy/routing/answers.py",
     "sqlproxy/routing/units.py",
     "sqlproxy/proxy/recorder.py",
+    "sqlproxy/pool/state.py",
+    "sqlproxy/proxy/fastpool.py",
 ]
 
 # Non-blocking socket reads and writes for the direct relay (pump.py); always built.

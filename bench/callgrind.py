@@ -24,6 +24,7 @@ valgrind``)::
     .venv/bin/python -m bench.callgrind --keep /tmp/cg     # keep the dumps, per function
     .venv/bin/python -m bench.callgrind --tags              # statements with sqlcommenter tags
     .venv/bin/python -m bench.callgrind --routing           # routing off vs on (profiling on)
+    .venv/bin/python -m bench.callgrind --pool --clients 50  # session vs transaction pooling
 
 ``--tags`` runs pgbench's select-only transaction from a script whose statement carries
 sqlcommenter tags (route, controller, action): in ``-M simple`` with a traceparent whose trace
@@ -34,6 +35,11 @@ Rails-style static tags on a prepared statement.
 ``--routing`` compares, with profiling on, sqlproxy with routing off and routing on in front of
 a streaming replica of the primary (reads go to the replica): the instructions per *routed*
 transaction, instead of profiling off against on.
+
+``--pool`` compares, with profiling on, ``pool.mode = "session"`` (the direct relay) with
+``pool.mode = "transaction"`` (``--pool-size`` server connections, default 20): the
+instructions per *pooled* transaction (a checkout and a check-in each). Add ``--routing`` to
+it for transaction pooling with a replica (reads pooled on the replica).
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ class Run:
 
     def __init__(self, args: argparse.Namespace, primary: pg.PgCluster, work: Path,
                  pgbench: str, psql: str, mode: str, profiling: bool,
-                 replica: pg.PgCluster | None = None) -> None:
+                 replica: pg.PgCluster | None = None, pooled: bool = False) -> None:
         self.args = args
         self.primary = primary
         self.work = work
@@ -104,13 +110,16 @@ class Run:
         self.mode = mode
         self.profiling = profiling
         self.port = pg.free_port(LOOPBACK)
-        name = f"{mode}-{'on' if profiling else 'off'}" + ("-routed" if replica else "")
+        name = (f"{mode}-{'on' if profiling else 'off'}" + ("-routed" if replica else "")
+                + ("-pooled" if pooled else ""))
         self.out = work / f"callgrind.{name}"
         env = client_env({
             "SQLPROXY_ANALYSIS__ENABLED": "true" if profiling else "false",
             "SQLPROXY_STATE__ENABLED": "false",
             "SQLPROXY_ADMIN__ENABLED": "false",
             "SQLPROXY_ROUTING__ENABLED": "true" if replica else "false",
+            "SQLPROXY_POOL__MODE": "transaction" if pooled else "session",
+            "SQLPROXY_POOL__SIZE": str(args.pool_size),
         })
         routing = ["--replica", replica.dsn(DB_USER, dbname=DB_NAME)] if replica else []
         argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}",
@@ -194,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="statements carry sqlcommenter tags (see the module docstring)")
     parser.add_argument("--routing", action="store_true",
                         help="routing off vs on with a streaming replica, profiling on")
+    parser.add_argument("--pool", action="store_true",
+                        help="pool.mode session vs transaction, profiling on (with --routing: "
+                        "both through a replica)")
+    parser.add_argument("--second-only", action="store_true",
+                        help="measure only the second setting (profiling on, routing on, "
+                        "transaction mode): quicker while working on it")
+    parser.add_argument("--pool-size", type=positive_int, default=20,
+                        help="pool.size in transaction mode (default 20)")
     args = parser.parse_args(argv)
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
@@ -204,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     base = pg.make_base_dir()
     primary = pg.start_primary(base)
     replica: pg.PgCluster | None = None
-    labels = ("routing off", "routing on") if args.routing else ("profiling off",
-                                                                  "profiling on")
+    labels = (("session mode", "transaction") if args.pool else
+              ("routing off", "routing on") if args.routing else ("profiling off",
+                                                                  "profiling on"))
     results: dict[str, dict[bool, float]] = {}
     try:
         subprocess.run([pgbench, "-i", "-q", "-s", "10", "-h", primary.host,
@@ -215,11 +233,16 @@ def main(argv: list[str] | None = None) -> int:
             replica = pg.start_replica(primary, base)
             replica.wait_for_replay()
         for mode in args.modes:
-            for second in (False, True):
+            for second in ((True,) if args.second_only else (False, True)):
+                # --pool: (session, transaction mode), profiling on (routed with --routing);
                 # --routing: (routing off, routing on), profiling on; else profiling off, on.
-                run = Run(args, primary, base, pgbench, psql, mode,
-                          profiling=second or args.routing,
-                          replica=replica if args.routing and second else None)
+                if args.pool:
+                    run = Run(args, primary, base, pgbench, psql, mode, profiling=True,
+                              replica=replica, pooled=second)
+                else:
+                    run = Run(args, primary, base, pgbench, psql, mode,
+                              profiling=second or args.routing,
+                              replica=replica if args.routing and second else None)
                 per_tx = run.measure()
                 results.setdefault(mode, {})[second] = per_tx
                 log(f"{mode:9s} {labels[second]:13s} {per_tx:9.0f} instructions per transaction")
@@ -232,8 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sqlproxy user-space instructions per transaction (callgrind), pgbench {what} "
           f"-c {args.clients}, {args.transactions} and {2 * args.transactions} transactions "
           "per client, difference of the two runs")
-    print(f"{'mode':10s} {labels[0]:>14s} {labels[1]:>13s} {'on/off':>7s}")
+    print(f"{'mode':10s} {labels[0]:>14s} {labels[1]:>13s} "
+          f"{'tx/ses' if args.pool else 'on/off':>7s}")
     for mode, r in results.items():
+        if False not in r:
+            print(f"{mode:10s} {'-':>14s} {r[True]:13.0f}")
+            continue
         print(f"{mode:10s} {r[False]:14.0f} {r[True]:13.0f} {r[True] / r[False]:7.3f}")
     return 0
 

@@ -266,11 +266,12 @@ class ProfilerCollector(Collector):
         yield from self._top(entries)
 
     def _pools(self) -> Iterator[Metric]:
-        """The transaction pools (pool.mode = "transaction"), labelled database and user."""
+        """The transaction pools (pool.mode = "transaction"), labelled database, user and
+        backend ("primary", or a replica's name: replica pools, with routing)."""
         manager = getattr(self.source.proxy, "pools", None)
         if manager is None:
             return
-        labels = ["database", "user"]
+        labels = ["database", "user", "backend"]
         gauges = {k: GaugeMetricFamily(f"sqlproxy_pool_{k}", doc, labels=labels) for k, doc in (
             ("size", "pool.size"), ("servers", "Server connections open"),
             ("active", "Server connections lent to a client"),
@@ -289,7 +290,7 @@ class ProfilerCollector(Collector):
                                      "Server connections closed, by reason",
                                      labels=[*labels, "reason"])
         for p in manager.describe():
-            key = [str(p["database"]), str(p["user"])]
+            key = [str(p["database"]), str(p["user"]), str(p.get("backend", "primary"))]
             for k, g in gauges.items():
                 v = len(p["pinned_clients"]) if k == "pinned_clients" else (
                     p["all_busy_share"] if k == "all_busy_ratio" else p[k])

@@ -61,7 +61,7 @@ def demo_config(primary: devcluster.PgCluster, replica: devcluster.PgCluster | N
 def pool_config(primary: devcluster.PgCluster, listen: str, admin: str,
                 state_dir: Path) -> Config:
     """A second sqlproxy in front of the primary that pools server connections per transaction
-    (replica routing with pooling is not there yet: this one has no replicas)."""
+    (primary only: the demo's routing is shown by the first one)."""
     return Config.model_validate({
         "proxy": {"listen": listen, "primary": primary.dsn()},
         "pool": {"mode": "transaction", "size": POOL_SIZE},

@@ -49,7 +49,7 @@ class _Open:
 OPEN = _Open()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Limits:
     size: int = 20
     min_idle: int = 0
@@ -58,30 +58,36 @@ class Limits:
     lifetime_s: float = 3600.0  # 0: never
 
 
-@dataclass(slots=True)
 class Waiter(Generic[C]):
-    client: C
-    since: float
-    login: bool = False  # wants a slot for a new connection, not a server
+    """A client queued for a server (or, ``login``, for a slot to open one)."""
+
+    def __init__(self, client: C, since: float, login: bool = False) -> None:
+        self.client = client
+        self.since = since
+        self.login = login  # wants a slot for a new connection, not a server
 
 
-@dataclass(frozen=True, slots=True)
 class Handoff(Generic[S, C]):
     """``client`` now holds ``server``, or (``server`` is OPEN) may open a new one."""
 
-    client: C
-    server: S | _Open
-    waited_s: float
-    evict: S | None = None  # an idle server closed to make room for this login: close it
+    def __init__(self, client: C, server: S | _Open, waited_s: float,
+                 evict: S | None = None) -> None:
+        self.client = client
+        self.server = server
+        self.waited_s = waited_s
+        self.evict = evict  # an idle server closed to make room for this login: close it
+
+    def __repr__(self) -> str:
+        return f"Handoff({self.client!r}, {self.server!r}, {self.waited_s!r}, {self.evict!r})"
 
 
-@dataclass(slots=True)
+@dataclass
 class _ServerInfo:
     created: float
     last_used: float
 
 
-@dataclass(slots=True)
+@dataclass
 class PoolStats:
     checkouts: int = 0
     waits: int = 0  # checkouts that had to wait

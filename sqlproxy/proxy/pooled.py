@@ -43,6 +43,13 @@ is closed when the client leaves. The reason and the statement are reported.
 state is closed; one with a cancel request on its way goes back once the cancel has been
 processed.
 
+*Fast path.* Once ready, the session's common units and their answers are served in
+compiled code (``fastpool.py``): this class is the general path, and owns what the fast path
+reads (``held``, ``waiting``, ``pinned``... are the fast path's fields, through properties).
+
+*Replicas.* With a router, a unit starting outside a transaction may borrow a server of a
+replica pool instead (``poolroute.py``): the routed session's policy and read-your-writes.
+
 *Analysis* stays per client: the client's own ``Conversation`` sees its units and the answers
 delivered to it (never the injected ones), so statistics and findings are the same as in
 session mode.
@@ -52,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -63,8 +69,17 @@ from sqlproxy.logs import get_logger
 from sqlproxy.pool.auth import LoginServer
 from sqlproxy.pool.report import PoolReporter
 from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
+from sqlproxy.proxy import poolroute
 from sqlproxy.proxy.authquery import AuthQuery
 from sqlproxy.proxy.connect import connect_backend
+from sqlproxy.proxy.fastpool import (
+    PooledClientPump,
+    PooledListener,
+    PooledRecorder,
+    PooledServerPump,
+    PoolFast,
+    may_pin,
+)
 from sqlproxy.proxy.pooled_login import client_auth_message, proxy_login, session_ended
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.answers import Answers, Kind
@@ -72,6 +87,7 @@ from sqlproxy.routing.policy import RoutedStatement, pin_reason
 from sqlproxy.routing.replay import BackendReplay, Replay
 from sqlproxy.routing.replica_login import ReplicaLogin
 from sqlproxy.routing.scram import ScramKeys
+from sqlproxy.routing.session_routing import SessionRouting
 from sqlproxy.routing.units import Unit, UnitCutter
 from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.frames import MAX_SERVER_MESSAGE, Frames, frame_end
@@ -83,7 +99,6 @@ from sqlproxy.wire.messages import (
     F_COPY_DONE,
     F_COPY_FAIL,
     F_FLUSH,
-    F_QUERY,
     F_TERMINATE,
     SYNC,
     TERMINATE,
@@ -100,12 +115,12 @@ from sqlproxy.wire.messages import (
 if TYPE_CHECKING:
     from sqlproxy.config import PoolSection
     from sqlproxy.proxy.server import ProxyServer
+    from sqlproxy.routing.health import ReplicaState, Router
 
 __all__ = ["PoolManager", "PooledSession", "ServerConn"]
 
 log = get_logger("sqlproxy.pool")
 _perf = time.perf_counter
-_unpack_int32 = struct.Struct("!I").unpack_from
 _IDLE = 73  # 'I'
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 #: Startup parameters that are not settings (or cannot be SET later).
@@ -114,10 +129,6 @@ _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
 #: never names a real backend (see docs/reliability.md).
 PROXY_PID_BASE = 1 << 30
 _DEALLOCATE_RE = re.compile(r"(?i)\bdeallocate\s+(?:prepare\s+)?(?!all\b)(\"[^\"]+\"|\w+)")
-#: A text matching none of these words cannot pin (see _pin_text): it skips the statement
-#: lookup. Conservative: a word in a string literal or a comment only costs the full check.
-_MAY_PIN_RE = re.compile(
-    r"(?i)listen|prepare|declare|temp|set|advisory|dblink|lo_open|into")
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
 PARSE_COMPLETE = build(b"1", b"")
 _ROLLBACK = build(b"Q", b"ROLLBACK\x00")
@@ -147,8 +158,10 @@ class ServerConn(asyncio.Protocol):
         self.address = address
         self.transport: asyncio.Transport | None = None
         self.key: tuple[int, bytes] | None = None
-        self.holder: PooledSession | None = None
-        self.answers = Answers(replica=False)
+        self._holder: PooledSession | None = None
+        # The transport's protocol once logged in: the holder's fast path first (fastpool).
+        self.pump = PooledServerPump(self)
+        self.answers = Answers(replica=pool.replica is not None)
         self.replay = BackendReplay()
         self.settings: dict[str, str] = {}  # startup parameters in force
         self.login: ReplicaLogin | None = None
@@ -165,6 +178,22 @@ class ServerConn(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"ServerConn({self.id})"
+
+    @property
+    def holder(self) -> PooledSession | None:
+        """The session this connection is lent to (its fast path hears the answers)."""
+        return self._holder
+
+    @holder.setter
+    def holder(self, session: PooledSession | None) -> None:
+        self._holder = session
+        self.pump.fast = session.fast if session is not None else None
+
+    def go_hot(self) -> None:
+        """Logged in: the fast path's pump reads the connection from now on."""
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.set_protocol(self.pump)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -287,11 +316,13 @@ class PoolIO:
     """One pool's I/O side: opens, lends (through ``Pool``) and closes its server
     connections."""
 
-    def __init__(self, manager: PoolManager, database: str, user: str) -> None:
+    def __init__(self, manager: PoolManager, database: str, user: str,
+                 replica: ReplicaState | None = None) -> None:
         self.manager = manager
         self.server = manager.server
         self.database = database
         self.user = user
+        self.replica = replica  # a replica's pool (poolroute.py), else the primary's
         self.state: Pool[ServerConn, PooledSession] = Pool(
             limits_of(manager.server.config.pool), time.monotonic())
         self.trusted = False  # a login needed no password: the proxy may answer logins
@@ -310,15 +341,18 @@ class PoolIO:
         self._clients_by_app: dict[str, int] = {}
         self.errors_53300 = 0
         self.rolled_back = 0  # servers a departed client left in a transaction, rolled back
+        self.fast_units = 0  # units the compiled fast path sent, of the clients gone
         # Parse messages that a server of this pool accepted: a client preparing one of these
         # outside a transaction is answered without a server (see PooledSession._prepare).
         self.known_parses: set[bytes] = set()
+        # Kept up to date here (the fast path queues clients without asking).
+        self.state.may_open = self.can_open
 
     @property
     def can_open(self) -> bool:
         """Whether the proxy can open a server connection as this user on its own (trust
         or a configured password); otherwise the pool grows only by its clients' logins."""
-        return self.trusted or bool(
+        return self.replica is not None or self.trusted or bool(
             self.password or self.scram_keys or self.md5_hash
             or self.server.config.routing.passwords.get(self.user))
 
@@ -433,7 +467,7 @@ class PoolIO:
 
     async def _open(self, session: PooledSession | None) -> None:
         cfg = self.server.config
-        url = cfg.proxy.primary_url
+        url = cfg.proxy.primary_url if self.replica is None else self.replica.url
         address = (url.host, url.port)
         conn = ServerConn(self, address)
         settings = dict(session.settings) if session is not None else {}
@@ -472,9 +506,13 @@ class PoolIO:
                 return
             self.carry_out(self.state.open_failed(session, now))
             if session.state is not SessionState.CLOSED:
-                session.open_failed(problem)
+                if self.replica is not None:
+                    session.replica_open_failed(self, problem)
+                else:
+                    session.open_failed(problem)
             return
         conn.settings = settings
+        conn.go_hot()
         if session is None:
             self.carry_out(self.state.spare_opened(conn, now))
             return
@@ -492,6 +530,7 @@ class PoolIO:
         conn.settings = dict(session.settings)
         if backend.transport is not None:
             backend.transport.set_protocol(conn)
+            conn.go_hot()
         self.state.opened(conn, time.monotonic())
         return conn
 
@@ -519,6 +558,7 @@ class PoolIO:
         return {
             "database": self.database,
             "user": self.user,
+            "backend": "primary" if self.replica is None else self.replica.name,
             "size": st.limits.size,
             "min_idle": st.limits.min_idle,
             "servers": len(st.servers),
@@ -542,6 +582,9 @@ class PoolIO:
             "open_failures": stats.open_failures,
             "servers_closed": dict(stats.closed),
             "rolled_back": self.rolled_back,
+            "fast_units": self.fast_units + sum(
+                s.fast.fast_units for s in self.server.sessions.values()
+                if isinstance(s, PooledSession) and s.pool is self),
             "pinned_clients": list(self.pinned.values()),
             "max_active_by_application": dict(stats.max_active_by_app),
             "max_clients_by_application": dict(self.max_clients_by_app),
@@ -554,7 +597,7 @@ class PoolManager:
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
-        self.pools: dict[tuple[str, str], PoolIO] = {}
+        self.pools: dict[tuple[str, ...], PoolIO] = {}
         self.server_ids = 0
         self.pids = 0
         self.cache = StatementCache()  # statement shapes when the profiler is off
@@ -580,6 +623,15 @@ class PoolManager:
             self.ensure_ticking()
         return p
 
+    def replica_pool(self, database: str, user: str, replica: ReplicaState) -> PoolIO:
+        """The pool of ``replica``'s server connections for (database, user)."""
+        key = (database, user, replica.name)
+        p = self.pools.get(key)
+        if p is None:
+            p = self.pools[key] = PoolIO(self, database, user, replica)
+            self.ensure_ticking()
+        return p
+
     def next_pid(self) -> int:
         self.pids = (self.pids + 1) % ((1 << 31) - PROXY_PID_BASE)
         return PROXY_PID_BASE + self.pids
@@ -589,6 +641,7 @@ class PoolManager:
         smaller size close as they come back idle and time out)."""
         for p in self.pools.values():
             p.state.limits = limits_of(cfg)
+            p.state.may_open = p.can_open  # (routing.passwords may have changed)
 
     def ensure_ticking(self) -> None:
         if self._ticker is None or self._ticker.done():
@@ -627,7 +680,12 @@ class PooledSession(ClientSession):
         assert manager is not None
         self.manager: PoolManager = manager
         self.pool: PoolIO | None = None
-        self.held: ServerConn | None = None
+        # The compiled fast path (fastpool.py) and the state it shares with this class
+        # (held, waiting, _open_unit, pinned: properties below).
+        self.fast = PoolFast(self, self.config.proxy.max_message_bytes,
+                             self.config.pool.max_prepared_per_server)
+        if self.profiler is not None:
+            self.recorder = PooledRecorder(self.profiler, self, self.info, self.route)
         self.frames = Frames(self.config.proxy.max_message_bytes)
         self.cutter = UnitCutter()
         self.units: deque[Unit] = deque()
@@ -636,15 +694,56 @@ class PooledSession(ClientSession):
         self.scram_keys: ScramKeys | None = None
         self.login_server: LoginServer | None = None  # the proxy checks the login (auth_user)
         self.login_checked: asyncio.Future[None] | None = None
-        self.waiting = False  # queued for a server
         self.login_waiting = False  # queued for a login slot
         self._login_future: asyncio.Future[None] | None = None
         self._login_slot = False  # holds a login slot not yet adopted
-        self._open_unit = False  # a unit ended by Flush: the server stays until Sync
-        self.pinned: str | None = None
         self._joined = False
         self._parses_sent: list[bytes] = []  # Parse messages awaiting their answers
+        # Replica routing (poolroute.py): the router, the session's routing state, the unit
+        # running on a replica (its answer held back) and one to retry on the primary.
+        self.router: Router | None = server.router
+        self.routing = (SessionRouting(server.router.table_mode)
+                        if server.router is not None else None)
+        self.replica_unit: Unit | None = None
+        self.retry_unit: Unit | None = None
         self._errors_at = 0
+
+    @property
+    def held(self) -> ServerConn | None:
+        """The server connection lent to this session."""
+        held: ServerConn | None = self.fast.held
+        return held
+
+    @held.setter
+    def held(self, server: ServerConn | None) -> None:
+        self.fast.held = server
+
+    @property
+    def waiting(self) -> bool:
+        """Queued for a server."""
+        return self.fast.waiting
+
+    @waiting.setter
+    def waiting(self, value: bool) -> None:
+        self.fast.waiting = value
+
+    @property
+    def _open_unit(self) -> bool:
+        """A unit ended by Flush: the server stays until Sync."""
+        return self.fast.open_unit
+
+    @_open_unit.setter
+    def _open_unit(self, value: bool) -> None:
+        self.fast.open_unit = value
+
+    @property
+    def pinned(self) -> str | None:
+        """Why the session keeps its server for good (None: it does not)."""
+        return self.fast.pinned
+
+    @pinned.setter
+    def pinned(self, reason: str | None) -> None:
+        self.fast.pinned = reason
 
     # ------------------------------------------------------------------ startup
     def _client_pid(self, pid: int) -> int:
@@ -737,6 +836,7 @@ class PooledSession(ClientSession):
         assert pool is not None
         if not self._asked_password:
             pool.trusted = True
+            pool.state.may_open = True
         if not pool.parameters:
             pool.parameters = list(self.parameters.items())
         self._login_slot = False
@@ -751,9 +851,20 @@ class PooledSession(ClientSession):
         self.ready_at = _perf()
         # The session listens itself (DEALLOCATE / DISCARD change what the servers hold),
         # and hands each statement on to its recorder.
-        self.conv = self.info.conv = Conversation(self, self.config.proxy.max_message_bytes)
+        listener = self.recorder if self.recorder is not None else PooledListener(self)
+        self.conv = self.info.conv = Conversation(listener, self.config.proxy.max_message_bytes)
         self.state = SessionState.READY
         self._buf.clear()
+        pool = self.pool
+        t = self.client_transport
+        if pool is not None and t is not None:
+            self.fast.attach(pool, self.conv, self.info, self.units, self.cutter, self.frames,
+                             self.replay.statements, self.settings, self.manager.clean_texts,
+                             self.manager.clean_shapes, self.profiler, t,
+                             self._parses_sent)
+            t.set_protocol(PooledClientPump(self, self.fast))  # type: ignore[arg-type]
+            if self.router is not None:
+                self.fast.enabled = False  # every unit is routed by the general path
         if self._pending_to_backend:  # sent before we answered the login
             early = bytes(self._pending_to_backend)
             self._pending_to_backend.clear()
@@ -766,12 +877,9 @@ class PooledSession(ClientSession):
 
     # ------------------------------------------------------------------ client side
     def data_received(self, data: bytes) -> None:
+        """The general path (the compiled pump offers each chunk to ``fast.client`` first)."""
         if self.state is not SessionState.READY:
             super().data_received(data)
-            return
-        if not self.units and data[0] == F_QUERY and not self.frames.buf \
-                and self.cutter.empty and len(data) > 5 and data[-1] == 0 \
-                and _unpack_int32(data, 1)[0] + 1 == len(data) and self._fast_query(data):
             return
         try:
             for t, msg in self.frames.feed(data):
@@ -780,43 +888,6 @@ class PooledSession(ClientSession):
             self.fail(exc)
             return
         self._pump()
-
-    def _fast_query(self, data: bytes) -> bool:
-        """The common case, without cutting a unit: a chunk that is exactly one simple Query
-        the session has seen before (it pins nothing), for the server it holds or an idle one,
-        with nothing to replay there. False: take the ordinary path (a server checked out
-        here stays held for it)."""
-        if self.waiting:
-            return False
-        text = data[5:-1].decode("utf-8", "replace")
-        if self.pinned is None and text not in self.manager.clean_texts:
-            in_tx = self.conv is not None and self.conv.tx_status != _IDLE
-            if self._pin_text(text, in_tx):
-                return False  # pinned now: the ordinary path (it holds its server)
-        server = self.held
-        if server is None:
-            pool = self.pool
-            if pool is None or not pool.state.idle or pool.state.waiters:
-                return False
-            server = pool.checkout(self)
-            if server is None:  # (cannot happen with an idle server and no waiters)
-                return True
-            server.holder = self
-            self.held = server
-        transport = server.transport
-        if transport is None or server.closed or server.replay.to_close \
-                or server.settings != self.settings or server.answers.busy:
-            return False
-        try:
-            self.conv.feed_frontend(data, _perf())  # type: ignore[union-attr]
-        except ProtocolViolation as exc:
-            self.fail(exc)
-            return True
-        transport.write(data)
-        self.replay.statements.pop(b"", None)  # a simple Query drops the unnamed statement
-        server.replay.prepared.pop(b"", None)
-        self._open_unit = False
-        return True
 
     def _client_message(self, t: int, msg: bytes) -> None:
         if t in _COPY_MESSAGES or (t == F_FLUSH and self.cutter.empty):
@@ -837,6 +908,10 @@ class PooledSession(ClientSession):
         if unit is not None:
             self.units.append(unit)
 
+    def pump(self) -> None:
+        """Send what is queued (to the held server, or one checked out)."""
+        self._pump()
+
     def _pump(self) -> None:
         while self.units and self.state is SessionState.READY:
             server = self.held
@@ -847,13 +922,24 @@ class PooledSession(ClientSession):
                     self.units.popleft()
                     continue
                 pool = self.pool
+                if self.router is not None:
+                    pool = poolroute.replica_pool_for(self, self.units[0]) or pool
                 assert pool is not None
                 server = pool.checkout(self)
                 if server is None:
                     return  # granted() pumps again
                 server.holder = self
                 self.held = server
+            elif self.routing is not None:
+                if self.replica_unit is not None:
+                    return  # a replica unit runs alone
+                poolroute.note_unit(self, self.units[0], in_transaction=True)
             if not server.usable:
+                if server.pool.replica is not None:  # its reads go elsewhere
+                    self.held = None
+                    server.holder = None
+                    server.pool.checkin(self, server, clean=False, reason="server_closed")
+                    continue
                 self.fail(ConnectionFailure("server closed the connection unexpectedly"))
                 return
             self._send(server, self.units.popleft())
@@ -892,6 +978,25 @@ class PooledSession(ClientSession):
         self.waiting = False
         server.holder = self
         self.held = server
+        if not self.fast.send_parked(server):
+            self.unpark()
+            return
+        self._pump()
+        self._after()
+
+    def unpark(self) -> None:
+        """The unit the fast path parked while waiting needs the general path (settings or
+        statements to replay on the server it got): it goes first, as a unit of its own."""
+        data = self.fast.take_parked()
+        cutter = UnitCutter()
+        try:
+            for t, msg in Frames(self.config.proxy.max_message_bytes).feed(data):
+                unit = cutter.add(t, msg)
+                if unit is not None:
+                    self.units.appendleft(unit)
+        except ProtocolViolation as exc:  # (scanned whole by the fast path: cannot happen)
+            self.fail(exc)
+            return
         self._pump()
         self._after()
 
@@ -916,6 +1021,8 @@ class PooledSession(ClientSession):
                              hint="raise pool.size or pool.max_wait_ms, or shorten the "
                                   "transactions that hold server connections")
         out = bytearray()
+        if self.fast.take_parked():
+            out += err + ready_for_query()
         for _ in self.units:
             out += err + ready_for_query()
         self.units.clear()
@@ -948,7 +1055,20 @@ class PooledSession(ClientSession):
         now = _perf()
         unit.sent = now
         data = bytes(unit.data)
-        self.conv.feed_frontend(data, now)  # type: ignore[union-attr]
+        rep = server.pool.replica
+        if rep is not None:
+            # Held back until complete (retried on the primary if the replica cannot run
+            # it): the conversation sees the unit when its answer is released.
+            self.replica_unit = unit
+            unit.in_tx = self.conv is not None and self.conv.tx_status != _IDLE
+            rep.unit_started()
+            server.answers.start_unit(hold=not unit.open)
+            if unit.open:
+                self.conv.feed_frontend(data, now)  # type: ignore[union-attr]
+        else:
+            self.conv.feed_frontend(data, now)  # type: ignore[union-attr]
+            if self.router is not None:
+                self.router.note_primary_unit()
         transport.write(pre + data if pre else data)
         if unit.parses:
             self._parses_sent.extend(m for name, _, m in unit.parses if name)
@@ -959,16 +1079,15 @@ class PooledSession(ClientSession):
                                 self.config.pool.max_prepared_per_server)
         self._open_unit = unit.open or unit.describe_only
 
-    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
-                       sqlstate: str | None, started: float, ended: float) -> None:
-        super().statement_done(pending, index, tag, rows, sqlstate, started, ended)
-        if sqlstate is None and tag is not None and tag.startswith((b"DEALLOCATE", b"DISCARD")):
-            server = self.held
-            stmts = self._statements_nr(pending.sql) if pending.sql else []
-            if server is not None and index < len(stmts):
+    def statement_event(self, pending: Pending, index: int) -> None:
+        """A statement that may be a DEALLOCATE or DISCARD completed (from the recorder)."""
+        server = self.held
+        stmts = self._statements_nr(pending.sql) if pending.sql else []
+        if server is not None and index < len(stmts):
+            text = stmts[index][0].text
+            if text.startswith(("deallocate", "discard")):
                 # Gone from this server (the client's and maybe another's of that name).
-                self.replay.forget_statements(stmts[index][0].text, server.replay,
-                                              [server.replay])
+                self.replay.forget_statements(text, server.replay, [server.replay])
 
     def _deallocated(self, unit: Unit) -> None:
         """A SQL DEALLOCATE of a statement the client prepared by protocol on another
@@ -997,7 +1116,7 @@ class PooledSession(ClientSession):
 
     def _pin_text(self, text: str, in_tx: bool) -> bool:
         """Pin the session if ``text`` holds a statement that pins (True if it did)."""
-        if _MAY_PIN_RE.search(text) is None:
+        if not may_pin(text):
             return False
         clean = self.manager.clean_shapes
         for n, shape in self._statements_nr(text):
@@ -1021,6 +1140,10 @@ class PooledSession(ClientSession):
                 clean.clear()
             clean.add(n.text)
         return False
+
+    def statements_nr(self, sql: str) -> list[tuple[Any, Any]]:
+        """The normalized statements of ``sql`` and their shapes."""
+        return self._statements_nr(sql)
 
     def _statements_nr(self, sql: str) -> list[tuple[Any, Any]]:
         profiler = self.profiler
@@ -1047,6 +1170,17 @@ class PooledSession(ClientSession):
     # ------------------------------------------------------------------ server side
     def server_data(self, server: ServerConn, data: bytes) -> None:
         answers = server.answers
+        if answers.replica:
+            try:
+                events = answers.feed(data)
+            except ProtocolViolation as exc:
+                self.fail(ProtocolViolation(f"{exc} from a replica"))
+                return
+            poolroute.deliver(self, server, events)
+            self._server_data_done(server)
+            if self.units and self.held is None:
+                self._pump()  # (a unit to retry on the primary, or queued behind)
+            return
         if not (answers.swallow or answers.strip or answers.buf or self._parses_sent):
             # Nothing to swallow or strip: the chunk goes to the client as received.
             t = self.client_transport
@@ -1070,6 +1204,11 @@ class PooledSession(ClientSession):
                 conv.feed_backend(ev.data, _perf())
             elif ev.kind is Kind.TRACK:
                 conv.feed_backend(ev.data, _perf())
+        self._server_data_done(server)
+
+    def _server_data_done(self, server: ServerConn) -> None:
+        conv = self.conv
+        assert conv is not None
         if self._parses_sent and not conv.busy:
             if conv.sql_errors == self._errors_at and self.pool is not None:
                 known = self.pool.known_parses
@@ -1089,16 +1228,42 @@ class PooledSession(ClientSession):
             return
         conv = self.conv
         if conv is None or conv.busy or conv.tx_status != _IDLE or server.answers.busy \
-                or self._open_unit or self.units:
+                or server.answers.in_unit or self._open_unit or self.units:
             return
         self.held = None
-        pool = self.pool
-        assert pool is not None
-        pool.checkin(self, server, clean=True)
+        if self.routing is not None and server.pool.replica is None:
+            poolroute.after_primary(self)
+        server.pool.checkin(self, server, clean=True)
+
+    def replica_done(self, server: ServerConn, clean: bool) -> None:
+        """A replica unit is over (poolroute): outside a transaction its server goes back
+        now, even with units queued (each is routed on its own)."""
+        conv = self.conv
+        if self.held is not server or conv is None:
+            return
+        if not clean:
+            self.held = None
+            server.pool.checkin(self, server, clean=False, reason="replay_failed")
+            return
+        if conv.busy or conv.tx_status != _IDLE or server.answers.busy or self._open_unit:
+            return
+        self.held = None
+        server.pool.checkin(self, server, clean=True)
+
+    def replica_open_failed(self, pool: PoolIO, problem: str) -> None:
+        """No server of a replica pool for this session: its unit goes to the primary."""
+        self.waiting = False
+        poolroute.replica_failed(self, pool, problem)
+        if self.units:
+            self.retry_unit = self.units[0]
+        self._pump()
 
     def server_lost(self, server: ServerConn, exc: Exception | None) -> None:
         if self.held is server:
             self.held = None
+            if server.pool.replica is not None and self.state is SessionState.READY:
+                poolroute.replica_lost(self, server, exc)
+                return
             if self.state is SessionState.READY:
                 conv = self.conv
                 if conv is not None and (conv.terminated or conv.fatal):
@@ -1119,12 +1284,14 @@ class PooledSession(ClientSession):
             return None
         server.cancels += 1
         task = self.server.send_cancel(server.address, server.key)
-        pool = self.pool
+        pool = server.pool
         task.add_done_callback(lambda _: pool.cancel_done(server))
         return task
 
     # ------------------------------------------------------------------ teardown
     def _give_back(self, leaving: str) -> None:
+        self.fast.enabled = False
+        self.fast.take_parked()
         pool = self.pool
         if pool is None:
             return
@@ -1139,8 +1306,13 @@ class PooledSession(ClientSession):
         self.held = None
         if server is not None:
             conv = self.conv
-            if self.pinned is not None:
-                pool.checkin(self, server, clean=False, reason="pinned_client_left")
+            own = server.pool  # (a replica's pool, with routing)
+            if server.answers.in_unit:  # a replica unit's answer on its way: cancel, close
+                if server.key is not None:
+                    self.server.send_cancel(server.address, server.key)
+                own.checkin(self, server, clean=False, reason=leaving)
+            elif self.pinned is not None:
+                own.checkin(self, server, clean=False, reason="pinned_client_left")
             elif conv is not None and not conv.busy and conv.tx_status != _IDLE \
                     and not self._open_unit and not server.answers.busy and server.usable \
                     and not server.cancels:
@@ -1151,10 +1323,12 @@ class PooledSession(ClientSession):
                     or server.answers.busy:
                 if conv is not None and conv.busy and server.key is not None:
                     self.server.send_cancel(server.address, server.key)
-                pool.checkin(self, server, clean=False, reason=leaving)
+                own.checkin(self, server, clean=False, reason=leaving)
             else:
-                pool.checkin(self, server, clean=True)
+                own.checkin(self, server, clean=True)
         pool.pinned.pop(self.id, None)
+        pool.fast_units += self.fast.fast_units
+        self.fast.fast_units = 0
         if self._joined:
             self._joined = False
             pool.client_left(self.application_name)
@@ -1174,5 +1348,5 @@ class PooledSession(ClientSession):
         out = super().describe()
         out["backends"] = ["primary"] if self.held is not None else []
         out["pool"] = {"holds_server": self.held is not None, "waiting": self.waiting,
-                       "pinned": self.pinned}
+                       "pinned": self.pinned, "fast_units": self.fast.fast_units}
         return out

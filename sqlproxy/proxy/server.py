@@ -119,10 +119,7 @@ class ProxyServer:
         session_class: type[ClientSession] = (
             ClientSession if self.router is None else RoutedSession)
         if self.pools is not None:
-            if self.router is not None:
-                log.warning("pool_routing_unsupported",
-                            consequence="routing is off in transaction pooling mode for now")
-            session_class = PooledSession
+            session_class = PooledSession  # (routes to pooled replicas with a router)
         if self.router is not None:
             await self.router.start()
         if self.tls_context is None:

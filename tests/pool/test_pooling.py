@@ -325,7 +325,8 @@ def test_api_pools_metrics_and_advice(
         assert "session_state_in_pool" in kinds
         assert any(a.startswith("application web: at most") for a in pool["advice"]), pool
         metrics = _admin(p, "/metrics")
-        assert f'sqlproxy_pool_size{{database="{bench_db}",user="postgres"}} 3.0' in metrics
+        assert (f'sqlproxy_pool_size{{backend="primary",database="{bench_db}",user="postgres"}} '
+                "3.0") in metrics
         assert "sqlproxy_pool_checkouts_total" in metrics
         assert "sqlproxy_pool_pinned_clients" in metrics
     finally:

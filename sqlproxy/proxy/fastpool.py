@@ -1,0 +1,518 @@
+"""The pooled session's hot path, in native code (compiled with mypyc, see setup.py).
+
+A pooled session (``pooled.py``) handles everything in general, correctly, and in Python: it
+frames every client message, cuts units, checks what pins, replays settings and prepared
+statements on the server it borrows, swallows the answers to what it injected. Most of an
+application's traffic is simpler than that, and this module serves it without a Python frame:
+
+* ``PooledClientPump`` (the client transport's protocol) offers each chunk to
+  ``PoolFast.client``: one whole simple Query, or one whole extended-protocol unit (an unnamed
+  Parse or a Bind of a statement the server holds as the client prepared it, Describe of the
+  portal, Execute, Sync), from a session with nothing queued, not waiting, not pinned, whose
+  text is known not to pin (or has none of the words that could). It goes, as received, to the
+  server the session holds, or to the most recently used idle server of the pool, checked out
+  by the pool's compiled rules (``pool/state.py``) — unless that server needs settings or
+  statements replayed first, which is the general path's job.
+* ``PooledServerPump`` (a pooled server transport's protocol) offers each chunk to its
+  holder's ``PoolFast.answer``: with nothing to swallow or strip it goes to the client as
+  received, the client's conversation tracks it, and when ReadyForQuery says idle and nothing
+  is owed the server goes back to the pool (``checkin``), the next waiter getting it at once.
+* ``PooledRecorder`` / ``PooledListener`` hear the client's conversation: statements are
+  recorded in native code; only DEALLOCATE / DISCARD (which change what the servers hold) go
+  to the session.
+
+Anything else is declined (``False``) and goes to the session's general path, which sees
+exactly what it would have seen without this module. The fast path keeps the general path's
+bookkeeping (which server holds which of the client's statements) as the general path would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from mypy_extensions import i64
+
+from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
+from sqlproxy.errors import ProtocolViolation
+from sqlproxy.pool.state import Pool, _Open
+from sqlproxy.proxy.recorder import SessionRecorder
+from sqlproxy.wire.conversation import Conversation, NativeListener, Pending, find_nul, length_at
+
+__all__ = ["PoolFast", "PooledClientPump", "PooledListener", "PooledRecorder",
+           "PooledServerPump", "may_forget", "may_pin"]
+
+_QUERY: Final = 81  # 'Q'
+_PARSE: Final = 80  # 'P'
+_BIND: Final = 66  # 'B'
+_DESCRIBE: Final = 68  # 'D'
+_EXECUTE: Final = 69  # 'E'
+_SYNC: Final = 83  # 'S'
+_PORTAL: Final = 80  # 'P' (Describe of a portal)
+_IDLE: Final = 73  # 'I'
+
+
+def may_pin(text: str) -> bool:
+    """Whether ``text`` holds one of the words of a statement that pins a pooled client (see
+    ``PooledSession._pin_text``). Conservative: a word in a literal or a comment only costs
+    the full check. A lower-cased copy searched word by word: a case-insensitive regex
+    alternation costs tens of thousands of instructions on a one-line SELECT."""
+    low = text.lower()
+    return ("set" in low or "into" in low or "temp" in low or "listen" in low
+            or "prepare" in low or "declare" in low or "advisory" in low or "dblink" in low
+            or "lo_open" in low)
+
+
+def _word_at(data: bytes, i: i64, end: i64, word: bytes) -> bool:
+    """``word`` (lower-case ASCII) at ``data[i]``, whatever the case of its letters."""
+    n: i64 = len(word)
+    if end - i < n:
+        return False
+    j: i64 = 1  # (the first letter matched already)
+    while j < n:
+        a: i64 = data[i + j]
+        b: i64 = word[j]
+        if (a | 32) != (b | 32):
+            return False
+        j += 1
+    return True
+
+
+def may_pin_at(data: bytes, start: i64, end: i64, forget: bool) -> bool:
+    """``may_pin`` on the bytes of a statement text (``data[start:end]``), without decoding
+    it: one pass that looks further only at the first letters of the words; with
+    ``forget``, DEALLOCATE and DISCARD count too (``may_forget``)."""
+    i: i64 = start
+    while i < end:
+        c: i64 = data[i] | 32
+        if c == 115:  # s
+            if _word_at(data, i, end, b"set"):
+                return True
+        elif c == 105:  # i
+            if _word_at(data, i, end, b"into"):
+                return True
+        elif c == 116:  # t
+            if _word_at(data, i, end, b"temp"):
+                return True
+        elif c == 108:  # l
+            if _word_at(data, i, end, b"listen") or _word_at(data, i, end, b"lo_open"):
+                return True
+        elif c == 112:  # p
+            if _word_at(data, i, end, b"prepare"):
+                return True
+        elif c == 97:  # a
+            if _word_at(data, i, end, b"advisory"):
+                return True
+        elif c == 100 and (_word_at(data, i, end, b"declare")  # d
+                           or _word_at(data, i, end, b"dblink")
+                           or (forget and (_word_at(data, i, end, b"dealloc")
+                                           or _word_at(data, i, end, b"discard")))):
+            return True
+        i += 1
+    return False
+
+
+def may_forget(text: str) -> bool:
+    """Whether ``text`` may hold a DEALLOCATE or DISCARD (a completed statement's tag does not
+    reach a native listener): the session then checks it statement by statement."""
+    low = text.lower()
+    return "dealloc" in low or "discard" in low
+
+
+class PoolFast:
+    """One pooled session's fast path and the state it shares with the general path: the
+    server it holds, whether it waits for one, whether a unit is open past a Flush, why it is
+    pinned (``PooledSession`` reads and writes these through properties)."""
+
+    def __init__(self, session: Any, max_message: int, limit: int) -> None:
+        self.session = session
+        self.max_message = max_message
+        self.limit = limit  # pool.max_prepared_per_server
+        self.held: Any = None  # the ServerConn lent to the session
+        self.waiting = False  # queued for a server
+        self.open_unit = False  # a unit ended by Flush: the server stays until Sync
+        self.pinned: str | None = None
+        self.enabled = False  # set once the session is ready
+        # Set when the session is ready (``attach``).
+        self.pool: Any = None  # PoolIO
+        self.state: Pool[Any, Any] | None = None
+        self.conv: Conversation | None = None
+        self.info: SessionInfo | None = None
+        self.units: Any = None  # the session's deque of queued units
+        self.cutter: Any = None  # its UnitCutter
+        self.frames: Any = None  # its Frames
+        self.statements: dict[bytes, tuple[str, bytes]] = {}  # its Replay.statements
+        self.settings: dict[str, str] = {}  # its startup settings
+        self.clean_texts: set[str] = set()  # the manager's texts known not to pin
+        self.clean_shapes: set[str] = set()  # its normalized statements known not to pin
+        self.profiler: Profiler | None = None
+        self.client_transport: Any = None
+        self.write_client: Callable[[bytes], object] | None = None
+        self.parses_sent: list[bytes] = []  # the session's Parse messages awaiting answers
+        self.clock: Callable[[], float] = time.perf_counter
+        self.monotonic: Callable[[], float] = time.monotonic
+        # The last unnamed Parse seen and its text (drivers send the same one again and again).
+        self.last_parse = b""
+        self.last_text = ""
+        self.fast_units = 0  # units the fast path sent (connections view)
+        # The unit ``client`` scanned: its first message type, its text, its unnamed Parse,
+        # the named statement it binds.
+        self.u_kind: i64 = 0
+        self.u_text = ""
+        self.u_parse = b""
+        self.u_bound = b""
+        self.parked = b""  # a unit waiting for a server (``waiting``)
+
+    def attach(self, pool: Any, conv: Conversation, info: SessionInfo, units: Any,
+               cutter: Any, frames: Any, statements: dict[bytes, tuple[str, bytes]],
+               settings: dict[str, str], clean_texts: set[str], clean_shapes: set[str],
+               profiler: Profiler | None, client_transport: Any,
+               parses_sent: list[bytes]) -> None:
+        self.pool = pool
+        self.state = pool.state
+        self.conv = conv
+        self.info = info
+        self.units = units
+        self.cutter = cutter
+        self.frames = frames
+        self.statements = statements
+        self.settings = settings
+        self.clean_texts = clean_texts
+        self.clean_shapes = clean_shapes
+        self.profiler = profiler
+        self.client_transport = client_transport
+        self.write_client = client_transport.write if client_transport is not None else None
+        self.parses_sent = parses_sent
+        self.enabled = True
+
+    # ------------------------------------------------------------------ client side
+    def _clean(self, text: str) -> bool:
+        """``text`` is known not to pin, holds none of the words that could, or (profiled)
+        each of its statements is known by its normalized text not to pin; and it is no
+        DEALLOCATE of a statement the general path may have to prepare first."""
+        if self.statements and may_forget(text):
+            return False
+        if text in self.clean_texts or not may_pin(text):
+            return True
+        profiler = self.profiler
+        if profiler is None:
+            return False
+        info = self.info
+        assert info is not None
+        shapes = self.clean_shapes
+        return all(st.normalized.text in shapes for st in profiler.statements(info, text))
+
+    def client(self, data: bytes) -> bool:
+        """Send ``data`` (a chunk from the client) to a server, if it is a unit the fast path
+        serves; False: the general path takes it (nothing was done)."""
+        if not self.enabled or self.waiting or self.pinned is not None:
+            return False
+        n: i64 = len(data)
+        if n < 6 or len(self.units) or not self.cutter.empty or len(self.frames.buf):
+            return False
+        t: i64 = data[0]
+        bound = b""  # a named statement the unit binds
+        parse = b""  # an unnamed Parse message in the unit
+        text = ""
+        if t == _QUERY:
+            if length_at(data, 1) != n - 1 or n - 1 > self.max_message or data[n - 1] != 0:
+                return False
+            if may_pin_at(data, 5, n - 1, len(self.statements) > 0):
+                text = data[5 : n - 1].decode("utf-8", "replace")
+                if not self._clean(text):
+                    return False
+        elif t in (_PARSE, _BIND):
+            pos: i64 = 0
+            bstart: i64 = -1
+            bstop: i64 = -1
+            pstart: i64 = -1
+            pend: i64 = -1
+            last: i64 = 0
+            while pos < n:
+                if n - pos < 5:
+                    return False
+                last = data[pos]
+                length = length_at(data, pos + 1)
+                end = pos + 1 + length
+                if length < 4 or end > n or length > self.max_message:
+                    return False
+                if last == _PARSE:
+                    if pstart >= 0 or bstart >= 0 or length < 7 or data[pos + 5] != 0:
+                        return False  # a second Parse, or a named one
+                    pstart = pos
+                    pend = end
+                elif last == _BIND:
+                    if bstart >= 0:
+                        return False
+                    bstart = find_nul(data, pos + 5, end) + 1  # past the portal's name
+                    bstop = find_nul(data, bstart, end)
+                elif last == _SYNC:
+                    if end != n:
+                        return False
+                elif last != _EXECUTE and not (last == _DESCRIBE and length > 4
+                                               and data[pos + 5] == _PORTAL):
+                    return False
+                pos = end
+            if last != _SYNC or bstart < 0:
+                return False
+            if pstart >= 0:
+                if bstop != bstart:
+                    return False  # binds a named statement after an unnamed Parse
+                parse = data[pstart:pend]
+                if parse == self.last_parse:
+                    text = self.last_text
+                else:
+                    stop = find_nul(data, pstart + 6, pend)
+                    text = data[pstart + 6 : stop].decode("utf-8", "replace")
+                    if may_pin_at(data, pstart + 6, stop, len(self.statements) > 0) \
+                            and not self._clean(text):
+                        return False
+                    self.last_parse = parse
+                    self.last_text = text
+            else:
+                if bstop == bstart:
+                    return False  # the unnamed statement from an earlier unit
+                bound = data[bstart:bstop]
+                if bound not in self.statements:
+                    return False
+        else:
+            return False
+        self.u_kind = t
+        self.u_text = text
+        self.u_parse = parse
+        self.u_bound = bound
+        server = self.held
+        if server is None:
+            state = self.state
+            assert state is not None
+            info = self.info
+            assert info is not None
+            if not state.idle or state.waiters:
+                if state.total < state.limits.size:
+                    return False  # the general path opens a server (or waits)
+                # Every server is lent: wait in the pool's queue with the unit parked here;
+                # the server comes with a hand-over (``take``, or the session's ``granted``).
+                got = state.checkout(self.session, self.monotonic(), info.application_name)
+                if got is not None:  # (cannot happen: no idle server, no slot free)
+                    raise RuntimeError("pool checkout lent a server to a queued client")
+                self.waiting = True
+                self.parked = data
+                return True
+            got = state.checkout(self.session, self.monotonic(), info.application_name)
+            # (An idle server and no waiters: the checkout lends it, never OPEN or a wait.)
+            assert got is not None and not isinstance(got, _Open)
+            server = got
+            self.hold(server)
+        return self.send(server, data)
+
+    def send(self, server: Any, data: bytes) -> bool:
+        """Send the unit ``data`` (scanned by ``client``: ``u_*``) to ``server``, held now,
+        unless it needs settings or statements replayed there first (False)."""
+        transport = server.transport
+        replay = server.replay
+        if transport is None or server.closed or replay.to_close \
+                or server.settings != self.settings or server.answers.busy:
+            return False  # the general path replays what is needed on the server it holds
+        prepared: dict[bytes, bytes] = replay.prepared
+        bound = self.u_bound
+        if bound:
+            want = self.statements[bound][1]
+            have = prepared.get(bound)
+            if have is None or (have is not want and have != want):
+                return False  # to be prepared there first
+        conv = self.conv
+        assert conv is not None
+        try:
+            conv.feed_frontend(data, self.clock())
+        except ProtocolViolation as exc:
+            self.session.fail(exc)
+            return True
+        transport.write(data)
+        self.open_unit = False
+        self.fast_units += 1
+        if self.u_kind == _QUERY:  # a simple Query drops the unnamed statement
+            self.statements.pop(b"", None)
+            prepared.pop(b"", None)
+        elif self.u_parse:
+            self.statements[b""] = (self.u_text, self.u_parse)
+            prepared[b""] = self.u_parse
+        else:  # most recently used last (BackendReplay.bound)
+            msg = prepared.pop(bound)
+            prepared[bound] = msg
+            if len(prepared) - len(replay.to_close) > self.limit:
+                replay.bound((), self.limit)
+        return True
+
+    def send_parked(self, server: Any) -> bool:
+        """The server for the parked unit has come (held now): send it. False: the general
+        path must (``take_parked`` gives it the unit)."""
+        data = self.parked
+        if not data:
+            return True
+        if self.send(server, data):
+            self.parked = b""
+            return True
+        return False
+
+    def take_parked(self) -> bytes:
+        data = self.parked
+        self.parked = b""
+        return data
+
+    def hold(self, server: Any) -> None:
+        """``server`` is lent to this session (ServerConn.holder, without its setter)."""
+        server._holder = self.session
+        pump: PooledServerPump = server.pump
+        pump.fast = self
+        self.held = server
+
+    def take(self, server: Any) -> None:
+        """A hand-over: ``server`` is this waiting session's now; its parked unit goes."""
+        self.waiting = False
+        self.hold(server)
+        if not self.send_parked(server):
+            self.session.unpark()
+
+    # ------------------------------------------------------------------ server side
+    def answer(self, server: Any, data: bytes) -> bool:
+        """A chunk from ``server`` (the one this session holds): to the client as received
+        when nothing of it is to be swallowed or stripped; the server goes back when idle."""
+        if server is not self.held or not self.enabled:
+            return False
+        answers = server.answers
+        if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent) \
+                or answers.in_unit:
+            return False
+        conv = self.conv
+        assert conv is not None
+        transport = self.client_transport
+        if not transport.is_closing():
+            write = self.write_client
+            assert write is not None
+            write(data)
+        conv.feed_backend(data, self.clock())
+        if conv.busy or conv.tx_status != _IDLE or self.open_unit or self.pinned is not None \
+                or len(self.units):
+            return True
+        self.checkin(server)
+        return True
+
+    def checkin(self, server: Any) -> None:
+        """Give ``server`` back (clean: idle, nothing owed); the next waiter gets it."""
+        self.held = None
+        session = self.session
+        server._holder = None  # (ServerConn.holder, without its interpreted setter)
+        pump: PooledServerPump = server.pump
+        pump.fast = None
+        pool = self.pool
+        transport = server.transport
+        if server.cancels or server.closed or transport is None or transport.is_closing():
+            pool.checkin(session, server, True)  # the general rules (cancel, closed)
+            return
+        state = self.state
+        assert state is not None
+        handoffs, close = state.checkin(server, self.monotonic(), session)
+        if close:
+            server.close()
+        for h in handoffs:
+            # The common hand-over: a waiting session with a parked unit gets this server.
+            got = h.server
+            fast: PoolFast = h.client.fast
+            if isinstance(got, _Open) or h.evict is not None or not fast.enabled \
+                    or not fast.parked or len(fast.units):
+                pool.carry_out([h])
+            else:
+                fast.take(got)
+
+
+class PooledClientPump:
+    """The client transport's protocol of a ready pooled session: the fast path first, else
+    the session (``owner``), which also hears of everything else on the connection."""
+
+    def __init__(self, owner: Any, fast: PoolFast) -> None:
+        self.owner = owner
+        self.fast = fast
+
+    def data_received(self, data: bytes) -> None:
+        if self.fast.client(data):
+            return
+        self.owner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
+
+
+class PooledServerPump:
+    """A pooled server transport's protocol once logged in: its holder's fast path first,
+    else the server connection's own protocol (``owner``, a ServerConn). ``fast`` follows the
+    holder (set by ``ServerConn.holder``)."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.fast: PoolFast | None = None
+
+    def data_received(self, data: bytes) -> None:
+        fast = self.fast
+        if fast is not None and fast.answer(self.owner, data):
+            return
+        self.owner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_writing()
+
+
+class PooledRecorder(SessionRecorder):
+    """The client conversation's listener of a profiled pooled session: records each
+    statement natively; DEALLOCATE / DISCARD also go to the session (``statement_event``)."""
+
+    def __init__(self, profiler: Profiler, session: Any, info: SessionInfo,
+                 route: str = "primary") -> None:
+        super().__init__(profiler, session, info, route)
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
+                                    sqlstate, started, ended, self.route)
+        self._block(stmt, pending, started, ended)
+        if sqlstate is None:
+            if stmt is None:
+                if may_forget(pending.sql):
+                    self.session.statement_event(pending, index)
+            elif stmt.kind != KIND_READ and stmt.kind != KIND_WRITE \
+                    and stmt.shape.command in ("deallocate", "discard"):
+                self.session.statement_event(pending, index)
+
+
+class PooledListener(NativeListener):
+    """The listener of a pooled session that is not profiled."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        if sqlstate is None and may_forget(pending.sql):
+            self.session.statement_event(pending, index)
+
+    def parameter_status(self, name: str, value: str) -> None:
+        self.session.parameter_status(name, value)

@@ -1,0 +1,273 @@
+"""Replica routing for pooled sessions (``pool.mode = "transaction"`` with replicas).
+
+A pooled session borrows a server per transaction; with routing on, a unit that starts
+outside a transaction — the only moment a pooled session chooses a server — may borrow one
+from a *replica pool* instead of the primary's: one pool per (database, user, replica), the
+same lending rules, its servers logged in by the proxy (``routing.replica_login``: trust or
+``routing.passwords``). The decision is the routed session's (``routing.policy`` through
+``SessionRouting``): only units whose statements are provably read-only, never a pinned
+session, never a unit ended by Flush; read-your-writes as in the routed session — after a
+write, the session's reads wait for a replica that replayed the primary's position after it
+(``Router.lsn_after``), and in ``read_your_writes = "table"`` mode every session's reads of
+the tables written do. A replica pool that has no idle server and no free slot is not waited
+for: the unit goes to the primary.
+
+A replica unit runs alone and its answer is held back until its ReadyForQuery
+(``routing.answers``), so that when the replica proves it could not run it (a write in
+disguise, a recovery conflict, a shutdown) the unit is retried on the primary before the
+client has seen a byte of it; the conversation sees the unit only once it is released. Its
+server goes back to the replica pool as soon as the answer is complete.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from sqlproxy.errors import ConnectionFailure
+from sqlproxy.logs import get_logger
+from sqlproxy.routing.answers import DROP_CONNECTION, REPLICA_DOWN, Kind, should_retry
+from sqlproxy.routing.policy import RoutedStatement, Target
+from sqlproxy.routing.units import Unit
+
+if TYPE_CHECKING:
+    from sqlproxy.proxy.pooled import PooledSession, PoolIO, ServerConn
+    from sqlproxy.routing.answers import Event
+
+__all__ = ["after_primary", "deliver", "note_unit", "replica_failed", "replica_lost",
+           "replica_pool_for"]
+
+log = get_logger("sqlproxy.routing")
+_AUTH_PROBLEMS = ("password", "authentication", "28P01", "28000")
+
+
+def _statements(session: PooledSession, unit: Unit) -> list[RoutedStatement] | None:
+    """The unit's statements as the policy sees them (None: unknown, e.g. a Bind of a
+    statement the session does not know)."""
+    if unit.unknown:
+        return None
+    out: list[RoutedStatement] = []
+    texts = list(unit.queries)
+    parsed = set()
+    for name, sql, _ in unit.parses:
+        parsed.add(name)
+        texts.append(sql)
+    for name in unit.binds:
+        if name in parsed:
+            continue
+        known = session.replay.statements.get(name)
+        if known is None:
+            return None
+        texts.append(known[0])
+    for sql in texts:
+        out.extend(RoutedStatement(n.text, shape, n.hints)
+                   for n, shape in session.statements_nr(sql))
+    return out
+
+
+def note_unit(session: PooledSession, unit: Unit, in_transaction: bool) -> Target:
+    """The policy's decision for ``unit`` (noting the session's writes and pins): where it
+    may run."""
+    routing = session.routing
+    router = session.router
+    assert routing is not None and router is not None
+    stmts = _statements(session, unit)
+    was_pinned = routing.pinned
+    decision = routing.decide(stmts, in_transaction=in_transaction,
+                              transaction_on_replica=False,
+                              functions=router.functions(session.database))
+    if routing.pinned and not was_pinned:
+        router.note_pinned()
+    if decision is None:
+        return Target.PRIMARY
+    if decision.target is Target.PRIMARY and "volatile function" in decision.reason:
+        router.load_functions(session.database)  # maybe a function we do not know yet
+    if decision.target is Target.REPLICA and routing.table_mode and not decision.writes:
+        unit.tables = frozenset(t for st in stmts or () for t in st.shape.tables)
+    return decision.target
+
+
+def replica_pool_for(session: PooledSession, unit: Unit) -> PoolIO | None:
+    """The replica pool ``unit`` (starting outside a transaction) borrows from, or None: the
+    primary's. Only a pool that can lend or open a server now."""
+    router = session.router
+    routing = session.routing
+    assert router is not None and routing is not None
+    retry = session.retry_unit
+    if retry is unit:
+        session.retry_unit = None
+        note_unit(session, unit, in_transaction=False)
+        return None
+    if unit.open or unit.describe_only or session.pinned is not None:
+        note_unit(session, unit, in_transaction=False)
+        return None
+    if note_unit(session, unit, in_transaction=False) is not Target.REPLICA:
+        return None
+    horizon = routing.horizon
+    if unit.tables:
+        horizon = max(horizon, router.table_horizon(session.database, unit.tables))
+    min_lsn = None
+    if horizon:
+        min_lsn = router.lsn_after(horizon)
+        if min_lsn is None:
+            router.note_fallback()
+            return None
+    rep = router.choose(min_lsn, routing.excluded(time.monotonic()))
+    if rep is None:
+        router.note_fallback()
+        return None
+    pool = session.manager.replica_pool(session.database, session.user, rep)
+    st = pool.state
+    if st.waiters or not (st.idle or st.total < st.limits.size):
+        router.note_fallback()
+        return None  # every replica server is lent: the primary serves it
+    return pool
+
+
+def after_primary(session: PooledSession) -> None:
+    """The primary is idle outside a transaction: a write of the session sets its
+    read-your-writes horizon (and, in table mode, publishes the tables it wrote)."""
+    routing = session.routing
+    router = session.router
+    if routing is None or router is None or not routing.dirty:
+        return
+    written = routing.primary_idle(router.horizon())
+    if written:
+        router.note_writes(session.database, written, routing.horizon)
+
+
+def deliver(session: PooledSession, server: ServerConn, events: list[Event]) -> None:
+    """A replica server's answers (events of its ``Answers``)."""
+    for ev in events:
+        kind = ev.kind
+        if kind is Kind.DELIVER:
+            _to_client(session, server, ev.data)
+        elif kind is Kind.RELEASE:
+            _release(session, server)
+        elif kind is Kind.UNIT_DONE:
+            _unit_done(session, server)
+        elif kind is Kind.STREAM_DONE:
+            _finish(session, server)
+        elif kind is Kind.IDLE_ERROR:  # an idle replica server speaking: a shutdown FATAL
+            server.pool.discard(server, "server_error_while_idle")
+
+
+def _to_client(session: PooledSession, server: ServerConn, data: bytes) -> None:
+    t = session.client_transport
+    if t is not None and not t.is_closing():
+        t.write(data)
+    conv = session.conv
+    assert conv is not None
+    recorder = session.recorder
+    rep = server.pool.replica
+    if recorder is not None and rep is not None:
+        recorder.route = rep.name
+        conv.feed_backend(data, time.perf_counter())
+        recorder.route = "primary"
+    else:
+        conv.feed_backend(data, time.perf_counter())
+
+
+def _release(session: PooledSession, server: ServerConn) -> None:
+    """The held answer goes to the client (and the conversation sees the unit now)."""
+    unit = session.replica_unit
+    answers = server.answers
+    if unit is None or answers.hold is None:
+        return
+    held = answers.take_hold()
+    conv = session.conv
+    assert conv is not None
+    conv.feed_frontend(bytes(unit.data), unit.sent)
+    _to_client(session, server, held)
+
+
+def _unit_done(session: PooledSession, server: ServerConn) -> None:
+    unit = session.replica_unit
+    assert unit is not None
+    answers = server.answers
+    error = answers.error
+    replay_failed = answers.replay_failed
+    rep = server.pool.replica
+    if should_retry(error, replay_failed, unit.in_tx):
+        reason = f"error {error}" if error else "replay failed"
+        _finish(session, server, clean=not (replay_failed or error in DROP_CONNECTION))
+        router = session.router
+        routing = session.routing
+        assert router is not None and routing is not None and rep is not None
+        if error in REPLICA_DOWN:
+            router.mark_down(rep, reason)
+        rep.unit_retried()
+        log.info("routing_retry_on_primary", session=session.id, replica=rep.name,
+                 reason=reason)
+        routing.may_have_written()  # a write in disguise, maybe: read-your-writes
+        unit.open = False
+        session.retry_unit = unit
+        session.units.appendleft(unit)
+        return
+    _release(session, server)
+    _finish(session, server)
+
+
+def _finish(session: PooledSession, server: ServerConn, clean: bool = True) -> None:
+    """The replica unit is over: its server goes back to its pool at once when the session
+    is outside a transaction (the next unit is routed on its own)."""
+    rep = server.pool.replica
+    if session.replica_unit is not None and rep is not None:
+        rep.unit_finished()
+    session.replica_unit = None
+    server.answers.end_unit()
+    session.replica_done(server, clean)
+
+
+def replica_failed(session: PooledSession, pool: PoolIO, problem: str) -> None:
+    """A replica server could not be opened for ``session``: its reads go to the primary
+    (for a while, or for good when the replica refuses the user's login)."""
+    routing = session.routing
+    router = session.router
+    rep = pool.replica
+    if routing is None or router is None or rep is None:
+        return
+    if any(word in problem for word in _AUTH_PROBLEMS):
+        routing.no_replica = True
+        router.warn_once(f"auth:{session.user}", "replica_authentication_impossible",
+                         user=session.user, replica=rep.name, reason=problem,
+                         consequence="this user's reads stay on the primary")
+    else:
+        routing.connect_failed(rep.name, time.monotonic())
+        router.mark_down(rep, problem)
+
+
+def replica_lost(session: PooledSession, server: ServerConn, exc: Exception | None) -> None:
+    """The replica server ``session`` held is gone (the pool has taken it off its books). A
+    unit whose answer was still held back is retried on the primary; one already streaming,
+    or a transaction on the replica, cannot be: the client gets an error."""
+    rep = server.pool.replica
+    router = session.router
+    routing = session.routing
+    assert rep is not None and router is not None and routing is not None
+    unit = session.replica_unit
+    router.mark_down(rep, f"connection lost: {exc}" if exc else "connection lost")
+    conv = session.conv
+    if unit is not None:
+        held = server.answers.hold is not None
+        rep.unit_finished()
+        session.replica_unit = None
+        server.answers.end_unit()
+        if held and not unit.in_tx:
+            rep.unit_retried()
+            log.info("routing_retry_on_primary", session=session.id, replica=rep.name,
+                     reason="connection lost")
+            routing.may_have_written()
+            unit.open = False
+            session.retry_unit = unit
+            session.units.appendleft(unit)
+            session.pump()
+            return
+        session.fail(ConnectionFailure("replica connection lost in the middle of a statement",
+                                       detail=f"replica {rep.name}"))
+        return
+    if conv is not None and conv.tx_status != 73:  # 'I': a transaction on the replica
+        session.fail(ConnectionFailure("replica connection lost inside a transaction block",
+                                       detail=f"replica {rep.name}"))
+        return
+    session.pump()

@@ -376,24 +376,24 @@ def _merge_pool_value(have: Any, more: Any, key: str) -> Any:
 
 
 def merge_pools(per_worker: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One pool per (database, user) for the machine: each worker has its own pool with its
+    """One pool per (database, user, backend) for the machine: each worker has its own pool with its
     share of ``pool.size`` (see ``worker.share_pool``), so sizes, servers, clients, checkouts,
     opens and closes add up; the wait percentiles, the share of time all were busy and the
     uptime are the largest worker's (a pool that made clients wait on one worker did so on
     the machine); the peaks (``max_active``, per application) are summed, an upper bound of
     what was busy at once; pinned clients are listed from every worker."""
     out: list[dict[str, Any]] = []
-    index: dict[tuple[Any, Any], dict[str, Any]] = {}
+    index: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
     for pools in per_worker:
         for pool in pools:
-            key = (pool.get("database"), pool.get("user"))
+            key = (pool.get("database"), pool.get("user"), pool.get("backend", "primary"))
             have = index.get(key)
             if have is None:
                 index[key] = dict(pool, workers=1)
                 out.append(index[key])
                 continue
             for k, v in pool.items():
-                if k not in ("database", "user"):
+                if k not in ("database", "user", "backend"):
                     have[k] = _merge_pool_value(have[k], v, k) if k in have else v
             have["workers"] = int(have.get("workers", 1)) + 1
     return out

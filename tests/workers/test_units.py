@@ -88,8 +88,10 @@ def test_pools_merge_over_workers() -> None:
          "servers_closed": {"lifetime": 2, "idle_timeout": 1}, "pinned_clients": [],
          "max_active_by_application": {"web": 1, "jobs": 1}}
     other = dict(a, user="v")
-    merged = merge_pools([[a, other], [b]])
-    assert [(p["database"], p["user"]) for p in merged] == [("d", "u"), ("d", "v")]
+    replica = dict(a, backend="replica1")
+    merged = merge_pools([[a, other, replica], [b]])
+    assert [(p["database"], p["user"], p.get("backend")) for p in merged] == [
+        ("d", "u", None), ("d", "v", None), ("d", "u", "replica1")]
     m = merged[0]
     assert m["workers"] == 2 and m["size"] == 4 and m["servers"] == 3 and m["checkouts"] == 15
     assert m["wait_ms"] == {"max": 9.0, "p50": 1.0, "p99": 8.0}

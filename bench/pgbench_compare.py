@@ -627,6 +627,13 @@ def find_pgbouncer(install: bool) -> str:
     return found
 
 
+def pgbouncer_version(path: str) -> tuple[int, ...]:
+    """(major, minor) of a pgbouncer executable, () if it does not say."""
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=False)
+    m = re.search(r"PgBouncer (\d+)\.(\d+)", out.stdout + out.stderr)
+    return (int(m.group(1)), int(m.group(2))) if m else ()
+
+
 def find_pgbench() -> str:
     with contextlib.suppress(pg.PgHarnessError):
         candidate = pg.find_pg_bindir() / "pgbench"
@@ -788,6 +795,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="write all raw figures as JSON to FILE",
     )
     parser.add_argument(
+        "--pgbouncer",
+        default=None,
+        metavar="PATH",
+        help="the pgbouncer executable (default: on PATH or Debian's); from 1.21 on, its "
+        "max_prepared_statements is set to 200 so that -M prepared can be compared",
+    )
+    parser.add_argument(
         "--no-install",
         action="store_true",
         help="do not apt-get install pgbouncer when it is missing",
@@ -832,10 +846,11 @@ class Bench:
             find_sqlproxy() if SQLPROXY_TARGETS & set(self.target_keys) else ""
         )
         self.pgbouncer = (
-            find_pgbouncer(install=not self.args.no_install)
+            (self.args.pgbouncer or find_pgbouncer(install=not self.args.no_install))
             if PGBOUNCER in self.target_keys
             else ""
         )
+        self.pgbouncer_version = pgbouncer_version(self.pgbouncer) if self.pgbouncer else ()
         self.workload = Workload(self.pgbench, self.args.clients, self.args.jobs,
                                  self.args.connect)
 
@@ -941,6 +956,9 @@ class Bench:
             "ignore_startup_parameters = extra_float_digits\n"
             f"admin_users = {DB_USER}\n"
             f"logfile = {logfile}\n"
+            # Named prepared statements in transaction mode (PgBouncer >= 1.21); as many per
+            # server connection as sqlproxy keeps (pool.max_prepared_per_server).
+            + ("max_prepared_statements = 200\n" if self.pgbouncer_version >= (1, 21) else "")
         )
         for path in (userlist, ini):
             _chown_to(path, self.os_user, 0o600)

@@ -453,5 +453,6 @@ def test_transaction_pools_shared_across_workers(serve_workers: Callable[..., Se
     assert pool["workers"] == 2 and pool["size"] == 4
     assert pool["servers"] <= 4 and pool["checkouts"] >= 240
     assert pool["advice"]
-    assert f'sqlproxy_pool_size{{database="{db}"' in served.api("/metrics")
+    assert f'sqlproxy_pool_size{{backend="primary",database="{db}",user="postgres"}} 4.0' \
+        in served.api("/metrics")
     assert served.stop() == 0

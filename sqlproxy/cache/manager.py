@@ -83,7 +83,7 @@ class UnitWrites:
 
     tables: frozenset[str]  # written (ALL: unknown); empty for a read
     settings: tuple[str, ...]  # SET / RESET / set_config texts: they change the key
-    session_state: bool  # temporary tables and the like: the session is no longer cached
+    session_state: bool  # a temporary table: the session is no longer cached
     ddl: bool  # the catalog must be read again after it commits
     reset: bool  # RESET ALL / DISCARD ALL: the session's settings are the defaults again
 
@@ -219,15 +219,16 @@ class ResultCache:
                 st = RoutedStatement(text, shape, hints)
                 stmts.append(st)
                 why = pin_reason(st)
-                if shape.kind is _K.SET or (why is not None and why.startswith("function")):
+                if (shape.kind is _K.SET and shape.command == "reset"
+                        and text.endswith(" all")) or (
+                        shape.kind is _K.UTILITY and shape.command == "discard"
+                        and text.endswith(" all")):
+                    reset = True  # back to the defaults: what came before no longer counts
+                    settings.clear()
+                elif shape.kind is _K.SET or (why is not None and why.startswith("function")):
                     settings.append(sql)
-                    if shape.command == "reset" and text.endswith(" all"):
-                        reset = True
-                elif shape.kind is _K.UTILITY and shape.command == "discard":
-                    reset = True
-                    settings.append(sql)
-                if (why is not None and not why.startswith("function")) or shape.session_state:
-                    session_state = True
+                if why == "temporary table":
+                    session_state = True  # it may shadow a table: the key cannot tell
                 if shape.kind is _K.DDL:
                     ddl = True
         written = written_tables(stmts, self.functions(database))

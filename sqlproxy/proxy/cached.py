@@ -307,7 +307,7 @@ class CachedSession(ClientSession):
             else:
                 sqls.append(bound[: bound.index(0)].decode("utf-8", "replace"))
         w = self.cache.writes(self.database, sqls, known)
-        if w.settings:
+        if w.settings or w.reset:
             if w.reset:
                 self.sets.clear()
             self.sets.extend(w.settings)

@@ -24,12 +24,13 @@ def table(pg_primary: pg.PgCluster) -> Iterator[str]:
         conn.execute(f"INSERT INTO {name} SELECT g, 'v' || g FROM generate_series(1, 10) g")
     yield name
     with psycopg.connect(pg_primary.dsn(), autocommit=True) as conn:
+        conn.execute("SET lock_timeout = '10s'")
         conn.execute(f"DROP TABLE IF EXISTS {name} CASCADE")
 
 
 @pytest.fixture
-def cache_proxy(make_proxy: Callable[..., ProxyThread],
-                table: str) -> Callable[..., ProxyThread]:
+def cache_proxy(table: str,
+                make_proxy: Callable[..., ProxyThread]) -> Callable[..., ProxyThread]:
     """A proxy with a table rule on ``table`` (ttl 300 s unless given), catalog loaded."""
 
     def make(ttl_s: float = 300.0, **cache: Any) -> ProxyThread:

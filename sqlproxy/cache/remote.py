@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlproxy.cache.store import ALL, Stats
 from sqlproxy.config import CacheSection, redact_url
+from sqlproxy.extras import require
 from sqlproxy.logs import get_logger
 
 __all__ = ["RedisStore"]
@@ -74,6 +75,7 @@ class RedisStore:
     """See the module docstring."""
 
     def __init__(self, config: CacheSection, stats: Stats) -> None:
+        require("redis", "cache.url (the Redis store of the result cache)")
         import redis.asyncio as aioredis
 
         self.config = config

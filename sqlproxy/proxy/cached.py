@@ -85,7 +85,7 @@ class _Rec:
 
     __slots__ = ("answer", "async_msg", "collect", "commit", "error", "hit", "hold", "idle",
                  "key", "open", "parsed", "plan", "rollback", "since", "started", "strip_parse",
-                 "strip_rfq", "writes")
+                 "strip_rfq", "unsure", "writes")
 
     def __init__(self, started: float) -> None:
         self.started = started
@@ -106,6 +106,7 @@ class _Rec:
         self.async_msg = False
         self.idle = True  # sent while the session was idle
         self.parsed: tuple[bytes, ...] = ()  # named statements it parses
+        self.unsure = False  # the session may not be idle after it (_predicted_idle)
 
 
 class CachedSession(ClientSession):
@@ -134,6 +135,8 @@ class CachedSession(ClientSession):
         self.tx_ddl = False
         self.waiting = False  # a remote lookup or an invalidation is in flight
         self.paused = False  # server bytes wait for an invalidation in flight
+        self.owed_unsure = 0  # records after which the session may not be idle
+        self.owed_writes = 0  # records that may write
 
     # ------------------------------------------------------------------ startup hand-over
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
@@ -200,8 +203,7 @@ class CachedSession(ClientSession):
             return False
         if not self.recs:
             return conv.tx_status == _IDLE
-        return all(r.idle and (r.hit is not None or r.plan is not None) for r in self.recs) \
-            and conv.tx_status == _IDLE
+        return self.owed_unsure == 0 and conv.tx_status == _IDLE
 
     def _dispatch(self, unit: Unit) -> None:
         if self.open_rec is not None:
@@ -268,7 +270,7 @@ class CachedSession(ClientSession):
                     self.stale_unnamed = msg
         rec.hit = value
         self.conv.feed_frontend(bytes(unit.data), rec.started)  # type: ignore[union-attr]
-        self.recs.append(rec)
+        self._owe(rec)
         if len(self.recs) == 1:
             self._flush_hits()
 
@@ -317,12 +319,14 @@ class CachedSession(ClientSession):
         if w.ddl:
             self.tx_ddl = True
         if continued:
+            if w.tables and not rec.writes:
+                self.owed_writes += 1
             rec.writes = rec.writes | w.tables
             rec.hold = rec.hold or bool(w.tables)
         else:
             rec.writes = w.tables
             rec.hold = bool(w.tables) or bool(self.tx_writes) \
-                or any(r.writes for r in self.recs)
+                or self.owed_writes > 0
         if unit.open or unit.describe_only:
             if unit.describe_only and not continued and not self.recs \
                     and self.conv is not None and self.conv.tx_status == _IDLE:
@@ -338,7 +342,24 @@ class CachedSession(ClientSession):
             self.open_rec = None
         self._write_server(data)
         if not continued:
-            self.recs.append(rec)
+            self._owe(rec)
+
+    def _owe(self, rec: _Rec) -> None:
+        """Queue a record (the counters keep _predicted_idle O(1) when clients pipeline)."""
+        self.recs.append(rec)
+        if not (rec.idle and (rec.hit is not None or rec.plan is not None)) or rec.open:
+            rec.unsure = True
+            self.owed_unsure += 1
+        if rec.writes:
+            self.owed_writes += 1
+
+    def _paid(self) -> _Rec:
+        rec = self.recs.popleft()
+        if rec.unsure:
+            self.owed_unsure -= 1
+        if rec.writes:
+            self.owed_writes -= 1
+        return rec
 
     # ------------------------------------------------------------------ server side
     def _server_data(self, data: bytes) -> None:
@@ -393,7 +414,7 @@ class CachedSession(ClientSession):
                 self._pass(buf, start, pos if rec.strip_rfq else end, rec)
                 conv.feed_backend(bytes(buf[start:end]), _perf())
                 start = pos = end
-                self.recs.popleft()
+                self._paid()
                 waiting = self._finished(rec, status)
                 if waiting is not None:
                     self.paused = True
@@ -509,7 +530,7 @@ class CachedSession(ClientSession):
         conv = self.conv
         t = self.client_transport
         while recs and recs[0].hit is not None and not self.paused:
-            rec = recs.popleft()
+            rec = self._paid()
             value = rec.hit
             assert value is not None
             now = _perf()

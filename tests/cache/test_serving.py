@@ -98,3 +98,30 @@ def test_named_statement_then_unnamed_after_hit(cache_proxy: Callable[..., Proxy
     assert raw.until_ready() == m
     assert totals(p)["hits"] == hits + 1
     raw.close()
+
+
+def test_store_within_max_bytes_under_100000_distinct_keys(
+        cache_proxy: Callable[..., ProxyThread], table: str) -> None:
+    """100,000 distinct covered reads through one session (pipelined Bind/Execute/Sync of
+    one statement with 100,000 parameter values): the store never holds more than
+    cache.max_bytes, evicting the least recently used."""
+    from tests.cache.conftest import cache_of
+
+    max_bytes = 1024 * 1024
+    p = cache_proxy(max_bytes=max_bytes, max_entry_bytes=4096)
+    cache = cache_of(p)
+    raw = Raw(p)
+    raw.send(parse(f"SELECT v FROM {table} WHERE id = $1", types=(23,)) + SYNC)
+    raw.until_ready()
+    peak = 0
+    batch = 5000
+    for start in range(0, 100_000, batch):
+        raw.send(b"".join(bind([str(i).encode()]) + EXECUTE + SYNC
+                          for i in range(start, start + batch)))
+        raw.until_ready(batch)
+        peak = max(peak, int(p.call(lambda: cache.store.bytes)))
+    t = totals(p)
+    assert t["misses"] == 100_000 and t["stores"] == 100_000
+    assert peak <= max_bytes
+    assert t["evictions"] > 90_000 and t["bytes"] <= max_bytes
+    raw.close()

@@ -111,6 +111,7 @@ class ResultCache:
         self.invalidations = 0  # committed writes that dropped entries (or would have)
         self.not_cached: dict[str, int] = {}  # why covered units could not be cached
         self.catalog_errors = 0
+        self.generation = 0  # bumped when plans may change (sessions' memos follow)
         self._expiry: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -142,6 +143,7 @@ class ResultCache:
         if self.remote is not None:
             self.remote.config = config.cache
         self._plans.clear()
+        self.generation += 1
         self._policies.clear()
 
     async def _expire_loop(self) -> None:
@@ -258,6 +260,7 @@ class ResultCache:
     def committed(self, database: str, ddl: bool) -> None:
         if ddl:
             self._plans.clear()
+            self.generation += 1
             self._writes.clear()
             self.load_catalog(database, min_interval=0.0)
 
@@ -332,6 +335,7 @@ class ResultCache:
             loaded=True)
         self._policies.pop(database, None)
         self._plans.clear()
+        self.generation += 1
         self._writes.clear()
 
     # ------------------------------------------------------------------ admin view

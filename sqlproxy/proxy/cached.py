@@ -78,6 +78,7 @@ _NOTIFICATION = 65  # 'A'
 _READY_IDLE = b"Z\x00\x00\x00\x05I"
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 _MAX_SERVER_MESSAGE = (1 << 30) + (1 << 20)
+_MEMO_SIZE = 512  # units remembered per session (_plan)
 
 
 class _Rec:
@@ -137,6 +138,8 @@ class CachedSession(ClientSession):
         self.paused = False  # server bytes wait for an invalidation in flight
         self.owed_unsure = 0  # records after which the session may not be idle
         self.owed_writes = 0  # records that may write
+        self._memo: dict[bytes, tuple[Plan | None, bytes, bytes | None]] = {}
+        self._memo_gen = -1
 
     # ------------------------------------------------------------------ startup hand-over
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
@@ -160,6 +163,7 @@ class CachedSession(ClientSession):
             super().backend_startup_data(backend, data)
 
     def _settings_changed(self) -> None:
+        self._memo.clear()
         startup = self.startup.parameters if self.startup is not None else {}
         self.digest = settings_digest(self.parameters, startup, self.sets)
 
@@ -210,35 +214,31 @@ class CachedSession(ClientSession):
             self._forward(unit, self.open_rec, continued=True)
             return
         plan = None
-        canon = None
+        key = b""
+        unnamed: bytes | None = None
         idle = self._predicted_idle()
         if idle and not self.cache_off and not unit.unknown and not unit.open \
                 and not unit.describe_only:
-            canon = canonical_unit(unit.data, self.named, self.unnamed)
-            if canon is not None:
-                plan = self.cache.judge(self.database, canon)
+            plan, key, unnamed = self._plan(unit)
         rec = _Rec(_perf())
         rec.idle = idle
-        if plan is None or canon is None:
+        if plan is None:
             self._forward(unit, rec)
             return
-        key = entry_key(self.database, self.user, self.digest, canon.data)
         rec.plan = plan
         rec.key = key
         remote = self.cache.remote
         if remote is None:
             entry = self.cache.store.get(key, _mono())
-            self._looked_up(unit, rec, entry.value if entry is not None else None,
-                            canon.parses_unnamed)
+            self._looked_up(unit, rec, entry.value if entry is not None else None, unnamed)
             return
         if not remote.available():
             remote.skipped += 1
-            self._looked_up(unit, rec, None, canon.parses_unnamed)
+            self._looked_up(unit, rec, None, unnamed)
             return
         self.waiting = True
         task = asyncio.get_running_loop().create_task(
             remote.get(key, self.database, plan.tables))
-        unnamed = canon.parses_unnamed
 
         def done(t: asyncio.Task[tuple[bytes | None, Any]]) -> None:
             self.waiting = False
@@ -250,6 +250,32 @@ class CachedSession(ClientSession):
             self._pump()
 
         task.add_done_callback(done)
+
+    def _plan(self, unit: Unit) -> tuple[Plan | None, bytes, bytes | None]:
+        """(plan, key, the unnamed statement it parses) of a unit, memoized by its bytes
+        while the session's settings, statements and the cache's plans stay the same."""
+        memo = self._memo
+        gen = self.cache.generation
+        if self._memo_gen != gen:
+            memo.clear()
+            self._memo_gen = gen
+        data = bytes(unit.data)
+        found = memo.get(data)
+        if found is not None:
+            return found
+        plan = None
+        key = b""
+        unnamed = None
+        canon = canonical_unit(data, self.named, self.unnamed)
+        if canon is not None:
+            plan = self.cache.judge(self.database, canon)
+            if plan is not None:
+                key = entry_key(self.database, self.user, self.digest, canon.data)
+                unnamed = canon.parses_unnamed
+        if len(memo) >= _MEMO_SIZE:
+            memo.clear()
+        memo[data] = (plan, key, unnamed)
+        return plan, key, unnamed
 
     def _looked_up(self, unit: Unit, rec: _Rec, value: bytes | None,
                    parses_unnamed: bytes | None) -> None:
@@ -264,6 +290,8 @@ class CachedSession(ClientSession):
         # A hit: the client's unnamed statement is now the one this unit parsed, which the
         # server has not seen (parsed again before a unit that uses it, see _forward).
         if parses_unnamed is not None:
+            if self.unnamed != parses_unnamed:
+                self._memo.clear()
             self.unnamed = parses_unnamed
             for name, _, msg in unit.parses:
                 if not name:
@@ -276,18 +304,24 @@ class CachedSession(ClientSession):
 
     def _forward(self, unit: Unit, rec: _Rec, continued: bool = False) -> None:
         data: bytes | bytearray = unit.data
+        before = self.unnamed
         for name, _sql, msg in unit.parses:
             ident = statement_identity(msg)
             if name:
                 self.named[name] = ident
                 rec.parsed += (name,)
+                self._memo.clear()
             else:
                 self.unnamed = ident
+        if unit.closes:
+            self._memo.clear()
         for name in unit.closes:
             self.named.pop(name, None)
         if unit.has_query:
             self.unnamed = None
             self.stale_unnamed = None
+        if self.unnamed != before:
+            self._memo.clear()
         stale = self.stale_unnamed
         if stale is not None and binds_unnamed_first(data):
             data = stale + data  # the server's unnamed statement is the client's again

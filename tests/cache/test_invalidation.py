@@ -227,3 +227,39 @@ def test_bad_config_names_the_key(bad: dict[str, object]) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, {"cache": bad}, environ={})
     assert "cache" in str(info.value)
+
+
+def test_rules_reload_live(cache_proxy: Callable[..., ProxyThread], table: str,
+                           tmp_path: object, pg_primary: pg.PgCluster) -> None:
+    """SIGHUP's reload: rules change for the next statements; turning the cache off needs a
+    restart (the running cache is kept, and said so)."""
+    from pathlib import Path
+
+    p = cache_proxy()
+    rt = p.runtime
+    assert rt is not None
+    cfg = Path(str(tmp_path)) / "sqlproxy.toml"
+    base = (f'[proxy]\nlisten = "127.0.0.1:{p.port}"\nprimary = "{pg_primary.dsn()}"\n'
+            '[admin]\nlisten = "127.0.0.1:0"\n[state]\nenabled = false\n')
+    q = f"SELECT v FROM {table} WHERE id = 8"
+    with psycopg.connect(p.dsn(), autocommit=True) as conn:
+        conn.execute(q).fetchone()
+        conn.execute(q).fetchone()
+        assert totals(p)["hits"] == 1
+        cfg.write_text(base + '[[cache.rules]]\ntable = "nothing_here"\nttl_s = 5\n')
+        p.call(lambda: setattr(rt, "config_path", str(cfg)))
+        assert p.call(rt.reload)
+        conn.execute(q).fetchone()
+        conn.execute(q).fetchone()
+        assert totals(p)["hits"] == 1 and totals(p)["misses"] == 1  # no longer covered
+        cfg.write_text(base + f'[[cache.rules]]\ntable = "{table}"\nttl_s = 5\n'
+                       '[cache]\nmax_bytes = 2048\nmax_entry_bytes = 1024\n')
+        assert p.call(rt.reload)
+        conn.execute(q).fetchone()
+        conn.execute(q).fetchone()
+        assert totals(p)["hits"] == 2
+        assert cache_of(p).store.max_bytes == 2048
+        cfg.write_text(base)  # no [cache] at all: kept until a restart
+        assert p.call(rt.reload)
+        conn.execute(q).fetchone()
+        assert totals(p)["hits"] == 3

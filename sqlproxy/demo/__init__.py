@@ -94,6 +94,9 @@ async def _run(args: Any) -> int:
                       f"{'on' if replica else 'off'}), admin on http://{cfg.admin.listen}/")
         fallbacks_before = await _workload(console, url, replica, runtime)
         print_report(console, runtime, cfg, DEMO_DATABASE, fallbacks_before)
+        from sqlproxy.demo.cache import cache_scene
+
+        await cache_scene(console, primary.dsn(), DEMO_DATABASE)
         console.print(f"\nDashboard: [bold]http://{cfg.admin.listen}/[/bold]    "
                       f"psql: [bold]psql {url}[/bold]")
         if not args.exit:

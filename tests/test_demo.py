@@ -118,6 +118,11 @@ def test_demo_end_to_end() -> None:
     assert "insert" in rows["primary"], context
     assert "read-your-writes" in routes, context
 
+    # The result cache's scene: a rule at work, and a write through the proxy invalidating.
+    cache = re.search(r"ran 8 times, (\d+) sent to PostgreSQL and (\d+) answered by sqlproxy",
+                      " ".join(report.split()))
+    assert cache and int(cache.group(2)) > 0, context
+
     # Everything it started is stopped and removed.
     for port in (listen, admin, *pg_ports):
         assert not _accepting(port), f"port {port} still accepting after the demo{context}"

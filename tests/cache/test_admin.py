@@ -41,3 +41,35 @@ def test_api_cache_off(proxy: ProxyThread) -> None:
     assert proxy.runtime is not None and proxy.runtime.admin is not None
     out = httpx.get(f"http://127.0.0.1:{proxy.runtime.admin.port}/api/cache").json()
     assert out == {"enabled": False}
+
+
+def test_dashboard_cache_panel(cache_proxy: Callable[..., ProxyThread], table: str) -> None:
+    """The dashboard's result-cache panel in a real headless Chromium."""
+    from tests.admin.test_dashboard import CHROMEDRIVER, CHROMIUM, wait_for
+
+    if not CHROMIUM or not CHROMEDRIVER:
+        import pytest
+
+        pytest.skip("headless Chromium not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    p = cache_proxy()
+    assert p.runtime is not None and p.runtime.admin is not None
+    with psycopg.connect(p.dsn(), autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute(f"SELECT v FROM {table} WHERE id = 1").fetchone()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(f"http://127.0.0.1:{p.runtime.admin.port}/")
+        wait_for(driver, "return document.body.dataset.loaded === 'true'")
+        assert driver.execute_script("return document.getElementById('cache').hidden") is False
+        text = driver.find_element("id", "cache").text
+        assert f"table:{table}" in text and "66.7 %" in text, text
+        assert "bounded by the TTL only" in text
+    finally:
+        driver.quit()

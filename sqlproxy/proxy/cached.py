@@ -79,6 +79,7 @@ _READY_IDLE = b"Z\x00\x00\x00\x05I"
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 _MAX_SERVER_MESSAGE = (1 << 30) + (1 << 20)
 _MEMO_SIZE = 512  # units remembered per session (_plan)
+_MEMO_UNIT_BYTES = 4096  # ... when no larger than this
 
 
 class _Rec:
@@ -272,9 +273,10 @@ class CachedSession(ClientSession):
             if plan is not None:
                 key = entry_key(self.database, self.user, self.digest, canon.data)
                 unnamed = canon.parses_unnamed
-        if len(memo) >= _MEMO_SIZE:
-            memo.clear()
-        memo[data] = (plan, key, unnamed)
+        if len(data) <= _MEMO_UNIT_BYTES:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[data] = (plan, key, unnamed)
         return plan, key, unnamed
 
     def _looked_up(self, unit: Unit, rec: _Rec, value: bytes | None,

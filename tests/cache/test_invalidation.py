@@ -263,3 +263,34 @@ def test_rules_reload_live(cache_proxy: Callable[..., ProxyThread], table: str,
         assert p.call(rt.reload)
         conn.execute(q).fetchone()
         assert totals(p)["hits"] == 3
+
+
+def test_copy_function_and_ddl_invalidate(cache_proxy: Callable[..., ProxyThread],
+                                          table: str, pg_primary: pg.PgCluster) -> None:
+    fn = unique_name("cache_bump")
+    with psycopg.connect(pg_primary.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE FUNCTION {fn}() RETURNS int LANGUAGE sql AS "
+                     f"$$ UPDATE {table} SET v = 'bumped' WHERE id = 1 RETURNING 1 $$")
+    try:
+        p = cache_proxy()
+        q = f"SELECT v FROM {table} WHERE id = 1"
+        count = f"SELECT count(*) FROM {table}"
+        with psycopg.connect(p.dsn(), autocommit=True) as conn:
+            assert conn.execute(count).fetchone() == (10,)
+            with conn.cursor().copy(f"COPY {table} (id, v) FROM STDIN") as copy:
+                copy.write_row((11, "copied"))
+            assert conn.execute(count).fetchone() == (11,)  # COPY FROM invalidated it
+            assert conn.execute(q).fetchone() == ("v1",)
+            assert conn.execute(q).fetchone() == ("v1",)
+            hits = totals(p)["hits"]
+            conn.execute(f"SELECT {fn}()")  # a function not known read-only: every table
+            assert conn.execute(q).fetchone() == ("bumped",)
+            assert totals(p)["hits"] == hits
+            star = f"SELECT * FROM {table} WHERE id = 1"
+            assert conn.execute(star).fetchone() == (1, "bumped")
+            assert conn.execute(star).fetchone() == (1, "bumped")  # a hit
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN extra int DEFAULT 7")
+            assert conn.execute(star).fetchone() == (1, "bumped", 7)
+    finally:
+        with psycopg.connect(pg_primary.dsn(), autocommit=True) as conn:
+            conn.execute(f"DROP FUNCTION IF EXISTS {fn}()")

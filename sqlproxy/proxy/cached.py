@@ -77,6 +77,8 @@ _NOTICE = 78  # 'N'
 _NOTIFICATION = 65  # 'A'
 _READY_IDLE = b"Z\x00\x00\x00\x05I"
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
+#: CopyInResponse, CopyOutResponse, CopyBothResponse, CopyData, CopyDone from the server.
+_COPY_ANSWERS = frozenset({ord("G"), ord("H"), ord("W"), ord("d"), ord("c")})
 _MAX_SERVER_MESSAGE = (1 << 30) + (1 << 20)
 _MEMO_SIZE = 512  # units remembered per session (_plan)
 _MEMO_UNIT_BYTES = 4096  # ... when no larger than this
@@ -358,7 +360,6 @@ class CachedSession(ClientSession):
             if w.tables and not rec.writes:
                 self.owed_writes += 1
             rec.writes = rec.writes | w.tables
-            rec.hold = rec.hold or bool(w.tables)
         else:
             rec.writes = w.tables
             rec.hold = bool(w.tables) or bool(self.tx_writes) \
@@ -376,6 +377,12 @@ class CachedSession(ClientSession):
                 self.open_rec = rec
         elif continued:
             self.open_rec = None
+        if rec.open:
+            # The client waits for answers before it sends the rest (up to the Sync that
+            # ends the transaction): nothing can be held until then.
+            rec.hold = False
+        elif continued:
+            rec.hold = bool(rec.writes) or bool(self.tx_writes) or self.owed_writes > 0
         self._write_server(data)
         if not continued:
             self._owe(rec)
@@ -442,6 +449,14 @@ class CachedSession(ClientSession):
                         rec.collect = None
                     else:
                         rec.collect += buf[pos:end]
+                if typ in _COPY_ANSWERS and rec.hold:
+                    # The client needs these to go on with the COPY: pass them (and what
+                    # was held before them); the CommandComplete and ReadyForQuery after
+                    # the COPY stay held until the invalidation.
+                    self._release(buf, start, end)
+                    conv.feed_backend(bytes(buf[start:end]), _perf())
+                    start = pos = end
+                    continue
                 if typ != _Z:
                     pos = end
                     continue
@@ -485,6 +500,15 @@ class CachedSession(ClientSession):
             held.clear()
         else:
             t.write(bytes(buf[start:end]))
+
+    def _release(self, buf: bytearray, start: int, end: int) -> None:
+        """Deliver what is held and ``buf[start:end]`` now."""
+        held = self._held
+        held += buf[start:end]
+        t = self.client_transport
+        if t is not None and not t.is_closing():
+            t.write(bytes(held))
+        held.clear()
 
     def _parameter(self, buf: bytearray, pos: int, end: int) -> None:
         k, _, v = bytes(buf[pos + 5 : end - 1]).partition(b"\x00")

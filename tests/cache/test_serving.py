@@ -114,7 +114,9 @@ def test_store_within_max_bytes_under_100000_distinct_keys(
     raw.send(parse(f"SELECT v FROM {table} WHERE id = $1", types=(23,)) + SYNC)
     raw.until_ready()
     peak = 0
-    batch = 5000
+    # Small enough that the answers to one batch fit the socket buffers while the batch is
+    # still being sent (this client does not read while it writes).
+    batch = 500
     for start in range(0, 100_000, batch):
         raw.send(b"".join(bind([str(i).encode()]) + EXECUTE + SYNC
                           for i in range(start, start + batch)))

@@ -294,3 +294,23 @@ def test_copy_function_and_ddl_invalidate(cache_proxy: Callable[..., ProxyThread
     finally:
         with psycopg.connect(pg_primary.dsn(), autocommit=True) as conn:
             conn.execute(f"DROP FUNCTION IF EXISTS {fn}()")
+
+
+def test_pipelined_writes_and_reads(cache_proxy: Callable[..., ProxyThread],
+                                    table: str) -> None:
+    """psycopg's pipeline mode (Flush-ended units, answers read before the Sync): writes
+    and covered reads interleaved, nothing stale, nothing stuck."""
+    p = cache_proxy()
+    q = f"SELECT v FROM {table} WHERE id = %s"
+    with psycopg.connect(p.dsn(), autocommit=True) as conn:
+        assert conn.execute(q, (1,), prepare=False).fetchone() == ("v1",)
+        with conn.pipeline() as pipe:
+            conn.execute(f"UPDATE {table} SET v = 'piped' WHERE id = 1")
+            cur = conn.execute(q, (1,), prepare=False)
+            pipe.sync()
+            assert cur.fetchone() == ("piped",)
+            conn.execute(f"UPDATE {table} SET v = 'piped again' WHERE id = 1")
+            cur = conn.execute(q, (1,), prepare=False)
+            assert cur.fetchone() == ("piped again",)  # read before any Sync: a Flush
+        assert conn.execute(q, (1,), prepare=False).fetchone() == ("piped again",)
+        assert conn.execute(q, (1,), prepare=False).fetchone() == ("piped again",)

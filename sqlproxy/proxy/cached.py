@@ -462,7 +462,9 @@ class CachedSession(ClientSession):
                     continue
                 # ReadyForQuery: the record is answered.
                 status = buf[pos + 5]
-                self._pass(buf, start, pos if rec.strip_rfq else end, rec)
+                self._pass(buf, start, pos, rec)
+                if not rec.strip_rfq:  # the ReadyForQuery itself always waits for _finished
+                    self._held += buf[pos:end]
                 conv.feed_backend(bytes(buf[start:end]), _perf())
                 start = pos = end
                 self._paid()

@@ -10,7 +10,7 @@ VENV="$REPO_ROOT/.venv"
 VENV_BIN="$VENV/bin"
 # chromium + chromium-driver: the dashboard's browser test (tests/admin/test_dashboard.py);
 # curl + jq: the README's examples, which tests/test_readme.py runs.
-SYSTEM_PACKAGES=(postgresql-15 postgresql-contrib pgbouncer
+SYSTEM_PACKAGES=(postgresql-15 postgresql-contrib pgbouncer redis-server
                  chromium chromium-driver fonts-dejavu-core curl jq)
 
 log() { printf '==> %s\n' "$*" >&2; }

@@ -285,6 +285,74 @@ class PoolSection(_Section):
         return self
 
 
+class CacheRule(_Section):
+    """One ``[[cache.rules]]`` entry: the statements it covers and how long their results live."""
+
+    fingerprint: str | None = Field(None, min_length=1)  # a statement id, as the admin API shows
+    table: str | None = Field(None, min_length=1)  # every cacheable read of this table
+    ttl_s: float = Field(..., gt=0, le=86_400 * 30)
+    name: str | None = Field(None, min_length=1, max_length=200)  # in the admin view
+
+    @model_validator(mode="after")
+    def _check_target(self) -> CacheRule:
+        if (self.fingerprint is None) == (self.table is None):
+            raise ValueError("give exactly one of fingerprint or table")
+        return self
+
+    @field_validator("table")
+    @classmethod
+    def _v_table(cls, value: str | None) -> str | None:
+        return value.strip().strip('"').lower() if value is not None else None
+
+    @property
+    def label(self) -> str:
+        """How the rule is named in statistics."""
+        if self.name:
+            return self.name
+        if self.table is not None:
+            return f"table:{self.table}"
+        return f"fingerprint:{self.fingerprint}"
+
+
+class CacheSection(_Section):
+    """The result cache (docs/cache.md). On when a rule exists, or ``enabled = true`` (for
+    ``/* sqlproxy:cache ttl=N */`` hints alone); turning it on or off needs a restart, the
+    rest is reloadable (SIGHUP)."""
+
+    enabled: bool = False
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_entry_bytes: int = Field(1024 * 1024, ge=64)
+    # A hint without ttl=, and the upper bound of any hint's ttl.
+    hint_ttl_s: float = Field(60.0, gt=0)
+    max_hint_ttl_s: float = Field(3600.0, gt=0)
+    rules: list[CacheRule] = Field(default_factory=list)
+    # Shared store for a fleet: "redis://host:port/db". None: in-process LRU only.
+    url: str | None = None
+    # A Redis call slower than this falls through to the server (counted).
+    redis_timeout_ms: float = Field(50.0, gt=0, le=10_000)
+    # After a Redis failure, the store is not tried again for this long.
+    redis_retry_s: float = Field(1.0, gt=0)
+    key_prefix: str = Field("sqlproxy:cache:", min_length=1, max_length=100)
+
+    @field_validator("url")
+    @classmethod
+    def _v_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected a redis://host:port/db URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> CacheSection:
+        if self.max_entry_bytes > self.max_bytes:
+            raise ValueError(f"cache.max_entry_bytes ({self.max_entry_bytes}) exceeds "
+                             f"cache.max_bytes ({self.max_bytes})")
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or bool(self.rules)
+
+
 class LogSection(_Section):
     format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -304,7 +372,23 @@ class Config(BaseModel):
     state: StateSection = Field(default_factory=StateSection)
     otel: OtelSection = Field(default_factory=OtelSection)
     pool: PoolSection = Field(default_factory=PoolSection)
+    cache: CacheSection = Field(default_factory=CacheSection)
     log: LogSection = Field(default_factory=LogSection)
+
+    @model_validator(mode="after")
+    def _check_cache(self) -> Config:
+        if not self.cache.active:
+            return self
+        if self.routing.enabled and self.replicas:
+            raise ValueError("cache: not supported together with routing (routing.enabled "
+                             "with replicas) in this version; turn one of them off")
+        if self.pool.mode == "transaction":
+            raise ValueError('cache: not supported together with pool.mode = "transaction" '
+                             "in this version")
+        if self.cache.url is None and self.proxy.workers != 1:
+            raise ValueError("cache: proxy.workers > 1 needs cache.url (a shared Redis): "
+                             "an in-process cache would not see the other workers' writes")
+        return self
 
     def replica_name(self, index: int) -> str:
         rep = self.replicas[index]

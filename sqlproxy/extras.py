@@ -51,6 +51,7 @@ EXTRAS: dict[str, Extra] = {
     "otel": Extra("otel", (("opentelemetry.sdk.trace", "opentelemetry-sdk"),
                            ("opentelemetry.exporter.otlp.proto.http.trace_exporter",
                             "opentelemetry-exporter-otlp-proto-http"))),
+    "redis": Extra("redis", (("redis.asyncio", "redis"),)),
 }
 
 

@@ -129,6 +129,10 @@ def test_demo_end_to_end() -> None:
     assert "SQLAlchemy pool_size=" in advice, context
     pool_findings = _table_section(report, "Pool findings")
     assert "connection churn" in pool_findings and "league-cron" in pool_findings, context
+    # The result cache's scene: a rule at work, and a write through the proxy invalidating.
+    cache = re.search(r"ran 8 times, (\d+) sent to PostgreSQL and (\d+) answered by sqlproxy",
+                      " ".join(report.split()))
+    assert cache and int(cache.group(2)) > 0, context
 
     # Everything it started is stopped and removed.
     for port in (listen, admin, *pg_ports):

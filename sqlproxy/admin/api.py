@@ -107,8 +107,14 @@ async def healthz(request: Request) -> Response:
     # Details that do not make the instance unhealthy: an unreachable state database never
     # keeps the proxy from serving, so it must not take it out of a load balancer either.
     store = st.source.state_status()
+    details: dict[str, Any] = {}
     if store is not None:
-        body["details"] = {"state_store": store.to_dict()}
+        details["state_store"] = store.to_dict()
+    cache = getattr(st.source.proxy, "cache", None)
+    if cache is not None and cache.remote is not None:
+        details["cache_redis"] = cache.remote.describe()
+    if details:
+        body["details"] = details
     return JSONResponse(body, status_code=200 if not failed else 503)
 
 
@@ -147,6 +153,10 @@ async def query_detail(request: Request) -> Response:
     detail["findings"] = (await _findings(request)).for_fingerprint(fp)
     detail["explain"] = st.explainer.latest(fp)
     detail["windows"] = profiler.windows.timeline(fp) if profiler is not None else []
+    cache = getattr(st.source.proxy, "cache", None)
+    if cache is not None:
+        counters = cache.stats.fingerprints.get(fp)
+        detail["cache"] = counters.as_dict() if counters is not None else None
     st.history.watch(fp)
     return JSONResponse(detail)
 
@@ -276,6 +286,14 @@ async def pools(request: Request) -> Response:
             pool["findings"] = pool_advice.findings(pool)
             items.append(pool)
     return listing(items[offset : offset + limit], len(items))
+
+
+async def cache(request: Request) -> Response:
+    """The result cache (docs/cache.md); ``{"enabled": false}`` when off."""
+    manager = getattr(state_of(request).source.proxy, "cache", None)
+    if manager is None:
+        return JSONResponse({"enabled": False})
+    return JSONResponse(manager.describe())
 
 
 # ---------------------------------------------------------------------------- reset

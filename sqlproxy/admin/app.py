@@ -135,6 +135,7 @@ ROUTES = [
     Route("/api/connections", api.connections, methods=["GET"]),
     Route("/api/backends", api.backends, methods=["GET"]),
     Route("/api/pools", api.pools, methods=["GET"]),
+    Route("/api/cache", api.cache, methods=["GET"]),
     Route("/api/reset", api.reset, methods=["POST"]),
     Route("/metrics", metrics, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),

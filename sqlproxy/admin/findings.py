@@ -15,7 +15,23 @@ FINDING_KEYS = (
     "max_burst", "total_ms", "application", "suggestion", "first_seen", "last_seen",
 )
 N_PLUS_ONE = "n_plus_one"
+REPEATED_QUERY = "repeated_query"
 _ALL = 1_000_000_000
+
+
+def with_cache_rule(item: dict[str, Any]) -> dict[str, Any]:
+    """A repeated query, with the result-cache rule that would serve it (docs/cache.md)."""
+    if item.get("kind") == REPEATED_QUERY and item.get("fingerprint"):
+        fp = item["fingerprint"]
+        toml = f'[[cache.rules]]\nfingerprint = "{fp}"\nttl_s = 30'
+        item["cache_rule"] = {"fingerprint": fp, "ttl_s": 30, "toml": toml}
+        suggestion = item.get("suggestion") or ""
+        if "cache.rules" not in suggestion:
+            item["suggestion"] = (f"{suggestion}; or let sqlproxy serve it from its result "
+                                  f"cache (read-only statements, invalidated by writes through "
+                                  f"the proxy): [[cache.rules]] fingerprint = \"{fp}\", "
+                                  f"ttl_s = 30").lstrip("; ")
+    return item
 
 
 class Findings:
@@ -30,8 +46,9 @@ class Findings:
         if self.profiler is None:
             return [], 0
         try:
-            return self.profiler.findings(kind, application, limit, offset, database, sort,
-                                          route, controller, action)
+            items, total = self.profiler.findings(kind, application, limit, offset, database,
+                                                  sort, route, controller, action)
+            return [with_cache_rule(i) for i in items], total
         except ValueError as exc:
             raise bad_parameter("sort" if "sort" in str(exc) else "kind", str(exc)) from None
 
@@ -40,7 +57,8 @@ class Findings:
         return self.select(N_PLUS_ONE, application, limit, offset, database)
 
     def detail(self, finding_id: str) -> dict[str, Any] | None:
-        return self.profiler.finding(finding_id) if self.profiler is not None else None
+        found = self.profiler.finding(finding_id) if self.profiler is not None else None
+        return with_cache_rule(found) if found is not None else None
 
     def for_fingerprint(self, fingerprint: str) -> list[dict[str, Any]]:
         """Findings about a statement: as the repeated one or as the parent of a burst."""
@@ -48,7 +66,7 @@ class Findings:
             return []
         self.profiler.detector.flush_idle(time.perf_counter())
         found = self.profiler.detector.findings.select(fingerprint=fingerprint)
-        return [f.to_dict() for f in found]
+        return [with_cache_rule(f.to_dict()) for f in found]
 
     def counts(self) -> dict[str, int]:
         if self.profiler is None:

@@ -204,6 +204,7 @@ class ProfilerCollector(Collector):
         yield from (up, rotation, lag_s, lag_b, pool)
         yield from self._pools()
         yield from self._workers()
+        yield from self._cache()
 
         findings = GaugeMetricFamily("sqlproxy_findings", "Current findings by kind",
                                      labels=["kind"])
@@ -264,6 +265,46 @@ class ProfilerCollector(Collector):
                                   value=profiler.windows.closed)
 
         yield from self._top(entries)
+
+    def _cache(self) -> Iterator[Metric]:
+        """The result cache ([cache]), labelled by rule."""
+        manager = getattr(self.source.proxy, "cache", None)
+        if manager is None:
+            return
+        stats = manager.stats
+        counters = {k: CounterMetricFamily(f"sqlproxy_cache_{k}", doc, labels=["rule"])
+                    for k, doc in (("hits", "Units answered from the cache"),
+                                   ("misses", "Covered units sent to the server"),
+                                   ("stores", "Answers stored"),
+                                   ("evictions", "Entries evicted (cache.max_bytes)"),
+                                   ("invalidations", "Entries dropped by committed writes"),
+                                   ("expirations", "Entries dropped at their TTL"),
+                                   ("too_large", "Answers over cache.max_entry_bytes"))}
+        held = GaugeMetricFamily("sqlproxy_cache_bytes", "Bytes held, by rule", labels=["rule"])
+        for rule, c in sorted(stats.rules.items()):
+            for k, fam in counters.items():
+                fam.add_metric([rule], float(getattr(c, k)))
+            held.add_metric([rule], float(c.bytes))
+        yield from counters.values()
+        yield held
+        yield GaugeMetricFamily("sqlproxy_cache_entries", "Entries in the in-process store",
+                                value=len(manager.store))
+        yield CounterMetricFamily("sqlproxy_cache_invalidating_commits",
+                                  "Committed writes that invalidated tables",
+                                  value=manager.invalidations)
+        remote = manager.remote
+        if remote is not None:
+            d = remote.describe()
+            yield GaugeMetricFamily("sqlproxy_cache_redis_up", "Redis store usable (1) or not",
+                                    value=1.0 if d["up"] else 0.0)
+            errors = CounterMetricFamily("sqlproxy_cache_redis_errors",
+                                         "Redis calls that failed, by kind", labels=["kind"])
+            errors.add_metric(["error"], float(d["errors"]))
+            errors.add_metric(["timeout"], float(d["timeouts"]))
+            yield errors
+            yield CounterMetricFamily("sqlproxy_cache_redis_skipped_lookups",
+                                      "Lookups not tried while Redis was down",
+                                      value=d["skipped_lookups"])
 
     def _pools(self) -> Iterator[Metric]:
         """The transaction pools (pool.mode = "transaction"), labelled database, user and

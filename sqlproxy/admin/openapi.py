@@ -316,6 +316,11 @@ def openapi_spec() -> dict[str, Any]:
         "/api/pools": _get("Transaction pools: size, busy, waits, opens and closes, pinned "
                            "clients, sizing advice and pool findings", _list_of("Pool"),
                            _PAGE),
+        "/api/cache": {"get": {
+            "summary": "The result cache: rules, hits, misses, bytes, evictions and "
+                       "invalidations per rule and per fingerprint, the Redis store's health, "
+                       "and what a write that bypasses the proxy means (TTL only)",
+            "responses": {"200": _json({"type": "object"}), "401": _ERR}}},
         "/api/backends": _get("Primary and replicas: health, lag, rotation, routed, pool",
                               _list_of("Backend"), _PAGE),
         "/api/reset": {"post": {

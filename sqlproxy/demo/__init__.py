@@ -119,6 +119,9 @@ async def _run(args: Any) -> int:
         pool_url = f"postgresql://postgres@{pool_cfg.proxy.listen}/{DEMO_DATABASE}"
         await _pool_workload(console, pool_url, pool_cfg)
         print_pool_report(console, pooler, pool_cfg)
+        from sqlproxy.demo.cache import cache_scene
+
+        await cache_scene(console, primary.dsn(), DEMO_DATABASE)
         console.print(f"\nDashboard: [bold]http://{cfg.admin.listen}/[/bold]    "
                       f"psql: [bold]psql {url}[/bold]\n"
                       f"Pooled: [bold]http://{pool_cfg.admin.listen}/[/bold] "

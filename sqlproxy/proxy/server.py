@@ -11,9 +11,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.cache.manager import ResultCache
 from sqlproxy.config import Config, parse_hostport
 from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy.cached import CachedSession
 from sqlproxy.proxy.listener import Listener
 from sqlproxy.proxy.pooled import PooledSession, PoolManager
 from sqlproxy.proxy.routed import RoutedSession
@@ -92,6 +94,9 @@ class ProxyServer:
         self.pools: PoolManager | None = (
             PoolManager(self) if config.pool.mode == "transaction" else None
         )
+        # The result cache: likewise chosen once (on when [cache] has a rule or enabled =
+        # true; config validation refuses it with routing or transaction pooling).
+        self.cache: ResultCache | None = ResultCache(config) if config.cache.active else None
 
     def backend_tls_context(self, mode: str) -> ssl.SSLContext | None:
         if mode not in self._backend_tls:
@@ -105,6 +110,11 @@ class ProxyServer:
         if config.tls != self.config.tls:
             self.tls_context = client_context(config.tls)
             self._backend_tls = {}
+        if self.cache is not None and config.cache.active:
+            self.cache.reconfigure(config)
+        elif config.cache.active != (self.cache is not None):
+            log.warning("config_reload_needs_restart", keys=["cache (turned on or off)"])
+            config = config.model_copy(update={"cache": self.config.cache})
         self.config = config
         if self.pools is not None:
             self.pools.reconfigure(config.pool)
@@ -120,6 +130,9 @@ class ProxyServer:
             ClientSession if self.router is None else RoutedSession)
         if self.pools is not None:
             session_class = PooledSession  # (routes to pooled replicas with a router)
+        if self.cache is not None:
+            session_class = CachedSession
+            await self.cache.start()
         if self.router is not None:
             await self.router.start()
         if self.tls_context is None:
@@ -192,6 +205,8 @@ class ProxyServer:
             await self.router.stop()
         if self.pools is not None:
             self.pools.close()
+        if self.cache is not None:
+            await self.cache.stop()
 
     # ------------------------------------------------------------------ idle timeouts
     async def _sweep_loop(self) -> None:

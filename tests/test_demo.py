@@ -288,3 +288,11 @@ def test_league_app_refuses_bad_urls(args: list[str], env: dict[str, str], messa
                          timeout=60)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+def test_listen_port_zero_is_a_chosen_free_port() -> None:
+    from sqlproxy.demo import listen_address
+
+    host, _, port = listen_address("127.0.0.1:0", 6432).rpartition(":")
+    assert host == "127.0.0.1" and int(port) > 0
+    assert listen_address("127.0.0.1:7000", 6432) == "127.0.0.1:7000"

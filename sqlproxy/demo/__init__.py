@@ -37,8 +37,11 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _listen(address: str | None, default_port: int) -> str:
+def listen_address(address: str | None, default_port: int) -> str:
     if address:
+        host, _, given = address.rpartition(":")
+        if given == "0":  # any free port: chosen here, so that the report can name it
+            return f"{host}:{devcluster.free_port()}"
         return address
     port = default_port if _port_free("127.0.0.1", default_port) else devcluster.free_port()
     return f"127.0.0.1:{port}"
@@ -99,8 +102,8 @@ async def _run(args: Any) -> int:
         console.print(f"PostgreSQL {primary.psql('SHOW server_version')}: primary "
                       f"{primary.host}:{primary.port}"
                       + (f", replica {replica.host}:{replica.port}" if replica else ""))
-        cfg = demo_config(primary, replica, _listen(args.listen, 6432),
-                          _listen(args.admin, 8080), base)
+        cfg = demo_config(primary, replica, listen_address(args.listen, 6432),
+                          listen_address(args.admin, 8080), base)
         from sqlproxy.logs import configure_logging
 
         configure_logging(cfg.log.format, cfg.log.level)

@@ -185,3 +185,35 @@ def test_repeat_hits_keep_every_guarantee(cache_proxy: Callable[..., ProxyThread
     assert totals(p)["misses"] == misses + 1
     writer.close()
     raw.close()
+
+
+def test_sessions_share_plans_only_in_the_same_context(cache_proxy: Callable[..., ProxyThread],
+                                                       table: str) -> None:
+    """Units planned by one session are remembered for the sessions with the same database,
+    user, settings and prepared statements; the same bytes of a Bind in a session where the
+    statement's name means another statement are another unit."""
+    p = cache_proxy()
+    a, b, c = Raw(p), Raw(p), Raw(p)
+    q_v = f"SELECT v FROM {table} WHERE id = $1"
+    q_id = f"SELECT id * 100 FROM {table} WHERE id = $1"
+    for raw, q in ((a, q_v), (b, q_v), (c, q_id)):
+        raw.send(parse(q, name=b"s", types=(23,)) + SYNC)
+        raw.until_ready()
+    unit = bind([b"3"], name=b"s") + EXECUTE + SYNC
+    a.send(unit)
+    from_a = a.until_ready()
+    assert b"v3" in from_a
+    b.send(unit)  # the same context: a hit of a's entry
+    assert b.until_ready() == from_a
+    assert totals(p)["hits"] == 1
+    c.send(unit)  # "s" is another statement here
+    from_c = c.until_ready()
+    assert b"300" in from_c and b"v3" not in from_c
+    assert totals(p)["misses"] == 2
+    c.send(unit)
+    assert c.until_ready() == from_c
+    a.send(unit)
+    assert a.until_ready() == from_a
+    assert totals(p)["hits"] == 3
+    for raw in (a, b, c):
+        raw.close()

@@ -112,6 +112,10 @@ class ResultCache:
         self.not_cached: dict[str, int] = {}  # why covered units could not be cached
         self.catalog_errors = 0
         self.generation = 0  # bumped when plans may change (sessions' memos follow)
+        #: Sessions' unit memos (proxy/cached.py), shared by sessions in the same context
+        #: (database, user, settings, prepared statements); valid for ``memos_generation``.
+        self.memos: dict[Any, dict[bytes, Any]] = {}
+        self.memos_generation = 0
         self._expiry: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle

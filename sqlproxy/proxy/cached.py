@@ -80,8 +80,9 @@ _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 #: CopyInResponse, CopyOutResponse, CopyBothResponse, CopyData, CopyDone from the server.
 _COPY_ANSWERS = frozenset({ord("G"), ord("H"), ord("W"), ord("d"), ord("c")})
 _MAX_SERVER_MESSAGE = (1 << 30) + (1 << 20)
-_MEMO_SIZE = 512  # units remembered per session (_plan)
-_MEMO_UNIT_BYTES = 4096  # ... when no larger than this
+_MEMO_SIZE = 2048  # units remembered per context (_plan), shared by its sessions
+_MEMO_UNIT_BYTES = 1024  # ... when no larger than this
+_MEMO_CONTEXTS = 64  # contexts (database, user, settings, statements) remembered
 
 
 class _Rec:
@@ -141,7 +142,7 @@ class CachedSession(ClientSession):
         self.paused = False  # server bytes wait for an invalidation in flight
         self.owed_unsure = 0  # records after which the session may not be idle
         self.owed_writes = 0  # records that may write
-        self._memo: dict[bytes, tuple[Plan | None, bytes, bytes | None]] = {}
+        self._memo: dict[bytes, tuple[Plan | None, bytes, bytes | None]] | None = None
         self._memo_gen = -1
 
     # ------------------------------------------------------------------ startup hand-over
@@ -166,7 +167,7 @@ class CachedSession(ClientSession):
             super().backend_startup_data(backend, data)
 
     def _settings_changed(self) -> None:
-        self._memo.clear()
+        self._memo = None
         startup = self.startup.parameters if self.startup is not None else {}
         self.digest = settings_digest(self.parameters, startup, self.sets)
 
@@ -175,6 +176,8 @@ class CachedSession(ClientSession):
         if self.state is not SessionState.READY:
             super().data_received(data)
             return
+        if not self.recs and not self.units and self._fast_hit(data):
+            return
         try:
             for t, msg in self.frames.feed(data):
                 self._client_message(t, msg)
@@ -182,6 +185,43 @@ class CachedSession(ClientSession):
             self.fail(exc)
             return
         self._pump()
+
+    def _fast_hit(self, data: bytes) -> bool:
+        """A repeat hit in one dict lookup and one write: ``data`` is exactly the bytes of a
+        unit already planned (``_memo``, dropped whenever the session's settings, statements
+        or the cache's plans change), nothing is owed or queued, the session is idle, and
+        the store has the answer. The unit must not parse the unnamed statement (that hit
+        changes the session's state: the general path handles it). Anything else returns
+        False and the general path sees the chunk as if this had not run."""
+        if self.paused or self.waiting or self.open_rec is not None or self.cache_off \
+                or len(self.frames) or not self.cutter.empty:
+            return False
+        cache = self.cache
+        if cache.remote is not None or self._memo_gen != cache.generation:
+            return False
+        memo = self._memo
+        if memo is None:
+            return False
+        found = memo.get(data)
+        if found is None:
+            return False
+        plan, key, unnamed = found
+        conv = self.conv
+        if plan is None or unnamed is not None or conv is None or conv.tx_status != _IDLE:
+            return False
+        now = _perf()
+        entry = cache.store.get(key, _mono())
+        if entry is None:
+            return False
+        answer = entry.value + _READY_IDLE
+        conv.feed_frontend(data, now)
+        t = self.client_transport
+        if t is not None and not t.is_closing():
+            t.write(answer)
+        done = _perf()
+        conv.feed_backend(answer, done)
+        cache.stats.hit(plan.coverage.rule, plan.fingerprint, (done - now) * 1000.0)
+        return True
 
     def _client_message(self, t: int, msg: bytes) -> None:
         if t in _COPY_MESSAGES or t == F_TERMINATE or (t == F_FLUSH and self.cutter.empty):
@@ -258,10 +298,8 @@ class CachedSession(ClientSession):
         """(plan, key, the unnamed statement it parses) of a unit, memoized by its bytes
         while the session's settings, statements and the cache's plans stay the same."""
         memo = self._memo
-        gen = self.cache.generation
-        if self._memo_gen != gen:
-            memo.clear()
-            self._memo_gen = gen
+        if memo is None or self._memo_gen != self.cache.generation:
+            memo = self._memo_for()
         data = bytes(unit.data)
         found = memo.get(data)
         if found is not None:
@@ -281,6 +319,28 @@ class CachedSession(ClientSession):
             memo[data] = (plan, key, unnamed)
         return plan, key, unnamed
 
+    def _memo_for(self) -> dict[bytes, tuple[Plan | None, bytes, bytes | None]]:
+        """The memo of this session's context: what a unit's plan and key depend on besides
+        its bytes (the database, the user, the settings, the prepared statements and the
+        unnamed one). Sessions in the same context share it (8 pgbench clients, a pool of
+        an application's connections): a unit planned by one is one lookup for the others."""
+        cache = self.cache
+        gen = cache.generation
+        memos = cache.memos
+        if cache.memos_generation != gen:
+            memos.clear()
+            cache.memos_generation = gen
+        ctx = (self.database, self.user, self.digest, self.unnamed,
+               frozenset(self.named.items()))
+        memo = memos.get(ctx)
+        if memo is None:
+            if len(memos) >= _MEMO_CONTEXTS:
+                memos.clear()
+            memo = memos[ctx] = {}
+        self._memo = memo
+        self._memo_gen = gen
+        return memo
+
     def _looked_up(self, unit: Unit, rec: _Rec, value: bytes | None,
                    parses_unnamed: bytes | None) -> None:
         plan = rec.plan
@@ -295,7 +355,7 @@ class CachedSession(ClientSession):
         # server has not seen (parsed again before a unit that uses it, see _forward).
         if parses_unnamed is not None:
             if self.unnamed != parses_unnamed:
-                self._memo.clear()
+                self._memo = None
             self.unnamed = parses_unnamed
             for name, _, msg in unit.parses:
                 if not name:
@@ -314,18 +374,18 @@ class CachedSession(ClientSession):
             if name:
                 self.named[name] = ident
                 rec.parsed += (name,)
-                self._memo.clear()
+                self._memo = None
             else:
                 self.unnamed = ident
         if unit.closes:
-            self._memo.clear()
+            self._memo = None
         for name in unit.closes:
             self.named.pop(name, None)
         if unit.has_query:
             self.unnamed = None
             self.stale_unnamed = None
         if self.unnamed != before:
-            self._memo.clear()
+            self._memo = None
         stale = self.stale_unnamed
         if stale is not None and binds_unnamed_first(data):
             data = stale + data  # the server's unnamed statement is the client's again

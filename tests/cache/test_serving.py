@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from tests.cache.conftest import (
@@ -127,3 +128,92 @@ def test_store_within_max_bytes_under_100000_distinct_keys(
     assert peak <= max_bytes
     assert t["evictions"] > 90_000 and t["bytes"] <= max_bytes
     raw.close()
+
+
+def test_repeat_hits_keep_every_guarantee(cache_proxy: Callable[..., ProxyThread],
+                                          table: str) -> None:
+    """The same Bind/Execute/Sync of a named statement sent again and again (pgbench -M
+    prepared, asyncpg): repeat hits take the session's shortcut (one memo lookup, one write),
+    which must still see commits, settings, transaction blocks, TTLs and the statistics."""
+    p = cache_proxy(ttl_s=1.0)
+    raw = Raw(p)
+    raw.send(parse(f"SELECT v FROM {table} WHERE id = $1", name=b"s", types=(23,)) + SYNC)
+    raw.until_ready()
+    unit = bind([b"2"], name=b"s") + DESCRIBE_PORTAL + EXECUTE + SYNC
+    raw.send(unit)
+    first = raw.until_ready()
+    assert b"v2" in first
+    for _ in range(5):
+        raw.send(unit)
+        assert raw.until_ready() == first
+    assert totals(p)["hits"] == 5 and totals(p)["misses"] == 1
+    # A write committed through the proxy (another session) drops the entry.
+    writer = Raw(p)
+    writer.query(f"UPDATE {table} SET v = 'w2' WHERE id = 2")
+    raw.send(unit)
+    after = raw.until_ready()
+    assert b"w2" in after and b"v2" not in after
+    raw.send(unit)
+    assert raw.until_ready() == after
+    assert totals(p)["misses"] == 2 and totals(p)["hits"] == 6
+    # Inside a transaction block: forwarded, never served (and nothing stored).
+    raw.query("BEGIN")
+    writer.query(f"UPDATE {table} SET v = 'x2' WHERE id = 2")  # autocommit: invalidates
+    raw.send(unit)
+    assert b"x2" in raw.until_ready()
+    raw.send(unit)
+    assert b"x2" in raw.until_ready()
+    raw.query("COMMIT")
+    hits = totals(p)["hits"]
+    assert hits == 6
+    # A setting changes the key: a miss, then hits again under the new settings.
+    raw.send(unit)
+    base = raw.until_ready()
+    raw.query("SET extra_float_digits = 2")
+    misses = totals(p)["misses"]
+    raw.send(unit)
+    assert raw.until_ready() == base
+    assert totals(p)["misses"] == misses + 1
+    raw.send(unit)
+    raw.until_ready()
+    assert totals(p)["hits"] == hits + 1
+    # The TTL: after it, the entry is gone and the server is asked again.
+    time.sleep(1.2)
+    misses = totals(p)["misses"]
+    raw.send(unit)
+    assert raw.until_ready() == base
+    assert totals(p)["misses"] == misses + 1
+    writer.close()
+    raw.close()
+
+
+def test_sessions_share_plans_only_in_the_same_context(cache_proxy: Callable[..., ProxyThread],
+                                                       table: str) -> None:
+    """Units planned by one session are remembered for the sessions with the same database,
+    user, settings and prepared statements; the same bytes of a Bind in a session where the
+    statement's name means another statement are another unit."""
+    p = cache_proxy()
+    a, b, c = Raw(p), Raw(p), Raw(p)
+    q_v = f"SELECT v FROM {table} WHERE id = $1"
+    q_id = f"SELECT id * 100 FROM {table} WHERE id = $1"
+    for raw, q in ((a, q_v), (b, q_v), (c, q_id)):
+        raw.send(parse(q, name=b"s", types=(23,)) + SYNC)
+        raw.until_ready()
+    unit = bind([b"3"], name=b"s") + EXECUTE + SYNC
+    a.send(unit)
+    from_a = a.until_ready()
+    assert b"v3" in from_a
+    b.send(unit)  # the same context: a hit of a's entry
+    assert b.until_ready() == from_a
+    assert totals(p)["hits"] == 1
+    c.send(unit)  # "s" is another statement here
+    from_c = c.until_ready()
+    assert b"300" in from_c and b"v3" not in from_c
+    assert totals(p)["misses"] == 2
+    c.send(unit)
+    assert c.until_ready() == from_c
+    a.send(unit)
+    assert a.until_ready() == from_a
+    assert totals(p)["hits"] == 3
+    for raw in (a, b, c):
+        raw.close()

@@ -39,6 +39,7 @@ from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.pool.state import Pool, _Open
 from sqlproxy.proxy.recorder import SessionRecorder
+from sqlproxy.routing.answers import Answers
 from sqlproxy.wire.conversation import Conversation, NativeListener, Pending, find_nul, length_at
 
 __all__ = ["PoolFast", "PooledClientPump", "PooledListener", "PooledRecorder",
@@ -310,11 +311,16 @@ class PoolFast:
     def send(self, server: Any, data: bytes) -> bool:
         """Send the unit ``data`` (scanned by ``client``: ``u_*``) to ``server``, held now,
         unless it needs settings or statements replayed there first (False)."""
-        transport = server.transport
-        replay = server.replay
-        if transport is None or server.closed or replay.to_close \
-                or server.settings != self.settings or server.answers.busy:
+        pump: PooledServerPump = server.pump
+        transport = pump.transport
+        replay = pump.replay
+        if transport is None or pump.closed or replay.to_close or pump.answers.busy:
             return False  # the general path replays what is needed on the server it holds
+        settings = pump.settings
+        if settings is not self.settings:
+            if settings != self.settings:
+                return False
+            pump.settings = self.settings  # equal: the next unit compares identities
         prepared: dict[bytes, bytes] = replay.prepared
         bound = self.u_bound
         if bound:
@@ -363,8 +369,8 @@ class PoolFast:
 
     def hold(self, server: Any) -> None:
         """``server`` is lent to this session (ServerConn.holder, without its setter)."""
-        server._holder = self.session
         pump: PooledServerPump = server.pump
+        pump.holder = self.session
         pump.fast = self
         self.held = server
 
@@ -381,7 +387,8 @@ class PoolFast:
         when nothing of it is to be swallowed or stripped; the server goes back when idle."""
         if server is not self.held or not self.enabled:
             return False
-        answers = server.answers
+        pump: PooledServerPump = server.pump
+        answers = pump.answers
         if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent) \
                 or answers.in_unit:
             return False
@@ -403,12 +410,12 @@ class PoolFast:
         """Give ``server`` back (clean: idle, nothing owed); the next waiter gets it."""
         self.held = None
         session = self.session
-        server._holder = None  # (ServerConn.holder, without its interpreted setter)
         pump: PooledServerPump = server.pump
+        pump.holder = None  # (ServerConn.holder, without its interpreted setter)
         pump.fast = None
         pool = self.pool
-        transport = server.transport
-        if server.cancels or server.closed or transport is None or transport.is_closing():
+        transport = pump.transport
+        if pump.cancels or pump.closed or transport is None or transport.is_closing():
             pool.checkin(session, server, True)  # the general rules (cancel, closed)
             return
         state = self.state
@@ -456,11 +463,21 @@ class PooledClientPump:
 class PooledServerPump:
     """A pooled server transport's protocol once logged in: its holder's fast path first,
     else the server connection's own protocol (``owner``, a ServerConn). ``fast`` follows the
-    holder (set by ``ServerConn.holder``)."""
+    holder (set by ``ServerConn.holder``). It keeps, as native attributes, the server
+    connection's fields that the fast path reads on every unit (``ServerConn`` exposes them
+    as properties): an attribute of an interpreted object costs a dictionary lookup or two
+    each time."""
 
-    def __init__(self, owner: Any) -> None:
+    def __init__(self, owner: Any, answers: Answers, replay: Any) -> None:
         self.owner = owner
         self.fast: PoolFast | None = None
+        self.holder: Any = None  # the PooledSession the server is lent to
+        self.transport: Any = None
+        self.answers = answers
+        self.replay: Any = replay  # its BackendReplay
+        self.settings: dict[str, str] = {}  # startup parameters in force (replaced, not changed)
+        self.closed = False
+        self.cancels = 0  # cancel requests on their way
 
     def data_received(self, data: bytes) -> None:
         fast = self.fast

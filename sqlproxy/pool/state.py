@@ -180,13 +180,17 @@ class Pool(Generic[S, C]):
 
     def released(self, client: C) -> None:
         """The client no longer holds a server (per-application concurrency)."""
-        app = self._app_of.pop(client, None)
-        if app is not None:
-            n = self._active_by_app.get(app, 1) - 1
+        # (``in``/``del`` rather than ``pop``: a method call costs a lookup by name.)
+        app_of = self._app_of
+        if client in app_of:
+            app = app_of[client]
+            del app_of[client]
+            by_app = self._active_by_app
+            n = by_app.get(app, 1) - 1
             if n > 0:
-                self._active_by_app[app] = n
-            else:
-                self._active_by_app.pop(app, None)
+                by_app[app] = n
+            elif app in by_app:
+                del by_app[app]
 
     # ------------------------------------------------------------------ lending
     def checkout(self, client: C, now: float, app: str | None = None) -> S | _Open | None:

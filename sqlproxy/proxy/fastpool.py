@@ -40,6 +40,7 @@ from sqlproxy.errors import ProtocolViolation
 from sqlproxy.pool.state import Pool, _Open
 from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
+from sqlproxy.routing.units import UnitCutter
 from sqlproxy.wire.conversation import Conversation, NativeListener, Pending, find_nul, length_at
 
 __all__ = ["PoolFast", "PooledClientPump", "PooledListener", "PooledRecorder",
@@ -142,7 +143,7 @@ class PoolFast:
         self.conv: Conversation | None = None
         self.info: SessionInfo | None = None
         self.units: Any = None  # the session's deque of queued units
-        self.cutter: Any = None  # its UnitCutter
+        self.cutter: UnitCutter | None = None
         self.frames: Any = None  # its Frames
         self.statements: dict[bytes, tuple[str, bytes]] = {}  # its Replay.statements
         self.settings: dict[str, str] = {}  # its startup settings
@@ -167,7 +168,7 @@ class PoolFast:
         self.parked = b""  # a unit waiting for a server (``waiting``)
 
     def attach(self, pool: Any, conv: Conversation, info: SessionInfo, units: Any,
-               cutter: Any, frames: Any, statements: dict[bytes, tuple[str, bytes]],
+               cutter: UnitCutter, frames: Any, statements: dict[bytes, tuple[str, bytes]],
                settings: dict[str, str], clean_texts: set[str], clean_shapes: set[str],
                profiler: Profiler | None, client_transport: Any,
                parses_sent: list[bytes]) -> None:
@@ -211,7 +212,9 @@ class PoolFast:
         if not self.enabled or self.waiting or self.pinned is not None:
             return False
         n: i64 = len(data)
-        if n < 6 or len(self.units) or not self.cutter.empty or len(self.frames.buf):
+        cutter = self.cutter
+        assert cutter is not None
+        if n < 6 or len(self.units) or not cutter.empty or len(self.frames.buf):
             return False
         t: i64 = data[0]
         bound = b""  # a named statement the unit binds
@@ -335,17 +338,22 @@ class PoolFast:
         except ProtocolViolation as exc:
             self.session.fail(exc)
             return True
-        transport.write(data)
+        pump.write(data)
         self.open_unit = False
         self.fast_units += 1
+        # (``in`` and ``del`` rather than ``pop``: a method call costs a lookup by name.)
         if self.u_kind == _QUERY:  # a simple Query drops the unnamed statement
-            self.statements.pop(b"", None)
-            prepared.pop(b"", None)
+            statements = self.statements
+            if b"" in statements:
+                del statements[b""]
+            if b"" in prepared:
+                del prepared[b""]  # noqa: RUF051 (a pop is a method call by name)
         elif self.u_parse:
             self.statements[b""] = (self.u_text, self.u_parse)
             prepared[b""] = self.u_parse
         else:  # most recently used last (BackendReplay.bound)
-            msg = prepared.pop(bound)
+            msg = prepared[bound]
+            del prepared[bound]
             prepared[bound] = msg
             if len(prepared) - len(replay.to_close) > self.limit:
                 replay.bound((), self.limit)
@@ -473,6 +481,7 @@ class PooledServerPump:
         self.fast: PoolFast | None = None
         self.holder: Any = None  # the PooledSession the server is lent to
         self.transport: Any = None
+        self.write: Any = None  # transport.write, bound once (ServerConn.transport)
         self.answers = answers
         self.replay: Any = replay  # its BackendReplay
         self.settings: dict[str, str] = {}  # startup parameters in force (replaced, not changed)

@@ -195,7 +195,9 @@ class ServerConn(asyncio.Protocol):
 
     @transport.setter
     def transport(self, transport: asyncio.Transport | None) -> None:
-        self.pump.transport = transport
+        pump = self.pump
+        pump.transport = transport
+        pump.write = transport.write if transport is not None else None
 
     @property
     def answers(self) -> Answers:

@@ -130,10 +130,15 @@ class Pool(Generic[S, C]):
         return len(self.servers) + self.opening
 
     def wait_percentile(self, q: float) -> float:
+        return self.wait_percentiles([q])[0]
+
+    def wait_percentiles(self, qs: list[float]) -> list[float]:
+        """The waits at quantiles ``qs``, from one sort of the samples."""
         samples = sorted(self.stats.wait_samples)
         if not samples:
-            return 0.0
-        return samples[min(len(samples) - 1, int(q * len(samples)))]
+            return [0.0 for _ in qs]
+        n = len(samples)
+        return [samples[min(n - 1, int(q * n))] for q in qs]
 
     def busy_share(self, now: float) -> float:
         """Share of the pool's life with every slot busy."""

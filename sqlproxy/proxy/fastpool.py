@@ -316,15 +316,14 @@ class PoolFast:
         unless it needs settings or statements replayed there first (False)."""
         pump: PooledServerPump = server.pump
         transport = pump.transport
-        replay = pump.replay
-        if transport is None or pump.closed or replay.to_close or pump.answers.busy:
+        if transport is None or pump.closed or pump.to_close or pump.answers.busy:
             return False  # the general path replays what is needed on the server it holds
         settings = pump.settings
         if settings is not self.settings:
             if settings != self.settings:
                 return False
             pump.settings = self.settings  # equal: the next unit compares identities
-        prepared: dict[bytes, bytes] = replay.prepared
+        prepared = pump.prepared
         bound = self.u_bound
         if bound:
             want = self.statements[bound][1]
@@ -347,7 +346,7 @@ class PoolFast:
             if b"" in statements:
                 del statements[b""]
             if b"" in prepared:
-                del prepared[b""]  # noqa: RUF051 (a pop is a method call by name)
+                del prepared[b""]
         elif self.u_parse:
             self.statements[b""] = (self.u_text, self.u_parse)
             prepared[b""] = self.u_parse
@@ -355,8 +354,8 @@ class PoolFast:
             msg = prepared[bound]
             del prepared[bound]
             prepared[bound] = msg
-            if len(prepared) - len(replay.to_close) > self.limit:
-                replay.bound((), self.limit)
+            if len(prepared) - len(pump.to_close) > self.limit:
+                pump.replay.bound((), self.limit)
         return True
 
     def send_parked(self, server: Any) -> bool:
@@ -483,7 +482,9 @@ class PooledServerPump:
         self.transport: Any = None
         self.write: Any = None  # transport.write, bound once (ServerConn.transport)
         self.answers = answers
-        self.replay: Any = replay  # its BackendReplay
+        self.replay: Any = replay  # its BackendReplay, and two of its fields (never replaced)
+        self.prepared: dict[bytes, bytes] = replay.prepared
+        self.to_close: set[bytes] = replay.to_close
         self.settings: dict[str, str] = {}  # startup parameters in force (replaced, not changed)
         self.closed = False
         self.cancels = 0  # cancel requests on their way

@@ -600,6 +600,7 @@ class PoolIO:
     def describe(self, now: float) -> dict[str, Any]:
         st = self.state
         stats = st.stats
+        p50, p99 = st.wait_percentiles([0.5, 0.99])
         return {
             "database": self.database,
             "user": self.user,
@@ -619,8 +620,7 @@ class PoolIO:
             "wait_total_ms": stats.wait_total_s * 1000,
             "max_waiting": stats.max_waiting,
             "wait_ms": {"max": stats.max_wait_s * 1000,
-                        "p50": st.wait_percentile(0.5) * 1000,
-                        "p99": st.wait_percentile(0.99) * 1000},
+                        "p50": p50 * 1000, "p99": p99 * 1000},
             "max_active": stats.max_active,
             "all_busy_share": st.busy_share(now),
             "servers_opened": stats.opened,

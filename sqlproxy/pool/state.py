@@ -130,10 +130,15 @@ class Pool(Generic[S, C]):
         return len(self.servers) + self.opening
 
     def wait_percentile(self, q: float) -> float:
+        return self.wait_percentiles([q])[0]
+
+    def wait_percentiles(self, qs: list[float]) -> list[float]:
+        """The waits at quantiles ``qs``, from one sort of the samples."""
         samples = sorted(self.stats.wait_samples)
         if not samples:
-            return 0.0
-        return samples[min(len(samples) - 1, int(q * len(samples)))]
+            return [0.0 for _ in qs]
+        n = len(samples)
+        return [samples[min(n - 1, int(q * n))] for q in qs]
 
     def busy_share(self, now: float) -> float:
         """Share of the pool's life with every slot busy."""
@@ -180,13 +185,17 @@ class Pool(Generic[S, C]):
 
     def released(self, client: C) -> None:
         """The client no longer holds a server (per-application concurrency)."""
-        app = self._app_of.pop(client, None)
-        if app is not None:
-            n = self._active_by_app.get(app, 1) - 1
+        # (``in``/``del`` rather than ``pop``: a method call costs a lookup by name.)
+        app_of = self._app_of
+        if client in app_of:
+            app = app_of[client]
+            del app_of[client]
+            by_app = self._active_by_app
+            n = by_app.get(app, 1) - 1
             if n > 0:
-                self._active_by_app[app] = n
-            else:
-                self._active_by_app.pop(app, None)
+                by_app[app] = n
+            elif app in by_app:
+                del by_app[app]
 
     # ------------------------------------------------------------------ lending
     def checkout(self, client: C, now: float, app: str | None = None) -> S | _Open | None:

@@ -39,6 +39,8 @@ from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.pool.state import Pool, _Open
 from sqlproxy.proxy.recorder import SessionRecorder
+from sqlproxy.routing.answers import Answers
+from sqlproxy.routing.units import UnitCutter
 from sqlproxy.wire.conversation import Conversation, NativeListener, Pending, find_nul, length_at
 
 __all__ = ["PoolFast", "PooledClientPump", "PooledListener", "PooledRecorder",
@@ -141,7 +143,7 @@ class PoolFast:
         self.conv: Conversation | None = None
         self.info: SessionInfo | None = None
         self.units: Any = None  # the session's deque of queued units
-        self.cutter: Any = None  # its UnitCutter
+        self.cutter: UnitCutter | None = None
         self.frames: Any = None  # its Frames
         self.statements: dict[bytes, tuple[str, bytes]] = {}  # its Replay.statements
         self.settings: dict[str, str] = {}  # its startup settings
@@ -166,7 +168,7 @@ class PoolFast:
         self.parked = b""  # a unit waiting for a server (``waiting``)
 
     def attach(self, pool: Any, conv: Conversation, info: SessionInfo, units: Any,
-               cutter: Any, frames: Any, statements: dict[bytes, tuple[str, bytes]],
+               cutter: UnitCutter, frames: Any, statements: dict[bytes, tuple[str, bytes]],
                settings: dict[str, str], clean_texts: set[str], clean_shapes: set[str],
                profiler: Profiler | None, client_transport: Any,
                parses_sent: list[bytes]) -> None:
@@ -210,7 +212,9 @@ class PoolFast:
         if not self.enabled or self.waiting or self.pinned is not None:
             return False
         n: i64 = len(data)
-        if n < 6 or len(self.units) or not self.cutter.empty or len(self.frames.buf):
+        cutter = self.cutter
+        assert cutter is not None
+        if n < 6 or len(self.units) or not cutter.empty or len(self.frames.buf):
             return False
         t: i64 = data[0]
         bound = b""  # a named statement the unit binds
@@ -310,12 +314,16 @@ class PoolFast:
     def send(self, server: Any, data: bytes) -> bool:
         """Send the unit ``data`` (scanned by ``client``: ``u_*``) to ``server``, held now,
         unless it needs settings or statements replayed there first (False)."""
-        transport = server.transport
-        replay = server.replay
-        if transport is None or server.closed or replay.to_close \
-                or server.settings != self.settings or server.answers.busy:
+        pump: PooledServerPump = server.pump
+        transport = pump.transport
+        if transport is None or pump.closed or pump.to_close or pump.answers.busy:
             return False  # the general path replays what is needed on the server it holds
-        prepared: dict[bytes, bytes] = replay.prepared
+        settings = pump.settings
+        if settings is not self.settings:
+            if settings != self.settings:
+                return False
+            pump.settings = self.settings  # equal: the next unit compares identities
+        prepared = pump.prepared
         bound = self.u_bound
         if bound:
             want = self.statements[bound][1]
@@ -329,20 +337,25 @@ class PoolFast:
         except ProtocolViolation as exc:
             self.session.fail(exc)
             return True
-        transport.write(data)
+        pump.write(data)
         self.open_unit = False
         self.fast_units += 1
+        # (``in`` and ``del`` rather than ``pop``: a method call costs a lookup by name.)
         if self.u_kind == _QUERY:  # a simple Query drops the unnamed statement
-            self.statements.pop(b"", None)
-            prepared.pop(b"", None)
+            statements = self.statements
+            if b"" in statements:
+                del statements[b""]
+            if b"" in prepared:
+                del prepared[b""]
         elif self.u_parse:
             self.statements[b""] = (self.u_text, self.u_parse)
             prepared[b""] = self.u_parse
         else:  # most recently used last (BackendReplay.bound)
-            msg = prepared.pop(bound)
+            msg = prepared[bound]
+            del prepared[bound]
             prepared[bound] = msg
-            if len(prepared) - len(replay.to_close) > self.limit:
-                replay.bound((), self.limit)
+            if len(prepared) - len(pump.to_close) > self.limit:
+                pump.replay.bound((), self.limit)
         return True
 
     def send_parked(self, server: Any) -> bool:
@@ -363,8 +376,8 @@ class PoolFast:
 
     def hold(self, server: Any) -> None:
         """``server`` is lent to this session (ServerConn.holder, without its setter)."""
-        server._holder = self.session
         pump: PooledServerPump = server.pump
+        pump.holder = self.session
         pump.fast = self
         self.held = server
 
@@ -381,7 +394,8 @@ class PoolFast:
         when nothing of it is to be swallowed or stripped; the server goes back when idle."""
         if server is not self.held or not self.enabled:
             return False
-        answers = server.answers
+        pump: PooledServerPump = server.pump
+        answers = pump.answers
         if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent) \
                 or answers.in_unit:
             return False
@@ -403,12 +417,12 @@ class PoolFast:
         """Give ``server`` back (clean: idle, nothing owed); the next waiter gets it."""
         self.held = None
         session = self.session
-        server._holder = None  # (ServerConn.holder, without its interpreted setter)
         pump: PooledServerPump = server.pump
+        pump.holder = None  # (ServerConn.holder, without its interpreted setter)
         pump.fast = None
         pool = self.pool
-        transport = server.transport
-        if server.cancels or server.closed or transport is None or transport.is_closing():
+        transport = pump.transport
+        if pump.cancels or pump.closed or transport is None or transport.is_closing():
             pool.checkin(session, server, True)  # the general rules (cancel, closed)
             return
         state = self.state
@@ -456,11 +470,24 @@ class PooledClientPump:
 class PooledServerPump:
     """A pooled server transport's protocol once logged in: its holder's fast path first,
     else the server connection's own protocol (``owner``, a ServerConn). ``fast`` follows the
-    holder (set by ``ServerConn.holder``)."""
+    holder (set by ``ServerConn.holder``). It keeps, as native attributes, the server
+    connection's fields that the fast path reads on every unit (``ServerConn`` exposes them
+    as properties): an attribute of an interpreted object costs a dictionary lookup or two
+    each time."""
 
-    def __init__(self, owner: Any) -> None:
+    def __init__(self, owner: Any, answers: Answers, replay: Any) -> None:
         self.owner = owner
         self.fast: PoolFast | None = None
+        self.holder: Any = None  # the PooledSession the server is lent to
+        self.transport: Any = None
+        self.write: Any = None  # transport.write, bound once (ServerConn.transport)
+        self.answers = answers
+        self.replay: Any = replay  # its BackendReplay, and two of its fields (never replaced)
+        self.prepared: dict[bytes, bytes] = replay.prepared
+        self.to_close: set[bytes] = replay.to_close
+        self.settings: dict[str, str] = {}  # startup parameters in force (replaced, not changed)
+        self.closed = False
+        self.cancels = 0  # cancel requests on their way
 
     def data_received(self, data: bytes) -> None:
         fast = self.fast

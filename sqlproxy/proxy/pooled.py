@@ -156,23 +156,20 @@ class ServerConn(asyncio.Protocol):
     def __init__(self, pool: PoolIO, address: tuple[str, int]) -> None:
         self.pool = pool
         self.address = address
-        self.transport: asyncio.Transport | None = None
-        self.key: tuple[int, bytes] | None = None
-        self._holder: PooledSession | None = None
         # The transport's protocol once logged in: the holder's fast path first (fastpool).
-        self.pump = PooledServerPump(self)
-        self.answers = Answers(replica=pool.replica is not None)
-        self.replay = BackendReplay()
-        self.settings: dict[str, str] = {}  # startup parameters in force
+        # It also keeps the fields the fast path reads on every unit (transport, answers,
+        # replay, settings, closed, cancels, holder) as native attributes: the properties
+        # below are the interpreted code's view of them.
+        self.pump = PooledServerPump(self, Answers(replica=pool.replica is not None),
+                                     BackendReplay())
+        self.key: tuple[int, bytes] | None = None
         self.login: ReplicaLogin | None = None
         self.frames: Frames | None = None
         self.waiter: asyncio.Future[str | None] | None = None
-        self.cancels = 0  # cancel requests on their way: not lent meanwhile
         self.return_pending: PooledSession | None = None
         self.resetting: PooledSession | None = None  # rolling back for this departed client
         self._reset_buf = bytearray()
         self._reset_failed = False
-        self.closed = False
         self.login_parameters: list[tuple[str, str]] = []
         self.id = pool.next_server_id()
 
@@ -182,12 +179,60 @@ class ServerConn(asyncio.Protocol):
     @property
     def holder(self) -> PooledSession | None:
         """The session this connection is lent to (its fast path hears the answers)."""
-        return self._holder
+        holder: PooledSession | None = self.pump.holder
+        return holder
 
     @holder.setter
     def holder(self, session: PooledSession | None) -> None:
-        self._holder = session
-        self.pump.fast = session.fast if session is not None else None
+        pump = self.pump
+        pump.holder = session
+        pump.fast = session.fast if session is not None else None
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        transport: asyncio.Transport | None = self.pump.transport
+        return transport
+
+    @transport.setter
+    def transport(self, transport: asyncio.Transport | None) -> None:
+        pump = self.pump
+        pump.transport = transport
+        pump.write = transport.write if transport is not None else None
+
+    @property
+    def answers(self) -> Answers:
+        return self.pump.answers
+
+    @property
+    def replay(self) -> BackendReplay:
+        replay: BackendReplay = self.pump.replay
+        return replay
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """Startup parameters in force (never changed in place: replaced)."""
+        return self.pump.settings
+
+    @settings.setter
+    def settings(self, settings: dict[str, str]) -> None:
+        self.pump.settings = settings
+
+    @property
+    def closed(self) -> bool:
+        return self.pump.closed
+
+    @closed.setter
+    def closed(self, closed: bool) -> None:
+        self.pump.closed = closed
+
+    @property
+    def cancels(self) -> int:
+        """Cancel requests on their way: not lent meanwhile."""
+        return self.pump.cancels
+
+    @cancels.setter
+    def cancels(self, cancels: int) -> None:
+        self.pump.cancels = cancels
 
     def go_hot(self) -> None:
         """Logged in: the fast path's pump reads the connection from now on."""
@@ -470,7 +515,7 @@ class PoolIO:
         url = cfg.proxy.primary_url if self.replica is None else self.replica.url
         address = (url.host, url.port)
         conn = ServerConn(self, address)
-        settings = dict(session.settings) if session is not None else {}
+        settings = session.settings if session is not None else {}
         params = {"user": self.user, "database": self.database, **settings}
         password = self.password or cfg.routing.passwords.get(self.user)
         keys = session.scram_keys if session is not None else None
@@ -527,7 +572,7 @@ class PoolIO:
         conn = ServerConn(self, backend.address)
         conn.transport = backend.transport
         conn.key = backend.key
-        conn.settings = dict(session.settings)
+        conn.settings = session.settings
         if backend.transport is not None:
             backend.transport.set_protocol(conn)
             conn.go_hot()
@@ -555,6 +600,7 @@ class PoolIO:
     def describe(self, now: float) -> dict[str, Any]:
         st = self.state
         stats = st.stats
+        p50, p99 = st.wait_percentiles([0.5, 0.99])
         return {
             "database": self.database,
             "user": self.user,
@@ -574,8 +620,7 @@ class PoolIO:
             "wait_total_ms": stats.wait_total_s * 1000,
             "max_waiting": stats.max_waiting,
             "wait_ms": {"max": stats.max_wait_s * 1000,
-                        "p50": st.wait_percentile(0.5) * 1000,
-                        "p99": st.wait_percentile(0.99) * 1000},
+                        "p50": p50 * 1000, "p99": p99 * 1000},
             "max_active": stats.max_active,
             "all_busy_share": st.busy_share(now),
             "servers_opened": stats.opened,
@@ -603,11 +648,25 @@ class PoolManager:
         self.cache = StatementCache()  # statement shapes when the profiler is off
         # Statement texts known not to pin (the check costs a scan per unit otherwise).
         self.clean_texts: set[str] = set()
+        # Clients' startup settings, one dict per distinct set (never changed in place): the
+        # fast path finds a server's settings the client's own by identity, not by comparing.
+        self._settings: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
         self.clean_shapes: set[str] = set()  # normalized statements that pin nothing
         self._ticker: asyncio.Task[None] | None = None
         self.reporter = PoolReporter()  # the pools' findings into the profiler's store
         self.auth = AuthQuery(server)  # pool.auth_user: the verifiers, for proxy logins
         self._report_at = 0.0
+
+    def shared_settings(self, settings: dict[str, str]) -> dict[str, str]:
+        """``settings``, or the equal dict of an earlier client (bounded: past 1024 distinct
+        sets, new ones are not shared)."""
+        key = frozenset(settings.items())
+        known = self._settings.get(key)
+        if known is not None:
+            return known
+        if len(self._settings) < 1024:
+            self._settings[key] = settings
+        return settings
 
     def report_findings(self) -> None:
         """``pool_saturated`` / ``connection_churn`` into the findings (sqlproxy.pool.report)."""
@@ -751,7 +810,8 @@ class PooledSession(ClientSession):
 
     async def _connect_backend(self, msg: StartupMessage) -> None:
         pool = self.pool = self.manager.pool(msg.database, msg.user)
-        self.settings = {k: v for k, v in msg.parameters.items() if k not in _NOT_SETTINGS}
+        self.settings = self.manager.shared_settings(
+            {k: v for k, v in msg.parameters.items() if k not in _NOT_SETTINGS})
         pool.client_joined(msg.application_name)
         self._joined = True
         if "options" in msg.parameters or "replication" in msg.parameters:
@@ -1044,7 +1104,7 @@ class PooledSession(ClientSession):
         if sql:
             pre = build(b"Q", cstr(sql))
             injected = 1
-            server.settings = dict(self.settings)
+            server.settings = self.settings
         if unit.queries and self.replay.statements:
             self._deallocated(unit)
         rp, n, _ = self.replay.preamble(server.replay, unit)

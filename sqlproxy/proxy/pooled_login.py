@@ -24,7 +24,8 @@ from sqlproxy.pool.auth import LoginServer
 from sqlproxy.proxy.session import SessionState
 
 if TYPE_CHECKING:
-    from sqlproxy.proxy.pooled import PooledSession, PoolIO
+    from sqlproxy.proxy.pooled import PooledSession
+    from sqlproxy.proxy.poolservers import PoolIO
     from sqlproxy.wire.messages import StartupMessage
 
 __all__ = ["client_auth_message", "proxy_login"]

@@ -31,7 +31,8 @@ from sqlproxy.routing.policy import RoutedStatement, Target
 from sqlproxy.routing.units import Unit
 
 if TYPE_CHECKING:
-    from sqlproxy.proxy.pooled import PooledSession, PoolIO, ServerConn
+    from sqlproxy.proxy.pooled import PooledSession
+    from sqlproxy.proxy.poolservers import PoolIO, ServerConn
     from sqlproxy.routing.answers import Event
 
 __all__ = ["after_primary", "deliver", "note_unit", "replica_failed", "replica_lost",

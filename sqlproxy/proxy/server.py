@@ -17,7 +17,8 @@ from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy.cached import CachedSession
 from sqlproxy.proxy.listener import Listener
-from sqlproxy.proxy.pooled import PooledSession, PoolManager
+from sqlproxy.proxy.pooled import PooledSession
+from sqlproxy.proxy.poolservers import PoolManager
 from sqlproxy.proxy.routed import RoutedSession
 from sqlproxy.proxy.session import ClientSession, SessionState
 from sqlproxy.proxy.tls import client_context, server_context

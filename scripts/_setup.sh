@@ -78,10 +78,10 @@ ensure_venv() {
         || die "$VENV uses Python < 3.11; remove it and rerun"
 
     # Reinstall only when the packaging or a mypyc-compiled hot-path module changed (or the
-    # project is not installed at all): the compiled extension would otherwise shadow the edit.
+    # project is not installed at all): the compiled extensions would otherwise shadow the edit.
     local stamp="$VENV/.sqlproxy-build.sha256" want
     local hot
-    hot="$(cd "$REPO_ROOT" && grep -o 'sqlproxy/[a-z_/]*\.py' setup.py | tr '\n' ' ')"
+    hot="$(cd "$REPO_ROOT" && grep -oE 'sqlproxy/[a-z_/]*\.(py|c)' setup.py | tr '\n' ' ')"
     # shellcheck disable=SC2086
     want="$(cd "$REPO_ROOT" && cat pyproject.toml setup.py $hot | sha256sum | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] \

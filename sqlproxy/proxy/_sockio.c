@@ -10,6 +10,13 @@
  *                               buffer (bytes, bytearray, memoryview); never raises SIGPIPE
  *
  * Errors raise OSError with the errno (ConnectionResetError, BrokenPipeError, ...).
+ *
+ * And one scan of the pooled fast path (fastpool.py), too slow in compiled Python:
+ *
+ *   pin_words(data, start, end, forget) -> bool
+ *                               whether data[start:end] (a statement text, not decoded) holds,
+ *                               in any case, one of the words that may pin a pooled client
+ *                               (fastpool.PIN_WORDS; with forget, FORGET_WORDS too)
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -80,12 +87,101 @@ sockio_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(n);
 }
 
+/* The words that may pin a pooled client (fastpool.may_pin) and, with forget, DEALLOCATE /
+ * DISCARD (fastpool.may_forget): lower case; forget words flagged. */
+struct word {
+    const char *text;
+    int forget;
+};
+static const struct word words[] = {
+    {"set", 0}, {"into", 0}, {"temp", 0}, {"listen", 0}, {"lo_open", 0}, {"prepare", 0},
+    {"advisory", 0}, {"declare", 0}, {"dblink", 0}, {"dealloc", 1}, {"discard", 1},
+};
+#define N_WORDS (sizeof(words) / sizeof(words[0]))
+#define MAX_PER_LETTER 4
+
+/* by_letter[c]: the words starting with byte c (either case), NULL-terminated; a byte no
+ * word starts with has none, and costs one load. */
+static const struct word *by_letter[256][MAX_PER_LETTER + 1];
+
+static void
+init_first_letters(void)
+{
+    for (size_t i = 0; i < N_WORDS; i++) {
+        unsigned char lower = (unsigned char)words[i].text[0];
+        unsigned char cases[2] = {lower, (unsigned char)(lower - 32)};
+        for (int c = 0; c < 2; c++) {
+            const struct word **slot = by_letter[cases[c]];
+            while (*slot != NULL)
+                slot++;  /* (MAX_PER_LETTER is the most any letter has) */
+            *slot = &words[i];
+        }
+    }
+}
+
+/* Whether text (lower case) is at p (before end), whatever the case of p's letters. The
+ * first letter matched already. */
+static int
+word_at(const unsigned char *p, const unsigned char *end, const char *text)
+{
+    const unsigned char *q = p + 1;
+    const char *w = text + 1;
+    while (*w != '\0') {
+        if (q >= end || (*q | 32) != ((unsigned char)*w | 32))
+            return 0;
+        w++;
+        q++;
+    }
+    return 1;
+}
+
+static PyObject *
+sockio_pin_words(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "pin_words() takes exactly 4 arguments (data, start, end, forget)");
+        return NULL;
+    }
+    if (!PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "pin_words() data must be bytes");
+        return NULL;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t stop = PyLong_AsSsize_t(args[2]);
+    if (stop == -1 && PyErr_Occurred())
+        return NULL;
+    int forget = PyObject_IsTrue(args[3]);
+    if (forget < 0)
+        return NULL;
+    if (start < 0)
+        start = 0;
+    if (stop > size)
+        stop = size;
+    const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    const unsigned char *end = base + stop;
+    for (const unsigned char *p = base + start; p < end; p++) {
+        const struct word *const *w = by_letter[*p];
+        for (; *w != NULL; w++) {
+            if ((forget || !(*w)->forget) && word_at(p, end, (*w)->text))
+                Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef sockio_methods[] = {
     {"recv", (PyCFunction)sockio_recv, METH_O,
      "recv(fd) -> bytes | None: read what the socket has (up to RECV_SIZE bytes) without waiting; "
      "b'' at end of stream, None if nothing is there."},
     {"send", (PyCFunction)(void (*)(void))sockio_send, METH_FASTCALL,
      "send(fd, data) -> int: write what the socket takes now; 0 if it takes nothing."},
+    {"pin_words", (PyCFunction)(void (*)(void))sockio_pin_words, METH_FASTCALL,
+     "pin_words(data, start, end, forget) -> bool: whether data[start:end] holds, in any case, "
+     "a word that may pin a pooled client (with forget: DEALLOCATE / DISCARD too)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -100,6 +196,7 @@ static struct PyModuleDef sockio_module = {
 PyMODINIT_FUNC
 PyInit__sockio(void)
 {
+    init_first_letters();
     PyObject *module = PyModule_Create(&sockio_module);
     if (module != NULL && PyModule_AddIntConstant(module, "RECV_SIZE", RECV_SIZE) < 0) {
         Py_DECREF(module);

@@ -28,6 +28,7 @@ bookkeeping (which server holds which of the client's statements) as the general
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -42,6 +43,11 @@ from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
 from sqlproxy.wire.conversation import Conversation, NativeListener, Pending, find_nul, length_at
+
+try:
+    from sqlproxy.proxy import _sockio
+except ImportError:  # pragma: no cover - built with the package
+    _sockio = None  # type: ignore[assignment]
 
 __all__ = ["PoolFast", "PooledClientPump", "PooledListener", "PooledRecorder",
            "PooledServerPump", "may_forget", "may_pin"]
@@ -116,6 +122,12 @@ def may_pin_at(data: bytes, start: i64, end: i64, forget: bool) -> bool:
     return False
 
 
+# The scan the fast path runs on every statement text: ``may_pin_at`` in C (``_sockio.c``),
+# an eighth of its cost compiled from Python (tested to agree with it).
+scan_pin: Final[Callable[[bytes, int, int, bool], bool]] = (
+    _sockio.pin_words if _sockio is not None else may_pin_at)
+
+
 def may_forget(text: str) -> bool:
     """Whether ``text`` may hold a DEALLOCATE or DISCARD (a completed statement's tag does not
     reach a native listener): the session then checks it statement by statement."""
@@ -133,6 +145,7 @@ class PoolFast:
         self.max_message = max_message
         self.limit = limit  # pool.max_prepared_per_server
         self.held: Any = None  # the ServerConn lent to the session
+        self.held_pump: PooledServerPump | None = None  # its pump (set with ``held``)
         self.waiting = False  # queued for a server
         self.open_unit = False  # a unit ended by Flush: the server stays until Sync
         self.pinned: str | None = None
@@ -151,7 +164,7 @@ class PoolFast:
         self.clean_shapes: set[str] = set()  # its normalized statements known not to pin
         self.profiler: Profiler | None = None
         self.client_transport: Any = None
-        self.write_client: Callable[[bytes], object] | None = None
+        self.client_pump: PooledClientPump | None = None  # writes to the client (``send``)
         self.parses_sent: list[bytes] = []  # the session's Parse messages awaiting answers
         self.clock: Callable[[], float] = time.perf_counter
         self.monotonic: Callable[[], float] = time.monotonic
@@ -185,7 +198,6 @@ class PoolFast:
         self.clean_shapes = clean_shapes
         self.profiler = profiler
         self.client_transport = client_transport
-        self.write_client = client_transport.write if client_transport is not None else None
         self.parses_sent = parses_sent
         self.enabled = True
 
@@ -223,7 +235,7 @@ class PoolFast:
         if t == _QUERY:
             if length_at(data, 1) != n - 1 or n - 1 > self.max_message or data[n - 1] != 0:
                 return False
-            if may_pin_at(data, 5, n - 1, len(self.statements) > 0):
+            if scan_pin(data, 5, n - 1, len(self.statements) > 0):
                 text = data[5 : n - 1].decode("utf-8", "replace")
                 if not self._clean(text):
                     return False
@@ -270,7 +282,7 @@ class PoolFast:
                 else:
                     stop = find_nul(data, pstart + 6, pend)
                     text = data[pstart + 6 : stop].decode("utf-8", "replace")
-                    if may_pin_at(data, pstart + 6, stop, len(self.statements) > 0) \
+                    if scan_pin(data, pstart + 6, stop, len(self.statements) > 0) \
                             and not self._clean(text):
                         return False
                     self.last_parse = parse
@@ -307,14 +319,14 @@ class PoolFast:
             got = state.checkout(self.session, self.monotonic(), info.application_name)
             # (An idle server and no waiters: the checkout lends it, never OPEN or a wait.)
             assert got is not None and not isinstance(got, _Open)
-            server = got
-            self.hold(server)
-        return self.send(server, data)
+            self.hold(got)
+        pump = self.held_pump
+        assert pump is not None
+        return self.send(pump, data)
 
-    def send(self, server: Any, data: bytes) -> bool:
-        """Send the unit ``data`` (scanned by ``client``: ``u_*``) to ``server``, held now,
-        unless it needs settings or statements replayed there first (False)."""
-        pump: PooledServerPump = server.pump
+    def send(self, pump: PooledServerPump, data: bytes) -> bool:
+        """Send the unit ``data`` (scanned by ``client``: ``u_*``) to the server held now
+        (``pump``'s), unless it needs settings or statements replayed there first (False)."""
         transport = pump.transport
         if transport is None or pump.closed or pump.to_close or pump.answers.busy:
             return False  # the general path replays what is needed on the server it holds
@@ -337,7 +349,7 @@ class PoolFast:
         except ProtocolViolation as exc:
             self.session.fail(exc)
             return True
-        pump.write(data)
+        pump.send(data)
         self.open_unit = False
         self.fast_units += 1
         # (``in`` and ``del`` rather than ``pop``: a method call costs a lookup by name.)
@@ -358,13 +370,14 @@ class PoolFast:
                 pump.replay.bound((), self.limit)
         return True
 
-    def send_parked(self, server: Any) -> bool:
+    def send_parked(self) -> bool:
         """The server for the parked unit has come (held now): send it. False: the general
         path must (``take_parked`` gives it the unit)."""
         data = self.parked
         if not data:
             return True
-        if self.send(server, data):
+        pump = self.held_pump
+        if pump is not None and self.send(pump, data):
             self.parked = b""
             return True
         return False
@@ -380,44 +393,45 @@ class PoolFast:
         pump.holder = self.session
         pump.fast = self
         self.held = server
+        self.held_pump = pump
 
     def take(self, server: Any) -> None:
         """A hand-over: ``server`` is this waiting session's now; its parked unit goes."""
         self.waiting = False
         self.hold(server)
-        if not self.send_parked(server):
+        if not self.send_parked():
             self.session.unpark()
 
     # ------------------------------------------------------------------ server side
-    def answer(self, server: Any, data: bytes) -> bool:
-        """A chunk from ``server`` (the one this session holds): to the client as received
-        when nothing of it is to be swallowed or stripped; the server goes back when idle."""
-        if server is not self.held or not self.enabled:
+    def answer(self, pump: PooledServerPump, data: bytes) -> bool:
+        """A chunk from ``pump``'s server (the one this session holds): to the client as
+        received when nothing of it is to be swallowed or stripped; the server goes back when
+        idle."""
+        if pump is not self.held_pump or not self.enabled:
             return False
-        pump: PooledServerPump = server.pump
         answers = pump.answers
         if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent) \
                 or answers.in_unit:
             return False
         conv = self.conv
         assert conv is not None
-        transport = self.client_transport
-        if not transport.is_closing():
-            write = self.write_client
-            assert write is not None
-            write(data)
+        client = self.client_pump
+        assert client is not None
+        client.send(data)
         conv.feed_backend(data, self.clock())
         if conv.busy or conv.tx_status != _IDLE or self.open_unit or self.pinned is not None \
                 or len(self.units):
             return True
-        self.checkin(server)
+        self.checkin(pump)
         return True
 
-    def checkin(self, server: Any) -> None:
-        """Give ``server`` back (clean: idle, nothing owed); the next waiter gets it."""
+    def checkin(self, pump: PooledServerPump) -> None:
+        """Give the server held (``pump``'s) back (clean: idle, nothing owed); the next
+        waiter gets it."""
+        server = self.held
         self.held = None
+        self.held_pump = None
         session = self.session
-        pump: PooledServerPump = server.pump
         pump.holder = None  # (ServerConn.holder, without its interpreted setter)
         pump.fast = None
         pool = self.pool
@@ -441,13 +455,146 @@ class PoolFast:
                 fast.take(got)
 
 
-class PooledClientPump:
+def _no_recv(fd: int) -> bytes | None:
+    raise OSError("no direct relay (sqlproxy.proxy._sockio is not built)")
+
+
+def _no_send(fd: int, data: bytes) -> int:
+    raise OSError("no direct relay (sqlproxy.proxy._sockio is not built)")
+
+
+def _nothing_buffered() -> int:
+    return 0
+
+
+class _Direct:
+    """A pump's socket read and written directly (the module doc's direct relay), once
+    ``start_direct`` succeeds; until then, and after ``stop_direct``, its transport's."""
+
+    def __init__(self) -> None:
+        self.transport: Any = None
+        self.fd: i64 = -1  # a duplicate of the transport's socket, watched by the loop
+        self.loop: Any = None
+        self.watching = False
+        self.paused = False  # reading paused (backpressure), whoever reads
+        # Held here: a compiled call of a native attribute costs no lookup by name.
+        self.recv: Callable[[int], bytes | None] = _sockio.recv if _sockio is not None \
+            else _no_recv
+        self.sendto: Callable[[int, bytes], int] = _sockio.send if _sockio is not None \
+            else _no_send
+        self.buffered: Callable[[], int] = _nothing_buffered  # transport.get_write_buffer_size
+
+    def data_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def start_direct(self, loop: Any) -> bool:
+        """Read and write the transport's socket directly from now on, if it is a plain
+        socket with nothing left to write. False: the transport carries on."""
+        t = self.transport
+        if _sockio is None or self.fd >= 0 or t is None or t.is_closing() \
+                or t.get_extra_info("ssl_object") is not None or t.get_write_buffer_size():
+            return False
+        sock = t.get_extra_info("socket")
+        if sock is None:
+            return False
+        self.fd = os.dup(sock.fileno())
+        self.loop = loop
+        self.buffered = t.get_write_buffer_size
+        t.pause_reading()
+        try:
+            self.watch()
+        except BaseException:
+            self.stop_direct()
+            raise
+        return True
+
+    def watch(self) -> None:
+        if self.fd >= 0 and not self.watching and not self.paused:
+            self.watching = True
+            self.loop.add_reader(self.fd, self.readable)
+
+    def unwatch(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.loop.remove_reader(self.fd)
+
+    def readable(self) -> None:
+        fd = self.fd
+        if fd < 0:
+            return
+        try:
+            data = self.recv(fd)
+        except OSError:
+            self.stop_direct()  # the transport, reading again, meets the error itself
+            return
+        if data is None:
+            return
+        if not data:  # the end of the stream: the transport closes, as eof_received has it
+            self.stop_direct()
+            t = self.transport
+            if t is not None:
+                t.close()
+            return
+        self.data_received(data)
+
+    def stop_direct(self) -> None:
+        """Give the socket back to the transport (and close the duplicate). Idempotent."""
+        fd = self.fd
+        if fd < 0:
+            return
+        self.unwatch()
+        self.fd = -1
+        os.close(fd)
+        t = self.transport
+        if t is not None and not t.is_closing() and not self.paused:
+            t.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        if self.fd >= 0:
+            self.unwatch()
+        elif self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        t = self.transport
+        if self.fd >= 0:
+            self.watch()
+        elif t is not None and not t.is_closing():
+            t.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        """Write ``data``: to the socket directly while the transport has nothing waiting
+        (what the socket does not take goes to the transport, which keeps the order), else
+        to the transport."""
+        t = self.transport
+        fd = self.fd
+        if fd >= 0 and not self.buffered():
+            try:
+                n = self.sendto(fd, data)
+            except OSError:  # the transport meets the error in turn and reports the loss
+                n = 0
+            if n == len(data):
+                return
+            data = data[n:]
+        if not t.is_closing():
+            t.write(data)
+
+
+class PooledClientPump(_Direct):
     """The client transport's protocol of a ready pooled session: the fast path first, else
     the session (``owner``), which also hears of everything else on the connection."""
 
-    def __init__(self, owner: Any, fast: PoolFast) -> None:
+    def __init__(self, owner: Any, fast: PoolFast, transport: Any) -> None:
+        super().__init__()
         self.owner = owner
         self.fast = fast
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
         if self.fast.client(data):
@@ -458,6 +605,7 @@ class PooledClientPump:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_direct()
         self.owner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -467,7 +615,7 @@ class PooledClientPump:
         self.owner.resume_writing()
 
 
-class PooledServerPump:
+class PooledServerPump(_Direct):
     """A pooled server transport's protocol once logged in: its holder's fast path first,
     else the server connection's own protocol (``owner``, a ServerConn). ``fast`` follows the
     holder (set by ``ServerConn.holder``). It keeps, as native attributes, the server
@@ -476,11 +624,10 @@ class PooledServerPump:
     each time."""
 
     def __init__(self, owner: Any, answers: Answers, replay: Any) -> None:
+        super().__init__()
         self.owner = owner
         self.fast: PoolFast | None = None
         self.holder: Any = None  # the PooledSession the server is lent to
-        self.transport: Any = None
-        self.write: Any = None  # transport.write, bound once (ServerConn.transport)
         self.answers = answers
         self.replay: Any = replay  # its BackendReplay, and two of its fields (never replaced)
         self.prepared: dict[bytes, bytes] = replay.prepared
@@ -491,7 +638,7 @@ class PooledServerPump:
 
     def data_received(self, data: bytes) -> None:
         fast = self.fast
-        if fast is not None and fast.answer(self.owner, data):
+        if fast is not None and fast.answer(self, data):
             return
         self.owner.data_received(data)
 
@@ -499,6 +646,7 @@ class PooledServerPump:
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_direct()
         self.owner.connection_lost(exc)
 
     def pause_writing(self) -> None:

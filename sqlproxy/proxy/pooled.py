@@ -133,6 +133,8 @@ class PooledSession(ClientSession):
                              self.config.pool.max_prepared_per_server)
         if self.profiler is not None:
             self.recorder = PooledRecorder(self.profiler, self, self.info, self.route)
+        self.client_pump: PooledClientPump | None = None  # the client's protocol once ready
+        self._paused_server: ServerConn | None = None  # not read while the client is slow
         self.frames = Frames(self.config.proxy.max_message_bytes)
         self.cutter = UnitCutter()
         self.units: deque[Unit] = deque()
@@ -164,6 +166,7 @@ class PooledSession(ClientSession):
     @held.setter
     def held(self, server: ServerConn | None) -> None:
         self.fast.held = server
+        self.fast.held_pump = server.pump if server is not None else None
 
     @property
     def waiting(self) -> bool:
@@ -310,9 +313,17 @@ class PooledSession(ClientSession):
                              self.replay.statements, self.settings, self.manager.clean_texts,
                              self.manager.clean_shapes, self.profiler, t,
                              self._parses_sent)
-            t.set_protocol(PooledClientPump(self, self.fast))  # type: ignore[arg-type]
+            pump = self.client_pump = PooledClientPump(self, self.fast, t)
+            self.fast.client_pump = pump
+            t.set_protocol(pump)  # type: ignore[arg-type]
             if self.router is not None:
                 self.fast.enabled = False  # every unit is routed by the general path
+            if self.config.proxy.direct_relay and self.tls is None:
+                try:
+                    pump.start_direct(asyncio.get_running_loop())
+                except Exception as exc:  # e.g. out of descriptors: the transport carries on
+                    log.warning("direct_relay_unavailable", session=self.id,
+                                error=f"{type(exc).__name__}: {exc}")
         if self._pending_to_backend:  # sent before we answered the login
             early = bytes(self._pending_to_backend)
             self._pending_to_backend.clear()
@@ -426,7 +437,7 @@ class PooledSession(ClientSession):
         self.waiting = False
         server.holder = self
         self.held = server
-        if not self.fast.send_parked(server):
+        if not self.fast.send_parked():
             self.unpark()
             return
         self._pump()
@@ -737,7 +748,46 @@ class PooledSession(ClientSession):
         return task
 
     # ------------------------------------------------------------------ teardown
+    # ------------------------------------------------------------------ backpressure
+    def pause_client_reading(self) -> None:
+        """The server this session holds cannot take more: stop reading the client."""
+        pump = self.client_pump
+        if pump is not None:
+            pump.pause_reading()
+        elif self.client_transport is not None:
+            self.client_transport.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        pump = self.client_pump
+        t = self.client_transport
+        if pump is not None:
+            pump.resume_reading()
+        elif t is not None and not t.is_closing():
+            t.resume_reading()
+
+    def pause_writing(self) -> None:
+        """The client is slow to read what we write it: stop reading the server it holds
+        (the server stays lent until the client has drained its answers)."""
+        server = self.held
+        if server is None:
+            super().pause_writing()  # logging in: the login's server connection
+        elif self._paused_server is None and not server.closed:
+            self._paused_server = server
+            server.pump.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._paused_server is None:
+            super().resume_writing()
+        self._resume_server()
+
+    def _resume_server(self) -> None:
+        server = self._paused_server
+        if server is not None:
+            self._paused_server = None
+            server.pump.resume_reading()
+
     def _give_back(self, leaving: str) -> None:
+        self._resume_server()  # the server must be heard to be rolled back or given back
         self.fast.enabled = False
         self.fast.take_parked()
         pool = self.pool
@@ -795,6 +845,8 @@ class PooledSession(ClientSession):
     def describe(self) -> dict[str, Any]:
         out = super().describe()
         out["backends"] = ["primary"] if self.held is not None else []
+        pump = self.client_pump
+        out["direct_relay"] = pump is not None and pump.fd >= 0
         out["pool"] = {"holds_server": self.held is not None, "waiting": self.waiting,
                        "pinned": self.pinned, "fast_units": self.fast.fast_units}
         return out

@@ -113,9 +113,7 @@ class ServerConn(asyncio.Protocol):
 
     @transport.setter
     def transport(self, transport: asyncio.Transport | None) -> None:
-        pump = self.pump
-        pump.transport = transport
-        pump.write = transport.write if transport is not None else None
+        self.pump.transport = transport
 
     @property
     def answers(self) -> Answers:
@@ -157,6 +155,12 @@ class ServerConn(asyncio.Protocol):
         t = self.transport
         if t is not None and not t.is_closing():
             t.set_protocol(self.pump)  # type: ignore[arg-type]
+            if self.pool.server.config.proxy.direct_relay:
+                try:
+                    self.pump.start_direct(asyncio.get_running_loop())
+                except Exception as exc:  # e.g. out of descriptors: the transport carries on
+                    log.warning("direct_relay_unavailable", server=self.id,
+                                error=f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -240,14 +244,13 @@ class ServerConn(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         holder = self.holder
-        if holder is not None and holder.client_transport is not None:
-            holder.client_transport.pause_reading()
+        if holder is not None:
+            holder.pause_client_reading()
 
     def resume_writing(self) -> None:
         holder = self.holder
-        t = holder.client_transport if holder is not None else None
-        if t is not None and not t.is_closing():
-            t.resume_reading()
+        if holder is not None:
+            holder.resume_client_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None

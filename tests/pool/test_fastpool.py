@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sqlproxy.proxy.fastpool import may_forget, may_pin, may_pin_at
+from sqlproxy.proxy.fastpool import may_forget, may_pin, may_pin_at, scan_pin
 from tests.pool.test_pooling import _pgbench, bench_db, pooled, pools_of, server_connections
 from tests.support import pg
 from tests.support.clients import client_env
@@ -127,3 +127,4 @@ def test_byte_scan_agrees_with_the_text_check(text: str, forget: bool) -> None:
     data = b"Q....\x00" + text.encode() + b"\x00"
     want = may_pin(text) or (forget and may_forget(text))
     assert may_pin_at(data, 6, len(data) - 1, forget) == want
+    assert scan_pin(data, 6, len(data) - 1, forget) == want  # the C scan the fast path runs

@@ -98,34 +98,28 @@ static const struct word words[] = {
     {"advisory", 0}, {"declare", 0}, {"dblink", 0}, {"dealloc", 1}, {"discard", 1},
 };
 #define N_WORDS (sizeof(words) / sizeof(words[0]))
-#define MAX_PER_LETTER 4
 
-/* by_letter[c]: the words starting with byte c (either case), NULL-terminated; a byte no
- * word starts with has none, and costs one load. */
-static const struct word *by_letter[256][MAX_PER_LETTER + 1];
+/* starts[c]: bit i set if words[i] starts with byte c (either case); most bytes start none,
+ * and cost one load. */
+static unsigned int starts[256];
 
 static void
 init_first_letters(void)
 {
     for (size_t i = 0; i < N_WORDS; i++) {
         unsigned char lower = (unsigned char)words[i].text[0];
-        unsigned char cases[2] = {lower, (unsigned char)(lower - 32)};
-        for (int c = 0; c < 2; c++) {
-            const struct word **slot = by_letter[cases[c]];
-            while (*slot != NULL)
-                slot++;  /* (MAX_PER_LETTER is the most any letter has) */
-            *slot = &words[i];
-        }
+        starts[lower] |= 1u << i;
+        starts[(unsigned char)(lower - 32)] |= 1u << i;
     }
 }
 
-/* Whether text (lower case) is at p (before end), whatever the case of p's letters. The
- * first letter matched already. */
+/* Whether text (lower case, two letters or more) is at p (before end), whatever the case of
+ * p's letters; its first two letters matched already. */
 static int
 word_at(const unsigned char *p, const unsigned char *end, const char *text)
 {
-    const unsigned char *q = p + 1;
-    const char *w = text + 1;
+    const unsigned char *q = p + 2;
+    const char *w = text + 2;
     while (*w != '\0') {
         if (q >= end || (*q | 32) != ((unsigned char)*w | 32))
             return 0;
@@ -163,12 +157,23 @@ sockio_pin_words(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         stop = size;
     const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     const unsigned char *end = base + stop;
-    for (const unsigned char *p = base + start; p < end; p++) {
-        const struct word *const *w = by_letter[*p];
-        for (; *w != NULL; w++) {
-            if ((forget || !(*w)->forget) && word_at(p, end, (*w)->text))
+    unsigned int allowed = 0;
+    for (size_t i = 0; i < N_WORDS; i++) {
+        if (forget || !words[i].forget)
+            allowed |= 1u << i;
+    }
+    for (const unsigned char *p = base + start; p + 1 < end; p++) {
+        unsigned int m = starts[*p] & allowed;
+        if (m == 0)
+            continue;
+        unsigned char second = p[1] | 32;
+        do {
+            int i = __builtin_ctz(m);
+            m &= m - 1;
+            if (((unsigned char)words[i].text[1] | 32) == second
+                    && word_at(p, end, words[i].text))
                 Py_RETURN_TRUE;
-        }
+        } while (m != 0);
     }
     Py_RETURN_FALSE;
 }

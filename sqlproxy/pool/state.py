@@ -61,10 +61,21 @@ class Limits:
 class Waiter(Generic[C]):
     """A client queued for a server (or, ``login``, for a slot to open one)."""
 
-    def __init__(self, client: C, since: float, login: bool = False) -> None:
+    def __init__(self, client: C, since: float, login: bool = False,
+                 app: str | None = None) -> None:
         self.client = client
         self.since = since
         self.login = login  # wants a slot for a new connection, not a server
+        self.app = app  # its application_name, counted when it gets a server
+
+
+class _AppCount:
+    """Server connections one application holds now, and the most it ever held."""
+
+    def __init__(self, app: str) -> None:
+        self.app = app
+        self.active = 0
+        self.max_active = 0
 
 
 class Handoff(Generic[S, C]):
@@ -94,7 +105,6 @@ class PoolStats:
     wait_timeouts: int = 0
     max_wait_s: float = 0.0
     wait_total_s: float = 0.0
-    wait_samples: deque[float] = field(default_factory=lambda: deque(maxlen=_WAIT_SAMPLES))
     opened: int = 0
     open_failures: int = 0
     closed: dict[str, int] = field(default_factory=dict)  # reason -> count
@@ -109,7 +119,9 @@ class Pool(Generic[S, C]):
 
     def __init__(self, limits: Limits, now: float) -> None:
         self.limits = limits
-        self.idle: deque[S] = deque()  # right end: most recently returned
+        # Right end: the most recently returned. A list: its append and pop are native calls
+        # (a deque's cost a lookup by name); the left end is taken only to make room.
+        self.idle: list[S] = []
         self.servers: dict[S, _ServerInfo] = {}
         self.active = 0
         self.opening = 0
@@ -117,8 +129,14 @@ class Pool(Generic[S, C]):
         self.stats = PoolStats()
         self.started = now
         self._all_busy_since: float | None = None
-        self._active_by_app: dict[str, int] = {}
-        self._app_of: dict[C, str] = {}
+        # Per application: its count, and the count each client holding a server adds to;
+        # the last application counted is kept at hand (most pools serve one).
+        self._apps: dict[str, _AppCount] = {}
+        self._app_of: dict[C, _AppCount] = {}
+        self._last_app = _AppCount("")
+        # The last _WAIT_SAMPLES waits for a server (0 for none), in a ring.
+        self._waits: list[float] = []
+        self._next_wait = 0
         # False: a client may not open a new connection (the proxy cannot log in as this
         # user on its own); clients wait for a server instead.
         self.may_open = True
@@ -133,8 +151,8 @@ class Pool(Generic[S, C]):
         return self.wait_percentiles([q])[0]
 
     def wait_percentiles(self, qs: list[float]) -> list[float]:
-        """The waits at quantiles ``qs``, from one sort of the samples."""
-        samples = sorted(self.stats.wait_samples)
+        """The waits at quantiles ``qs`` (of the last checkouts), from one sort."""
+        samples = sorted(self._waits)
         if not samples:
             return [0.0 for _ in qs]
         n = len(samples)
@@ -170,17 +188,31 @@ class Pool(Generic[S, C]):
     def _lent(self, client: C, app: str | None, waited: float, now: float) -> None:
         st = self.stats
         st.checkouts += 1
-        st.wait_samples.append(waited)
+        waits = self._waits
+        if len(waits) < _WAIT_SAMPLES:
+            waits.append(waited)
+        else:
+            i = self._next_wait
+            waits[i] = waited
+            self._next_wait = i + 1 if i + 1 < _WAIT_SAMPLES else 0
         if waited > 0:
             st.waits += 1
             st.wait_total_s += waited
             st.max_wait_s = max(st.max_wait_s, waited)
         if app is not None:
-            self._app_of[client] = app
-            n = self._active_by_app.get(app, 0) + 1
-            self._active_by_app[app] = n
-            if n > st.max_active_by_app.get(app, 0):
-                st.max_active_by_app[app] = n
+            count = self._last_app
+            if count.app != app:
+                apps = self._apps
+                if app in apps:
+                    count = apps[app]
+                else:
+                    count = apps[app] = _AppCount(app)
+                self._last_app = count
+            self._app_of[client] = count
+            count.active += 1
+            if count.active > count.max_active:
+                count.max_active = count.active
+                st.max_active_by_app[app] = count.active
         self._busy_changed(now)
 
     def released(self, client: C) -> None:
@@ -188,14 +220,8 @@ class Pool(Generic[S, C]):
         # (``in``/``del`` rather than ``pop``: a method call costs a lookup by name.)
         app_of = self._app_of
         if client in app_of:
-            app = app_of[client]
+            app_of[client].active -= 1
             del app_of[client]
-            by_app = self._active_by_app
-            n = by_app.get(app, 1) - 1
-            if n > 0:
-                by_app[app] = n
-            elif app in by_app:
-                del by_app[app]
 
     # ------------------------------------------------------------------ lending
     def checkout(self, client: C, now: float, app: str | None = None) -> S | _Open | None:
@@ -212,9 +238,7 @@ class Pool(Generic[S, C]):
             self.active += 1
             self._lent(client, app, 0.0, now)
             return OPEN
-        self.waiters.append(Waiter(client, now))
-        if app is not None:
-            self._app_of[client] = app
+        self.waiters.append(Waiter(client, now, app=app))
         self._busy_changed(now)
         return None
 
@@ -227,7 +251,7 @@ class Pool(Generic[S, C]):
             self._busy_changed(now)
             return True, None
         if self.idle and not self.waiters:
-            victim = self.idle.popleft()  # the least recently used
+            victim = self.idle.pop(0)  # the least recently used
             self._forget(victim, "login")
             self.opening += 1
             self.active += 1
@@ -272,7 +296,7 @@ class Pool(Generic[S, C]):
             w = self.waiters.popleft()
             self.active += 1
             waited = now - w.since
-            self._lent(w.client, self._app_of.get(w.client), waited, now)
+            self._lent(w.client, w.app, waited, now)
             return [Handoff(w.client, server, waited)], False
         self.idle.append(server)
         if self.waiters:  # a login waiting: it closes this idle one for room
@@ -291,7 +315,7 @@ class Pool(Generic[S, C]):
                 self.waiters.popleft()
                 self.active += 1
                 waited = now - w.since
-                self._lent(w.client, self._app_of.get(w.client), waited, now)
+                self._lent(w.client, w.app, waited, now)
                 out.append(Handoff(w.client, server, waited))
                 continue
             victim: S | None = None
@@ -300,7 +324,7 @@ class Pool(Generic[S, C]):
             if self.total >= self.limits.size:
                 if not (w.login and self.idle):
                     break
-                victim = self.idle.popleft()
+                victim = self.idle.pop(0)
                 self._forget(victim, "login")
             self.waiters.popleft()
             self.opening += 1
@@ -309,7 +333,7 @@ class Pool(Generic[S, C]):
             if w.login:
                 self._busy_changed(now)
             else:
-                self._lent(w.client, self._app_of.get(w.client), waited, now)
+                self._lent(w.client, w.app, waited, now)
             out.append(Handoff(w.client, OPEN, waited, victim))
         self._busy_changed(now)
         return out
@@ -333,7 +357,6 @@ class Pool(Generic[S, C]):
             if w.client == client:
                 self.waiters.remove(w)
                 break
-        self._app_of.pop(client, None)
 
     def is_idle(self, server: S) -> bool:
         return server in self.idle
@@ -346,7 +369,6 @@ class Pool(Generic[S, C]):
         while self.waiters and now - self.waiters[0].since >= self.limits.max_wait_s:
             w = self.waiters.popleft()
             late.append(w.client)
-            self._app_of.pop(w.client, None)
             self.stats.wait_timeouts += 1
             self.stats.wait_total_s += now - w.since
         to_close: list[S] = []

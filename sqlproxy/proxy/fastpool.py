@@ -158,6 +158,7 @@ class PoolFast:
         self.units: Any = None  # the session's deque of queued units
         self.cutter: UnitCutter | None = None
         self.frames: Any = None  # its Frames
+        self.frames_buf = bytearray()  # their buffer (never replaced): what they hold
         self.statements: dict[bytes, tuple[str, bytes]] = {}  # its Replay.statements
         self.settings: dict[str, str] = {}  # its startup settings
         self.clean_texts: set[str] = set()  # the manager's texts known not to pin
@@ -192,6 +193,7 @@ class PoolFast:
         self.units = units
         self.cutter = cutter
         self.frames = frames
+        self.frames_buf = frames.buf
         self.statements = statements
         self.settings = settings
         self.clean_texts = clean_texts
@@ -226,7 +228,7 @@ class PoolFast:
         n: i64 = len(data)
         cutter = self.cutter
         assert cutter is not None
-        if n < 6 or len(self.units) or not cutter.empty or len(self.frames.buf):
+        if n < 6 or len(self.units) or not cutter.empty or len(self.frames_buf):
             return False
         t: i64 = data[0]
         bound = b""  # a named statement the unit binds
@@ -355,9 +357,9 @@ class PoolFast:
         # (``in`` and ``del`` rather than ``pop``: a method call costs a lookup by name.)
         if self.u_kind == _QUERY:  # a simple Query drops the unnamed statement
             statements = self.statements
-            if b"" in statements:
+            if statements and b"" in statements:
                 del statements[b""]
-            if b"" in prepared:
+            if prepared and b"" in prepared:
                 del prepared[b""]
         elif self.u_parse:
             self.statements[b""] = (self.u_text, self.u_parse)
@@ -435,8 +437,9 @@ class PoolFast:
         pump.holder = None  # (ServerConn.holder, without its interpreted setter)
         pump.fast = None
         pool = self.pool
-        transport = pump.transport
-        if pump.cancels or pump.closed or transport is None or transport.is_closing():
+        # (A transport closing without ``closed`` yet is lost a moment later: the pool then
+        # forgets the server, as it does an idle one the server closes.)
+        if pump.cancels or pump.closed or pump.transport is None:
             pool.checkin(session, server, True)  # the general rules (cancel, closed)
             return
         state = self.state

@@ -92,7 +92,7 @@ def test_login_evicts_an_idle_server_but_never_exceeds_size() -> None:
     assert p.total == 1
     p.opened("s2", 0.3)
     handoffs, _ = p.checkin("s2", 0.4, "b")
-    assert p.idle == __import__("collections").deque(["s2"])
+    assert p.idle == ["s2"]
     granted, victim = p.login("c", 0.5)
     assert granted and victim == "s2" and p.total == 1
 

@@ -422,7 +422,7 @@ class PooledSession(ClientSession):
         if len(unit.data) != sum(len(m) for _, _, m in unit.parses) + len(SYNC):
             return False  # something else in it
         for name, sql, msg in unit.parses:
-            self.replay.statements[name] = (sql, msg)
+            self.replay.statements[name] = (sql, known[msg])
         now = _perf()
         conv.feed_frontend(bytes(unit.data), now)
         answer = PARSE_COMPLETE * len(unit.parses) + ready_for_query()
@@ -673,7 +673,9 @@ class PooledSession(ClientSession):
                 known = self.pool.known_parses
                 if len(known) > 10_000:
                     known.clear()
-                known.update(self._parses_sent)
+                for msg in self._parses_sent:
+                    if msg not in known:
+                        known[msg] = msg
             self._parses_sent.clear()
         if server.answers.swallow_errors:
             for body in server.answers.swallow_errors:

@@ -310,7 +310,9 @@ class PoolIO:
         self.fast_units = 0  # units the compiled fast path sent, of the clients gone
         # Parse messages that a server of this pool accepted: a client preparing one of these
         # outside a transaction is answered without a server (see PooledSession._prepare).
-        self.known_parses: set[bytes] = set()
+        # Each maps to its first copy: the clients' statements share it, so the fast path
+        # finds a server's statement the same as a client's by identity, not by comparing.
+        self.known_parses: dict[bytes, bytes] = {}
         # Kept up to date here (the fast path queues clients without asking).
         self.state.may_open = self.can_open
 

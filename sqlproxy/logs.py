@@ -29,7 +29,9 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # (A WriteLogger writes a line in one call: PrintLogger's print() makes two system
+        # calls of it, the line and its newline.)
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
 

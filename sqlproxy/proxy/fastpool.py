@@ -598,11 +598,31 @@ class PooledClientPump(_Direct):
         self.owner = owner
         self.fast = fast
         self.transport = transport
+        # Chunks served through the transport before the socket is read directly (-1:
+        # never): a connection that comes for one transaction and goes (pgbench -C, a client
+        # without a pool) would pay more to set the direct relay up than it saves.
+        self.direct_after: i64 = -1
 
     def data_received(self, data: bytes) -> None:
-        if self.fast.client(data):
+        if not self.fast.client(data):
+            self.owner.data_received(data)
+        if self.direct_after > 0:
+            self.count_down()
+
+    def count_down(self) -> None:
+        self.direct_after -= 1
+        if self.direct_after:
             return
-        self.owner.data_received(data)
+        t = self.transport
+        if t.is_closing() or self.paused:
+            return
+        if t.get_write_buffer_size():
+            self.direct_after = 1  # once the transport has written what it holds
+            return
+        try:
+            self.start_direct(self.owner.loop)
+        except Exception as exc:  # e.g. out of descriptors: the transport carries on
+            self.owner.direct_relay_failed(exc)
 
     def eof_received(self) -> bool | None:
         return None

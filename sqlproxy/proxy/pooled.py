@@ -109,6 +109,8 @@ if TYPE_CHECKING:
 __all__ = ["PooledSession"]
 
 log = get_logger("sqlproxy.pool")
+# A client's socket is read directly (fastpool._Direct) from its fifth chunk after login on.
+DIRECT_AFTER_CHUNKS = 4
 _perf = time.perf_counter
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 #: Startup parameters that are not settings (or cannot be SET later).
@@ -319,11 +321,7 @@ class PooledSession(ClientSession):
             if self.router is not None:
                 self.fast.enabled = False  # every unit is routed by the general path
             if self.config.proxy.direct_relay and self.tls is None:
-                try:
-                    pump.start_direct(asyncio.get_running_loop())
-                except Exception as exc:  # e.g. out of descriptors: the transport carries on
-                    log.warning("direct_relay_unavailable", session=self.id,
-                                error=f"{type(exc).__name__}: {exc}")
+                pump.direct_after = DIRECT_AFTER_CHUNKS
         if self._pending_to_backend:  # sent before we answered the login
             early = bytes(self._pending_to_backend)
             self._pending_to_backend.clear()
@@ -750,6 +748,14 @@ class PooledSession(ClientSession):
         return task
 
     # ------------------------------------------------------------------ teardown
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def direct_relay_failed(self, exc: Exception) -> None:
+        log.warning("direct_relay_unavailable", session=self.id,
+                    error=f"{type(exc).__name__}: {exc}")
+
     # ------------------------------------------------------------------ backpressure
     def pause_client_reading(self) -> None:
         """The server this session holds cannot take more: stop reading the client."""

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlproxy.proxy.pooled import DIRECT_AFTER_CHUNKS
 from tests.pool.test_pooling import pooled
 from tests.reliability import rawclient
 from tests.support.proxy import ProxyThread
@@ -49,7 +50,9 @@ def test_pooled_sessions_and_servers_are_relayed_unless_configured_off(
         try:
             rawclient.startup(sock)
             session = _one_session(proxy)
-            for i in range(3):
+            for i in range(6):
+                if i == DIRECT_AFTER_CHUNKS - 1:  # a short-lived client never pays to set it up
+                    assert proxy.call(lambda s=session: s.client_pump.fd) == -1
                 rawclient.query(sock, f"select 'relayed {i}'")
                 messages = rawclient.until_ready(sock)
                 assert [t for t, _ in messages] == [b"T", b"D", b"C", b"Z"]
@@ -59,7 +62,7 @@ def test_pooled_sessions_and_servers_are_relayed_unless_configured_off(
             (server,) = _servers(proxy)
             fd = proxy.call(lambda s=server: s.pump.fd)
             assert (fd >= 0) is enabled
-            assert proxy.call(lambda s=session: s.fast.fast_units) >= 2
+            assert proxy.call(lambda s=session: s.fast.fast_units) >= 5
         finally:
             sock.close()
         _wait(lambda p=proxy: not _sessions(p), "session closed")  # type: ignore[misc]

@@ -61,6 +61,7 @@ class ProxyServer:
         self.profiler = profiler
         self.sessions: dict[int, ClientSession] = {}
         self.cancel_keys: dict[tuple[int, bytes], ClientSession] = {}
+        self._random_pool = bytearray()  # random bytes for cancel secrets (_random_bytes)
         self._next_id = 0
         self._server: asyncio.AbstractServer | None = None
         self._listener: Listener | None = None  # instead of _server when client TLS is on
@@ -335,6 +336,16 @@ class ProxyServer:
                     self.shared_limits.release(st.user, st.database)
 
     # ------------------------------------------------------------------ cancellation
+    def _random_bytes(self, n: int) -> bytes:
+        """``n`` bytes from the system's random source, drawn 4 KiB at a time (a system call
+        per connection shows when clients connect per request)."""
+        pool = self._random_pool
+        if len(pool) < n:
+            pool += os.urandom(4096 + n)
+        out = bytes(pool[:n])
+        del pool[:n]
+        return out
+
     def register_cancel_key(self, session: ClientSession, pid: int,
                             secret_len: int) -> tuple[int, bytes]:
         """The BackendKeyData a client is given: its server backend's real ``pid`` (so that the
@@ -344,7 +355,7 @@ class ProxyServer:
         up to 256 bytes), at least 4. A worker's secrets begin with its index (see
         ``sqlproxy.workers.keys``)."""
         while True:
-            key = (pid, os.urandom(max(4, secret_len)) if self.worker is None
+            key = (pid, self._random_bytes(max(4, secret_len)) if self.worker is None
                    else secret_for(self.worker, secret_len))
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = session

@@ -16,11 +16,19 @@
  *   pin_words(data, start, end, forget) -> bool
  *                               whether data[start:end] (a statement text, not decoded) holds,
  *                               in any case, one of the words that may pin a pooled client
- *                               (fastpool.PIN_WORDS; with forget, FORGET_WORDS too)
+ *                               (fastpool.may_pin; with forget, may_forget too)
+ *   digit_run(data, start, end) -> (int, int)
+ *                               the bounds of the last run of ASCII digits in data[start:end],
+ *                               (-1, -1) if there is none
+ *   same_but_digits(data, start, end, prefix, suffix) -> bool
+ *                               whether data[start:end] is prefix, one or more ASCII digits,
+ *                               suffix: a text that differs from one scanned before only in a
+ *                               number holds no word the other did not
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -178,6 +186,88 @@ sockio_pin_words(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_FALSE;
 }
 
+static int
+is_digit(unsigned char c)
+{
+    return c >= '0' && c <= '9';
+}
+
+/* data, start, end (clamped to data) of a call's first three arguments; -1 on error. */
+static int
+text_args(PyObject *const *args, const unsigned char **base, Py_ssize_t *start,
+          Py_ssize_t *stop)
+{
+    if (!PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "data must be bytes");
+        return -1;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    *start = PyLong_AsSsize_t(args[1]);
+    if (*start == -1 && PyErr_Occurred())
+        return -1;
+    *stop = PyLong_AsSsize_t(args[2]);
+    if (*stop == -1 && PyErr_Occurred())
+        return -1;
+    if (*start < 0)
+        *start = 0;
+    if (*stop > size)
+        *stop = size;
+    if (*stop < *start)
+        *stop = *start;
+    *base = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    return 0;
+}
+
+static PyObject *
+sockio_digit_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "digit_run() takes exactly 3 arguments");
+        return NULL;
+    }
+    const unsigned char *base;
+    Py_ssize_t start, stop;
+    if (text_args(args, &base, &start, &stop) < 0)
+        return NULL;
+    Py_ssize_t j = stop;
+    while (j > start && !is_digit(base[j - 1]))
+        j--;
+    if (j == start)
+        return Py_BuildValue("(nn)", (Py_ssize_t)-1, (Py_ssize_t)-1);
+    Py_ssize_t i = j - 1;
+    while (i > start && is_digit(base[i - 1]))
+        i--;
+    return Py_BuildValue("(nn)", i, j);
+}
+
+static PyObject *
+sockio_same_but_digits(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "same_but_digits() takes exactly 5 arguments");
+        return NULL;
+    }
+    const unsigned char *base;
+    Py_ssize_t start, stop;
+    if (text_args(args, &base, &start, &stop) < 0)
+        return NULL;
+    if (!PyBytes_Check(args[3]) || !PyBytes_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "prefix and suffix must be bytes");
+        return NULL;
+    }
+    Py_ssize_t np = PyBytes_GET_SIZE(args[3]), ns = PyBytes_GET_SIZE(args[4]);
+    if (stop - start <= np + ns)
+        Py_RETURN_FALSE;
+    if (memcmp(base + start, PyBytes_AS_STRING(args[3]), (size_t)np) != 0
+            || memcmp(base + stop - ns, PyBytes_AS_STRING(args[4]), (size_t)ns) != 0)
+        Py_RETURN_FALSE;
+    for (const unsigned char *p = base + start + np, *e = base + stop - ns; p < e; p++) {
+        if (!is_digit(*p))
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef sockio_methods[] = {
     {"recv", (PyCFunction)sockio_recv, METH_O,
      "recv(fd) -> bytes | None: read what the socket has (up to RECV_SIZE bytes) without waiting; "
@@ -187,6 +277,12 @@ static PyMethodDef sockio_methods[] = {
     {"pin_words", (PyCFunction)(void (*)(void))sockio_pin_words, METH_FASTCALL,
      "pin_words(data, start, end, forget) -> bool: whether data[start:end] holds, in any case, "
      "a word that may pin a pooled client (with forget: DEALLOCATE / DISCARD too)."},
+    {"digit_run", (PyCFunction)(void (*)(void))sockio_digit_run, METH_FASTCALL,
+     "digit_run(data, start, end) -> (int, int): the last run of ASCII digits in "
+     "data[start:end], or (-1, -1)."},
+    {"same_but_digits", (PyCFunction)(void (*)(void))sockio_same_but_digits, METH_FASTCALL,
+     "same_but_digits(data, start, end, prefix, suffix) -> bool: whether data[start:end] is "
+     "prefix, ASCII digits (one or more), suffix."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -128,6 +128,44 @@ scan_pin: Final[Callable[[bytes, int, int, bool], bool]] = (
     _sockio.pin_words if _sockio is not None else may_pin_at)
 
 
+def _is_digit(c: i64) -> bool:
+    return 48 <= c <= 57
+
+
+def digit_run_at(data: bytes, start: i64, end: i64) -> tuple[int, int]:
+    """The bounds of the last run of ASCII digits in ``data[start:end]``, (-1, -1) if none."""
+    j: i64 = end
+    while j > start and not _is_digit(data[j - 1]):
+        j -= 1
+    if j == start:
+        return -1, -1
+    i: i64 = j - 1
+    while i > start and _is_digit(data[i - 1]):
+        i -= 1
+    return i, j
+
+
+def same_but_digits_at(data: bytes, start: i64, end: i64, prefix: bytes, suffix: bytes) -> bool:
+    """Whether ``data[start:end]`` is ``prefix``, one or more ASCII digits, ``suffix``."""
+    a: i64 = start + len(prefix)
+    b: i64 = end - len(suffix)
+    if b <= a or data[start:a] != prefix or data[b:end] != suffix:
+        return False
+    while a < b:
+        if not _is_digit(data[a]):
+            return False
+        a += 1
+    return True
+
+
+# The same in C (tested to agree): the simple protocol's common case is the last statement
+# again with another number, whose text need not be scanned again.
+digit_run: Final[Callable[[bytes, int, int], tuple[int, int]]] = (
+    _sockio.digit_run if _sockio is not None else digit_run_at)
+same_but_digits: Final[Callable[[bytes, int, int, bytes, bytes], bool]] = (
+    _sockio.same_but_digits if _sockio is not None else same_but_digits_at)
+
+
 def may_forget(text: str) -> bool:
     """Whether ``text`` may hold a DEALLOCATE or DISCARD (a completed statement's tag does not
     reach a native listener): the session then checks it statement by statement."""
@@ -172,6 +210,12 @@ class PoolFast:
         # The last unnamed Parse seen and its text (drivers send the same one again and again).
         self.last_parse = b""
         self.last_text = ""
+        # The last simple Query scanned clean, around its last number (``client``), and
+        # whether DEALLOCATE / DISCARD were looked for too.
+        self.q_memo = False
+        self.q_prefix = b""
+        self.q_suffix = b""
+        self.q_forget = False
         self.fast_units = 0  # units the fast path sent (connections view)
         # The unit ``client`` scanned: its first message type, its text, its unnamed Parse,
         # the named statement it binds.
@@ -237,10 +281,22 @@ class PoolFast:
         if t == _QUERY:
             if length_at(data, 1) != n - 1 or n - 1 > self.max_message or data[n - 1] != 0:
                 return False
-            if scan_pin(data, 5, n - 1, len(self.statements) > 0):
-                text = data[5 : n - 1].decode("utf-8", "replace")
-                if not self._clean(text):
-                    return False
+            forget = len(self.statements) > 0
+            if not (self.q_memo and (self.q_forget or not forget)
+                    and same_but_digits(data, 5, n - 1, self.q_prefix, self.q_suffix)):
+                if scan_pin(data, 5, n - 1, forget):
+                    text = data[5 : n - 1].decode("utf-8", "replace")
+                    if not self._clean(text):
+                        return False
+                else:
+                    # Clean: the texts that differ from it only in its last number are too
+                    # (no word of the scan has a digit in it).
+                    i, j = digit_run(data, 5, n - 1)
+                    self.q_memo = i >= 0
+                    if i >= 0:
+                        self.q_prefix = data[5:i]
+                        self.q_suffix = data[j : n - 1]
+                        self.q_forget = forget
         elif t in (_PARSE, _BIND):
             pos: i64 = 0
             bstart: i64 = -1

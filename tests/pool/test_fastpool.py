@@ -8,6 +8,7 @@ parked unit whose server needs its settings first goes through the general path.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 from collections.abc import Callable
@@ -18,7 +19,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sqlproxy.proxy.fastpool import may_forget, may_pin, may_pin_at, scan_pin
+from sqlproxy.proxy.fastpool import (
+    digit_run,
+    digit_run_at,
+    may_forget,
+    may_pin,
+    may_pin_at,
+    same_but_digits,
+    same_but_digits_at,
+    scan_pin,
+)
 from tests.pool.test_pooling import _pgbench, bench_db, pooled, pools_of, server_connections
 from tests.support import pg
 from tests.support.clients import client_env
@@ -128,3 +138,26 @@ def test_byte_scan_agrees_with_the_text_check(text: str, forget: bool) -> None:
     want = may_pin(text) or (forget and may_forget(text))
     assert may_pin_at(data, 6, len(data) - 1, forget) == want
     assert scan_pin(data, 6, len(data) - 1, forget) == want  # the C scan the fast path runs
+
+
+_DIGITY = st.text(alphabet="0123456789 ax_;'", max_size=30)
+
+
+@given(_DIGITY, st.text(alphabet="0123456789", max_size=6), _DIGITY, _DIGITY)
+def test_digit_run_and_same_but_digits_agree_with_their_definition(
+        head: str, digits: str, tail: str, other: str) -> None:
+    data = b"Q....\x00" + head.encode() + b"\x00"
+    end = len(data) - 1
+    i, j = digit_run(data, 6, end)
+    assert (i, j) == digit_run_at(data, 6, end)
+    run = [(m.start() + 6, m.end() + 6) for m in re.finditer(r"[0-9]+", head)]
+    assert (i, j) == (run[-1] if run else (-1, -1))
+    prefix, suffix = head.encode(), tail.encode()
+    text = b"Q....\x00" + prefix + digits.encode() + suffix + b"\x00"
+    want = bool(digits)
+    assert same_but_digits(text, 6, len(text) - 1, prefix, suffix) == want
+    assert same_but_digits_at(text, 6, len(text) - 1, prefix, suffix) == want
+    changed = b"Q....\x00" + prefix + other.encode() + suffix + b"\x00"
+    want = bool(other) and other.isdigit()
+    assert same_but_digits(changed, 6, len(changed) - 1, prefix, suffix) == want
+    assert same_but_digits_at(changed, 6, len(changed) - 1, prefix, suffix) == want

@@ -27,14 +27,14 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 __all__ = ["OPEN", "Handoff", "Limits", "Pool", "PoolStats", "Waiter"]
 
 S = TypeVar("S")  # a server connection (any hashable object)
 C = TypeVar("C")  # a client (any hashable object)
 
-_WAIT_SAMPLES = 4096
+_WAIT_SAMPLES: Final = 4096
 
 
 class _Open:

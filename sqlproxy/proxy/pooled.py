@@ -79,7 +79,7 @@ from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionStat
 from sqlproxy.routing.answers import Kind
 from sqlproxy.routing.policy import RoutedStatement, pin_reason
 from sqlproxy.routing.replay import Replay
-from sqlproxy.routing.scram import ScramKeys
+from sqlproxy.routing.scram import ScramCapture, ScramKeys, ScramWatch
 from sqlproxy.routing.session_routing import SessionRouting
 from sqlproxy.routing.units import Unit, UnitCutter
 from sqlproxy.wire.conversation import Conversation, Pending
@@ -143,6 +143,10 @@ class PooledSession(ClientSession):
         self.replay = Replay()
         self.settings: dict[str, str] = {}
         self.scram_keys: ScramKeys | None = None
+        # With routing: the client's SCRAM exchange with the primary, for the replica pools'
+        # logins (recovered after the login: ``scram_pending`` meanwhile).
+        self.scram: ScramWatch | None = ScramWatch() if server.router is not None else None
+        self.scram_pending = False
         self.login_server: LoginServer | None = None  # the proxy checks the login (auth_user)
         self.login_checked: asyncio.Future[None] | None = None
         self.login_waiting = False  # queued for a login slot
@@ -258,10 +262,26 @@ class PooledSession(ClientSession):
     def _server_auth_message(self, code: int, body: bytes) -> None:
         if code != 0:
             self._asked_password = True
+        if self.scram is not None:
+            self.scram.server_message(code, body)
 
     def _client_auth_message(self, body: bytes) -> None:
         if self.login_server is not None:
             client_auth_message(self, body)
+        elif self.scram is not None:
+            self.scram.client_message(body)
+
+    async def _recover_scram_keys(self, capture: ScramCapture) -> None:
+        """The keys of a SCRAM login that went through to the primary, recovered from the
+        exchange (routing.scram): the replica pools' servers log in with them."""
+        router = self.router
+        try:
+            if router is not None:
+                keys = await router.scram_keys(self.user, capture)
+                if keys is not None and self.scram_keys is None:
+                    self.scram_keys = keys
+        finally:
+            self.scram_pending = False
 
     _asked_password = False
 
@@ -297,6 +317,13 @@ class PooledSession(ClientSession):
         self.backend = None
         conn.holder = self
         self.held = conn
+        capture = self.scram.complete if self.scram is not None else None
+        if capture is not None and self.scram_keys is None:
+            # Its reads wait on the primary until the keys are known (poolroute).
+            self.scram_pending = True
+            self.server.track(asyncio.get_running_loop().create_task(
+                self._recover_scram_keys(capture)))
+        self.scram = None
         self._start(rest)
 
     def _start(self, rest: bytes) -> None:

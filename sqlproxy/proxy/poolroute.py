@@ -99,7 +99,8 @@ def replica_pool_for(session: PooledSession, unit: Unit) -> PoolIO | None:
         session.retry_unit = None
         note_unit(session, unit, in_transaction=False)
         return None
-    if unit.open or unit.describe_only or session.pinned is not None:
+    if unit.open or unit.describe_only or session.pinned is not None \
+            or session.scram_pending:  # (the keys to log in to the replica: in a moment)
         note_unit(session, unit, in_transaction=False)
         return None
     if note_unit(session, unit, in_transaction=False) is not Target.REPLICA:

@@ -102,3 +102,36 @@ def test_md5_user_without_passwords_stays_on_the_primary(
     assert calls(pg_primary, f"SELECT id FROM {granted}") == 3
     router = router_of(routed)
     assert f"auth:{MD5_USER.name}" in routed.call(lambda: set(router._warned))
+
+
+@pytest.mark.parametrize("auth_user", [None, "postgres"], ids=["pass-through", "auth_user"])
+def test_pooled_scram_user_reads_on_the_pooled_replica(
+    make_proxy: Callable[..., ProxyThread], pg_primary: PgCluster, pg_replica: PgCluster,
+    granted: str, auth_user: str | None,
+) -> None:
+    """Transaction pooling: the keys a SCRAM login proved log the replica pool's servers in
+    too (a streaming replica has the primary's roles), whether the login went through to the
+    server or the proxy checked it (``pool.auth_user``)."""
+    pg_replica.set_apply_delay(0)
+    pool: dict[str, object] = {"mode": "transaction", "size": 2, "max_wait_ms": 30_000}
+    if auth_user is not None:
+        pool["auth_user"] = auth_user
+    routed = make_proxy(routing={"enabled": True, "health_interval_ms": 50},
+                        replicas=[{"url": pg_replica.dsn(), "name": "r1"}], pool=pool)
+    wait_ready(routed)
+    dsn = routed.dsn(SCRAM_USER.name, SCRAM_USER.password)
+    marker = f"SELECT v FROM {granted}"
+    for client in range(3):
+        before = calls(pg_replica, marker)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            # (Pass-through: the keys are recovered just after the login; reads go to the
+            # primary meanwhile.)
+            wait_for(lambda: routed.call(lambda: [
+                s.scram_keys is not None for s in routed.runtime.proxy.sessions.values()  # type: ignore[union-attr]
+            ] == [True]), what="the client's SCRAM keys")
+            for i in range(1, 6):
+                assert conn.execute(f"SELECT v FROM {granted} WHERE id = %s",
+                                    (i,)).fetchone() == (f"v{i}",)
+            assert conn.execute("SELECT current_user").fetchone() == (SCRAM_USER.name,)
+        assert calls(pg_replica, marker) - before == 5, client
+    assert calls(pg_primary, marker) == 0

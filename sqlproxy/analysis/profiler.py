@@ -484,6 +484,10 @@ def _pin_advice(reason: str) -> str:
     """What to change so that the session no longer needs a server of its own."""
     head = ("this client keeps a server connection for its whole session (" + reason
             + "), so transaction pooling cannot share it: ")
+    if reason == "startup options":
+        return head + ("the settings it logs in with in `options` cannot be replayed on a "
+                       "shared server: set them with ALTER ROLE/DATABASE ... SET, or SET "
+                       "LOCAL inside each transaction")
     if reason.startswith("set"):
         return head + ("use SET LOCAL inside the transaction, or pass the setting as a "
                        "startup parameter (options are pinned too: prefer ALTER ROLE/DATABASE "

@@ -115,6 +115,24 @@ _perf = time.perf_counter
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 #: Startup parameters that are not settings (or cannot be SET later).
 _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
+_OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][\w.]*)=((?:\\.|\S)*)")
+
+
+def _options_as_sql(parameters: dict[str, str]) -> str:
+    """What pins a client that logged in with ``options`` (``-c name=value`` / ``--name=value``,
+    a backslash escaping the next character) or ``replication``, as the statements it amounts
+    to: SET for each setting, the startup parameter itself for anything else."""
+    out: list[str] = []
+    options = parameters.get("options", "")
+    rest = _OPTION.sub("", options).strip()
+    for name, value in _OPTION.findall(options):
+        value = re.sub(r"\\(.)", r"\1", value).replace("'", "''")
+        out.append(f"SET {name} = '{value}'")
+    if rest:
+        out.append(f"-- startup options: {rest}")
+    if "replication" in parameters:
+        out.append(f"-- startup parameter replication={parameters['replication']}")
+    return "; ".join(out) if out else "-- startup options"
 _DEALLOCATE_RE = re.compile(r"(?i)\bdeallocate\s+(?:prepare\s+)?(?!all\b)(\"[^\"]+\"|\w+)")
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
 PARSE_COMPLETE = build(b"1", b"")
@@ -212,7 +230,8 @@ class PooledSession(ClientSession):
         pool.client_joined(msg.application_name)
         self._joined = True
         if "options" in msg.parameters or "replication" in msg.parameters:
-            self.pinned = "startup options"  # cannot be SET later: keeps its login server
+            # Cannot be SET later: keeps its login server.
+            self._pin("startup options", _options_as_sql(msg.parameters))
         if pool.trusted and self.pinned is None:
             self._local_login(pool)
             return

@@ -20,7 +20,7 @@ from sqlproxy.analysis.profiler import Profiler, SessionInfo
 from sqlproxy.config import AnalysisSection
 from sqlproxy.pool.report import PoolReporter
 from sqlproxy.state import StateFile, profiler_contributors
-from tests.pool.test_pooling import _admin, bench_db, pooled  # noqa: F401 - the fixture
+from tests.pool.test_pooling import _admin, bench_db, pooled, pools_of  # noqa: F401 - the fixture
 from tests.support.proxy import ProxyThread
 
 
@@ -162,3 +162,24 @@ def test_clients_that_connect_per_request_are_connection_churn(
             c.execute("SELECT %s::int", (i,))
     assert [f["application"] for f in _findings(p, "connection_churn", want=2, timeout=0.5)
             ] == ["cgi"]
+
+
+def test_startup_options_pin_the_client_and_are_reported(
+    make_proxy: Callable[..., ProxyThread], bench_db: str,  # noqa: F811
+) -> None:
+    p = pooled(make_proxy, size=2)
+    with psycopg.connect(p.dsn(dbname=bench_db), autocommit=True,
+                         options="-c search_path=public -c work_mem=8MB") as c:
+        assert c.execute("SHOW work_mem").fetchone() == ("8MB",)
+        pid = c.execute("SELECT pg_backend_pid()").fetchone()
+        (pool,) = pools_of(p)
+        (pinned,) = pool["pinned_clients"]
+        assert pinned["reason"] == "startup options"
+        assert pinned["statement"] == "SET search_path = 'public'; SET work_mem = '8MB'"
+        with psycopg.connect(p.dsn(dbname=bench_db), autocommit=True) as other:
+            assert other.execute("SHOW work_mem").fetchone() != ("8MB",)
+        assert c.execute("SELECT pg_backend_pid()").fetchone() == pid
+    (pin,) = _findings(p, "session_state_in_pool")
+    assert pin["query"] == "set search_path = $1"
+    assert "pinned: startup options" in pin["example"]
+    assert "ALTER ROLE" in pin["suggestion"]

@@ -223,12 +223,28 @@ class PooledSession(ClientSession):
     def _client_pid(self, pid: int) -> int:
         return self.manager.next_pid()
 
-    async def _connect_backend(self, msg: StartupMessage) -> None:
-        pool = self.pool = self.manager.pool(msg.database, msg.user)
+    def _connect_now(self, msg: StartupMessage) -> bool:
+        """The common login: the pair's logins need no password (or the proxy has learnt
+        so), nothing pins: answered at once, without a task."""
+        if "options" in msg.parameters or "replication" in msg.parameters:
+            return False
+        pool = self.manager.pool(msg.database, msg.user)
+        if not pool.trusted:
+            return False
+        self._join(pool, msg)
+        self._local_login(pool)
+        return True
+
+    def _join(self, pool: PoolIO, msg: StartupMessage) -> None:
+        self.pool = pool
         self.settings = self.manager.shared_settings(
             {k: v for k, v in msg.parameters.items() if k not in _NOT_SETTINGS})
         pool.client_joined(msg.application_name)
         self._joined = True
+
+    async def _connect_backend(self, msg: StartupMessage) -> None:
+        pool = self.manager.pool(msg.database, msg.user)
+        self._join(pool, msg)
         if "options" in msg.parameters or "replication" in msg.parameters:
             # Cannot be SET later: keeps its login server.
             self._pin("startup options", _options_as_sql(msg.parameters))

@@ -322,7 +322,13 @@ class ClientSession(asyncio.Protocol):
             self._buf.clear()
         log.info("client_connected", session=self.id, client=self.peer, user=msg.user,
                  database=msg.database, application_name=msg.application_name)
-        asyncio.get_running_loop().create_task(self._connect_backend(msg))
+        if not self._connect_now(msg):
+            asyncio.get_running_loop().create_task(self._connect_backend(msg))
+
+    def _connect_now(self, msg: StartupMessage) -> bool:
+        """Log the client in without waiting for anything, if this kind of session can (a
+        pooled one answering from its pool); else ``_connect_backend`` runs as a task."""
+        return False
 
     async def _start_tls(self, transport: asyncio.Transport, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()

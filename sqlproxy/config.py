@@ -356,6 +356,9 @@ class CacheSection(_Section):
 class LogSection(_Section):
     format: Literal["auto", "console", "json"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # client_connected / client_disconnected for every client (PgBouncer's log_connections
+    # and log_disconnections): off for applications that connect per request.
+    connections: bool = True
 
 
 class Config(BaseModel):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -11,6 +14,42 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
 
+
+def _fallback(obj: Any) -> Any:
+    """What JSON cannot encode (structlog's fallback): ``__structlog__()``, else ``repr``."""
+    method = getattr(obj, "__structlog__", None)
+    return method() if method is not None else repr(obj)
+
+
+_ENCODER = json.JSONEncoder(default=_fallback)
+
+
+def _encode_json(obj: Any, **_: Any) -> str:
+    return _ENCODER.encode(obj)
+
+
+class _Stamp:
+    """``timestamp``: UTC, ISO 8601 with microseconds and ``Z`` (structlog's
+    ``TimeStamper(fmt="iso", utc=True)``), its seconds formatted once a second."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def __call__(self, logger: Any, name: str,
+                 event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        event_dict["timestamp"] = f"{self.prefix}.{int((now - second) * 1e6):06d}Z"
+        return event_dict
+
+
+_timestamp = _Stamp()
 
 # Bumped by every configure_logging: the loggers below build their bound logger again.
 _generation = 0
@@ -24,13 +63,14 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=use_console and fmt != "json")
         if use_console
-        else structlog.processors.JSONRenderer()
+        # One encoder for every line: json.dumps(..., default=...) builds a new one per call.
+        else structlog.processors.JSONRenderer(serializer=_encode_json)
     )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _timestamp,
             structlog.processors.format_exc_info,
             renderer,
         ],

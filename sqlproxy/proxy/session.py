@@ -224,7 +224,7 @@ class ClientSession(asyncio.Protocol):
                 if was is SessionState.READY:
                     backend.transport.write(TERMINATE)
                 backend.transport.close()
-        if self.startup is not None:
+        if self.startup is not None and self.config.log.connections:
             log.info("client_disconnected", session=self.id, client=self.peer,
                      user=self.startup.user, database=self.startup.database,
                      application_name=self.application_name)
@@ -320,8 +320,9 @@ class ClientSession(asyncio.Protocol):
         if self._buf:  # sent right behind the startup packet: for the server, once connected
             self._pending_to_backend += self._buf
             self._buf.clear()
-        log.info("client_connected", session=self.id, client=self.peer, user=msg.user,
-                 database=msg.database, application_name=msg.application_name)
+        if self.config.log.connections:
+            log.info("client_connected", session=self.id, client=self.peer, user=msg.user,
+                     database=msg.database, application_name=msg.application_name)
         if not self._connect_now(msg):
             asyncio.get_running_loop().create_task(self._connect_backend(msg))
 

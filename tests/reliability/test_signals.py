@@ -59,12 +59,13 @@ class Proc:
                 continue
         return out
 
-    def wait_event(self, name: str, timeout: float = 15) -> dict[str, object]:
+    def wait_event(self, name: str, timeout: float = 15, nth: int = 1) -> dict[str, object]:
+        """The ``nth`` event called ``name``, once logged."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for e in self.events():
-                if e.get("event") == name:
-                    return e
+            seen = [e for e in self.events() if e.get("event") == name]
+            if len(seen) >= nth:
+                return seen[nth - 1]
             time.sleep(0.05)
         raise AssertionError(f"no {name} event; log:\n{self.log.read_text()[-3000:]}")
 
@@ -118,6 +119,19 @@ def test_sighup_reload_and_sigterm_snapshot(
         assert "analysis.slow_query_ms" in ev["changed"]  # type: ignore[operator]
         await conn.execute("select pg_sleep(0.01)")  # now slow (1 ms threshold)
         await asyncio.to_thread(proc.wait_event, "slow_query")
+        # log.connections off (reloadable): new clients are no longer logged.
+        logged = len([e for e in proc.events() if e.get("event") == "client_connected"])
+        assert logged >= 1
+        _write_config(cfg, proc.port, pg_primary.dsn(), state, 1, "connections = false")
+        proc.popen.send_signal(signal.SIGHUP)
+        ev = await asyncio.to_thread(proc.wait_event, "config_reloaded", 15, 2)
+        assert "log.connections" in ev["changed"]  # type: ignore[operator]
+        quiet = await asyncpg.connect(dsn)
+        assert await quiet.fetchval("select 8") == 8
+        await quiet.close()
+        await asyncio.sleep(0.3)
+        assert len([e for e in proc.events() if e.get("event") in (
+            "client_connected", "client_disconnected")]) == logged
         # An invalid file: rejected as a whole, the error names the key, nothing dropped.
         _write_config(cfg, proc.port, pg_primary.dsn(), state, -5)
         proc.popen.send_signal(signal.SIGHUP)

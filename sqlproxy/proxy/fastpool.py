@@ -39,6 +39,7 @@ from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.pool.state import Pool, _Open
+from sqlproxy.proxy.pump import StandIn
 from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
@@ -526,11 +527,12 @@ def _nothing_buffered() -> int:
     return 0
 
 
-class _Direct:
+class _Direct(StandIn):
     """A pump's socket read and written directly (the module doc's direct relay), once
     ``start_direct`` succeeds; until then, and after ``stop_direct``, its transport's."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: Any) -> None:
+        super().__init__(owner)
         self.transport: Any = None
         self.fd: i64 = -1  # a duplicate of the transport's socket, watched by the loop
         self.loop: Any = None
@@ -545,6 +547,10 @@ class _Direct:
 
     def data_received(self, data: bytes) -> None:
         raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_direct()
+        self.owner.connection_lost(exc)
 
     def start_direct(self, loop: Any) -> bool:
         """Read and write the transport's socket directly from now on, if it is a plain
@@ -650,8 +656,7 @@ class PooledClientPump(_Direct):
     the session (``owner``), which also hears of everything else on the connection."""
 
     def __init__(self, owner: Any, fast: PoolFast, transport: Any) -> None:
-        super().__init__()
-        self.owner = owner
+        super().__init__(owner)
         self.fast = fast
         self.transport = transport
         # Chunks served through the transport before the socket is read directly (-1:
@@ -680,19 +685,6 @@ class PooledClientPump(_Direct):
         except Exception as exc:  # e.g. out of descriptors: the transport carries on
             self.owner.direct_relay_failed(exc)
 
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_direct()
-        self.owner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.owner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.owner.resume_writing()
-
 
 class PooledServerPump(_Direct):
     """A pooled server transport's protocol once logged in: its holder's fast path first,
@@ -703,8 +695,7 @@ class PooledServerPump(_Direct):
     each time."""
 
     def __init__(self, owner: Any, answers: Answers, replay: Any) -> None:
-        super().__init__()
-        self.owner = owner
+        super().__init__(owner)
         self.fast: PoolFast | None = None
         self.holder: Any = None  # the PooledSession the server is lent to
         self.answers = answers
@@ -720,19 +711,6 @@ class PooledServerPump(_Direct):
         if fast is not None and fast.answer(self, data):
             return
         self.owner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_direct()
-        self.owner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.owner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.owner.resume_writing()
 
 
 class PooledRecorder(SessionRecorder):

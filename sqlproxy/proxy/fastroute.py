@@ -42,6 +42,7 @@ from mypy_extensions import i64
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import SessionInfo
 from sqlproxy.errors import ProtocolViolation
+from sqlproxy.proxy.pump import StandIn
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import Unit
 from sqlproxy.wire.conversation import Conversation, find_nul, length_at
@@ -320,12 +321,12 @@ class FastRoutes:
         self.primary_inflight = False
 
 
-class RoutedClientPump:
+class RoutedClientPump(StandIn):
     """The client transport's protocol of a routed session: the fast path first, else the
     session (``owner``), which also hears of everything else on the connection."""
 
     def __init__(self, owner: Any, fast: FastRoutes) -> None:
-        self.owner = owner
+        super().__init__(owner)
         self.fast = fast
 
     def data_received(self, data: bytes) -> None:
@@ -340,26 +341,14 @@ class RoutedClientPump:
         fast.step_aside()
         self.owner.data_received(data)
 
-    def eof_received(self) -> bool | None:
-        return None
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.owner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.owner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.owner.resume_writing()
-
-
-class RoutedLinkPump:
+class RoutedLinkPump(StandIn):
     """A backend transport's protocol once ready: its answer to the fast path's unit goes
     straight to the client, anything else to the session (``owner`` is the link's own
     protocol: a replica's ReplicaConnection, the primary's BackendConnection)."""
 
     def __init__(self, owner: Any, fast: FastRoutes, link: Any) -> None:
-        self.owner = owner
+        super().__init__(owner)
         self.fast = fast
         self.link = link
 
@@ -375,15 +364,3 @@ class RoutedLinkPump:
                 return
             fast.step_aside()
         self.owner.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.owner.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.owner.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.owner.resume_writing()

@@ -44,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - built with the package; without it, no direct relay
     _sockio = None  # type: ignore[assignment]
 
-__all__ = ["HAVE_RELAY", "BackendPump", "ClientPump", "Relay"]
+__all__ = ["HAVE_RELAY", "BackendPump", "ClientPump", "Relay", "StandIn"]
 
 HAVE_RELAY: Final = _sockio is not None
 # Bytes waiting for a socket before its source is no longer read, until the wait is down to
@@ -54,14 +54,13 @@ HIGH_WATER: Final = 64 * 1024
 LOW_WATER: Final = 16 * 1024
 
 
-class _Pump:
-    """What both pumps pass on to the protocol object they stand in for (``owner``)."""
+class StandIn:
+    """A compiled protocol standing in for an interpreted one (``owner``) on a transport:
+    what it does not handle itself (the end of the stream, the loss, flow control) it passes
+    on. The base of every hot-path protocol (here, in fastroute.py and in fastpool.py)."""
 
-    def __init__(self, owner: Any, conv: Conversation, other_transport: Any) -> None:
+    def __init__(self, owner: Any) -> None:
         self.owner = owner
-        self.conv = conv
-        self.write: Callable[[bytes], object] = other_transport.write
-        self.clock: Callable[[], float] = time.perf_counter
 
     def eof_received(self) -> bool | None:
         return None  # let the transport close itself, as asyncio.Protocol does
@@ -74,6 +73,16 @@ class _Pump:
 
     def resume_writing(self) -> None:
         self.owner.resume_writing()
+
+
+class _Pump(StandIn):
+    """What both pumps of a plain session share."""
+
+    def __init__(self, owner: Any, conv: Conversation, other_transport: Any) -> None:
+        super().__init__(owner)
+        self.conv = conv
+        self.write: Callable[[bytes], object] = other_transport.write
+        self.clock: Callable[[], float] = time.perf_counter
 
 
 class ClientPump(_Pump):

@@ -137,33 +137,47 @@ word_at(const unsigned char *p, const unsigned char *end, const char *text)
     return 1;
 }
 
+/* The data, start and end (clamped to the data) of a call of ``name`` whose first three
+ * arguments they are, of ``expected`` in all; -1 (an exception set) if they are not. */
+static int
+text_args(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected,
+          const unsigned char **base, Py_ssize_t *start, Py_ssize_t *stop)
+{
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd arguments", name, expected);
+        return -1;
+    }
+    if (!PyBytes_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "%s() data must be bytes", name);
+        return -1;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    *start = PyLong_AsSsize_t(args[1]);
+    if (*start == -1 && PyErr_Occurred())
+        return -1;
+    *stop = PyLong_AsSsize_t(args[2]);
+    if (*stop == -1 && PyErr_Occurred())
+        return -1;
+    if (*start < 0)
+        *start = 0;
+    if (*stop > size)
+        *stop = size;
+    if (*stop < *start)
+        *stop = *start;
+    *base = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    return 0;
+}
+
 static PyObject *
 sockio_pin_words(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError,
-                        "pin_words() takes exactly 4 arguments (data, start, end, forget)");
-        return NULL;
-    }
-    if (!PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "pin_words() data must be bytes");
-        return NULL;
-    }
-    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    Py_ssize_t stop = PyLong_AsSsize_t(args[2]);
-    if (stop == -1 && PyErr_Occurred())
+    const unsigned char *base;
+    Py_ssize_t start, stop;
+    if (text_args("pin_words", args, nargs, 4, &base, &start, &stop) < 0)
         return NULL;
     int forget = PyObject_IsTrue(args[3]);
     if (forget < 0)
         return NULL;
-    if (start < 0)
-        start = 0;
-    if (stop > size)
-        stop = size;
-    const unsigned char *base = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     const unsigned char *end = base + stop;
     unsigned int allowed = 0;
     for (size_t i = 0; i < N_WORDS; i++) {
@@ -192,42 +206,12 @@ is_digit(unsigned char c)
     return c >= '0' && c <= '9';
 }
 
-/* data, start, end (clamped to data) of a call's first three arguments; -1 on error. */
-static int
-text_args(PyObject *const *args, const unsigned char **base, Py_ssize_t *start,
-          Py_ssize_t *stop)
-{
-    if (!PyBytes_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "data must be bytes");
-        return -1;
-    }
-    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
-    *start = PyLong_AsSsize_t(args[1]);
-    if (*start == -1 && PyErr_Occurred())
-        return -1;
-    *stop = PyLong_AsSsize_t(args[2]);
-    if (*stop == -1 && PyErr_Occurred())
-        return -1;
-    if (*start < 0)
-        *start = 0;
-    if (*stop > size)
-        *stop = size;
-    if (*stop < *start)
-        *stop = *start;
-    *base = (const unsigned char *)PyBytes_AS_STRING(args[0]);
-    return 0;
-}
-
 static PyObject *
 sockio_digit_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "digit_run() takes exactly 3 arguments");
-        return NULL;
-    }
     const unsigned char *base;
     Py_ssize_t start, stop;
-    if (text_args(args, &base, &start, &stop) < 0)
+    if (text_args("digit_run", args, nargs, 3, &base, &start, &stop) < 0)
         return NULL;
     Py_ssize_t j = stop;
     while (j > start && !is_digit(base[j - 1]))
@@ -243,13 +227,9 @@ sockio_digit_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 sockio_same_but_digits(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "same_but_digits() takes exactly 5 arguments");
-        return NULL;
-    }
     const unsigned char *base;
     Py_ssize_t start, stop;
-    if (text_args(args, &base, &start, &stop) < 0)
+    if (text_args("same_but_digits", args, nargs, 5, &base, &start, &stop) < 0)
         return NULL;
     if (!PyBytes_Check(args[3]) || !PyBytes_Check(args[4])) {
         PyErr_SetString(PyExc_TypeError, "prefix and suffix must be bytes");

@@ -13,24 +13,9 @@ from typing import Any
 
 from sqlproxy.proxy.pooled import DIRECT_AFTER_CHUNKS
 from tests.pool.test_pooling import pooled
+from tests.proxy.test_relay import _one_session, _sessions, _wait
 from tests.reliability import rawclient
 from tests.support.proxy import ProxyThread
-
-
-def _sessions(proxy: ProxyThread) -> list[Any]:
-    return proxy.call(lambda: list(proxy.runtime.proxy.sessions.values()))  # type: ignore[union-attr]
-
-
-def _wait(cond: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
-
-
-def _one_session(proxy: ProxyThread) -> Any:
-    _wait(lambda: len(_sessions(proxy)) == 1, "one session")
-    return _sessions(proxy)[0]
 
 
 def _servers(proxy: ProxyThread) -> list[Any]:

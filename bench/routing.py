@@ -15,6 +15,7 @@ Run from the repository root::
 
     .venv/bin/python -m bench.routing                     # 3 rounds x 10 s per run, ~8 min
     .venv/bin/python bench/routing.py --seconds 3 --modes simple --workloads select-only
+    .venv/bin/python -m bench.routing --pool-mode transaction --clients 50   # pooled, routed
 
 Figures, never pass/fail: nothing here asserts a timing.
 """
@@ -98,7 +99,7 @@ class Proxy:
     """One sqlproxy process."""
 
     def __init__(self, name: str, primary: pg.PgCluster, replica: pg.PgCluster | None,
-                 log_dir: Path) -> None:
+                 log_dir: Path, pool_mode: str = "session", pool_size: int = 20) -> None:
         self.name = name
         self.port = pg.free_port()
         env = client_env({
@@ -106,6 +107,8 @@ class Proxy:
             "SQLPROXY_STATE__ENABLED": "false",
             "SQLPROXY_LOG__LEVEL": "warning",
             "SQLPROXY_ROUTING__ENABLED": "true" if replica is not None else "false",
+            "SQLPROXY_POOL__MODE": pool_mode,
+            "SQLPROXY_POOL__SIZE": str(pool_size),
         })
         cmd = [find_sqlproxy(), "serve", "--listen", f"{LOOPBACK}:{self.port}",
                "--primary", primary.dsn()]
@@ -163,8 +166,10 @@ def report(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
-def start_pgbouncer(primary: pg.PgCluster, base: Path, clients: int) -> tuple[Service, int]:
-    """PgBouncer (session mode) in front of the primary, run as the servers' OS user."""
+def start_pgbouncer(primary: pg.PgCluster, base: Path, clients: int, pool_mode: str = "session",
+                    pool_size: int = 20) -> tuple[Service, int]:
+    """PgBouncer in front of the primary (``pool_mode``, as the proxies), run as the servers'
+    OS user."""
     os_user = server_os_user()
     work = base / "pgbouncer"
     work.mkdir(exist_ok=True)
@@ -177,8 +182,9 @@ def start_pgbouncer(primary: pg.PgCluster, base: Path, clients: int) -> tuple[Se
         f"* = host={primary.host} port={primary.port}\n"
         "\n[pgbouncer]\n"
         f"listen_addr = {LOOPBACK}\nlisten_port = {port}\nunix_socket_dir =\n"
-        f"auth_type = trust\nauth_file = {userlist}\npool_mode = session\n"
-        f"max_client_conn = 1000\ndefault_pool_size = {max(2 * clients, 20)}\n"
+        f"auth_type = trust\nauth_file = {userlist}\npool_mode = {pool_mode}\n"
+        f"max_client_conn = 1000\ndefault_pool_size = "
+        f"{pool_size if pool_mode == 'transaction' else max(2 * clients, 20)}\n"
         "ignore_startup_parameters = extra_float_digits\n"
         f"logfile = {work / 'pgbouncer.log'}\n")
     for path in (userlist, ini):
@@ -233,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", default="simple,prepared", help="pgbench -M modes")
     parser.add_argument("--workloads", default="select-only,mixed",
                         help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    parser.add_argument("--pool-mode", choices=("session", "transaction"), default="session",
+                        help="sqlproxy's pool.mode and PgBouncer's pool_mode (default session)")
+    parser.add_argument("--pool-size", type=int, default=20,
+                        help="server connections per pool in transaction mode (default 20)")
     parser.add_argument("--no-pgbouncer", action="store_true",
                         help="leave PgBouncer out (it is installed from Debian if missing)")
     args = parser.parse_args(argv)
@@ -252,9 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "-p", str(primary.port), "-U", pg.SUPERUSER, DB],
                        capture_output=True, check=True, env=client_env())
         replica = pg.start_replica(primary, base)
-        off = Proxy("routing-off", primary, None, base)
+        off = Proxy("routing-off", primary, None, base, args.pool_mode, args.pool_size)
         proxies.append(off)  # registered at once: stopped in `finally` whatever follows
-        on = Proxy("routing-on", primary, replica, base)
+        on = Proxy("routing-on", primary, replica, base, args.pool_mode, args.pool_size)
         proxies.append(on)
         psql = str(primary.bindir / "psql")
         for p in proxies:
@@ -266,7 +276,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # (a hot standby answers reads more slowly than the primary).
             targets.append(("direct (replica)", replica.port))
         if not args.no_pgbouncer:
-            bouncer, bport = start_pgbouncer(primary, base, args.clients)
+            bouncer, bport = start_pgbouncer(primary, base, args.clients, args.pool_mode,
+                                             args.pool_size)
             wait_accepting(psql, LOOPBACK, bport, None)
             targets.append(("pgbouncer", bport))
         time.sleep(1.0)  # the router's first probes: replica in rotation
@@ -282,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cores = os.cpu_count()
         print(f"pgbench -c {args.clients} -j 2 -T {args.seconds}, scale {args.scale}, "
               f"{cores} cores, {args.rounds} alternating rounds; primary + 1 streaming replica "
-              "on the same machine")
+              f"on the same machine; pool mode {args.pool_mode}"
+              + (f" ({args.pool_size} server connections)"
+                 if args.pool_mode == "transaction" else ""))
         print("calls: pg_stat_statements calls of statements on pgbench_accounts, per server")
         print(report(runs))
         print(ratios(runs, modes, workloads, [n for n, _ in targets]))

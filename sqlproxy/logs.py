@@ -51,6 +51,23 @@ class _Stamp:
 
 _timestamp = _Stamp()
 
+# Fields every line of this process carries (a worker's index): one dict merge per line,
+# where structlog's merge_contextvars copies and walks the whole context each time.
+_FIELDS: dict[str, Any] = {}
+
+
+def set_process_fields(**fields: Any) -> None:
+    """Fields added to every log line of this process from now on (``worker=3``)."""
+    _FIELDS.update(fields)
+
+
+def _add_fields(logger: Any, name: str,
+                event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _FIELDS:
+        for key, value in _FIELDS.items():
+            event_dict.setdefault(key, value)
+    return event_dict
+
 # Bumped by every configure_logging: the loggers below build their bound logger again.
 _generation = 0
 
@@ -68,7 +85,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     )
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
+            _add_fields,
             structlog.processors.add_log_level,
             _timestamp,
             structlog.processors.format_exc_info,

@@ -16,12 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from sqlproxy.analysis.stats import StatEntry
 from sqlproxy.config import Config, load_config
 from sqlproxy.errors import ConfigError
-from sqlproxy.logs import configure_logging, get_logger
+from sqlproxy.logs import configure_logging, get_logger, set_process_fields
 from sqlproxy.runtime import Runtime, install_uvloop
 from sqlproxy.state import StatisticsState, entry_to_state
 from sqlproxy.statestore.view import live_sections
@@ -210,7 +208,7 @@ class Worker:
 
 def worker_main(spec: WorkerSpec) -> None:
     """The worker process's entry point (``multiprocessing``, spawn)."""
-    structlog.contextvars.bind_contextvars(worker=spec.index)
+    set_process_fields(worker=spec.index)
     try:
         worker = Worker(spec)
     except ConfigError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import MutableMapping
 from typing import Any
@@ -73,10 +74,12 @@ _generation = 0
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
-    global _generation
+    global _generation, _json_out, _min_level
     _generation += 1
     out = stream if stream is not None else sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and hasattr(out, "isatty") and out.isatty())
+    _json_out = None if use_console else out
+    _min_level = _LEVELS.get(level, logging.INFO)
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=use_console and fmt != "json")
         if use_console
@@ -99,10 +102,20 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     )
 
 
+# JSON lines (not the console renderer): the stream they go to, written by ``Logger._json``
+# directly, as structlog's chain above would render them; the least level written.
+_json_out: Any = None
+_min_level = logging.INFO
+_write_lock = threading.Lock()  # one line at a time (a test process runs proxies in threads)
+
+
 class Logger:
-    """A module's logger: structlog's, bound once per configuration rather than on every
-    call (a lazy structlog proxy binds anew each time, a third of a log line's cost; caching
-    it in structlog would keep the first configuration past a reload)."""
+    """A module's logger. JSON lines are rendered and written here, exactly as the structlog
+    chain configured above renders them (the same fields in the same order): in a busy
+    process a line through structlog's processors cost about 20 us of CPU, three times its
+    cost in a loop. The console renderer, and lines with ``exc_info``, go through
+    structlog's logger, bound once per configuration (a lazy structlog proxy binds anew
+    each time; caching it in structlog would keep the first configuration past a reload)."""
 
     __slots__ = ("_bound", "_generation", "_name")
 
@@ -117,17 +130,40 @@ class Logger:
             self._generation = _generation
         return self._bound
 
+    def _json(self, level_no: int, level: str, event: str, kw: dict[str, Any]) -> bool:
+        """Write the line as JSON if that is the configuration (True), else False."""
+        out = _json_out
+        if out is None or "exc_info" in kw:
+            return False
+        if level_no < _min_level:
+            return True
+        kw["event"] = event
+        if _FIELDS:
+            for key, value in _FIELDS.items():
+                kw.setdefault(key, value)
+        kw["level"] = level
+        _timestamp(None, level, kw)
+        line = _ENCODER.encode(kw) + "\n"
+        with _write_lock:
+            out.write(line)
+            out.flush()
+        return True
+
     def debug(self, event: str, **kw: Any) -> Any:
-        return self._logger().debug(event, **kw)
+        if not self._json(logging.DEBUG, "debug", event, kw):
+            self._logger().debug(event, **kw)
 
     def info(self, event: str, **kw: Any) -> Any:
-        return self._logger().info(event, **kw)
+        if not self._json(logging.INFO, "info", event, kw):
+            self._logger().info(event, **kw)
 
     def warning(self, event: str, **kw: Any) -> Any:
-        return self._logger().warning(event, **kw)
+        if not self._json(logging.WARNING, "warning", event, kw):
+            self._logger().warning(event, **kw)
 
     def error(self, event: str, **kw: Any) -> Any:
-        return self._logger().error(event, **kw)
+        if not self._json(logging.ERROR, "error", event, kw):
+            self._logger().error(event, **kw)
 
     def exception(self, event: str, **kw: Any) -> Any:
         return self._logger().exception(event, **kw)

@@ -11,15 +11,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import structlog
 
 from sqlproxy import logs
 
 
 @pytest.fixture(autouse=True)
 def _restore() -> Iterator[None]:
+    """Back to how the other tests' in-process proxies log: structlog's defaults."""
     yield
     logs._FIELDS.clear()
-    logs.configure_logging()
+    logs._json_out = None
+    logs._generation += 1
+    structlog.reset_defaults()
 
 
 class _Odd:

@@ -7,7 +7,7 @@ connected. The decision itself is ``routing.policy``'s (pure); this is the sessi
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlproxy.analysis.classify import Shape
 from sqlproxy.analysis.normalize import Normalized
@@ -18,14 +18,29 @@ from sqlproxy.routing.policy import Decision, RoutedStatement, Target
 from sqlproxy.routing.units import Unit
 
 if TYPE_CHECKING:
+    from sqlproxy.analysis.profiler import Profiler
+    from sqlproxy.analysis.statement import SessionInfo
     from sqlproxy.proxy.routed import RoutedSession
+    from sqlproxy.routing.replay import Replay
 
 __all__ = ["decide", "route", "statements", "statements_nr", "unit_statements"]
 
 log = get_logger("sqlproxy.routing")
 
 
-def unit_statements(session: RoutedSession, unit: Unit) -> list[RoutedStatement] | None:
+class StatementSource(Protocol):
+    """A session whose statements the policy judges: routed (``RoutedSession``) or pooled
+    with routing (``PooledSession``)."""
+
+    profiler: Profiler | None
+    info: SessionInfo
+    replay: Replay
+
+    @property
+    def statement_cache(self) -> Any: ...
+
+
+def unit_statements(session: StatementSource, unit: Unit) -> list[RoutedStatement] | None:
     """The statements of a unit as the policy sees them (None: a Bind of a statement the
     session does not know)."""
     out: list[RoutedStatement] = []
@@ -45,7 +60,7 @@ def unit_statements(session: RoutedSession, unit: Unit) -> list[RoutedStatement]
     return out
 
 
-def statements(session: RoutedSession, sql: str) -> list[RoutedStatement]:
+def statements(session: StatementSource, sql: str) -> list[RoutedStatement]:
     return [RoutedStatement(n.text, shape, n.hints) for n, shape in statements_nr(session, sql)]
 
 
@@ -109,11 +124,11 @@ def route(session: RoutedSession, unit: Unit) -> Link | None:
     return link
 
 
-def statements_nr(session: RoutedSession, sql: str) -> list[tuple[Normalized, Shape]]:
+def statements_nr(session: StatementSource, sql: str) -> list[tuple[Normalized, Shape]]:
     """The normalized statements of ``sql`` and their shapes (the profiler's memo, or the
-    router's cache when the session is not profiled)."""
+    session's statement cache when it is not profiled)."""
     profiler = session.profiler
     if profiler is not None:
         return [(s.normalized, s.shape) for s in profiler.statements(session.info, sql)]
-    cache = session.router.cache
+    cache = session.statement_cache
     return [(n, cache.shape(n)) for n in cache.scan(sql)]

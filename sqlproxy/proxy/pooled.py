@@ -3,55 +3,17 @@
 Only used with ``pool.mode = "transaction"`` (the server picks the session class once at
 startup): session mode keeps the plain ``ClientSession`` and its direct relay untouched.
 
-How it works (docs/pooling.md has the guarantees and their tests)
------------------------------------------------------------------
-*Pools.* One ``Pool`` (``sqlproxy.pool.state``, the pure lending rules) per (database, user)
-pair, at most ``pool.size`` server connections, driven by ``proxy.poolservers``.
-
-*Login.* A client authenticates against the server itself, on a fresh connection that takes a
-pool slot (the pool closes an idle server to make room when full, so the total never exceeds
-``pool.size``); once the server says ReadyForQuery, that connection joins the pool. When the
-pool has learnt that the server trusts this user (the login needed no password), later
-clients of the pair are answered by the proxy itself: AuthenticationOk, the server's
-ParameterStatus, a proxy BackendKeyData and ReadyForQuery, without any server connection.
-New pool connections are opened the same way (``routing.replica_login``: trust, the client's
-recovered SCRAM keys or ``routing.passwords``).
-
-*Lending.* The client's messages are cut into units (``routing.units``: one Query, or up to
-Sync). A unit needs a server: the held one, else one checked out of the pool (waiting at most
-``pool.max_wait_ms``, then SQLSTATE 53300 and the session stays usable). The server goes back
-when nothing is owed (the client's ``Conversation`` has nothing pending, no unit is open past
-a Flush), and ReadyForQuery said idle: transactions never span two servers.
-
-*Prepared statements* (as PgBouncer >= 1.21): the client's named statements are kept per
-client (``routing.replay.Replay``) and per server (``BackendReplay``, bounded by
-``pool.max_prepared_per_server``, least recently used closed first); a unit that binds or
-describes one the server lacks, or holds under that name with another text, gets the client's
-Parse first as an injected unit whose answers are swallowed (``routing.answers``).
-
-*Startup parameters* the client asked for (client_encoding, DateStyle, TimeZone,
-application_name, extra_float_digits...) are SET on the server before the client's first
-unit there, when the server holds others.
-
-*Pinning.* Session state a pooled server cannot carry from one client to the next (LISTEN,
-temporary tables, session advisory locks, WITH HOLD cursors, SQL PREPARE, SET or set_config
-outside a transaction) pins the client to its server for the rest of its session; the server
-is closed when the client leaves. The reason and the statement are reported.
-
-*Never dirty.* A server left inside a transaction by a departed client is rolled back first
-(reused only if the ROLLBACK ends idle without error); one left busy, pinned, or in an unknown
-state is closed; one with a cancel request on its way goes back once the cancel has been
-processed.
-
-*Fast path.* Common units and their answers run in compiled code (``fastpool.py``); this class
-is the general path (``held``, ``waiting``, ``pinned``... are the fast path's fields).
-
-*Replicas.* With a router, a unit starting outside a transaction may borrow a server of a
-replica pool instead (``poolroute.py``): the routed session's policy and read-your-writes.
-
-*Analysis* stays per client: the client's own ``Conversation`` sees its units and the answers
-delivered to it (never the injected ones), so statistics and findings are the same as in
-session mode.
+How it works is ``docs/pooling.md`` (with the guarantees and their tests); the parts are:
+the lending rules (``pool/state.py``, pure), the server connections and pools
+(``poolservers.py``), logins the proxy answers or checks (``pooled_login.py``), what pins a
+client (``poolpins.py``), replica pools (``poolroute.py``), and the compiled fast path
+(``fastpool.py``: common units and their answers, and the direct relay). This class is the
+general path: it frames every client message, cuts units (``routing.units``), borrows a server
+per unit outside a transaction, replays startup settings and the client's prepared statements
+on it (answers swallowed, ``routing.answers``), gives it back when ReadyForQuery says idle and
+nothing is owed, and rolls back or closes what a departed client left. ``held``, ``waiting``,
+``pinned``... are the fast path's fields. Analysis stays per client: the client's own
+``Conversation`` sees its units and the answers delivered to it, never the injected ones.
 """
 
 from __future__ import annotations
@@ -62,24 +24,29 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from sqlproxy.analysis.cache import StatementCache
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.pool.auth import LoginServer
-from sqlproxy.proxy import poolroute
+from sqlproxy.proxy import deciding, poolpins, poolroute
 from sqlproxy.proxy.fastpool import (
     PooledClientPump,
     PooledListener,
     PooledRecorder,
     PoolFast,
-    may_pin,
 )
-from sqlproxy.proxy.pooled_login import client_auth_message, proxy_login, session_ended
+from sqlproxy.proxy.pooled_login import (
+    answer_login,
+    client_auth_message,
+    proxy_login,
+    recover_scram_keys,
+    session_ended,
+)
 from sqlproxy.proxy.poolservers import PoolIO, PoolManager, ServerConn, settings_sql
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.answers import Kind
-from sqlproxy.routing.policy import RoutedStatement, pin_reason
 from sqlproxy.routing.replay import Replay
-from sqlproxy.routing.scram import ScramCapture, ScramKeys, ScramWatch
+from sqlproxy.routing.scram import ScramKeys, ScramWatch
 from sqlproxy.routing.session_routing import SessionRouting
 from sqlproxy.routing.units import Unit, UnitCutter
 from sqlproxy.wire.conversation import Conversation, Pending
@@ -93,7 +60,6 @@ from sqlproxy.wire.messages import (
     SYNC,
     TX_IDLE,
     StartupMessage,
-    backend_key_data,
     build,
     cstr,
     error_response,
@@ -115,24 +81,6 @@ _perf = time.perf_counter
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 #: Startup parameters that are not settings (or cannot be SET later).
 _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
-_OPTION = re.compile(r"(?:-c\s*|--)([A-Za-z_][\w.]*)=((?:\\.|\S)*)")
-
-
-def _options_as_sql(parameters: dict[str, str]) -> str:
-    """What pins a client that logged in with ``options`` (``-c name=value`` / ``--name=value``,
-    a backslash escaping the next character) or ``replication``, as the statements it amounts
-    to: SET for each setting, the startup parameter itself for anything else."""
-    out: list[str] = []
-    options = parameters.get("options", "")
-    rest = _OPTION.sub("", options).strip()
-    for name, value in _OPTION.findall(options):
-        value = re.sub(r"\\(.)", r"\1", value).replace("'", "''")
-        out.append(f"SET {name} = '{value}'")
-    if rest:
-        out.append(f"-- startup options: {rest}")
-    if "replication" in parameters:
-        out.append(f"-- startup parameter replication={parameters['replication']}")
-    return "; ".join(out) if out else "-- startup options"
 _DEALLOCATE_RE = re.compile(r"(?i)\bdeallocate\s+(?:prepare\s+)?(?!all\b)(\"[^\"]+\"|\w+)")
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
 PARSE_COMPLETE = build(b"1", b"")
@@ -232,7 +180,7 @@ class PooledSession(ClientSession):
         if not pool.trusted:
             return False
         self._join(pool, msg)
-        self._local_login(pool)
+        answer_login(self, pool)
         return True
 
     def _join(self, pool: PoolIO, msg: StartupMessage) -> None:
@@ -247,9 +195,9 @@ class PooledSession(ClientSession):
         self._join(pool, msg)
         if "options" in msg.parameters or "replication" in msg.parameters:
             # Cannot be SET later: keeps its login server.
-            self._pin("startup options", _options_as_sql(msg.parameters))
+            self._pin("startup options", poolpins.options_as_sql(msg.parameters))
         if pool.trusted and self.pinned is None:
-            self._local_login(pool)
+            answer_login(self, pool)
             return
         if self.pinned is None and self.config.pool.auth_user \
                 and await proxy_login(self, pool, msg):
@@ -276,7 +224,7 @@ class PooledSession(ClientSession):
             # Learnt while this login waited for its slot (a burst of first logins): answered
             # here, the slot unused, instead of one more server connection opened and closed.
             self._free_login_slot(failed=False)
-            self._local_login(pool)
+            answer_login(self, pool)
             return
         await super()._connect_backend(msg)
 
@@ -306,38 +254,7 @@ class PooledSession(ClientSession):
         elif self.scram is not None:
             self.scram.client_message(body)
 
-    async def _recover_scram_keys(self, capture: ScramCapture) -> None:
-        """The keys of a SCRAM login that went through to the primary, recovered from the
-        exchange (routing.scram): the replica pools' servers log in with them."""
-        router = self.router
-        try:
-            if router is not None:
-                keys = await router.scram_keys(self.user, capture)
-                if keys is not None and self.scram_keys is None:
-                    self.scram_keys = keys
-        finally:
-            self.scram_pending = False
-
     _asked_password = False
-
-    def _local_login(self, pool: PoolIO) -> None:
-        """Answer the login ourselves: the server trusts this user (learnt from a login)."""
-        out = bytearray(_AUTH_OK)
-        app = self.settings.get("application_name", "")
-        for k, v in pool.parameters:
-            if k == "application_name":
-                v = app
-            elif k in self.settings and k in ("client_encoding", "DateStyle", "TimeZone"):
-                v = self.settings[k]
-            out += build(b"S", cstr(k) + cstr(v))
-            self.parameters[k] = v
-        self.proxy_key = self.server.register_cancel_key(self, self.manager.next_pid(), 4)
-        out += backend_key_data(self.proxy_key[0], self.proxy_key[1])
-        out += ready_for_query()
-        t = self.client_transport
-        if t is not None:
-            t.write(bytes(out))
-        self._start(b"")
 
     def _go_hot(self, backend: BackendConnection, rest: bytes) -> None:
         pool = self.pool
@@ -357,11 +274,11 @@ class PooledSession(ClientSession):
             # Its reads wait on the primary until the keys are known (poolroute).
             self.scram_pending = True
             self.server.track(asyncio.get_running_loop().create_task(
-                self._recover_scram_keys(capture)))
+                recover_scram_keys(self, capture)))
         self.scram = None
-        self._start(rest)
+        self.start(rest)
 
-    def _start(self, rest: bytes) -> None:
+    def start(self, rest: bytes) -> None:
         self._cancel_startup_timer()
         self.ready_at = _perf()
         # The session listens itself (DEALLOCATE / DISCARD change what the servers hold),
@@ -555,7 +472,7 @@ class PooledSession(ClientSession):
         transport = server.transport
         assert transport is not None
         if self.pinned is None:
-            self._check_pin(unit)
+            poolpins.check_unit(self, unit)
         pre = b""
         injected = 0
         sql = "" if server.settings == self.settings else settings_sql(server.settings,
@@ -601,7 +518,7 @@ class PooledSession(ClientSession):
     def statement_event(self, pending: Pending, index: int) -> None:
         """A statement that may be a DEALLOCATE or DISCARD completed (from the recorder)."""
         server = self.held
-        stmts = self._statements_nr(pending.sql) if pending.sql else []
+        stmts = deciding.statements_nr(self, pending.sql) if pending.sql else []
         if server is not None and index < len(stmts):
             text = stmts[index][0].text
             if text.startswith(("deallocate", "discard")):
@@ -617,74 +534,14 @@ class PooledSession(ClientSession):
                 if name in self.replay.statements and name not in unit.describes:
                     unit.describes.append(name)
 
-    # ------------------------------------------------------------------ pinning
-    def _check_pin(self, unit: Unit) -> None:
-        texts = list(unit.queries) + [sql for _, sql, _ in unit.parses]
-        if not texts:
-            return
-        in_tx = self.conv is not None and self.conv.tx_status != TX_IDLE
-        clean = self.manager.clean_texts
-        for text in texts:
-            if text in clean:  # seen before: pins nothing, in or out of a transaction
-                continue
-            if self._pin_text(text, in_tx):
-                return
-            if len(clean) >= 10_000:
-                clean.clear()
-            clean.add(text)
-
-    def _pin_text(self, text: str, in_tx: bool) -> bool:
-        """Pin the session if ``text`` holds a statement that pins (True if it did)."""
-        if not may_pin(text):
-            return False
-        clean = self.manager.clean_shapes
-        for n, shape in self._statements_nr(text):
-            if n.text in clean:
-                if shape.command == "begin":
-                    in_tx = True
-                continue
-            st = RoutedStatement(n.text, shape, n.hints)
-            reason = pin_reason(st)
-            if reason is None and shape.kind.value == "set" \
-                    and not n.text.startswith(("set local ", "set transaction ")):
-                # A SET in a transaction block outlives its COMMIT too.
-                reason = ("set in a transaction (kept after commit)" if in_tx
-                          else "set outside a transaction")
-            if reason is None and shape.command == "begin":
-                in_tx = True
-            if reason is not None:
-                self._pin(reason, text)
-                return True
-            if len(clean) >= 10_000:
-                clean.clear()
-            clean.add(n.text)
-        return False
-
-    def statements_nr(self, sql: str) -> list[tuple[Any, Any]]:
-        """The normalized statements of ``sql`` and their shapes."""
-        return self._statements_nr(sql)
-
-    def _statements_nr(self, sql: str) -> list[tuple[Any, Any]]:
-        profiler = self.profiler
-        if profiler is not None:
-            return [(s.normalized, s.shape) for s in profiler.statements(self.info, sql)]
-        cache = self.manager.cache
-        return [(n, cache.shape(n)) for n in cache.scan(sql)]
-
+    # ------------------------------------------------------------------ pinning (poolpins.py)
     def _pin(self, reason: str, text: str) -> None:
-        self.pinned = reason
-        pool = self.pool
-        if pool is not None:
-            pool.pinned[self.id] = {"session": self.id, "client": self.peer,
-                                    "application_name": self.application_name,
-                                    "reason": reason, "statement": text[:1000],
-                                    "since": time.time()}
-        log.info("session_pinned", session=self.id, reason=reason, statement=text[:200])
-        profiler = self.profiler
-        if profiler is not None:
-            note = getattr(profiler, "note_pool_pin", None)
-            if note is not None:
-                note(self.info, reason, text)
+        poolpins.pin(self, reason, text)
+
+    @property
+    def statement_cache(self) -> StatementCache:
+        """Statement shapes when the session is not profiled (deciding.statements_nr)."""
+        return self.manager.cache
 
     # ------------------------------------------------------------------ server side
     def server_data(self, server: ServerConn, data: bytes) -> None:

@@ -22,13 +22,55 @@ from typing import TYPE_CHECKING
 from sqlproxy.errors import ProxyError, TooManyConnections
 from sqlproxy.pool.auth import LoginServer
 from sqlproxy.proxy.session import SessionState
+from sqlproxy.wire.messages import backend_key_data, build, cstr, ready_for_query
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.pooled import PooledSession
     from sqlproxy.proxy.poolservers import PoolIO
+    from sqlproxy.routing.scram import ScramCapture
     from sqlproxy.wire.messages import StartupMessage
 
-__all__ = ["client_auth_message", "proxy_login"]
+__all__ = ["answer_login", "client_auth_message", "proxy_login", "recover_scram_keys"]
+
+_AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
+
+
+def answer_login(session: PooledSession, pool: PoolIO) -> None:
+    """Answer ``session``'s login without a server: the pair's logins need no password
+    (learnt from a login), or the proxy checked this one. AuthenticationOk, the server's
+    ParameterStatus (the client's own where it set them), a proxy BackendKeyData,
+    ReadyForQuery; then the session starts."""
+    out = bytearray(_AUTH_OK)
+    settings = session.settings
+    app = settings.get("application_name", "")
+    for k, v in pool.parameters:
+        if k == "application_name":
+            v = app
+        elif k in settings and k in ("client_encoding", "DateStyle", "TimeZone"):
+            v = settings[k]
+        out += build(b"S", cstr(k) + cstr(v))
+        session.parameters[k] = v
+    key = session.proxy_key = session.server.register_cancel_key(
+        session, session.manager.next_pid(), 4)
+    out += backend_key_data(key[0], key[1])
+    out += ready_for_query()
+    t = session.client_transport
+    if t is not None:
+        t.write(bytes(out))
+    session.start(b"")
+
+
+async def recover_scram_keys(session: PooledSession, capture: ScramCapture) -> None:
+    """The keys of a SCRAM login that went through to the primary, recovered from the
+    exchange (routing.scram): the replica pools' servers log in with them."""
+    router = session.router
+    try:
+        if router is not None:
+            keys = await router.scram_keys(session.user, capture)
+            if keys is not None and session.scram_keys is None:
+                session.scram_keys = keys
+    finally:
+        session.scram_pending = False
 
 
 async def proxy_login(session: PooledSession, pool: PoolIO, msg: StartupMessage) -> bool:
@@ -68,7 +110,7 @@ async def proxy_login(session: PooledSession, pool: PoolIO, msg: StartupMessage)
         if problem is not None:
             session.fail(problem)
             return True
-    session._local_login(pool)
+    answer_login(session, pool)
     return True
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from sqlproxy.errors import ConnectionFailure
 from sqlproxy.logs import get_logger
+from sqlproxy.proxy import deciding
 from sqlproxy.routing.answers import DROP_CONNECTION, REPLICA_DOWN, Kind, should_retry
 from sqlproxy.routing.policy import RoutedStatement, Target
 from sqlproxy.routing.units import Unit
@@ -45,25 +46,7 @@ _AUTH_PROBLEMS = ("password", "authentication", "28P01", "28000")
 def _statements(session: PooledSession, unit: Unit) -> list[RoutedStatement] | None:
     """The unit's statements as the policy sees them (None: unknown, e.g. a Bind of a
     statement the session does not know)."""
-    if unit.unknown:
-        return None
-    out: list[RoutedStatement] = []
-    texts = list(unit.queries)
-    parsed = set()
-    for name, sql, _ in unit.parses:
-        parsed.add(name)
-        texts.append(sql)
-    for name in unit.binds:
-        if name in parsed:
-            continue
-        known = session.replay.statements.get(name)
-        if known is None:
-            return None
-        texts.append(known[0])
-    for sql in texts:
-        out.extend(RoutedStatement(n.text, shape, n.hints)
-                   for n, shape in session.statements_nr(sql))
-    return out
+    return None if unit.unknown else deciding.unit_statements(session, unit)
 
 
 def note_unit(session: PooledSession, unit: Unit, in_transaction: bool) -> Target:

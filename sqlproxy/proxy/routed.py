@@ -42,6 +42,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
+from sqlproxy.analysis.cache import StatementCache
 from sqlproxy.analysis.classify import StatementKind
 from sqlproxy.analysis.statement import Statement
 from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
@@ -252,6 +253,11 @@ class RoutedSession(ClientSession):
                 return  # connecting to a replica; pumped again when done
             self.units.popleft()
             self._send(link, unit)
+
+    @property
+    def statement_cache(self) -> StatementCache:
+        """Statement shapes when the session is not profiled (deciding.statements_nr)."""
+        return self.router.cache
 
     def in_transaction(self) -> Link | None:
         """The link of the transaction block in progress, if any."""

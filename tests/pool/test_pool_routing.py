@@ -16,7 +16,13 @@ import asyncpg
 import psycopg
 import pytest
 
-from tests.routing.test_routing import calls, router_of, wait_for, wait_ready
+from tests.routing.test_routing import (
+    calls,
+    readers_survive_a_replica_restart,
+    router_of,
+    wait_for,
+    wait_ready,
+)
 from tests.support.clients import active_queries, sleep_until_canceled, unique_name
 from tests.support.pg import PgCluster
 from tests.support.proxy import ProxyThread
@@ -173,47 +179,7 @@ def test_asyncpg_prepared_statements_on_pooled_replicas(
 def test_stopping_the_replica_mid_run(
     pooled_routed: ProxyThread, table: str, pg_replica: PgCluster,
 ) -> None:
-    errors: list[BaseException] = []
-    done = 0
-
-    async def reader(dsn: str, stop: asyncio.Event) -> None:
-        nonlocal done
-        conn = await asyncpg.connect(dsn, statement_cache_size=0)
-        try:
-            while not stop.is_set():
-                try:
-                    assert await conn.fetchval(f"SELECT count(*) FROM {table}") == 10
-                    done += 1
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-        finally:
-            await conn.close()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(reader(pooled_routed.dsn(), stop)) for _ in range(4)]
-        await asyncio.sleep(0.5)
-        await asyncio.to_thread(pg_replica.stop, "fast")
-        await asyncio.sleep(1.0)
-        await asyncio.to_thread(pg_replica.start)
-        await asyncio.sleep(0.5)
-        stop.set()
-        await asyncio.gather(*tasks)
-
-    try:
-        asyncio.run(main())
-    finally:
-        if not pg_replica.is_running():
-            pg_replica.start()
-    assert not errors, errors
-    assert done > 0
-    wait_ready(pooled_routed)
-    before = calls(pg_replica, f"SELECT count(*) FROM {table}")
-    with psycopg.connect(pooled_routed.dsn(), autocommit=True) as conn:
-        for _ in range(3):
-            conn.execute(f"SELECT count(*) FROM {table}")
-    assert calls(pg_replica, f"SELECT count(*) FROM {table}") > before
+    readers_survive_a_replica_restart(pooled_routed, table, pg_replica)
 
 
 def test_cancel_reaches_the_query_on_the_pooled_replica(

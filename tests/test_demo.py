@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from sqlproxy.devcluster import BASE_DIR_PREFIX
+from sqlproxy.pghost import BASE_DIR_PREFIX
 from tests.support.pg import PgCluster, free_port
 from tests.support.proxy import ProxyThread
 

@@ -6,4 +6,4 @@ module keeps the short name the tests and benchmarks import.
 
 from sqlproxy.devcluster import *  # noqa: F403
 from sqlproxy.devcluster import __all__ as __all__
-from sqlproxy.devcluster import _chown_to as _chown_to
+from sqlproxy.pghost import _chown_to as _chown_to

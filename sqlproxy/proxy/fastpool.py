@@ -65,7 +65,7 @@ _IDLE: Final = 73  # 'I'
 
 def may_pin(text: str) -> bool:
     """Whether ``text`` holds one of the words of a statement that pins a pooled client (see
-    ``PooledSession._pin_text``). Conservative: a word in a literal or a comment only costs
+    ``poolpins._pin_text``). Conservative: a word in a literal or a comment only costs
     the full check. A lower-cased copy searched word by word: a case-insensitive regex
     alternation costs tens of thousands of instructions on a one-line SELECT."""
     low = text.lower()

@@ -20,16 +20,38 @@
  *   digit_run(data, start, end) -> (int, int)
  *                               the bounds of the last run of ASCII digits in data[start:end],
  *                               (-1, -1) if there is none
+ *   text(data, start, end) -> str
+ *                               data[start:end] up to its first NUL, decoded from UTF-8 with
+ *                               invalid bytes replaced (a statement's text, as the server reads
+ *                               it), without a copy of the bytes first
  *   same_but_digits(data, start, end, prefix, suffix) -> bool
  *                               whether data[start:end] is prefix, one or more ASCII digits,
  *                               suffix: a text that differs from one scanned before only in a
  *                               number holds no word the other did not
+ *
+ * And the relay's readiness watch (see readers in pump.py):
+ *
+ *   Poller()                    an epoll instance of its own, whose descriptor the event loop
+ *                               watches (one loop reader for all the relayed sockets)
+ *     .add(fd, callback)        call callback() whenever fd is readable (level-triggered);
+ *                               replaces the callback of an fd added already
+ *     .remove(fd) -> bool       stop watching fd (before it is closed); False if it was not
+ *     .dispatch()               call the callbacks of the sockets readable now (at most
+ *                               MAX_EVENTS; the others stay ready for the next call); the
+ *                               first exception from a callback is raised after the others
+ *                               had their turn
+ *     .fileno(), len(), .close()
+ *
+ * The event loop would otherwise take the GIL, and run its handle machinery, once per
+ * readable socket; a poller takes it once per batch.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <unistd.h>
 #include <sys/types.h>
 
 #define RECV_SIZE (64 * 1024)
@@ -248,7 +270,274 @@ sockio_same_but_digits(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_TRUE;
 }
 
+/* ------------------------------------------------------------------ Poller */
+
+#define MAX_EVENTS 64
+
+typedef struct {
+    PyObject_HEAD
+    int epfd;               /* -1 once closed */
+    PyObject **callbacks;   /* by descriptor; NULL: not watched */
+    int capacity;
+    Py_ssize_t count;
+} Poller;
+
+static void
+poller_clear_callbacks(Poller *self)
+{
+    PyObject **callbacks = self->callbacks;
+    int capacity = self->capacity;
+    self->callbacks = NULL;
+    self->capacity = 0;
+    self->count = 0;
+    if (callbacks == NULL)
+        return;
+    for (int i = 0; i < capacity; i++)
+        Py_XDECREF(callbacks[i]);
+    PyMem_Free(callbacks);
+}
+
+static PyObject *
+poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "Poller() takes no arguments");
+        return NULL;
+    }
+    Poller *self = (Poller *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->callbacks = NULL;
+    self->capacity = 0;
+    self->count = 0;
+    self->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (self->epfd < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+poller_traverse(Poller *self, visitproc visit, void *arg)
+{
+    for (int i = 0; i < self->capacity; i++)
+        Py_VISIT(self->callbacks[i]);
+    return 0;
+}
+
+static int
+poller_clear(Poller *self)
+{
+    poller_clear_callbacks(self);
+    return 0;
+}
+
+static void
+poller_dealloc(Poller *self)
+{
+    PyObject_GC_UnTrack(self);
+    poller_clear_callbacks(self);
+    if (self->epfd >= 0)
+        close(self->epfd);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+poller_open(Poller *self)
+{
+    if (self->epfd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the poller is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+poller_add(Poller *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "add() takes exactly 2 arguments (fd, callback)");
+        return NULL;
+    }
+    if (poller_open(self) < 0)
+        return NULL;
+    int fd = fd_of(args[0]);
+    if (fd < 0)
+        return NULL;
+    PyObject *callback = args[1];
+    if (!PyCallable_Check(callback)) {
+        PyErr_SetString(PyExc_TypeError, "add() callback must be callable");
+        return NULL;
+    }
+    if (fd >= self->capacity) {
+        int capacity = self->capacity ? self->capacity : 64;
+        while (capacity <= fd)
+            capacity *= 2;
+        PyObject **grown = PyMem_Realloc(self->callbacks, sizeof(PyObject *) * (size_t)capacity);
+        if (grown == NULL)
+            return PyErr_NoMemory();
+        for (int i = self->capacity; i < capacity; i++)
+            grown[i] = NULL;
+        self->callbacks = grown;
+        self->capacity = capacity;
+    }
+    PyObject *old = self->callbacks[fd];
+    if (old == NULL) {
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof(ev));
+        ev.events = EPOLLIN;
+        ev.data.fd = fd;
+        if (epoll_ctl(self->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+            return PyErr_SetFromErrno(PyExc_OSError);
+        self->count++;
+    }
+    Py_INCREF(callback);
+    self->callbacks[fd] = callback;
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+poller_remove(Poller *self, PyObject *arg)
+{
+    int fd = fd_of(arg);
+    if (fd < 0)
+        return NULL;
+    if (fd >= self->capacity || self->callbacks[fd] == NULL)
+        Py_RETURN_FALSE;
+    PyObject *old = self->callbacks[fd];
+    self->callbacks[fd] = NULL;
+    self->count--;
+    /* (ENOENT / EBADF: the descriptor was closed first; nothing is watched any more.) */
+    if (self->epfd >= 0 && epoll_ctl(self->epfd, EPOLL_CTL_DEL, fd, NULL) < 0
+            && errno != ENOENT && errno != EBADF) {
+        Py_DECREF(old);
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_DECREF(old);
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->epfd < 0)
+        Py_RETURN_NONE;
+    struct epoll_event events[MAX_EVENTS];
+    int n;
+    do {
+        n = epoll_wait(self->epfd, events, MAX_EVENTS, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    /* A callback's exception does not keep the others from their turn (epoll reports the
+     * sockets in the same order again): the first is raised once all had theirs, any other
+     * goes to sys.unraisablehook. */
+    PyObject *type = NULL, *value = NULL, *traceback = NULL;
+    Py_INCREF(self);  /* a callback may drop the last other reference (closing the poller) */
+    for (int i = 0; i < n; i++) {
+        int fd = events[i].data.fd;
+        /* Looked up now: an earlier callback may have removed it (or put another there,
+         * which then finds nothing to read). */
+        if (fd >= self->capacity || self->callbacks[fd] == NULL)
+            continue;
+        PyObject *callback = self->callbacks[fd];
+        Py_INCREF(callback);
+        PyObject *result = PyObject_CallNoArgs(callback);
+        if (result == NULL) {
+            if (type == NULL)
+                PyErr_Fetch(&type, &value, &traceback);
+            else
+                PyErr_WriteUnraisable(callback);
+        }
+        else {
+            Py_DECREF(result);
+        }
+        Py_DECREF(callback);
+    }
+    Py_DECREF(self);
+    if (type != NULL) {
+        PyErr_Restore(type, value, traceback);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+poller_fileno(Poller *self, PyObject *Py_UNUSED(ignored))
+{
+    if (poller_open(self) < 0)
+        return NULL;
+    return PyLong_FromLong(self->epfd);
+}
+
+static PyObject *
+poller_close(Poller *self, PyObject *Py_UNUSED(ignored))
+{
+    poller_clear_callbacks(self);
+    if (self->epfd >= 0) {
+        close(self->epfd);
+        self->epfd = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t
+poller_len(Poller *self)
+{
+    return self->count;
+}
+
+static PyMethodDef poller_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))poller_add, METH_FASTCALL,
+     "add(fd, callback): call callback() whenever fd is readable."},
+    {"remove", (PyCFunction)poller_remove, METH_O,
+     "remove(fd) -> bool: stop watching fd (False if it was not watched)."},
+    {"dispatch", (PyCFunction)poller_dispatch, METH_NOARGS,
+     "dispatch(): call the callbacks of the descriptors readable now."},
+    {"fileno", (PyCFunction)poller_fileno, METH_NOARGS, "fileno() -> int: the epoll descriptor."},
+    {"close", (PyCFunction)poller_close, METH_NOARGS,
+     "close(): close the epoll descriptor and drop every callback."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods poller_as_sequence = {
+    .sq_length = (lenfunc)poller_len,
+};
+
+static PyTypeObject PollerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "sqlproxy.proxy._sockio.Poller",
+    .tp_basicsize = sizeof(Poller),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "An epoll instance calling a callback per readable descriptor (see the module doc).",
+    .tp_new = poller_new,
+    .tp_dealloc = (destructor)poller_dealloc,
+    .tp_traverse = (traverseproc)poller_traverse,
+    .tp_clear = (inquiry)poller_clear,
+    .tp_methods = poller_methods,
+    .tp_as_sequence = &poller_as_sequence,
+};
+
+static PyObject *
+sockio_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *base;
+    Py_ssize_t start, stop;
+    if (text_args("text", args, nargs, 3, &base, &start, &stop) < 0)
+        return NULL;
+    const unsigned char *nul = memchr(base + start, 0, (size_t)(stop - start));
+    if (nul != NULL)
+        stop = nul - base;
+    return PyUnicode_DecodeUTF8((const char *)base + start, stop - start, "replace");
+}
+
 static PyMethodDef sockio_methods[] = {
+    {"text", (PyCFunction)(void (*)(void))sockio_text, METH_FASTCALL,
+     "text(data, start, end) -> str: data[start:end] up to its first NUL, decoded from UTF-8 "
+     "(invalid bytes replaced)."},
     {"recv", (PyCFunction)sockio_recv, METH_O,
      "recv(fd) -> bytes | None: read what the socket has (up to RECV_SIZE bytes) without waiting; "
      "b'' at end of stream, None if nothing is there."},
@@ -278,8 +567,19 @@ PyMODINIT_FUNC
 PyInit__sockio(void)
 {
     init_first_letters();
+    if (PyType_Ready(&PollerType) < 0)
+        return NULL;
     PyObject *module = PyModule_Create(&sockio_module);
-    if (module != NULL && PyModule_AddIntConstant(module, "RECV_SIZE", RECV_SIZE) < 0) {
+    if (module == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(module, "RECV_SIZE", RECV_SIZE) < 0
+            || PyModule_AddIntConstant(module, "MAX_EVENTS", MAX_EVENTS) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&PollerType);
+    if (PyModule_AddObject(module, "Poller", (PyObject *)&PollerType) < 0) {
+        Py_DECREF(&PollerType);
         Py_DECREF(module);
         return NULL;
     }

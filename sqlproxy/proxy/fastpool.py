@@ -39,7 +39,7 @@ from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.pool.state import Pool, _Open
-from sqlproxy.proxy.pump import StandIn
+from sqlproxy.proxy.pump import StandIn, add_reader, remove_reader
 from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
@@ -576,12 +576,12 @@ class _Direct(StandIn):
     def watch(self) -> None:
         if self.fd >= 0 and not self.watching and not self.paused:
             self.watching = True
-            self.loop.add_reader(self.fd, self.readable)
+            add_reader(self.loop, self.fd, self.readable)
 
     def unwatch(self) -> None:
         if self.watching:
             self.watching = False
-            self.loop.remove_reader(self.fd)
+            remove_reader(self.loop, self.fd)
 
     def readable(self) -> None:
         fd = self.fd

@@ -19,14 +19,16 @@ Even a compiled ``data_received`` leaves most of the proxy's own CPU time in the
 for every chunk a uvloop stream takes the GIL twice (to hand libuv a read buffer, then to
 deliver the data) and runs its transport machinery to write it on. A plain session (no TLS on
 either side, one backend) can skip that: ``Relay`` pauses both transports, watches duplicates
-of their sockets with ``loop.add_reader`` and moves the bytes itself with ``_sockio`` (a few
-lines of C that read and write a non-blocking socket without releasing the GIL): one callback
-per chunk. It only accelerates the ordinary case: at the end of either stream, on a socket
-error, on a protocol violation and at teardown it steps aside (``stop``): whatever it still
-holds for a socket goes to that socket's transport, both transports read again, and the
-session's ordinary code sees the end, the error or the goodbye as it would without the relay.
-A socket that cannot take everything at once gets the rest when it is writable again (and
-past ``HIGH_WATER`` waiting bytes the other socket is not read until ``LOW_WATER``).
+of their sockets and moves the bytes itself with ``_sockio`` (a few lines of C that read and
+write a non-blocking socket without releasing the GIL): one callback per chunk. The sockets are
+watched through one epoll instance per loop (``add_reader``), which the loop watches: one loop
+callback, and one taking of the GIL, serve every socket ready at once. It only accelerates the
+ordinary case: at the end of either stream, on a socket error, on a protocol violation and at
+teardown it steps aside (``stop``): whatever it still holds for a socket goes to that socket's
+transport, both transports read again, and the session's ordinary code sees the end, the error
+or the goodbye as it would without the relay. A socket that cannot take everything at once gets
+the rest when it is writable again (and past ``HIGH_WATER`` waiting bytes the other socket is
+not read until ``LOW_WATER``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ try:
 except ImportError:  # pragma: no cover - built with the package; without it, no direct relay
     _sockio = None  # type: ignore[assignment]
 
-__all__ = ["HAVE_RELAY", "BackendPump", "ClientPump", "Relay", "StandIn"]
+__all__ = ["HAVE_RELAY", "BackendPump", "ClientPump", "Relay", "StandIn", "add_reader",
+           "remove_reader"]
 
 HAVE_RELAY: Final = _sockio is not None
 # Bytes waiting for a socket before its source is no longer read, until the wait is down to
@@ -52,6 +55,40 @@ HAVE_RELAY: Final = _sockio is not None
 # most HIGH_WATER + RECV_SIZE bytes wait for a socket.
 HIGH_WATER: Final = 64 * 1024
 LOW_WATER: Final = 16 * 1024
+
+
+# Per event loop, the poller (``_sockio.Poller``) its relayed sockets are watched through: the
+# loop watches the poller's descriptor, and one callback serves every socket ready then. Read
+# through the loop itself, each socket would cost the loop's handle machinery and a taking of
+# the GIL per chunk.
+_pollers: dict[Any, Any] = {}
+
+
+def add_reader(loop: Any, fd: int, callback: Callable[[], object]) -> None:
+    """``loop.add_reader(fd, callback)``, through the loop's poller."""
+    poller = _pollers.get(loop)
+    if poller is None:
+        poller = _sockio.Poller()
+        try:
+            loop.add_reader(poller.fileno(), poller.dispatch)
+        except BaseException:
+            poller.close()
+            raise
+        _pollers[loop] = poller
+    poller.add(fd, callback)
+
+
+def remove_reader(loop: Any, fd: int) -> None:
+    """``loop.remove_reader(fd)`` for a socket ``add_reader`` watches (before it is closed);
+    the poller goes when it watches nothing."""
+    poller = _pollers.get(loop)
+    if poller is None or not poller.remove(fd):
+        return
+    if not len(poller):
+        del _pollers[loop]
+        if not loop.is_closed():
+            loop.remove_reader(poller.fileno())
+        poller.close()
 
 
 class StandIn:
@@ -126,12 +163,12 @@ class _Side:
     def watch(self) -> None:
         if not self.reading:
             self.reading = True
-            self.relay.loop.add_reader(self.fd, self.readable)
+            add_reader(self.relay.loop, self.fd, self.readable)
 
     def unwatch(self) -> None:
         if self.reading:
             self.reading = False
-            self.relay.loop.remove_reader(self.fd)
+            remove_reader(self.relay.loop, self.fd)
 
     def write(self, data: bytes) -> None:
         """Send ``data`` (raises OSError if the socket is broken); past HIGH_WATER waiting

@@ -38,11 +38,17 @@ copying.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from mypy_extensions import i64
 
 from sqlproxy.errors import ProtocolViolation
+
+try:
+    from sqlproxy.proxy import _sockio
+except ImportError:  # pragma: no cover - built with the package
+    _sockio = None  # type: ignore[assignment]
 
 # Kinds of pending requests.
 QUERY: Final = 1
@@ -174,6 +180,20 @@ def _same_name(data: bytes, start: i64, end: i64, name: bytes) -> bool:
             return False
         i += 1
     return True
+
+
+def text_at(data: bytes, start: i64, end: i64) -> str:
+    """``data[start:end]`` up to its first NUL, decoded from UTF-8 (invalid bytes replaced): a
+    statement's text as the server reads it (up to the NUL, which it then refuses)."""
+    sql = data[start:end].decode("utf-8", "replace")
+    if "\x00" in sql:
+        sql = sql[: sql.index("\x00")]
+    return sql
+
+
+# The same in C (tested to agree): no copy of the bytes, no lookup of the codec by name.
+decode_text: Final[Callable[[bytes, int, int], str]] = (
+    _sockio.text if _sockio is not None else text_at)
 
 
 def find_nul(data: bytes, start: i64, end: i64) -> i64:
@@ -431,16 +451,13 @@ class Conversation:
             if len(statements) >= MAX_NAMED and name not in statements:
                 del statements[next(iter(statements))]
                 self.last_name = _NO_NAME
-            statements[name] = data[nul1 + 1 : text_end].decode("utf-8", "replace")
+            statements[name] = decode_text(data, nul1 + 1, text_end)
             if name == self.last_name:
                 self.last_name = _NO_NAME
         elif t == 81:  # 'Q' Query: one string, its NUL the last byte (no scan of the text)
             if end <= start or data[end - 1] != 0:
                 raise ProtocolViolation("invalid message format: missing string terminator")
-            sql = data[start : end - 1].decode("utf-8", "replace")
-            if "\x00" in sql:  # the server reads up to the first NUL (and then refuses it)
-                sql = sql[: sql.index("\x00")]
-            self._push(Pending(QUERY, sql, now))
+            self._push(Pending(QUERY, decode_text(data, start, end - 1), now))
         elif t == 67:  # 'C' Close
             if end - start < 2:
                 raise ProtocolViolation("invalid Close message")

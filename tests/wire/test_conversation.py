@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqlproxy.errors import ProtocolViolation
-from sqlproxy.wire.conversation import Conversation, Pending, command_tag_rows
+from sqlproxy.wire.conversation import (
+    Conversation,
+    Pending,
+    command_tag_rows,
+    decode_text,
+    text_at,
+)
 
 
 def msg(t: bytes, body: bytes = b"") -> bytes:
@@ -305,3 +311,14 @@ def test_strings_end_at_their_first_nul() -> None:
                 msg(b"P", b"\x00select 1")):
         with pytest.raises(ProtocolViolation, match="missing string terminator"):
             Conversation(Recorder(), 1 << 20).feed_frontend(bad, 1.0)
+
+
+@given(st.binary(max_size=40), st.integers(0, 45), st.integers(0, 45))
+def test_decode_text_agrees_with_its_definition(data: bytes, start: int, end: int) -> None:
+    # The C decoding (no copy, no codec lookup) against the Python one: up to the first NUL,
+    # invalid UTF-8 replaced (the callers' bounds lie within the data, start before end).
+    end = min(end, len(data))
+    start = min(start, end)
+    want = text_at(data, start, end)
+    assert decode_text(data, start, end) == want
+    assert "\x00" not in want

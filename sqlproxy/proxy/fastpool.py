@@ -62,6 +62,11 @@ _SYNC: Final = 83  # 'S'
 _PORTAL: Final = 80  # 'P' (Describe of a portal)
 _IDLE: Final = 73  # 'I'
 
+# Whether the conversation's clock (perf_counter) is the pool's (monotonic), as on Linux: one
+# reading then serves both, per chunk.
+_ONE_CLOCK: Final = (time.get_clock_info("perf_counter").implementation
+                     == time.get_clock_info("monotonic").implementation)
+
 
 def may_pin(text: str) -> bool:
     """Whether ``text`` holds one of the words of a statement that pins a pooled client (see
@@ -358,34 +363,37 @@ class PoolFast:
         self.u_text = text
         self.u_parse = parse
         self.u_bound = bound
+        now = self.clock()
         server = self.held
         if server is None:
             state = self.state
             assert state is not None
             info = self.info
             assert info is not None
+            mono = now if _ONE_CLOCK else self.monotonic()
             if not state.idle or state.waiters:
                 if state.total < state.limits.size:
                     return False  # the general path opens a server (or waits)
                 # Every server is lent: wait in the pool's queue with the unit parked here;
                 # the server comes with a hand-over (``take``, or the session's ``granted``).
-                got = state.checkout(self.session, self.monotonic(), info.application_name)
+                got = state.checkout(self.session, mono, info.application_name)
                 if got is not None:  # (cannot happen: no idle server, no slot free)
                     raise RuntimeError("pool checkout lent a server to a queued client")
                 self.waiting = True
                 self.parked = data
                 return True
-            got = state.checkout(self.session, self.monotonic(), info.application_name)
+            got = state.checkout(self.session, mono, info.application_name)
             # (An idle server and no waiters: the checkout lends it, never OPEN or a wait.)
             assert got is not None and not isinstance(got, _Open)
             self.hold(got)
         pump = self.held_pump
         assert pump is not None
-        return self.send(pump, data)
+        return self.send(pump, data, now)
 
-    def send(self, pump: PooledServerPump, data: bytes) -> bool:
-        """Send the unit ``data`` (scanned by ``client``: ``u_*``) to the server held now
-        (``pump``'s), unless it needs settings or statements replayed there first (False)."""
+    def send(self, pump: PooledServerPump, data: bytes, now: float) -> bool:
+        """Send the unit ``data`` (scanned by ``client``: ``u_*``, received at ``now``) to the
+        server held now (``pump``'s), unless it needs settings or statements replayed there
+        first (False)."""
         transport = pump.transport
         if transport is None or pump.closed or pump.to_close or pump.answers.busy:
             return False  # the general path replays what is needed on the server it holds
@@ -404,7 +412,7 @@ class PoolFast:
         conv = self.conv
         assert conv is not None
         try:
-            conv.feed_frontend(data, self.clock())
+            conv.feed_frontend(data, now)
         except ProtocolViolation as exc:
             self.session.fail(exc)
             return True
@@ -436,7 +444,7 @@ class PoolFast:
         if not data:
             return True
         pump = self.held_pump
-        if pump is not None and self.send(pump, data):
+        if pump is not None and self.send(pump, data, self.clock()):
             self.parked = b""
             return True
         return False
@@ -477,16 +485,17 @@ class PoolFast:
         client = self.client_pump
         assert client is not None
         client.send(data)
-        conv.feed_backend(data, self.clock())
+        now = self.clock()
+        conv.feed_backend(data, now)
         if conv.busy or conv.tx_status != _IDLE or self.open_unit or self.pinned is not None \
                 or len(self.units):
             return True
-        self.checkin(pump)
+        self.checkin(pump, now if _ONE_CLOCK else self.monotonic())
         return True
 
-    def checkin(self, pump: PooledServerPump) -> None:
-        """Give the server held (``pump``'s) back (clean: idle, nothing owed); the next
-        waiter gets it."""
+    def checkin(self, pump: PooledServerPump, now: float) -> None:
+        """Give the server held (``pump``'s) back (clean: idle, nothing owed) at ``now``
+        (monotonic); the next waiter gets it."""
         server = self.held
         self.held = None
         self.held_pump = None
@@ -501,7 +510,7 @@ class PoolFast:
             return
         state = self.state
         assert state is not None
-        handoffs, close = state.checkin(server, self.monotonic(), session)
+        handoffs, close = state.checkin(server, now, session)
         if close:
             server.close()
         for h in handoffs:

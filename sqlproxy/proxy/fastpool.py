@@ -39,6 +39,12 @@ from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.pool.state import Pool, _Open
+from sqlproxy.proxy.fastroute import (
+    MAX_ROUTES,
+    NEUTRAL,
+    REPLICA_READ,
+    whole_answer,
+)
 from sqlproxy.proxy.pump import StandIn, add_reader, remove_reader
 from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
@@ -172,6 +178,13 @@ same_but_digits: Final[Callable[[bytes, int, int, bytes, bytes], bool]] = (
     _sockio.same_but_digits if _sockio is not None else same_but_digits_at)
 
 
+def _in_name(c: i64) -> bool:
+    """Whether byte ``c`` may belong to a name around a number (a letter, digit, "_", "$")
+    or to a literal's exponent ("."): then the number is no literal of its own."""
+    return (97 <= (c | 32) <= 122) or 48 <= c <= 57 or c == 95 or c == 36 or c == 46 \
+        or c >= 128
+
+
 def may_forget(text: str) -> bool:
     """Whether ``text`` may hold a DEALLOCATE or DISCARD (a completed statement's tag does not
     reach a native listener): the session then checks it statement by statement."""
@@ -223,6 +236,7 @@ class PoolFast:
         self.q_suffix = b""
         self.q_forget = False
         self.fast_units = 0  # units the fast path sent (connections view)
+        self.to_replicas = 0  # of which to a replica (routed)
         # The unit ``client`` scanned: its first message type, its text, its unnamed Parse,
         # the named statement it binds.
         self.u_kind: i64 = 0
@@ -230,6 +244,30 @@ class PoolFast:
         self.u_parse = b""
         self.u_bound = b""
         self.parked = b""  # a unit waiting for a server (``waiting``)
+        # Replica routing (``routed``: see ``routed_unit``). What each lone statement does
+        # (fastroute's REPLICA_READ / NEUTRAL / WRITES by normalized text, learnt by the
+        # general path: ``poolroute.learn``), the routes of the last Query shape and unnamed
+        # Parse scanned, the replica unit in flight (its answer awaited: ``r_*``, see
+        # ``PooledSession.replica_unit``) and the replica pool reads go to, chosen a moment
+        # ago (``c_*``, by ``poolroute.choose_for_fast`` through ``choose``).
+        self.routed = False
+        self.routing: Any = None  # the session's SessionRouting
+        self.router: Any = None
+        self.recorder: Any = None  # its PooledRecorder (told the route of what it records)
+        self.choose: Callable[[float], None] | None = None
+        self.routes: dict[str, int] = {}
+        self.functions: Any = None  # the function policy the routes were learnt under
+        self.q_route: i64 = 0  # the route of the Query shape ``q_memo`` holds (0: unknown)
+        self.q_route_ok = False  # its number is a literal of its own (not part of a name)
+        self.p_route: i64 = 0  # the route of ``last_parse``
+        self.r_data = b""
+        self.r_sent = 0.0
+        self.r_rep: Any = None  # the ReplicaState it runs on
+        self.c_until = 0.0
+        self.c_horizon: i64 = 0
+        self.c_decline = True  # reads are the general path's for now (e.g. table mode)
+        self.c_pool: Any = None  # the PoolIO of the replica chosen (None: the primary)
+        self.c_rep: Any = None
 
     def attach(self, pool: Any, conv: Conversation, info: SessionInfo, units: Any,
                cutter: UnitCutter, frames: Any, statements: dict[bytes, tuple[str, bytes]],
@@ -270,6 +308,84 @@ class PoolFast:
         shapes = self.clean_shapes
         return all(st.normalized.text in shapes for st in profiler.statements(info, text))
 
+    # ------------------------------------------------------------------ routing
+    def key(self, text: str) -> str | None:
+        """The normalized text of a lone statement (the profiler's per-session memo)."""
+        profiler = self.profiler
+        info = self.info
+        if profiler is None or info is None:
+            return None
+        stmts = profiler.statements(info, text)
+        if len(stmts) != 1:
+            return None
+        return stmts[0].normalized.text
+
+    def route_of(self, text: str) -> i64:
+        """What the lone statement ``text`` does, as the general path learnt it (0: not
+        known, or not a lone statement)."""
+        key = self.key(text)
+        if key is None:
+            return 0
+        return self.routes.get(key, 0)
+
+    def remember(self, key: str, what: int) -> None:
+        routes = self.routes
+        if len(routes) >= MAX_ROUTES:
+            self.forget_routes()
+        routes[key] = what
+
+    def forget_routes(self) -> None:
+        self.routes.clear()
+        self.q_route = 0
+        self.p_route = 0
+
+    def routed_unit(self, data: bytes, route: i64, now: float) -> bool:
+        """A routed session's unit (``client`` scanned it; ``route``: what its statement
+        does): a read a replica may serve goes to an idle server of the replica pool chosen
+        (``c_*``), a statement of no effect on routing to the primary's. Anything else — a
+        write, an unknown statement, a session inside a transaction or with a write whose
+        horizon is not set yet, a replica pool with no idle server — is the general path's
+        (``poolroute``), which also learns the routes."""
+        routing = self.routing
+        if self.held is not None or routing.dirty or routing.pinned:
+            return False
+        if route == REPLICA_READ:
+            session = self.session
+            if session.retry_unit is not None or session.scram_pending:
+                return False
+            rep = self.c_rep
+            if now >= self.c_until or routing.horizon != self.c_horizon \
+                    or (rep is not None and not rep.healthy):
+                choose = self.choose
+                assert choose is not None
+                choose(now)
+            if self.c_decline:
+                return False
+            pool = self.c_pool
+            if pool is not None:
+                state: Pool[Any, Any] = pool.state
+                idle = state.idle
+                if state.waiters or not (idle or state.total < state.limits.size):
+                    # Every replica server is lent: not waited for, the primary serves it
+                    # (as poolroute.replica_pool_for has it).
+                    self.router.note_fallback()
+                    return self.to_primary(data, now)
+                if not idle:
+                    return False  # the general path opens one
+                pump: PooledServerPump = idle[len(idle) - 1].pump
+                if not self.sendable(pump):
+                    return False
+                info = self.info
+                assert info is not None
+                got = state.checkout(self.session, now if _ONE_CLOCK else self.monotonic(),
+                                     info.application_name)
+                self.hold(got)
+                return self.send(pump, data, now, self.c_rep)
+            self.router.note_fallback()  # no replica (fresh enough): the primary serves it
+        elif route != NEUTRAL:
+            return False
+        return self.to_primary(data, now)
+
     def client(self, data: bytes) -> bool:
         """Send ``data`` (a chunk from the client) to a server, if it is a unit the fast path
         serves; False: the general path takes it (nothing was done)."""
@@ -284,25 +400,43 @@ class PoolFast:
         bound = b""  # a named statement the unit binds
         parse = b""  # an unnamed Parse message in the unit
         text = ""
+        route: i64 = 0  # (routed) what its statement does, 0: unknown
         if t == _QUERY:
             if length_at(data, 1) != n - 1 or n - 1 > self.max_message or data[n - 1] != 0:
                 return False
             forget = len(self.statements) > 0
+            memo = True  # the text is of the shape q_memo holds
             if not (self.q_memo and (self.q_forget or not forget)
                     and same_but_digits(data, 5, n - 1, self.q_prefix, self.q_suffix)):
                 if scan_pin(data, 5, n - 1, forget):
                     text = data[5 : n - 1].decode("utf-8", "replace")
                     if not self._clean(text):
                         return False
+                    memo = False
                 else:
                     # Clean: the texts that differ from it only in its last number are too
                     # (no word of the scan has a digit in it).
                     i, j = digit_run(data, 5, n - 1)
                     self.q_memo = i >= 0
+                    memo = i >= 0
                     if i >= 0:
                         self.q_prefix = data[5:i]
                         self.q_suffix = data[j : n - 1]
                         self.q_forget = forget
+                        # Routed the same way too, when the number is a literal of its own
+                        # (in "t1" or "$1" it is part of a name or a parameter).
+                        self.q_route = 0
+                        self.q_route_ok = (i == 5 or not _in_name(data[i - 1])) \
+                            and (j == n - 1 or not _in_name(data[j]))
+            if self.routed:
+                if memo and self.q_route_ok and self.q_route != 0:
+                    route = self.q_route
+                else:
+                    if not text:
+                        text = data[5 : n - 1].decode("utf-8", "replace")
+                    route = self.route_of(text)
+                    if memo and self.q_route_ok:
+                        self.q_route = route
         elif t in (_PARSE, _BIND):
             pos: i64 = 0
             bstart: i64 = -1
@@ -351,12 +485,19 @@ class PoolFast:
                         return False
                     self.last_parse = parse
                     self.last_text = text
+                    self.p_route = 0
+                if self.routed:
+                    route = self.p_route
+                    if route == 0:
+                        route = self.p_route = self.route_of(text)
             else:
                 if bstop == bstart:
                     return False  # the unnamed statement from an earlier unit
                 bound = data[bstart:bstop]
                 if bound not in self.statements:
                     return False
+                if self.routed:
+                    route = self.route_of(self.statements[bound][0])
         else:
             return False
         self.u_kind = t
@@ -364,6 +505,13 @@ class PoolFast:
         self.u_parse = parse
         self.u_bound = bound
         now = self.clock()
+        if self.routed:
+            return self.routed_unit(data, route, now)
+        return self.to_primary(data, now)
+
+    def to_primary(self, data: bytes, now: float) -> bool:
+        """Send the unit ``data`` (scanned by ``client``) to the server held, or to one of
+        the session's pool (parked in the queue when all are lent)."""
         server = self.held
         if server is None:
             state = self.state
@@ -390,32 +538,51 @@ class PoolFast:
         assert pump is not None
         return self.send(pump, data, now)
 
-    def send(self, pump: PooledServerPump, data: bytes, now: float) -> bool:
-        """Send the unit ``data`` (scanned by ``client``: ``u_*``, received at ``now``) to the
-        server held now (``pump``'s), unless it needs settings or statements replayed there
-        first (False)."""
-        transport = pump.transport
-        if transport is None or pump.closed or pump.to_close or pump.answers.busy:
+    def sendable(self, pump: PooledServerPump) -> bool:
+        """Whether the unit ``client`` scanned (``u_*``) may go to ``pump``'s server as it
+        is: nothing to replay there first (settings, statements), nothing owed."""
+        if pump.transport is None or pump.closed or pump.to_close or pump.answers.busy \
+                or pump.answers.in_unit:
             return False  # the general path replays what is needed on the server it holds
         settings = pump.settings
         if settings is not self.settings:
             if settings != self.settings:
                 return False
             pump.settings = self.settings  # equal: the next unit compares identities
-        prepared = pump.prepared
         bound = self.u_bound
         if bound:
             want = self.statements[bound][1]
-            have = prepared.get(bound)
+            have = pump.prepared.get(bound)
             if have is None or (have is not want and have != want):
                 return False  # to be prepared there first
-        conv = self.conv
-        assert conv is not None
-        try:
-            conv.feed_frontend(data, now)
-        except ProtocolViolation as exc:
-            self.session.fail(exc)
-            return True
+        return True
+
+    def send(self, pump: PooledServerPump, data: bytes, now: float, rep: Any = None) -> bool:
+        """Send the unit ``data`` (scanned by ``client``: ``u_*``, received at ``now``) to the
+        server held now (``pump``'s), unless it needs settings or statements replayed there
+        first (False). ``rep``: the server is that replica's (its answer awaited whole:
+        ``answer``; the conversation sees the unit then, as ``poolroute._release`` has it)."""
+        if not self.sendable(pump):
+            return False
+        prepared = pump.prepared
+        bound = self.u_bound
+        if rep is None:
+            conv = self.conv
+            assert conv is not None
+            try:
+                conv.feed_frontend(data, now)
+            except ProtocolViolation as exc:
+                self.session.fail(exc)
+                return True
+            if self.routed:
+                self.router.note_primary_unit()
+        else:
+            self.r_data = data
+            self.r_sent = now
+            self.r_rep = rep
+            pump.answers.start_unit(True)
+            rep.unit_started()
+            self.to_replicas += 1
         pump.send(data)
         self.open_unit = False
         self.fast_units += 1
@@ -477,9 +644,12 @@ class PoolFast:
         if pump is not self.held_pump or not self.enabled:
             return False
         answers = pump.answers
-        if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent) \
-                or answers.in_unit:
+        if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent):
             return False
+        if answers.in_unit:
+            return self.replica_answer(pump, data)
+        if self.routed and self.routing.dirty:
+            return False  # the general path sets the read-your-writes horizon (after_primary)
         conv = self.conv
         assert conv is not None
         client = self.client_pump
@@ -493,6 +663,46 @@ class PoolFast:
         self.checkin(pump, now if _ONE_CLOCK else self.monotonic())
         return True
 
+    def replica_answer(self, pump: PooledServerPump, data: bytes) -> bool:
+        """The answer to the replica unit the fast path sent (``r_data``): when ``data`` is
+        all of it with no error in it, nothing can make the unit retry on the primary, so the
+        conversation sees the unit and its answer (recorded under the replica's name), the
+        client gets it as it came, and the server goes back to its pool. Else the general
+        path takes it over (``PooledSession.replica_unit``: it needs no more than that)."""
+        unit = self.r_data
+        answers = pump.answers
+        hold = answers.hold
+        if not unit or hold is None or len(hold) or not whole_answer(data):
+            return False
+        answers.end_unit()
+        self.r_data = b""
+        rep = self.r_rep
+        self.r_rep = None
+        conv = self.conv
+        assert conv is not None
+        client = self.client_pump
+        assert client is not None
+        try:
+            conv.feed_frontend(unit, self.r_sent)
+        except ProtocolViolation as exc:  # (scanned whole by ``client``: cannot happen)
+            rep.unit_finished()
+            self.session.fail(exc)
+            return True
+        client.send(data)
+        now = self.clock()
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.route = rep.name
+            conv.feed_backend(data, now)
+            recorder.route = "primary"
+        else:
+            conv.feed_backend(data, now)
+        rep.unit_finished()
+        if conv.busy or conv.tx_status != _IDLE or self.open_unit:
+            return True  # (as PooledSession.replica_done: the general path's from here)
+        self.checkin(pump, now if _ONE_CLOCK else self.monotonic())
+        return True
+
     def checkin(self, pump: PooledServerPump, now: float) -> None:
         """Give the server held (``pump``'s) back (clean: idle, nothing owed) at ``now``
         (monotonic); the next waiter gets it."""
@@ -502,15 +712,13 @@ class PoolFast:
         session = self.session
         pump.holder = None  # (ServerConn.holder, without its interpreted setter)
         pump.fast = None
-        pool = self.pool
+        pool = pump.pool  # the session's, or a replica's (routing)
         # (A transport closing without ``closed`` yet is lost a moment later: the pool then
         # forgets the server, as it does an idle one the server closes.)
         if pump.cancels or pump.closed or pump.transport is None:
             pool.checkin(session, server, True)  # the general rules (cancel, closed)
             return
-        state = self.state
-        assert state is not None
-        handoffs, close = state.checkin(server, now, session)
+        handoffs, close = pump.pool_state.checkin(server, now, session)
         if close:
             server.close()
         for h in handoffs:
@@ -712,6 +920,8 @@ class PooledServerPump(_Direct):
         self.prepared: dict[bytes, bytes] = replay.prepared
         self.to_close: set[bytes] = replay.to_close
         self.settings: dict[str, str] = {}  # startup parameters in force (replaced, not changed)
+        self.pool: Any = owner.pool  # its PoolIO, and the PoolIO's state (never replaced)
+        self.pool_state: Pool[Any, Any] = owner.pool.state
         self.closed = False
         self.cancels = 0  # cancel requests on their way
 

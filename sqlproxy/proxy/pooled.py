@@ -125,7 +125,7 @@ class PooledSession(ClientSession):
         self.router: Router | None = server.router
         self.routing = (SessionRouting(server.router.table_mode)
                         if server.router is not None else None)
-        self.replica_unit: Unit | None = None
+        self._replica_unit: Unit | None = None
         self.retry_unit: Unit | None = None
         self._errors_at = 0
 
@@ -139,6 +139,35 @@ class PooledSession(ClientSession):
     def held(self, server: ServerConn | None) -> None:
         self.fast.held = server
         self.fast.held_pump = server.pump if server is not None else None
+
+    @property
+    def replica_unit(self) -> Unit | None:
+        """The unit running on the replica server held, its answer held back (poolroute).
+        One the fast path sent (``fast.r_data``) becomes a Unit the first time anything
+        asks: its answer did not come whole and clean, the replica went away, the client
+        left... The general path then carries on as if it had sent it itself."""
+        unit = self._replica_unit
+        if unit is None and self.fast.r_data:
+            unit = self._replica_unit = self._fast_replica_unit()
+        return unit
+
+    @replica_unit.setter
+    def replica_unit(self, unit: Unit | None) -> None:
+        self._replica_unit = unit
+
+    def _fast_replica_unit(self) -> Unit:
+        fast = self.fast
+        data = fast.r_data
+        fast.r_data = b""
+        fast.r_rep = None
+        cutter = UnitCutter()
+        unit: Unit | None = None
+        for t, msg in Frames(self.config.proxy.max_message_bytes).feed(data):
+            unit = cutter.add(t, msg) or unit
+        assert unit is not None  # (one whole unit, scanned by the fast path)
+        unit.sent = fast.r_sent
+        unit.in_tx = False
+        return unit
 
     @property
     def waiting(self) -> bool:
@@ -298,7 +327,7 @@ class PooledSession(ClientSession):
             self.fast.client_pump = pump
             t.set_protocol(pump)  # type: ignore[arg-type]
             if self.router is not None:
-                self.fast.enabled = False  # every unit is routed by the general path
+                poolroute.attach_fast(self)
             if self.config.proxy.direct_relay and self.tls is None:
                 pump.direct_after = DIRECT_AFTER_CHUNKS
         if self._pending_to_backend:  # sent before we answered the login
@@ -776,4 +805,9 @@ class PooledSession(ClientSession):
         out["direct_relay"] = pump is not None and pump.fd >= 0
         out["pool"] = {"holds_server": self.held is not None, "waiting": self.waiting,
                        "pinned": self.pinned, "fast_units": self.fast.fast_units}
+        if self.router is not None:
+            fast = self.fast
+            out["fast_path"] = None if not fast.routed else {
+                "to_replica": fast.to_replicas,
+                "to_primary": fast.fast_units - fast.to_replicas}
         return out

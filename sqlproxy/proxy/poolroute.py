@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 from sqlproxy.errors import ConnectionFailure
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy import deciding
+from sqlproxy.proxy.fastroute import NEUTRAL, RECHECK_S, REPLICA_READ, WRITES
 from sqlproxy.routing.answers import DROP_CONNECTION, REPLICA_DOWN, Kind, should_retry
-from sqlproxy.routing.policy import RoutedStatement, Target
+from sqlproxy.routing.policy import Decision, RoutedStatement, Target
 from sqlproxy.routing.units import Unit
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ if TYPE_CHECKING:
     from sqlproxy.proxy.poolservers import PoolIO, ServerConn
     from sqlproxy.routing.answers import Event
 
-__all__ = ["after_primary", "deliver", "note_unit", "replica_failed", "replica_lost",
-           "replica_pool_for"]
+__all__ = ["after_primary", "attach_fast", "choose_for_fast", "deliver", "learn", "note_unit",
+           "replica_failed", "replica_lost", "replica_pool_for"]
 
 log = get_logger("sqlproxy.routing")
 _AUTH_PROBLEMS = ("password", "authentication", "28P01", "28000")
@@ -49,9 +50,109 @@ def _statements(session: PooledSession, unit: Unit) -> list[RoutedStatement] | N
     return None if unit.unknown else deciding.unit_statements(session, unit)
 
 
-def note_unit(session: PooledSession, unit: Unit, in_transaction: bool) -> Target:
+def attach_fast(session: PooledSession) -> None:
+    """Let the compiled fast path route the session's common units (``fastpool``:
+    ``routed_unit``): profiled sessions with ``read_your_writes = "session"``; the others'
+    units all take the general path."""
+    fast = session.fast
+    routing = session.routing
+    if session.profiler is None or routing is None or routing.table_mode:
+        fast.enabled = False
+        return
+    fast.routed = True
+    fast.routing = routing
+    fast.router = session.router
+    fast.recorder = session.recorder
+    fast.choose = lambda now: choose_for_fast(session, now)
+    fast.functions = session.router.functions(session.database)  # type: ignore[union-attr]
+
+
+# How long the fast path keeps the replica it chose for a session's reads (it checks the
+# replica's health itself on every unit; the general path's units, a new read-your-writes
+# horizon and a failed connection make it choose again at once).
+KEEP_CHOICE_S = 0.1
+
+
+def choose_for_fast(session: PooledSession, now: float) -> None:
+    """Where the fast path's reads go for a while (``fast.c_*``): the replica pool
+    ``replica_pool_for`` would choose now (read-your-writes horizon, health, this session's
+    failed replicas), kept KEEP_CHOICE_S; or the primary, asked again after RECHECK_S (as
+    the routed session's reads held on the primary do). A reloaded function catalog forgets
+    what the routes were learnt under."""
+    fast = session.fast
+    routing = session.routing
+    router = session.router
+    assert routing is not None and router is not None
+    fast.c_until = now + RECHECK_S
+    fast.c_horizon = routing.horizon
+    fast.c_pool = None
+    fast.c_rep = None
+    fast.c_decline = False
+    functions = router.functions(session.database)
+    if functions is not fast.functions:
+        fast.forget_routes()
+        fast.functions = functions
+    if routing.no_replica:
+        return
+    min_lsn = None
+    if routing.horizon:
+        min_lsn = router.lsn_after(routing.horizon)
+        if min_lsn is None:
+            return
+    rep = router.choose(min_lsn, routing.excluded(time.monotonic()))
+    if rep is None:
+        return
+    fast.c_rep = rep
+    fast.c_pool = session.manager.replica_pool(session.database, session.user, rep)
+    fast.c_until = now + KEEP_CHOICE_S
+
+
+def learn(session: PooledSession, unit: Unit, decision: Decision) -> None:
+    """Remember what a lone statement does, from a decision taken outside a transaction
+    for an unpinned session (``fastpool``'s routes): a read a replica may serve, a statement
+    of no effect on routing, a write. Pins are never remembered."""
+    fast = session.fast
+    if not fast.routed or decision.pin or unit.closes or unit.unknown or unit.describe_only \
+            or unit.open:
+        return
+    if unit.has_query:
+        if len(unit.queries) != 1 or unit.parses or unit.binds:
+            return
+        sql = unit.queries[0]
+    else:  # one statement bound (maybe parsed in the same unit)
+        if len(unit.binds) != 1 or len(unit.parses) > 1:
+            return
+        if unit.parses:
+            name, sql, _ = unit.parses[0]
+            if name != unit.binds[0]:
+                return
+        else:
+            known = session.replay.statements.get(unit.binds[0])
+            if known is None:
+                return
+            sql = known[0]
+    functions = session.router.functions(session.database)  # type: ignore[union-attr]
+    if functions is not fast.functions:  # a reloaded catalog: what was learnt goes
+        fast.forget_routes()
+        fast.functions = functions
+    key = fast.key(sql)
+    if key is None:
+        return
+    if decision.writes:
+        what = WRITES
+    elif decision.target is Target.REPLICA and not decision.read_only_transaction:
+        what = REPLICA_READ
+    else:
+        what = NEUTRAL
+    fast.remember(key, what)
+
+
+def note_unit(session: PooledSession, unit: Unit, in_transaction: bool,
+              learnable: bool = True) -> Target:
     """The policy's decision for ``unit`` (noting the session's writes and pins): where it
-    may run."""
+    may run. Outside a transaction, what a lone statement does is learnt for the fast path
+    (not from a unit retried on the primary: the fast path would only send it again to
+    where it failed)."""
     routing = session.routing
     router = session.router
     assert routing is not None and router is not None
@@ -62,8 +163,11 @@ def note_unit(session: PooledSession, unit: Unit, in_transaction: bool) -> Targe
                               functions=router.functions(session.database))
     if routing.pinned and not was_pinned:
         router.note_pinned()
+    session.fast.c_until = 0.0  # the fast path chooses its replica afresh
     if decision is None:
         return Target.PRIMARY
+    if learnable and not in_transaction and not was_pinned and session.pinned is None:
+        learn(session, unit, decision)
     if decision.target is Target.PRIMARY and "volatile function" in decision.reason:
         router.load_functions(session.database)  # maybe a function we do not know yet
     if decision.target is Target.REPLICA and routing.table_mode and not decision.writes:
@@ -80,7 +184,7 @@ def replica_pool_for(session: PooledSession, unit: Unit) -> PoolIO | None:
     retry = session.retry_unit
     if retry is unit:
         session.retry_unit = None
-        note_unit(session, unit, in_transaction=False)
+        note_unit(session, unit, in_transaction=False, learnable=False)
         return None
     if unit.open or unit.describe_only or session.pinned is not None \
             or session.scram_pending:  # (the keys to log in to the replica: in a moment)
@@ -220,6 +324,7 @@ def replica_failed(session: PooledSession, pool: PoolIO, problem: str) -> None:
     else:
         routing.connect_failed(rep.name, time.monotonic())
         router.mark_down(rep, problem)
+    session.fast.c_until = 0.0  # the fast path chooses again
 
 
 def replica_lost(session: PooledSession, server: ServerConn, exc: Exception | None) -> None:

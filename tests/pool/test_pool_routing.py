@@ -242,3 +242,90 @@ def test_table_mode_other_sessions_read_a_written_table_fresh(
     finally:
         pg_replica.set_apply_delay(0)
     pg_primary.psql(f"DROP TABLE {t}, {other}")
+
+
+def _fast(p: ProxyThread) -> list[dict[str, int] | None]:
+    assert p.runtime is not None
+    server = p.runtime.proxy
+    return p.call(lambda: [s.describe().get("fast_path") for s in server.sessions.values()])
+
+
+def test_fast_routed_reads_are_recorded_under_the_replica(
+    pooled_routed: ProxyThread, table: str, pg_primary: PgCluster, pg_replica: PgCluster,
+) -> None:
+    # The compiled path sends the reads it knows to an idle replica server and passes their
+    # whole answers on; the statistics name the replica, as for the general path's reads.
+    with psycopg.connect(pooled_routed.dsn(), autocommit=True) as conn:
+        time.sleep(0.3)  # past the read-your-writes horizon of the session's setup
+        for i in range(40):
+            assert conn.execute(f"SELECT v AS fastmark FROM {table} WHERE id = {i % 10 + 1}"
+                                ).fetchone() == (f"v{i % 10 + 1}",)
+        (counts,) = _fast(pooled_routed)
+        assert counts is not None and counts["to_replica"] >= 35, counts
+    assert calls(pg_replica, "fastmark") == 40
+    assert calls(pg_primary, "fastmark") == 0
+    assert pooled_routed.runtime is not None
+    profiler = pooled_routed.runtime.profiler
+    assert profiler is not None
+    rows, _ = pooled_routed.call(lambda: profiler.top(limit=500))
+    mine = [r for r in rows if "fastmark" in r["query"]]
+    assert [r["routes"] for r in mine] == [{"r1": 40}], mine
+    router = router_of(pooled_routed)
+    assert pooled_routed.call(lambda: (router.replicas[0].routed,
+                                       router.replicas[0].outstanding)) == (40, 0)
+
+
+def test_a_fast_replica_read_whose_answer_comes_in_pieces(
+    pooled_routed: ProxyThread, pg_replica: PgCluster,
+) -> None:
+    # An answer larger than one read: the general path takes the unit over (held back until
+    # complete, then released), and the session goes on on the fast path.
+    query = "SELECT repeat('x', 1000) || g AS bigmark FROM generate_series(1, 2000) g"
+    with psycopg.connect(pooled_routed.dsn(), autocommit=True) as conn:
+        time.sleep(0.3)
+        for _ in range(4):
+            rows = conn.execute(query).fetchall()
+            assert len(rows) == 2000 and rows[-1] == ("x" * 1000 + "2000",)
+            assert conn.execute("SELECT 1 AS smallmark").fetchone() == (1,)
+        (counts,) = _fast(pooled_routed)
+        assert counts is not None and counts["to_replica"] == 6, counts
+    assert calls(pg_replica, "bigmark") == 4
+    by_backend = pools(pooled_routed)
+    assert by_backend["r1"]["servers_closed"] == {}
+
+
+def test_client_gone_during_a_fast_replica_read(
+    pooled_routed: ProxyThread, pg_replica: PgCluster,
+) -> None:
+    # A client that leaves while the replica runs its read: the read is canceled and its
+    # server is not lent again with the answer still coming (the next reads are right).
+    async def main() -> None:
+        marker = unique_name("fastgone")
+        observer = await asyncpg.connect(pg_replica.dsn())
+        try:
+            conn = await psycopg.AsyncConnection.connect(pooled_routed.dsn(), autocommit=True)
+            await asyncio.sleep(0.3)
+            for _ in range(3):  # learnt, then sent by the fast path
+                await conn.execute(f"SELECT pg_sleep(0.01), '{marker}'")
+            task = asyncio.create_task(conn.execute(f"SELECT pg_sleep(60), '{marker}'"))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 20
+            while not await active_queries(observer, marker):
+                assert loop.time() < deadline, "the sleep never ran on the replica"
+                await asyncio.sleep(0.05)
+            (counts,) = _fast(pooled_routed)
+            assert counts is not None and counts["to_replica"] >= 3, counts
+            conn.pgconn.finish()  # gone, without a goodbye
+            task.cancel()
+            while await active_queries(observer, marker):
+                assert loop.time() < deadline, "the sleep outlived its client"
+                await asyncio.sleep(0.05)
+            for k in range(6):
+                async with await psycopg.AsyncConnection.connect(
+                        pooled_routed.dsn(), autocommit=True) as other:
+                    got = await (await other.execute(f"SELECT {k} AS nextmark")).fetchone()
+                    assert got == (k,)
+        finally:
+            await observer.close()
+
+    asyncio.run(main())

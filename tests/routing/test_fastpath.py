@@ -1,5 +1,7 @@
-"""The routed fast path (proxy/fastroute.py) against a real primary and replica: it serves
-the common reads, and everything it does not handle still behaves as the general path does."""
+"""The routed fast paths (proxy/fastroute.py; in transaction pooling mode, fastpool.py's
+routed units) against a real primary and replica: they serve the common reads, and
+everything they do not handle still behaves as the general path does. Each test runs in
+both pool modes."""
 
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ from tests.support.pg import PgCluster
 from tests.support.proxy import ProxyThread
 
 
-@pytest.fixture
-def routed(make_proxy: Callable[..., ProxyThread], pg_replica: PgCluster) -> Iterator[ProxyThread]:
+@pytest.fixture(params=["session", "transaction"])
+def routed(request: pytest.FixtureRequest, make_proxy: Callable[..., ProxyThread],
+           pg_replica: PgCluster) -> Iterator[ProxyThread]:
     pg_replica.set_apply_delay(0)
     p = make_proxy(routing={"enabled": True, "health_interval_ms": 50,
                             "read_only_functions": ["fp_sneaky_writer"]},
-                   replicas=[{"url": pg_replica.dsn(), "name": "r1"}])
+                   replicas=[{"url": pg_replica.dsn(), "name": "r1"}],
+                   pool={"mode": request.param, "size": 3})
     wait_ready(p)
     yield p
 

@@ -332,6 +332,9 @@ class PoolFast:
         routes = self.routes
         if len(routes) >= MAX_ROUTES:
             self.forget_routes()
+        elif routes.get(key, what) != what:  # (cannot happen under one function policy)
+            self.q_route = 0
+            self.p_route = 0
         routes[key] = what
 
     def forget_routes(self) -> None:

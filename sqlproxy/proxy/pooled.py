@@ -762,6 +762,10 @@ class PooledSession(ClientSession):
             conv = self.conv
             own = server.pool  # (a replica's pool, with routing)
             if server.answers.in_unit:  # a replica unit's answer on its way: cancel, close
+                rep = own.replica
+                if rep is not None and self.replica_unit is not None:
+                    rep.unit_finished()  # (least-outstanding balancing counts it no more)
+                    self.replica_unit = None
                 if server.key is not None:
                     self.server.send_cancel(server.address, server.key)
                 own.checkin(self, server, clean=False, reason=leaving)

@@ -318,6 +318,7 @@ def replica_failed(session: PooledSession, pool: PoolIO, problem: str) -> None:
         return
     if any(word in problem for word in _AUTH_PROBLEMS):
         routing.no_replica = True
+        session.fast.forget_routes()  # its reads are the primary's now: learnt anew
         router.warn_once(f"auth:{session.user}", "replica_authentication_impossible",
                          user=session.user, replica=rep.name, reason=problem,
                          consequence="this user's reads stay on the primary")

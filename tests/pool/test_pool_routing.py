@@ -329,3 +329,5 @@ def test_client_gone_during_a_fast_replica_read(
             await observer.close()
 
     asyncio.run(main())
+    router = router_of(pooled_routed)
+    assert pooled_routed.call(lambda: router.replicas[0].outstanding) == 0

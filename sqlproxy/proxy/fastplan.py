@@ -18,7 +18,7 @@ from sqlproxy.proxy.fastroute import NEUTRAL, REPLICA_READ, WRITES, FastRoutes
 from sqlproxy.proxy.links import Link
 from sqlproxy.proxy.session import SessionState
 from sqlproxy.routing.policy import Decision, Target
-from sqlproxy.routing.units import Unit
+from sqlproxy.routing.units import Unit, lone_statement
 from sqlproxy.wire.messages import TX_IDLE
 
 if TYPE_CHECKING:
@@ -35,22 +35,9 @@ def learn(session: RoutedSession, fast: FastRoutes, unit: Unit, decision: Decisi
     with no effect on routing, or a write. Pins are never remembered."""
     if decision.pin or unit.closes or unit.unknown or unit.describe_only:
         return
-    if unit.has_query:
-        if len(unit.queries) != 1 or unit.parses or unit.binds:
-            return
-        sql = unit.queries[0]
-    else:  # one statement bound (maybe parsed in the same unit)
-        if len(unit.binds) != 1 or len(unit.parses) > 1 or not unit.binds[0]:
-            return
-        if unit.parses:
-            name, sql, _ = unit.parses[0]
-            if name != unit.binds[0]:
-                return
-        else:
-            known = session.replay.statements.get(unit.binds[0])
-            if known is None:
-                return
-            sql = known[0]
+    sql = lone_statement(unit, session.replay.statements, unnamed=False)
+    if sql is None:
+        return
     functions = session.router.functions(session.database)
     if functions is not session.fast_functions:  # a reloaded catalog: decide again
         fast.routes.clear()

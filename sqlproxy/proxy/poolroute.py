@@ -30,7 +30,7 @@ from sqlproxy.proxy import deciding
 from sqlproxy.proxy.fastroute import NEUTRAL, RECHECK_S, REPLICA_READ, WRITES
 from sqlproxy.routing.answers import DROP_CONNECTION, REPLICA_DOWN, Kind, should_retry
 from sqlproxy.routing.policy import Decision, RoutedStatement, Target
-from sqlproxy.routing.units import Unit
+from sqlproxy.routing.units import Unit, lone_statement
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.pooled import PooledSession
@@ -115,22 +115,9 @@ def learn(session: PooledSession, unit: Unit, decision: Decision) -> None:
     if not fast.routed or decision.pin or unit.closes or unit.unknown or unit.describe_only \
             or unit.open:
         return
-    if unit.has_query:
-        if len(unit.queries) != 1 or unit.parses or unit.binds:
-            return
-        sql = unit.queries[0]
-    else:  # one statement bound (maybe parsed in the same unit)
-        if len(unit.binds) != 1 or len(unit.parses) > 1:
-            return
-        if unit.parses:
-            name, sql, _ = unit.parses[0]
-            if name != unit.binds[0]:
-                return
-        else:
-            known = session.replay.statements.get(unit.binds[0])
-            if known is None:
-                return
-            sql = known[0]
+    sql = lone_statement(unit, session.replay.statements, unnamed=True)
+    if sql is None:
+        return
     functions = session.router.functions(session.database)  # type: ignore[union-attr]
     if functions is not fast.functions:  # a reloaded catalog: what was learnt goes
         fast.forget_routes()

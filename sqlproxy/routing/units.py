@@ -27,7 +27,7 @@ from sqlproxy.wire.messages import (
     F_SYNC,
 )
 
-__all__ = ["Unit", "UnitCutter"]
+__all__ = ["Unit", "UnitCutter", "lone_statement"]
 
 _STATEMENT = ord("S")  # Describe/Close of a statement (not a portal)
 
@@ -136,3 +136,23 @@ class UnitCutter:
         unit = self.current
         self.current = Unit()
         return unit
+
+
+def lone_statement(unit: Unit, statements: dict[bytes, tuple[str, bytes]],
+                   unnamed: bool) -> str | None:
+    """The text of ``unit``'s one statement — its one Query, or the statement its one Bind
+    binds, parsed in the unit or before (``statements``: the session's, by name) — or None
+    for any other unit, and for a Bind of the unnamed statement unless ``unnamed``. What the
+    routed fast paths learn a route for (``fastplan.learn``, ``poolroute.learn``)."""
+    if unit.has_query:
+        if len(unit.queries) != 1 or unit.parses or unit.binds:
+            return None
+        return unit.queries[0]
+    if len(unit.binds) != 1 or len(unit.parses) > 1 or not (unnamed or unit.binds[0]):
+        return None
+    if unit.parses:
+        name, sql, _ = unit.parses[0]
+        return sql if name == unit.binds[0] else None
+    known = statements.get(unit.binds[0])
+    return None if known is None else known[0]
+

@@ -715,6 +715,8 @@ class PoolFast:
         session = self.session
         pump.holder = None  # (ServerConn.holder, without its interpreted setter)
         pump.fast = None
+        if pump.paused:  # the client's backpressure: its next borrower must hear it
+            session.resume_server()
         pool = pump.pool  # the session's, or a replica's (routing)
         # (A transport closing without ``closed`` yet is lost a moment later: the pool then
         # forgets the server, as it does an idle one the server closes.)

@@ -736,6 +736,11 @@ class PooledSession(ClientSession):
             super().resume_writing()
         self._resume_server()
 
+    def resume_server(self) -> None:
+        """The server held back by this client's backpressure goes back to the pool: it is
+        read again (by whoever borrows it next), whatever the client still has to drain."""
+        self._resume_server()
+
     def _resume_server(self) -> None:
         server = self._paused_server
         if server is not None:

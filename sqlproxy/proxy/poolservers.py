@@ -367,6 +367,8 @@ class PoolIO:
     def checkin(self, session: PooledSession, server: ServerConn, clean: bool,
                 reason: str = "dirty") -> None:
         server.holder = None
+        if session._paused_server is server:  # its client's backpressure ends with the loan
+            session.resume_server()
         if clean and server.cancels:
             server.return_pending = session  # back once the cancel has been processed
             return

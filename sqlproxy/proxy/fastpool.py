@@ -20,6 +20,12 @@ application's traffic is simpler than that, and this module serves it without a 
 * ``PooledRecorder`` / ``PooledListener`` hear the client's conversation: statements are
   recorded in native code; only DEALLOCATE / DISCARD (which change what the servers hold) go
   to the session.
+* With replica routing (``routed_unit``, ``replica_answer``): a unit of one statement the
+  general path learnt (``poolroute.learn``) to be a read a replica may serve goes, from an
+  idle session, to an idle server of the replica pool ``poolroute.choose_for_fast`` chose,
+  and its answer, when it comes whole and error-free, to the client as received; statements
+  of no effect on routing go to the primary's pool as above. The general path takes over
+  anything else, the replica unit in flight included (``PooledSession.replica_unit``).
 
 Anything else is declined (``False``) and goes to the session's general path, which sees
 exactly what it would have seen without this module. The fast path keeps the general path's

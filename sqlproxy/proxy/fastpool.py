@@ -185,10 +185,11 @@ same_but_digits: Final[Callable[[bytes, int, int, bytes, bytes], bool]] = (
 
 
 def _in_name(c: i64) -> bool:
-    """Whether byte ``c`` may belong to a name around a number (a letter, digit, "_", "$")
-    or to a literal's exponent ("."): then the number is no literal of its own."""
+    """Whether byte ``c`` next to a number may make it part of a name (a letter, digit,
+    "_", "$", a quoted identifier's '"', a non-ASCII letter) or of a longer number ("."):
+    then the number is no literal of its own."""
     return (97 <= (c | 32) <= 122) or 48 <= c <= 57 or c == 95 or c == 36 or c == 46 \
-        or c >= 128
+        or c == 34 or c >= 128
 
 
 def may_forget(text: str) -> bool:

@@ -26,6 +26,8 @@ HOT_MODULES = [
     "sqlproxy/routing/units.py",
     "sqlproxy/proxy/recorder.py",
     "sqlproxy/pool/state.py",
+    "sqlproxy/proxy/pinscan.py",
+    "sqlproxy/proxy/direct.py",
     "sqlproxy/proxy/fastpool.py",
 ]
 

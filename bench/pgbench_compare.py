@@ -48,6 +48,7 @@ if str(_REPO_ROOT) not in sys.path:
     # `python bench/pgbench_compare.py` puts bench/ first on sys.path, not the repository.
     sys.path.insert(0, str(_REPO_ROOT))
 
+from sqlproxy.pghost import switch_user_kwargs  # noqa: E402
 from tests.support import pg  # noqa: E402
 
 LOOPBACK = "127.0.0.1"
@@ -124,18 +125,6 @@ def client_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _switch_user_kwargs(os_user: str | None) -> dict[str, Any]:
-    """Popen arguments that run the child as ``os_user`` (nothing unless we are root)."""
-    if os_user is None or os.geteuid() != 0:
-        return {}
-    entry = pwd.getpwnam(os_user)
-    return {
-        "user": entry.pw_uid,
-        "group": entry.pw_gid,
-        "extra_groups": os.getgrouplist(os_user, entry.pw_gid),
-    }
-
-
 def _chown_to(path: Path, os_user: str, mode: int) -> None:
     if os.geteuid() == 0:
         entry = pwd.getpwnam(os_user)
@@ -210,7 +199,7 @@ class Service:
                 cwd=self.cwd,
                 start_new_session=True,  # Ctrl-C at the terminal is for us, not for it
                 preexec_fn=_die_with_parent,
-                **_switch_user_kwargs(self.os_user),
+                **switch_user_kwargs(self.os_user),
             )
 
     def alive(self) -> bool:

@@ -51,12 +51,12 @@ from sqlproxy.pghost import (
     _make_private_dir,
     _run,
     _server_env,
-    _switch_user_kwargs,
     _write_owned,
     find_pg_bindir,
     free_port,
     make_base_dir,
     server_os_user,
+    switch_user_kwargs,
 )
 
 __all__ = [
@@ -221,7 +221,7 @@ class PgCluster:
                 env=_server_env(self.os_user),
                 start_new_session=True,  # a Ctrl-C at the terminal is for pytest, not for us
                 preexec_fn=_die_with_parent_hook(),
-                **_switch_user_kwargs(self.os_user),
+                **switch_user_kwargs(self.os_user),
             )
         if self not in _LIVE:
             _LIVE.append(self)

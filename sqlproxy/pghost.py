@@ -139,9 +139,10 @@ def server_os_user() -> str:
     return TEST_OS_USER
 
 
-def _switch_user_kwargs(os_user: str) -> dict[str, Any]:
-    """subprocess arguments that run the child as ``os_user`` (empty when already them)."""
-    if os.geteuid() != 0:
+def switch_user_kwargs(os_user: str | None) -> dict[str, Any]:
+    """subprocess arguments that run the child as ``os_user`` (nothing unless we are root,
+    or without one)."""
+    if os_user is None or os.geteuid() != 0:
         return {}
     entry = pwd.getpwnam(os_user)
     return {
@@ -179,7 +180,7 @@ def _run(
     args = [str(part) for part in cmd]
     kwargs: dict[str, Any] = {}
     if os_user is not None:
-        kwargs.update(_switch_user_kwargs(os_user))
+        kwargs.update(switch_user_kwargs(os_user))
         if env is None:
             env = _server_env(os_user)
     try:

@@ -11,12 +11,12 @@
  *
  * Errors raise OSError with the errno (ConnectionResetError, BrokenPipeError, ...).
  *
- * And one scan of the pooled fast path (fastpool.py), too slow in compiled Python:
+ * And one scan of the pooled fast path (pinscan.py), too slow in compiled Python:
  *
  *   pin_words(data, start, end, forget) -> bool
  *                               whether data[start:end] (a statement text, not decoded) holds,
  *                               in any case, one of the words that may pin a pooled client
- *                               (fastpool.may_pin; with forget, may_forget too)
+ *                               (pinscan.may_pin; with forget, may_forget too)
  *   digit_run(data, start, end) -> (int, int)
  *                               the bounds of the last run of ASCII digits in data[start:end],
  *                               (-1, -1) if there is none
@@ -117,8 +117,8 @@ sockio_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(n);
 }
 
-/* The words that may pin a pooled client (fastpool.may_pin) and, with forget, DEALLOCATE /
- * DISCARD (fastpool.may_forget): lower case; forget words flagged. */
+/* The words that may pin a pooled client (pinscan.may_pin) and, with forget, DEALLOCATE /
+ * DISCARD (pinscan.may_forget): lower case; forget words flagged. */
 struct word {
     const char *text;
     int forget;

@@ -24,7 +24,7 @@ from sqlproxy.wire.messages import TX_IDLE
 if TYPE_CHECKING:
     from sqlproxy.proxy.routed import RoutedSession
 
-__all__ = ["learn", "refresh"]
+__all__ = ["learn", "refresh", "what_it_does"]
 
 
 
@@ -45,14 +45,18 @@ def learn(session: RoutedSession, fast: FastRoutes, unit: Unit, decision: Decisi
     key = fast.key(sql)
     if key is None:
         return
+    fast.remember(key, what_it_does(decision, neutral_view))
+
+
+def what_it_does(decision: Decision, neutral_view: bool) -> int:
+    """A lone statement's route as the fast paths remember it: a write, a read a replica may
+    serve (only from a neutral view: an idle, unpinned session), or neither."""
     if decision.writes:
-        what = WRITES
-    elif neutral_view and decision.target is Target.REPLICA \
+        return WRITES
+    if neutral_view and decision.target is Target.REPLICA \
             and not decision.read_only_transaction:
-        what = REPLICA_READ
-    else:
-        what = NEUTRAL
-    fast.remember(key, what)
+        return REPLICA_READ
+    return NEUTRAL
 
 def refresh(session: RoutedSession, fast: FastRoutes) -> None:
     """Let the fast path take the next unit when nothing the general path keeps could

@@ -34,7 +34,6 @@ bookkeeping (which server holds which of the client's statements) as the general
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -45,13 +44,21 @@ from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.pool.state import Pool, _Open
+from sqlproxy.proxy.direct import DirectSocket
 from sqlproxy.proxy.fastroute import (
     MAX_ROUTES,
     NEUTRAL,
     REPLICA_READ,
     whole_answer,
 )
-from sqlproxy.proxy.pump import StandIn, add_reader, remove_reader
+from sqlproxy.proxy.pinscan import (
+    digit_run,
+    in_name,
+    may_forget,
+    may_pin,
+    same_but_digits,
+    scan_pin,
+)
 from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
@@ -78,125 +85,6 @@ _IDLE: Final = 73  # 'I'
 # reading then serves both, per chunk.
 _ONE_CLOCK: Final = (time.get_clock_info("perf_counter").implementation
                      == time.get_clock_info("monotonic").implementation)
-
-
-def may_pin(text: str) -> bool:
-    """Whether ``text`` holds one of the words of a statement that pins a pooled client (see
-    ``poolpins._pin_text``). Conservative: a word in a literal or a comment only costs
-    the full check. A lower-cased copy searched word by word: a case-insensitive regex
-    alternation costs tens of thousands of instructions on a one-line SELECT."""
-    low = text.lower()
-    return ("set" in low or "into" in low or "temp" in low or "listen" in low
-            or "prepare" in low or "declare" in low or "advisory" in low or "dblink" in low
-            or "lo_open" in low)
-
-
-def _word_at(data: bytes, i: i64, end: i64, word: bytes) -> bool:
-    """``word`` (lower-case ASCII) at ``data[i]``, whatever the case of its letters."""
-    n: i64 = len(word)
-    if end - i < n:
-        return False
-    j: i64 = 1  # (the first letter matched already)
-    while j < n:
-        a: i64 = data[i + j]
-        b: i64 = word[j]
-        if (a | 32) != (b | 32):
-            return False
-        j += 1
-    return True
-
-
-def may_pin_at(data: bytes, start: i64, end: i64, forget: bool) -> bool:
-    """``may_pin`` on the bytes of a statement text (``data[start:end]``), without decoding
-    it: one pass that looks further only at the first letters of the words; with
-    ``forget``, DEALLOCATE and DISCARD count too (``may_forget``)."""
-    i: i64 = start
-    while i < end:
-        c: i64 = data[i] | 32
-        if c == 115:  # s
-            if _word_at(data, i, end, b"set"):
-                return True
-        elif c == 105:  # i
-            if _word_at(data, i, end, b"into"):
-                return True
-        elif c == 116:  # t
-            if _word_at(data, i, end, b"temp"):
-                return True
-        elif c == 108:  # l
-            if _word_at(data, i, end, b"listen") or _word_at(data, i, end, b"lo_open"):
-                return True
-        elif c == 112:  # p
-            if _word_at(data, i, end, b"prepare"):
-                return True
-        elif c == 97:  # a
-            if _word_at(data, i, end, b"advisory"):
-                return True
-        elif c == 100 and (_word_at(data, i, end, b"declare")  # d
-                           or _word_at(data, i, end, b"dblink")
-                           or (forget and (_word_at(data, i, end, b"dealloc")
-                                           or _word_at(data, i, end, b"discard")))):
-            return True
-        i += 1
-    return False
-
-
-# The scan the fast path runs on every statement text: ``may_pin_at`` in C (``_sockio.c``),
-# an eighth of its cost compiled from Python (tested to agree with it).
-scan_pin: Final[Callable[[bytes, int, int, bool], bool]] = (
-    _sockio.pin_words if _sockio is not None else may_pin_at)
-
-
-def _is_digit(c: i64) -> bool:
-    return 48 <= c <= 57
-
-
-def digit_run_at(data: bytes, start: i64, end: i64) -> tuple[int, int]:
-    """The bounds of the last run of ASCII digits in ``data[start:end]``, (-1, -1) if none."""
-    j: i64 = end
-    while j > start and not _is_digit(data[j - 1]):
-        j -= 1
-    if j == start:
-        return -1, -1
-    i: i64 = j - 1
-    while i > start and _is_digit(data[i - 1]):
-        i -= 1
-    return i, j
-
-
-def same_but_digits_at(data: bytes, start: i64, end: i64, prefix: bytes, suffix: bytes) -> bool:
-    """Whether ``data[start:end]`` is ``prefix``, one or more ASCII digits, ``suffix``."""
-    a: i64 = start + len(prefix)
-    b: i64 = end - len(suffix)
-    if b <= a or data[start:a] != prefix or data[b:end] != suffix:
-        return False
-    while a < b:
-        if not _is_digit(data[a]):
-            return False
-        a += 1
-    return True
-
-
-# The same in C (tested to agree): the simple protocol's common case is the last statement
-# again with another number, whose text need not be scanned again.
-digit_run: Final[Callable[[bytes, int, int], tuple[int, int]]] = (
-    _sockio.digit_run if _sockio is not None else digit_run_at)
-same_but_digits: Final[Callable[[bytes, int, int, bytes, bytes], bool]] = (
-    _sockio.same_but_digits if _sockio is not None else same_but_digits_at)
-
-
-def _in_name(c: i64) -> bool:
-    """Whether byte ``c`` next to a number may make it part of a name (a letter, digit,
-    "_", "$", a quoted identifier's '"', a non-ASCII letter) or of a longer number ("."):
-    then the number is no literal of its own."""
-    return (97 <= (c | 32) <= 122) or 48 <= c <= 57 or c == 95 or c == 36 or c == 46 \
-        or c == 34 or c >= 128
-
-
-def may_forget(text: str) -> bool:
-    """Whether ``text`` may hold a DEALLOCATE or DISCARD (a completed statement's tag does not
-    reach a native listener): the session then checks it statement by statement."""
-    low = text.lower()
-    return "dealloc" in low or "discard" in low
 
 
 class PoolFast:
@@ -390,7 +278,7 @@ class PoolFast:
                 got = state.checkout(self.session, now if _ONE_CLOCK else self.monotonic(),
                                      info.application_name)
                 self.hold(got)
-                return self.send(pump, data, now, self.c_rep)
+                return self.send(pump, data, now, self.c_rep, checked=True)
             self.router.note_fallback()  # no replica (fresh enough): the primary serves it
         elif route != NEUTRAL:
             return False
@@ -436,8 +324,8 @@ class PoolFast:
                         # Routed the same way too, when the number is a literal of its own
                         # (in "t1" or "$1" it is part of a name or a parameter).
                         self.q_route = 0
-                        self.q_route_ok = (i == 5 or not _in_name(data[i - 1])) \
-                            and (j == n - 1 or not _in_name(data[j]))
+                        self.q_route_ok = (i == 5 or not in_name(data[i - 1])) \
+                            and (j == n - 1 or not in_name(data[j]))
             if self.routed:
                 if memo and self.q_route_ok and self.q_route != 0:
                     route = self.q_route
@@ -567,12 +455,14 @@ class PoolFast:
                 return False  # to be prepared there first
         return True
 
-    def send(self, pump: PooledServerPump, data: bytes, now: float, rep: Any = None) -> bool:
+    def send(self, pump: PooledServerPump, data: bytes, now: float, rep: Any = None,
+             checked: bool = False) -> bool:
         """Send the unit ``data`` (scanned by ``client``: ``u_*``, received at ``now``) to the
         server held now (``pump``'s), unless it needs settings or statements replayed there
-        first (False). ``rep``: the server is that replica's (its answer awaited whole:
-        ``answer``; the conversation sees the unit then, as ``poolroute._release`` has it)."""
-        if not self.sendable(pump):
+        first (False; ``checked``: the caller asked ``sendable`` already). ``rep``: the server
+        is that replica's (its answer awaited whole: ``answer``; the conversation sees the
+        unit then, as ``poolroute._release`` has it)."""
+        if not checked and not self.sendable(pump):
             return False
         prepared = pump.prepared
         bound = self.u_bound
@@ -744,143 +634,7 @@ class PoolFast:
                 fast.take(got)
 
 
-def _no_recv(fd: int) -> bytes | None:
-    raise OSError("no direct relay (sqlproxy.proxy._sockio is not built)")
-
-
-def _no_send(fd: int, data: bytes) -> int:
-    raise OSError("no direct relay (sqlproxy.proxy._sockio is not built)")
-
-
-def _nothing_buffered() -> int:
-    return 0
-
-
-class _Direct(StandIn):
-    """A pump's socket read and written directly (the module doc's direct relay), once
-    ``start_direct`` succeeds; until then, and after ``stop_direct``, its transport's."""
-
-    def __init__(self, owner: Any) -> None:
-        super().__init__(owner)
-        self.transport: Any = None
-        self.fd: i64 = -1  # a duplicate of the transport's socket, watched by the loop
-        self.loop: Any = None
-        self.watching = False
-        self.paused = False  # reading paused (backpressure), whoever reads
-        # Held here: a compiled call of a native attribute costs no lookup by name.
-        self.recv: Callable[[int], bytes | None] = _sockio.recv if _sockio is not None \
-            else _no_recv
-        self.sendto: Callable[[int, bytes], int] = _sockio.send if _sockio is not None \
-            else _no_send
-        self.buffered: Callable[[], int] = _nothing_buffered  # transport.get_write_buffer_size
-
-    def data_received(self, data: bytes) -> None:
-        raise NotImplementedError
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.stop_direct()
-        self.owner.connection_lost(exc)
-
-    def start_direct(self, loop: Any) -> bool:
-        """Read and write the transport's socket directly from now on, if it is a plain
-        socket with nothing left to write. False: the transport carries on."""
-        t = self.transport
-        if _sockio is None or self.fd >= 0 or t is None or t.is_closing() \
-                or t.get_extra_info("ssl_object") is not None or t.get_write_buffer_size():
-            return False
-        sock = t.get_extra_info("socket")
-        if sock is None:
-            return False
-        self.fd = os.dup(sock.fileno())
-        self.loop = loop
-        self.buffered = t.get_write_buffer_size
-        t.pause_reading()
-        try:
-            self.watch()
-        except BaseException:
-            self.stop_direct()
-            raise
-        return True
-
-    def watch(self) -> None:
-        if self.fd >= 0 and not self.watching and not self.paused:
-            self.watching = True
-            add_reader(self.loop, self.fd, self.readable)
-
-    def unwatch(self) -> None:
-        if self.watching:
-            self.watching = False
-            remove_reader(self.loop, self.fd)
-
-    def readable(self) -> None:
-        fd = self.fd
-        if fd < 0:
-            return
-        try:
-            data = self.recv(fd)
-        except OSError:
-            self.stop_direct()  # the transport, reading again, meets the error itself
-            return
-        if data is None:
-            return
-        if not data:  # the end of the stream: the transport closes, as eof_received has it
-            self.stop_direct()
-            t = self.transport
-            if t is not None:
-                t.close()
-            return
-        self.data_received(data)
-
-    def stop_direct(self) -> None:
-        """Give the socket back to the transport (and close the duplicate). Idempotent."""
-        fd = self.fd
-        if fd < 0:
-            return
-        self.unwatch()
-        self.fd = -1
-        os.close(fd)
-        t = self.transport
-        if t is not None and not t.is_closing() and not self.paused:
-            t.resume_reading()
-
-    def pause_reading(self) -> None:
-        if self.paused:
-            return
-        self.paused = True
-        if self.fd >= 0:
-            self.unwatch()
-        elif self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if not self.paused:
-            return
-        self.paused = False
-        t = self.transport
-        if self.fd >= 0:
-            self.watch()
-        elif t is not None and not t.is_closing():
-            t.resume_reading()
-
-    def send(self, data: bytes) -> None:
-        """Write ``data``: to the socket directly while the transport has nothing waiting
-        (what the socket does not take goes to the transport, which keeps the order), else
-        to the transport."""
-        t = self.transport
-        fd = self.fd
-        if fd >= 0 and not self.buffered():
-            try:
-                n = self.sendto(fd, data)
-            except OSError:  # the transport meets the error in turn and reports the loss
-                n = 0
-            if n == len(data):
-                return
-            data = data[n:]
-        if not t.is_closing():
-            t.write(data)
-
-
-class PooledClientPump(_Direct):
+class PooledClientPump(DirectSocket):
     """The client transport's protocol of a ready pooled session: the fast path first, else
     the session (``owner``), which also hears of everything else on the connection."""
 
@@ -915,7 +669,7 @@ class PooledClientPump(_Direct):
             self.owner.direct_relay_failed(exc)
 
 
-class PooledServerPump(_Direct):
+class PooledServerPump(DirectSocket):
     """A pooled server transport's protocol once logged in: its holder's fast path first,
     else the server connection's own protocol (``owner``, a ServerConn). ``fast`` follows the
     holder (set by ``ServerConn.holder``). It keeps, as native attributes, the server

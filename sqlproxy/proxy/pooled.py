@@ -19,7 +19,6 @@ nothing is owed, and rolls back or closes what a departed client left. ``held``,
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -48,7 +47,7 @@ from sqlproxy.routing.answers import Kind
 from sqlproxy.routing.replay import Replay
 from sqlproxy.routing.scram import ScramKeys, ScramWatch
 from sqlproxy.routing.session_routing import SessionRouting
-from sqlproxy.routing.units import Unit, UnitCutter
+from sqlproxy.routing.units import Unit, UnitCutter, cut_units
 from sqlproxy.wire.conversation import Conversation, Pending
 from sqlproxy.wire.frames import Frames
 from sqlproxy.wire.messages import (
@@ -75,13 +74,12 @@ if TYPE_CHECKING:
 __all__ = ["PooledSession"]
 
 log = get_logger("sqlproxy.pool")
-# A client's socket is read directly (fastpool._Direct) from its fifth chunk after login on.
+# A client's socket is read directly (direct.DirectSocket) from its fifth chunk after login on.
 DIRECT_AFTER_CHUNKS = 4
 _perf = time.perf_counter
 _COPY_MESSAGES = frozenset({F_COPY_DATA, F_COPY_DONE, F_COPY_FAIL})
 #: Startup parameters that are not settings (or cannot be SET later).
 _NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
-_DEALLOCATE_RE = re.compile(r"(?i)\bdeallocate\s+(?:prepare\s+)?(?!all\b)(\"[^\"]+\"|\w+)")
 _AUTH_OK = build(b"R", b"\x00\x00\x00\x00")
 PARSE_COMPLETE = build(b"1", b"")
 
@@ -148,26 +146,12 @@ class PooledSession(ClientSession):
         left... The general path then carries on as if it had sent it itself."""
         unit = self._replica_unit
         if unit is None and self.fast.r_data:
-            unit = self._replica_unit = self._fast_replica_unit()
+            unit = self._replica_unit = poolroute.fast_read_unit(self)
         return unit
 
     @replica_unit.setter
     def replica_unit(self, unit: Unit | None) -> None:
         self._replica_unit = unit
-
-    def _fast_replica_unit(self) -> Unit:
-        fast = self.fast
-        data = fast.r_data
-        fast.r_data = b""
-        fast.r_rep = None
-        cutter = UnitCutter()
-        unit: Unit | None = None
-        for t, msg in Frames(self.config.proxy.max_message_bytes).feed(data):
-            unit = cutter.add(t, msg) or unit
-        assert unit is not None  # (one whole unit, scanned by the fast path)
-        unit.sent = fast.r_sent
-        unit.in_tx = False
-        return unit
 
     @property
     def waiting(self) -> bool:
@@ -453,12 +437,9 @@ class PooledSession(ClientSession):
         """The unit the fast path parked while waiting needs the general path (settings or
         statements to replay on the server it got): it goes first, as a unit of its own."""
         data = self.fast.take_parked()
-        cutter = UnitCutter()
         try:
-            for t, msg in Frames(self.config.proxy.max_message_bytes).feed(data):
-                unit = cutter.add(t, msg)
-                if unit is not None:
-                    self.units.appendleft(unit)
+            for unit in cut_units(data, self.config.proxy.max_message_bytes):
+                self.units.appendleft(unit)
         except ProtocolViolation as exc:  # (scanned whole by the fast path: cannot happen)
             self.fail(exc)
             return
@@ -511,7 +492,7 @@ class PooledSession(ClientSession):
             injected = 1
             server.settings = self.settings
         if unit.queries and self.replay.statements:
-            self._deallocated(unit)
+            self.replay.describe_deallocated(unit)
         rp, n, _ = self.replay.preamble(server.replay, unit)
         if n:
             pre += rp
@@ -553,15 +534,6 @@ class PooledSession(ClientSession):
             if text.startswith(("deallocate", "discard")):
                 # Gone from this server (the client's and maybe another's of that name).
                 self.replay.forget_statements(text, server.replay, [server.replay])
-
-    def _deallocated(self, unit: Unit) -> None:
-        """A SQL DEALLOCATE of a statement the client prepared by protocol on another
-        server: prepare it here first, so that the DEALLOCATE finds it."""
-        for text in unit.queries:
-            for m in _DEALLOCATE_RE.finditer(text):
-                name = m.group(1).strip('"').encode()
-                if name in self.replay.statements and name not in unit.describes:
-                    unit.describes.append(name)
 
     # ------------------------------------------------------------------ pinning (poolpins.py)
     def _pin(self, reason: str, text: str) -> None:

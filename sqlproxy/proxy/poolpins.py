@@ -5,7 +5,7 @@ Session state that cannot survive lending the server to another client — SET o
 transaction (or inside one: it outlives COMMIT), LISTEN, session advisory locks, temporary
 tables, WITH HOLD cursors, SQL PREPARE, startup ``options`` — keeps the client on its server
 for the rest of its session. The routing policy knows these statements (``pin_reason``); a
-text without any of their words is never parsed (``fastpool.may_pin``), and texts and
+text without any of their words is never parsed (``pinscan.may_pin``), and texts and
 normalized statements found clean are remembered per pool manager.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy import deciding
-from sqlproxy.proxy.fastpool import may_pin
+from sqlproxy.proxy.pinscan import may_pin
 from sqlproxy.routing.policy import RoutedStatement, pin_reason
 from sqlproxy.wire.messages import TX_IDLE
 

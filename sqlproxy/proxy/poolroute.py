@@ -27,18 +27,19 @@ from typing import TYPE_CHECKING
 from sqlproxy.errors import ConnectionFailure
 from sqlproxy.logs import get_logger
 from sqlproxy.proxy import deciding
-from sqlproxy.proxy.fastroute import NEUTRAL, RECHECK_S, REPLICA_READ, WRITES
+from sqlproxy.proxy.fastplan import what_it_does
+from sqlproxy.proxy.fastroute import RECHECK_S
 from sqlproxy.routing.answers import DROP_CONNECTION, REPLICA_DOWN, Kind, should_retry
 from sqlproxy.routing.policy import Decision, RoutedStatement, Target
-from sqlproxy.routing.units import Unit, lone_statement
+from sqlproxy.routing.units import Unit, cut_units, lone_statement
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.pooled import PooledSession
     from sqlproxy.proxy.poolservers import PoolIO, ServerConn
     from sqlproxy.routing.answers import Event
 
-__all__ = ["after_primary", "attach_fast", "choose_for_fast", "deliver", "learn", "note_unit",
-           "replica_failed", "replica_lost", "replica_pool_for"]
+__all__ = ["after_primary", "attach_fast", "choose_for_fast", "deliver", "fast_read_unit", "learn",
+           "note_unit", "replica_failed", "replica_lost", "replica_pool_for"]
 
 log = get_logger("sqlproxy.routing")
 _AUTH_PROBLEMS = ("password", "authentication", "28P01", "28000")
@@ -71,6 +72,19 @@ def attach_fast(session: PooledSession) -> None:
 # replica's health itself on every unit; the general path's units, a new read-your-writes
 # horizon and a failed connection make it choose again at once).
 KEEP_CHOICE_S = 0.1
+
+
+def fast_read_unit(session: PooledSession) -> Unit:
+    """The replica read the fast path sent (``fast.r_data``), as the general path's Unit
+    (``PooledSession.replica_unit``): it takes the read over from here."""
+    fast = session.fast
+    data = fast.r_data
+    fast.r_data = b""
+    fast.r_rep = None
+    (unit,) = cut_units(data, session.config.proxy.max_message_bytes)  # (scanned whole)
+    unit.sent = fast.r_sent
+    unit.in_tx = False
+    return unit
 
 
 def choose_for_fast(session: PooledSession, now: float) -> None:
@@ -125,13 +139,7 @@ def learn(session: PooledSession, unit: Unit, decision: Decision) -> None:
     key = fast.key(sql)
     if key is None:
         return
-    if decision.writes:
-        what = WRITES
-    elif decision.target is Target.REPLICA and not decision.read_only_transaction:
-        what = REPLICA_READ
-    else:
-        what = NEUTRAL
-    fast.remember(key, what)
+    fast.remember(key, what_it_does(decision, neutral_view=True))
 
 
 def note_unit(session: PooledSession, unit: Unit, in_transaction: bool,

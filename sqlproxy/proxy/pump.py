@@ -94,7 +94,7 @@ def remove_reader(loop: Any, fd: int) -> None:
 class StandIn:
     """A compiled protocol standing in for an interpreted one (``owner``) on a transport:
     what it does not handle itself (the end of the stream, the loss, flow control) it passes
-    on. The base of every hot-path protocol (here, in fastroute.py and in fastpool.py)."""
+    on. The base of every hot-path protocol (here, in fastroute.py, direct.py and fastpool.py)."""
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner

@@ -28,6 +28,8 @@ from sqlproxy.wire.messages import SYNC, build, cstr
 __all__ = ["SESSION_TAGS", "BackendReplay", "Replay", "literal_text"]
 
 _DEALLOCATE_RE = re.compile(r"deallocate\s+(?:prepare\s+)?(.+)$")
+# A DEALLOCATE of one named statement anywhere in a (not normalized) text.
+_DEALLOCATE_NAME_RE = re.compile(r"(?i)\bdeallocate\s+(?:prepare\s+)?(?!all\b)(\"[^\"]+\"|\w+)")
 _PARAM_RE = re.compile(r"\$([0-9]+)")
 #: Command tags of the only statements that change what another backend must replay.
 SESSION_TAGS = (b"SET", b"RESET", b"DISCARD", b"DEALLOCATE")
@@ -189,6 +191,16 @@ class Replay:
 
     def rolled_back(self) -> None:
         self.pending_settings.clear()
+
+    def describe_deallocated(self, unit: Unit) -> None:
+        """A SQL DEALLOCATE in ``unit`` of a statement the client prepared by protocol,
+        maybe on another server connection: the unit describes it first, so that the server
+        it runs on is given the statement (``preamble``) and the DEALLOCATE finds it."""
+        for text in unit.queries:
+            for m in _DEALLOCATE_NAME_RE.finditer(text):
+                name = m.group(1).strip('"').encode()
+                if name in self.statements and name not in unit.describes:
+                    unit.describes.append(name)
 
     def forget_statements(self, text: str, current: BackendReplay,
                           backends: Iterable[BackendReplay]) -> None:

@@ -15,6 +15,7 @@ client's bytes more than into the unit's own buffer.
 from __future__ import annotations
 
 from sqlproxy.errors import ProtocolViolation
+from sqlproxy.wire.frames import Frames
 from sqlproxy.wire.messages import (
     F_BIND,
     F_CLOSE,
@@ -27,7 +28,7 @@ from sqlproxy.wire.messages import (
     F_SYNC,
 )
 
-__all__ = ["Unit", "UnitCutter", "lone_statement"]
+__all__ = ["Unit", "UnitCutter", "cut_units", "lone_statement"]
 
 _STATEMENT = ord("S")  # Describe/Close of a statement (not a portal)
 
@@ -155,4 +156,16 @@ def lone_statement(unit: Unit, statements: dict[bytes, tuple[str, bytes]],
         return sql if name == unit.binds[0] else None
     known = statements.get(unit.binds[0])
     return None if known is None else known[0]
+
+
+def cut_units(data: bytes, max_message: int) -> list[Unit]:
+    """The whole units in ``data`` (client messages, as received), in order; raises
+    ProtocolViolation for a malformed message."""
+    cutter = UnitCutter()
+    out: list[Unit] = []
+    for t, msg in Frames(max_message).feed(data):
+        unit = cutter.add(t, msg)
+        if unit is not None:
+            out.append(unit)
+    return out
 

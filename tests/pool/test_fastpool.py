@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sqlproxy.proxy.fastpool import (
+from sqlproxy.proxy.pinscan import (
     digit_run,
     digit_run_at,
     may_forget,

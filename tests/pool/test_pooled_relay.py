@@ -1,4 +1,4 @@
-"""The direct relay of pooled sessions (``_Direct`` in fastpool.py): the client's socket and
+"""The direct relay of pooled sessions (``DirectSocket`` in direct.py): the client's socket and
 every pooled server's are read and written directly unless ``proxy.direct_relay`` is off,
 a slow client stops the server it holds from being read (bounded buffering), and the
 duplicated sockets are closed with their connections."""

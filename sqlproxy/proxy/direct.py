@@ -1,0 +1,161 @@
+"""A compiled protocol that reads and writes its socket directly: the base of the pooled
+pumps (``fastpool.py``). Once ``start_direct`` succeeds, the socket is read through a duplicate
+watched by the loop's poller (``pump.add_reader``) and written with ``_sockio.send`` while the
+transport has nothing waiting (what a socket does not take goes to its transport, which keeps
+the order); until then, and after ``stop_direct`` (end of stream, socket error, close), its
+transport carries on. Reading pauses for backpressure whoever reads. Compiled with mypyc (see
+setup.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from mypy_extensions import i64
+
+from sqlproxy.proxy.pump import StandIn, add_reader, remove_reader
+
+try:
+    from sqlproxy.proxy import _sockio
+except ImportError:  # pragma: no cover - built with the package
+    _sockio = None  # type: ignore[assignment]
+
+__all__ = ["DirectSocket"]
+
+
+def _no_recv(fd: int) -> bytes | None:
+    raise OSError("no direct relay (sqlproxy.proxy._sockio is not built)")
+
+
+def _no_send(fd: int, data: bytes) -> int:
+    raise OSError("no direct relay (sqlproxy.proxy._sockio is not built)")
+
+
+def _nothing_buffered() -> int:
+    return 0
+
+
+class DirectSocket(StandIn):
+    """A socket read and written directly (the module doc), once
+    ``start_direct`` succeeds; until then, and after ``stop_direct``, its transport's."""
+
+    def __init__(self, owner: Any) -> None:
+        super().__init__(owner)
+        self.transport: Any = None
+        self.fd: i64 = -1  # a duplicate of the transport's socket, watched by the loop
+        self.loop: Any = None
+        self.watching = False
+        self.paused = False  # reading paused (backpressure), whoever reads
+        # Held here: a compiled call of a native attribute costs no lookup by name.
+        self.recv: Callable[[int], bytes | None] = _sockio.recv if _sockio is not None \
+            else _no_recv
+        self.sendto: Callable[[int, bytes], int] = _sockio.send if _sockio is not None \
+            else _no_send
+        self.buffered: Callable[[], int] = _nothing_buffered  # transport.get_write_buffer_size
+
+    def data_received(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_direct()
+        self.owner.connection_lost(exc)
+
+    def start_direct(self, loop: Any) -> bool:
+        """Read and write the transport's socket directly from now on, if it is a plain
+        socket with nothing left to write. False: the transport carries on."""
+        t = self.transport
+        if _sockio is None or self.fd >= 0 or t is None or t.is_closing() \
+                or t.get_extra_info("ssl_object") is not None or t.get_write_buffer_size():
+            return False
+        sock = t.get_extra_info("socket")
+        if sock is None:
+            return False
+        self.fd = os.dup(sock.fileno())
+        self.loop = loop
+        self.buffered = t.get_write_buffer_size
+        t.pause_reading()
+        try:
+            self.watch()
+        except BaseException:
+            self.stop_direct()
+            raise
+        return True
+
+    def watch(self) -> None:
+        if self.fd >= 0 and not self.watching and not self.paused:
+            self.watching = True
+            add_reader(self.loop, self.fd, self.readable)
+
+    def unwatch(self) -> None:
+        if self.watching:
+            self.watching = False
+            remove_reader(self.loop, self.fd)
+
+    def readable(self) -> None:
+        fd = self.fd
+        if fd < 0:
+            return
+        try:
+            data = self.recv(fd)
+        except OSError:
+            self.stop_direct()  # the transport, reading again, meets the error itself
+            return
+        if data is None:
+            return
+        if not data:  # the end of the stream: the transport closes, as eof_received has it
+            self.stop_direct()
+            t = self.transport
+            if t is not None:
+                t.close()
+            return
+        self.data_received(data)
+
+    def stop_direct(self) -> None:
+        """Give the socket back to the transport (and close the duplicate). Idempotent."""
+        fd = self.fd
+        if fd < 0:
+            return
+        self.unwatch()
+        self.fd = -1
+        os.close(fd)
+        t = self.transport
+        if t is not None and not t.is_closing() and not self.paused:
+            t.resume_reading()
+
+    def pause_reading(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        if self.fd >= 0:
+            self.unwatch()
+        elif self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        t = self.transport
+        if self.fd >= 0:
+            self.watch()
+        elif t is not None and not t.is_closing():
+            t.resume_reading()
+
+    def send(self, data: bytes) -> None:
+        """Write ``data``: to the socket directly while the transport has nothing waiting
+        (what the socket does not take goes to the transport, which keeps the order), else
+        to the transport."""
+        t = self.transport
+        fd = self.fd
+        if fd >= 0 and not self.buffered():
+            try:
+                n = self.sendto(fd, data)
+            except OSError:  # the transport meets the error in turn and reports the loss
+                n = 0
+            if n == len(data):
+                return
+            data = data[n:]
+        if not t.is_closing():
+            t.write(data)

@@ -1,0 +1,140 @@
+"""The text scans of the pooled fast path (``fastpool.py``), sans I/O: whether a statement's
+text may hold a word of a statement that pins a pooled client (or a DEALLOCATE / DISCARD),
+and whether a simple Query differs from one scanned before only in a number. Each scan that
+runs per message is in C (``_sockio.c``), tested to agree with its definition here; compiled
+with mypyc (see setup.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from mypy_extensions import i64
+
+try:
+    from sqlproxy.proxy import _sockio
+except ImportError:  # pragma: no cover - built with the package
+    _sockio = None  # type: ignore[assignment]
+
+__all__ = ["digit_run", "digit_run_at", "in_name", "may_forget", "may_pin", "may_pin_at",
+           "same_but_digits", "same_but_digits_at", "scan_pin"]
+
+
+def may_pin(text: str) -> bool:
+    """Whether ``text`` holds one of the words of a statement that pins a pooled client (see
+    ``poolpins._pin_text``). Conservative: a word in a literal or a comment only costs
+    the full check. A lower-cased copy searched word by word: a case-insensitive regex
+    alternation costs tens of thousands of instructions on a one-line SELECT."""
+    low = text.lower()
+    return ("set" in low or "into" in low or "temp" in low or "listen" in low
+            or "prepare" in low or "declare" in low or "advisory" in low or "dblink" in low
+            or "lo_open" in low)
+
+
+def _word_at(data: bytes, i: i64, end: i64, word: bytes) -> bool:
+    """``word`` (lower-case ASCII) at ``data[i]``, whatever the case of its letters."""
+    n: i64 = len(word)
+    if end - i < n:
+        return False
+    j: i64 = 1  # (the first letter matched already)
+    while j < n:
+        a: i64 = data[i + j]
+        b: i64 = word[j]
+        if (a | 32) != (b | 32):
+            return False
+        j += 1
+    return True
+
+
+def may_pin_at(data: bytes, start: i64, end: i64, forget: bool) -> bool:
+    """``may_pin`` on the bytes of a statement text (``data[start:end]``), without decoding
+    it: one pass that looks further only at the first letters of the words; with
+    ``forget``, DEALLOCATE and DISCARD count too (``may_forget``)."""
+    i: i64 = start
+    while i < end:
+        c: i64 = data[i] | 32
+        if c == 115:  # s
+            if _word_at(data, i, end, b"set"):
+                return True
+        elif c == 105:  # i
+            if _word_at(data, i, end, b"into"):
+                return True
+        elif c == 116:  # t
+            if _word_at(data, i, end, b"temp"):
+                return True
+        elif c == 108:  # l
+            if _word_at(data, i, end, b"listen") or _word_at(data, i, end, b"lo_open"):
+                return True
+        elif c == 112:  # p
+            if _word_at(data, i, end, b"prepare"):
+                return True
+        elif c == 97:  # a
+            if _word_at(data, i, end, b"advisory"):
+                return True
+        elif c == 100 and (_word_at(data, i, end, b"declare")  # d
+                           or _word_at(data, i, end, b"dblink")
+                           or (forget and (_word_at(data, i, end, b"dealloc")
+                                           or _word_at(data, i, end, b"discard")))):
+            return True
+        i += 1
+    return False
+
+
+# The scan the fast path runs on every statement text: ``may_pin_at`` in C (``_sockio.c``),
+# an eighth of its cost compiled from Python (tested to agree with it).
+scan_pin: Final[Callable[[bytes, int, int, bool], bool]] = (
+    _sockio.pin_words if _sockio is not None else may_pin_at)
+
+
+def _is_digit(c: i64) -> bool:
+    return 48 <= c <= 57
+
+
+def digit_run_at(data: bytes, start: i64, end: i64) -> tuple[int, int]:
+    """The bounds of the last run of ASCII digits in ``data[start:end]``, (-1, -1) if none."""
+    j: i64 = end
+    while j > start and not _is_digit(data[j - 1]):
+        j -= 1
+    if j == start:
+        return -1, -1
+    i: i64 = j - 1
+    while i > start and _is_digit(data[i - 1]):
+        i -= 1
+    return i, j
+
+
+def same_but_digits_at(data: bytes, start: i64, end: i64, prefix: bytes, suffix: bytes) -> bool:
+    """Whether ``data[start:end]`` is ``prefix``, one or more ASCII digits, ``suffix``."""
+    a: i64 = start + len(prefix)
+    b: i64 = end - len(suffix)
+    if b <= a or data[start:a] != prefix or data[b:end] != suffix:
+        return False
+    while a < b:
+        if not _is_digit(data[a]):
+            return False
+        a += 1
+    return True
+
+
+# The same in C (tested to agree): the simple protocol's common case is the last statement
+# again with another number, whose text need not be scanned again.
+digit_run: Final[Callable[[bytes, int, int], tuple[int, int]]] = (
+    _sockio.digit_run if _sockio is not None else digit_run_at)
+same_but_digits: Final[Callable[[bytes, int, int, bytes, bytes], bool]] = (
+    _sockio.same_but_digits if _sockio is not None else same_but_digits_at)
+
+
+def in_name(c: i64) -> bool:
+    """Whether byte ``c`` next to a number may make it part of a name (a letter, digit,
+    "_", "$", a quoted identifier's '"', a non-ASCII letter) or of a longer number ("."):
+    then the number is no literal of its own."""
+    return (97 <= (c | 32) <= 122) or 48 <= c <= 57 or c == 95 or c == 36 or c == 46 \
+        or c == 34 or c >= 128
+
+
+def may_forget(text: str) -> bool:
+    """Whether ``text`` may hold a DEALLOCATE or DISCARD (a completed statement's tag does not
+    reach a native listener): the session then checks it statement by statement."""
+    low = text.lower()
+    return "dealloc" in low or "discard" in low

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Final, Generic, TypeVar
+from typing import Final, Generic, TypeVar, cast
 
 __all__ = ["OPEN", "Handoff", "Limits", "Pool", "PoolStats", "Waiter"]
 
@@ -92,10 +92,14 @@ class Handoff(Generic[S, C]):
         return f"Handoff({self.client!r}, {self.server!r}, {self.waited_s!r}, {self.evict!r})"
 
 
-@dataclass
 class _ServerInfo:
-    created: float
-    last_used: float
+    """A server connection's times, and the application count its holder adds to (kept
+    here, not in a dictionary by client: one attribute per checkout and check-in)."""
+
+    def __init__(self, created: float, last_used: float) -> None:
+        self.created = created
+        self.last_used = last_used
+        self.app: _AppCount | None = None
 
 
 @dataclass
@@ -140,6 +144,8 @@ class Pool(Generic[S, C]):
         # False: a client may not open a new connection (the proxy cannot log in as this
         # user on its own); clients wait for a server instead.
         self.may_open = True
+        # What ``hand_on`` answers when the general rules of ``checkin`` apply.
+        self.slow: Waiter[C] = Waiter(cast(C, None), 0.0)
 
     # ------------------------------------------------------------------ figures
     @property
@@ -185,7 +191,10 @@ class Pool(Generic[S, C]):
             st.all_busy_s += now - since
             self._all_busy_since = None
 
-    def _lent(self, client: C, app: str | None, waited: float, now: float) -> None:
+    def _lent(self, client: C, app: str | None, waited: float, info: _ServerInfo | None
+              ) -> None:
+        """``client`` got a server (``info``'s; None: the right to open one) after waiting
+        ``waited`` seconds. (The caller says whether the pool's business changed.)"""
         st = self.stats
         st.checkouts += 1
         waits = self._waits
@@ -198,7 +207,8 @@ class Pool(Generic[S, C]):
         if waited > 0:
             st.waits += 1
             st.wait_total_s += waited
-            st.max_wait_s = max(st.max_wait_s, waited)
+            if waited > st.max_wait_s:
+                st.max_wait_s = waited
         if app is not None:
             count = self._last_app
             if count.app != app:
@@ -208,18 +218,27 @@ class Pool(Generic[S, C]):
                 else:
                     count = apps[app] = _AppCount(app)
                 self._last_app = count
-            self._app_of[client] = count
+            if info is not None:
+                info.app = count
+            else:
+                self._app_of[client] = count
             count.active += 1
             if count.active > count.max_active:
                 count.max_active = count.active
                 st.max_active_by_app[app] = count.active
-        self._busy_changed(now)
 
-    def released(self, client: C) -> None:
-        """The client no longer holds a server (per-application concurrency)."""
-        # (``in``/``del`` rather than ``pop``: a method call costs a lookup by name.)
+    def released(self, client: C, info: _ServerInfo | None = None) -> None:
+        """The client no longer holds a server (``info``'s, if any), for the per-application
+        concurrency."""
+        if info is not None:
+            count = info.app
+            if count is not None:
+                count.active -= 1
+                info.app = None
+                return
         app_of = self._app_of
-        if client in app_of:
+        # (``in``/``del`` rather than ``pop``: a method call costs a lookup by name.)
+        if app_of and client in app_of:
             app_of[client].active -= 1
             del app_of[client]
 
@@ -229,14 +248,17 @@ class Pool(Generic[S, C]):
         until a ``Handoff`` names it (or ``expire`` times it out)."""
         if self.idle and not self.waiters:
             server = self.idle.pop()
-            self.servers[server].last_used = now
+            info = self.servers[server]
+            info.last_used = now
             self.active += 1
-            self._lent(client, app, 0.0, now)
+            self._lent(client, app, 0.0, info)
+            self._busy_changed(now)
             return server
         if self.may_open and self.total < self.limits.size and not self.waiters:
             self.opening += 1
             self.active += 1
-            self._lent(client, app, 0.0, now)
+            self._lent(client, app, 0.0, None)
+            self._busy_changed(now)
             return OPEN
         self.waiters.append(Waiter(client, now, app=app))
         self._busy_changed(now)
@@ -283,8 +305,8 @@ class Pool(Generic[S, C]):
         """``client`` gives ``server`` back. Returns the hand-overs to carry out and whether
         the session must close ``server`` (not clean, or past its lifetime)."""
         self.active -= 1
-        self.released(client)
         info = self.servers.get(server)
+        self.released(client, info)
         if info is None:  # already forgotten (closed under us)
             return self._fill(now), True
         lifetime = self.limits.lifetime_s
@@ -293,16 +315,46 @@ class Pool(Generic[S, C]):
             return self._fill(now), True
         info.last_used = now
         if self.waiters and not self.waiters[0].login:
+            # Straight to the next waiter: as busy as before, one waiter fewer.
             w = self.waiters.popleft()
             self.active += 1
             waited = now - w.since
-            self._lent(w.client, w.app, waited, now)
+            self._lent(w.client, w.app, waited, info)
             return [Handoff(w.client, server, waited)], False
         self.idle.append(server)
         if self.waiters:  # a login waiting: it closes this idle one for room
             return self._fill(now), False
         self._busy_changed(now)
         return [], False
+
+    def hand_on(self, server: S, now: float, client: C) -> Waiter[C] | None:
+        """``checkin`` of a clean ``server`` in the common cases, without a ``Handoff``: the
+        waiter that holds it now (first in the queue), or None (it is idle now). ``slow``
+        when the general rules apply (a server forgotten or past its lifetime, a login
+        first in the queue): nothing was done, ``checkin`` does it."""
+        info = self.servers.get(server)
+        if info is None:
+            return self.slow
+        lifetime = self.limits.lifetime_s
+        if lifetime and now - info.created >= lifetime:
+            return self.slow
+        waiters = self.waiters
+        if waiters:
+            w = waiters[0]
+            if w.login:
+                return self.slow
+            waiters.popleft()
+            # As busy as before (one lent, one back), one waiter fewer: no figure changes.
+            self.released(client, info)
+            info.last_used = now
+            self._lent(w.client, w.app, now - w.since, info)
+            return w
+        self.active -= 1
+        self.released(client, info)
+        info.last_used = now
+        self.idle.append(server)
+        self._busy_changed(now)
+        return None
 
     def _fill(self, now: float) -> list[Handoff[S, C]]:
         """Give free slots (and idle servers) to waiters, in order."""
@@ -311,11 +363,12 @@ class Pool(Generic[S, C]):
             w = self.waiters[0]
             if not w.login and self.idle:
                 server = self.idle.pop()
-                self.servers[server].last_used = now
+                info = self.servers[server]
+                info.last_used = now
                 self.waiters.popleft()
                 self.active += 1
                 waited = now - w.since
-                self._lent(w.client, w.app, waited, now)
+                self._lent(w.client, w.app, waited, info)
                 out.append(Handoff(w.client, server, waited))
                 continue
             victim: S | None = None
@@ -330,10 +383,8 @@ class Pool(Generic[S, C]):
             self.opening += 1
             self.active += 1
             waited = now - w.since
-            if w.login:
-                self._busy_changed(now)
-            else:
-                self._lent(w.client, w.app, waited, now)
+            if not w.login:
+                self._lent(w.client, w.app, waited, None)
             out.append(Handoff(w.client, OPEN, waited, victim))
         self._busy_changed(now)
         return out
@@ -348,8 +399,13 @@ class Pool(Generic[S, C]):
         return self._fill(now)
 
     def _forget(self, server: S, reason: str) -> None:
-        if self.servers.pop(server, None) is not None:
+        info = self.servers.pop(server, None)
+        if info is not None:
             self.stats.closed[reason] = self.stats.closed.get(reason, 0) + 1
+            count = info.app
+            if count is not None:  # its holder no longer holds a live server
+                count.active -= 1
+                info.app = None
 
     def cancel_wait(self, client: C) -> None:
         """A waiting client left."""

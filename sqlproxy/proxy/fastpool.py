@@ -43,7 +43,7 @@ from mypy_extensions import i64
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
-from sqlproxy.pool.state import Pool, _Open
+from sqlproxy.pool.state import Handoff, Pool, _Open
 from sqlproxy.proxy.direct import DirectSocket
 from sqlproxy.proxy.fastroute import (
     MAX_ROUTES,
@@ -504,14 +504,15 @@ class PoolFast:
                 pump.replay.bound((), self.limit)
         return True
 
-    def send_parked(self) -> bool:
-        """The server for the parked unit has come (held now): send it. False: the general
-        path must (``take_parked`` gives it the unit)."""
+    def send_parked(self, now: float = -1.0) -> bool:
+        """The server for the parked unit has come (held now): send it (at ``now``, the
+        conversation's clock; -1: read it). False: the general path must (``take_parked``
+        gives it the unit)."""
         data = self.parked
         if not data:
             return True
         pump = self.held_pump
-        if pump is not None and self.send(pump, data, self.clock()):
+        if pump is not None and self.send(pump, data, self.clock() if now < 0 else now):
             self.parked = b""
             return True
         return False
@@ -529,11 +530,12 @@ class PoolFast:
         self.held = server
         self.held_pump = pump
 
-    def take(self, server: Any) -> None:
-        """A hand-over: ``server`` is this waiting session's now; its parked unit goes."""
+    def take(self, server: Any, now: float) -> None:
+        """A hand-over: ``server`` is this waiting session's now; its parked unit goes (at
+        ``now``, the conversation's clock)."""
         self.waiting = False
         self.hold(server)
-        if not self.send_parked():
+        if not self.send_parked(now):
             self.session.unpark()
 
     # ------------------------------------------------------------------ server side
@@ -620,18 +622,22 @@ class PoolFast:
         if pump.cancels or pump.closed or pump.transport is None:
             pool.checkin(session, server, True)  # the general rules (cancel, closed)
             return
-        handoffs, close = pump.pool_state.checkin(server, now, session)
-        if close:
-            server.close()
-        for h in handoffs:
-            # The common hand-over: a waiting session with a parked unit gets this server.
-            got = h.server
-            fast: PoolFast = h.client.fast
-            if isinstance(got, _Open) or h.evict is not None or not fast.enabled \
-                    or not fast.parked or len(fast.units):
-                pool.carry_out([h])
-            else:
-                fast.take(got)
+        state = pump.pool_state
+        w = state.hand_on(server, now, session)
+        if w is None:
+            return  # idle now
+        if w is state.slow:
+            handoffs, close = state.checkin(server, now, session)
+            if close:
+                server.close()
+            pool.carry_out(handoffs)
+            return
+        # The common hand-over: a waiting session with a parked unit gets this server.
+        fast: PoolFast = w.client.fast
+        if fast.enabled and fast.parked and not len(fast.units):
+            fast.take(server, now if _ONE_CLOCK else self.clock())
+        else:
+            pool.carry_out([Handoff(w.client, server, now - w.since)])
 
 
 class PooledClientPump(DirectSocket):

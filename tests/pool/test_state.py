@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlproxy.pool.state import OPEN, Limits, Pool
+from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
 
 
 def make(size: int = 2, **kw: float) -> Pool[str, str]:
@@ -181,3 +181,86 @@ def test_churn_and_pinned_findings() -> None:
     kinds = [(f["kind"], f.get("reason")) for f in findings(pool)]
     assert kinds == [("connection_churn", None), ("session_state_in_pool", "listen")]
     assert "authenticate through" in findings(pool)[0]["suggestion"]
+
+
+def _app_counts(p: Pool[str, str]) -> dict[str, int]:
+    return {name: count.active for name, count in p._apps.items()}
+
+
+def test_hand_on_is_checkin_without_a_handoff() -> None:
+    """The fast path's check-in (``hand_on``) leaves the pool as ``checkin`` does: same
+    holders, idle list, queue, figures and per-application counts, over random traffic."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ops = st.lists(st.tuples(st.sampled_from(["out", "back", "dirty", "gone", "tick"]),
+                             st.integers(0, 5), st.sampled_from(["web", "jobs", None])),
+                   max_size=60)
+
+    @settings(max_examples=300, deadline=None)
+    @given(ops, st.sampled_from([0.0, 2.5]))
+    def run(steps: list[tuple[str, int, str | None]], lifetime: float) -> None:
+        pools = [make(2, lifetime_s=lifetime), make(2, lifetime_s=lifetime)]
+        holds: list[dict[str, str]] = [{}, {}]  # client -> server it holds
+        now = 0.0
+        opened = 0
+        for op, i, app in steps:
+            client = f"c{i}"
+            if op == "tick":
+                now += 1.0
+                continue
+            for k, (p, held) in enumerate(zip(pools, holds, strict=True)):
+                if op == "out":
+                    if client in held or any(w.client == client for w in p.waiters):
+                        continue
+                    got = p.checkout(client, now, app)
+                    if got is OPEN:
+                        p.opened(f"s{opened}", now)
+                        held[client] = f"s{opened}"
+                    elif got is not None:
+                        assert isinstance(got, str)
+                        held[client] = got
+                    continue
+                if client not in held:
+                    continue
+                server = held.pop(client)
+                if op == "gone":  # closed while lent (PoolIO.discard, then .lost)
+                    handoffs = p.remove(server, now, "server_closed")
+                    handoffs += p.checkin(server, now, client, clean=False,
+                                          reason="server_closed")[0]
+                elif op == "dirty":
+                    handoffs, _ = p.checkin(server, now, client, clean=False)
+                elif k == 1 and (w := p.hand_on(server, now, client)) is not p.slow:
+                    handoffs = [] if w is None else [Handoff(w.client, server, 0.0)]
+                else:
+                    handoffs, _ = p.checkin(server, now, client)
+                for h in handoffs:
+                    if h.server is OPEN:
+                        p.opened(f"s{opened}x", now)
+                        held[h.client] = f"s{opened}x"
+                    else:
+                        assert isinstance(h.server, str)
+                        held[h.client] = h.server
+            if op == "out":
+                opened += 1
+            a, b = pools
+            assert holds[0] == holds[1]
+            assert (a.active, a.opening, a.idle, sorted(a.servers)) \
+                == (b.active, b.opening, b.idle, sorted(b.servers))
+            assert [w.client for w in a.waiters] == [w.client for w in b.waiters]
+            assert a.stats == b.stats
+            assert _app_counts(a) == _app_counts(b)
+        for p, held in zip(pools, holds, strict=True):  # everyone gives back
+            while held:
+                client, server = held.popitem()
+                for h in p.checkin(server, now, client)[0]:
+                    if h.server is OPEN:
+                        p.opened(f"{client}-drain", now)
+                        held[h.client] = f"{client}-drain"
+                    else:
+                        assert isinstance(h.server, str)
+                        held[h.client] = h.server
+            assert not p.waiters and p.active == 0
+            assert all(n == 0 for n in _app_counts(p).values()), _app_counts(p)
+
+    run()

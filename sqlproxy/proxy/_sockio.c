@@ -534,6 +534,72 @@ sockio_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyUnicode_DecodeUTF8((const char *)base + start, stop - start, "replace");
 }
 
+/* Whether text[at:at + len(part)] equals part (text holds that many characters there). */
+static int
+same_part(int kind, const void *data, Py_ssize_t at, PyObject *part)
+{
+    int pkind = PyUnicode_KIND(part);
+    const void *pdata = PyUnicode_DATA(part);
+    Py_ssize_t m = PyUnicode_GET_LENGTH(part);
+    if (pkind == kind)
+        return memcmp((const char *)data + at * kind, pdata, (size_t)(m * kind)) == 0;
+    for (Py_ssize_t i = 0; i < m; i++)
+        if (PyUnicode_READ(kind, data, at + i) != PyUnicode_READ(pkind, pdata, i))
+            return 0;
+    return 1;
+}
+
+/* cache.same_skeleton, in place on the text's characters (see its definition there). */
+static PyObject *
+sockio_same_skeleton(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])
+            || !PyUnicode_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "same_skeleton() takes (text: str, prefix: str, suffix: str, string)");
+        return NULL;
+    }
+    int string = PyObject_IsTrue(args[3]);
+    if (string < 0)
+        return NULL;
+    PyObject *text = args[0];
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    Py_ssize_t a = PyUnicode_GET_LENGTH(args[1]);
+    Py_ssize_t b = n - PyUnicode_GET_LENGTH(args[2]);
+    if (b <= a)
+        Py_RETURN_FALSE;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    if (!same_part(kind, data, 0, args[1]) || !same_part(kind, data, b, args[2]))
+        Py_RETURN_FALSE;
+    if (!string) {
+        for (Py_ssize_t i = a; i < b; i++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            if (c < '0' || c > '9')
+                Py_RETURN_FALSE;
+        }
+        Py_RETURN_TRUE;
+    }
+    b -= 1; /* the closing quote */
+    if (b <= a || PyUnicode_READ(kind, data, a) != '\'' || PyUnicode_READ(kind, data, b) != '\'')
+        Py_RETURN_FALSE;
+    for (Py_ssize_t i = a + 1; i < b; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c < 58) {
+            if (c == '\'' || c == '$' || c == '"')
+                Py_RETURN_FALSE;
+            if ((c == '-' || c == '/') && i + 1 < b) {
+                Py_UCS4 d = PyUnicode_READ(kind, data, i + 1);
+                if ((c == '-' && d == '-') || (c == '/' && d == '*'))
+                    Py_RETURN_FALSE; /* the start of a comment */
+            }
+        }
+        else if (c == '\\')
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef sockio_methods[] = {
     {"text", (PyCFunction)(void (*)(void))sockio_text, METH_FASTCALL,
      "text(data, start, end) -> str: data[start:end] up to its first NUL, decoded from UTF-8 "
@@ -552,6 +618,9 @@ static PyMethodDef sockio_methods[] = {
     {"same_but_digits", (PyCFunction)(void (*)(void))sockio_same_but_digits, METH_FASTCALL,
      "same_but_digits(data, start, end, prefix, suffix) -> bool: whether data[start:end] is "
      "prefix, ASCII digits (one or more), suffix."},
+    {"same_skeleton", (PyCFunction)(void (*)(void))sockio_same_skeleton, METH_FASTCALL,
+     "same_skeleton(text, prefix, suffix, string) -> bool: analysis.cache.same_skeleton "
+     "(whether text is prefix, one plain literal, suffix), without slices."},
     {NULL, NULL, 0, NULL},
 };
 

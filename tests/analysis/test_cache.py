@@ -273,3 +273,23 @@ def test_one_literal_shortcut_keeps_each_texts_own_values() -> None:
                                                                for _ in (0, 1))
     assert sorted(tuple(s["parameters"]) for s in slow if "name" in s["query"]) == [
         (f"'n{i}'",) for i in range(5)]
+
+
+PIECES = st.text(alphabet="ab 1;'\"$-/*\\é€😀0", max_size=10)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(PIECES, PIECES, PIECES, st.booleans(), st.booleans())
+def test_native_same_skeleton_is_the_definition(prefix: str, middle: str, suffix: str,
+                                                string: bool, framed: bool) -> None:
+    """The profiler's ``same_skeleton`` (``_sockio``, in C) answers as the definition in
+    cache.py, on texts of every character width, framed by the prefix and suffix or not."""
+    from sqlproxy.proxy import _sockio
+
+    text = prefix + middle + suffix if framed else middle
+    assert _sockio.same_skeleton(text, prefix, suffix, string) \
+        == same_skeleton(text, prefix, suffix, string)
+    literal = f"'{middle}'" if string else "".join(c for c in middle if c.isdigit())
+    text = prefix + literal + suffix
+    assert _sockio.same_skeleton(text, prefix, suffix, string) \
+        == same_skeleton(text, prefix, suffix, string)

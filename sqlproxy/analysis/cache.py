@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Final, TypeVar
 
 from mypy_extensions import i64
 
 from sqlproxy.analysis.classify import Shape, classify
 from sqlproxy.analysis.normalize import Normalized, scan
+
+try:
+    from sqlproxy.proxy import _sockio
+except ImportError:  # pragma: no cover - built with the package
+    _sockio = None  # type: ignore[assignment]
 
 __all__ = [
     "StatementCache",
@@ -299,6 +305,12 @@ def same_skeleton(text: str, prefix: str, suffix: str, string: bool) -> bool:
             return False
         i += 1
     return True
+
+
+# ``same_skeleton`` in C (``_sockio.c``: the characters compared in place), tested to agree
+# with it; a module-level Final, so compiled code calls it without a lookup by name.
+same_skeleton_native: Final[Callable[[str, str, str, bool], bool]] = (
+    _sockio.same_skeleton if _sockio is not None else same_skeleton)
 
 
 def skeleton_prefix(skel: str) -> str:

@@ -24,6 +24,7 @@ from sqlproxy.analysis.cache import (
     StatementCache,
     literal_slot,
     literal_values,
+    same_skeleton_native,
     skeleton_prefix,
     skeleton_scan,
     strip_edge_comments,
@@ -38,7 +39,6 @@ from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
 from sqlproxy.analysis.tags import TagReader
 from sqlproxy.analysis.windows import Windows
 from sqlproxy.config import AnalysisSection
-from sqlproxy.proxy import _sockio  # same_skeleton in C (its definition: cache.same_skeleton)
 
 __all__ = ["MEMO_LIMIT", "Profiler", "SessionInfo", "Statement"]
 
@@ -168,8 +168,8 @@ class Profiler:
         parameter values tell executions apart, and are decoded only when a value is needed."""
         raw = ""  # a text matched by its skeleton: its own literals are in it
         lit = ctx.lit_stmts
-        if lit is not None and _sockio.same_skeleton(sql, ctx.lit_prefix, ctx.lit_suffix,
-                                                     ctx.lit_string):
+        if lit is not None and same_skeleton_native(sql, ctx.lit_prefix, ctx.lit_suffix,
+                                                    ctx.lit_string):
             stmts = lit  # the last one-literal statement again, with another value
             raw = sql
         else:

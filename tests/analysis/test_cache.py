@@ -284,12 +284,14 @@ def test_native_same_skeleton_is_the_definition(prefix: str, middle: str, suffix
                                                 string: bool, framed: bool) -> None:
     """The profiler's ``same_skeleton`` (``_sockio``, in C) answers as the definition in
     cache.py, on texts of every character width, framed by the prefix and suffix or not."""
+    from sqlproxy.analysis.cache import same_skeleton_native
     from sqlproxy.proxy import _sockio
 
+    assert same_skeleton_native is _sockio.same_skeleton
     text = prefix + middle + suffix if framed else middle
-    assert _sockio.same_skeleton(text, prefix, suffix, string) \
+    assert same_skeleton_native(text, prefix, suffix, string) \
         == same_skeleton(text, prefix, suffix, string)
     literal = f"'{middle}'" if string else "".join(c for c in middle if c.isdigit())
     text = prefix + literal + suffix
-    assert _sockio.same_skeleton(text, prefix, suffix, string) \
+    assert same_skeleton_native(text, prefix, suffix, string) \
         == same_skeleton(text, prefix, suffix, string)

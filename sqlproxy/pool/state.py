@@ -62,11 +62,12 @@ class Waiter(Generic[C]):
     """A client queued for a server (or, ``login``, for a slot to open one)."""
 
     def __init__(self, client: C, since: float, login: bool = False,
-                 app: str | None = None) -> None:
+                 app: str | None = None, tag: object = None) -> None:
         self.client = client
         self.since = since
         self.login = login  # wants a slot for a new connection, not a server
         self.app = app  # its application_name, counted when it gets a server
+        self.tag = tag  # what the caller of ``checkout`` asked to find here
 
 
 class _AppCount:
@@ -243,9 +244,11 @@ class Pool(Generic[S, C]):
             del app_of[client]
 
     # ------------------------------------------------------------------ lending
-    def checkout(self, client: C, now: float, app: str | None = None) -> S | _Open | None:
+    def checkout(self, client: C, now: float, app: str | None = None, tag: object = None
+                 ) -> S | _Open | None:
         """A server for ``client``, OPEN (it may open one), or None: it waits in the queue
-        until a ``Handoff`` names it (or ``expire`` times it out)."""
+        until a ``Handoff`` names it (or ``expire`` times it out); its ``Waiter`` keeps
+        ``tag``."""
         if self.idle and not self.waiters:
             server = self.idle.pop()
             info = self.servers[server]
@@ -260,7 +263,7 @@ class Pool(Generic[S, C]):
             self._lent(client, app, 0.0, None)
             self._busy_changed(now)
             return OPEN
-        self.waiters.append(Waiter(client, now, app=app))
+        self.waiters.append(Waiter(client, now, app=app, tag=tag))
         self._busy_changed(now)
         return None
 

@@ -277,7 +277,7 @@ class PoolFast:
                 assert info is not None
                 got = state.checkout(self.session, now if _ONE_CLOCK else self.monotonic(),
                                      info.application_name)
-                self.hold(got)
+                self.hold(got, pump)
                 return self.send(pump, data, now, self.c_rep, checked=True)
             self.router.note_fallback()  # no replica (fresh enough): the primary serves it
         elif route != NEUTRAL:
@@ -422,7 +422,7 @@ class PoolFast:
                     return False  # the general path opens a server (or waits)
                 # Every server is lent: wait in the pool's queue with the unit parked here;
                 # the server comes with a hand-over (``take``, or the session's ``granted``).
-                got = state.checkout(self.session, mono, info.application_name)
+                got = state.checkout(self.session, mono, info.application_name, self)
                 if got is not None:  # (cannot happen: no idle server, no slot free)
                     raise RuntimeError("pool checkout lent a server to a queued client")
                 self.waiting = True
@@ -522,19 +522,21 @@ class PoolFast:
         self.parked = b""
         return data
 
-    def hold(self, server: Any) -> None:
-        """``server`` is lent to this session (ServerConn.holder, without its setter)."""
-        pump: PooledServerPump = server.pump
+    def hold(self, server: Any, pump: PooledServerPump | None = None) -> None:
+        """``server`` (its pump, if at hand) is lent to this session (ServerConn.holder,
+        without its setter)."""
+        if pump is None:
+            pump = server.pump
         pump.holder = self.session
         pump.fast = self
         self.held = server
         self.held_pump = pump
 
-    def take(self, server: Any, now: float) -> None:
-        """A hand-over: ``server`` is this waiting session's now; its parked unit goes (at
-        ``now``, the conversation's clock)."""
+    def take(self, server: Any, pump: PooledServerPump, now: float) -> None:
+        """A hand-over: ``server`` (``pump``'s) is this waiting session's now; its parked unit
+        goes (at ``now``, the conversation's clock)."""
         self.waiting = False
-        self.hold(server)
+        self.hold(server, pump)
         if not self.send_parked(now):
             self.session.unpark()
 
@@ -633,9 +635,10 @@ class PoolFast:
             pool.carry_out(handoffs)
             return
         # The common hand-over: a waiting session with a parked unit gets this server.
-        fast: PoolFast = w.client.fast
+        tag = w.tag
+        fast: PoolFast = tag if isinstance(tag, PoolFast) else w.client.fast
         if fast.enabled and fast.parked and not len(fast.units):
-            fast.take(server, now if _ONE_CLOCK else self.clock())
+            fast.take(server, pump, now if _ONE_CLOCK else self.clock())
         else:
             pool.carry_out([Handoff(w.client, server, now - w.since)])
 

@@ -25,11 +25,13 @@ busy at once, the most ever busy per application) feed ``/api/pools``, the metri
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final, Generic, TypeVar, cast
 
-__all__ = ["OPEN", "Handoff", "Limits", "Pool", "PoolStats", "Waiter"]
+from mypy_extensions import i64
+
+__all__ = ["OPEN", "Handoff", "Limits", "Pool", "PoolStats", "WaitQueue", "Waiter"]
 
 S = TypeVar("S")  # a server connection (any hashable object)
 C = TypeVar("C")  # a client (any hashable object)
@@ -68,6 +70,63 @@ class Waiter(Generic[C]):
         self.login = login  # wants a slot for a new connection, not a server
         self.app = app  # its application_name, counted when it gets a server
         self.tag = tag  # what the caller of ``checkout`` asked to find here
+
+
+class WaitQueue(Generic[C]):
+    """The clients waiting for a server, first come first served: a list read from
+    ``head`` on. (A deque's ``append`` and ``popleft`` are method calls by name from compiled
+    code; these are native.)"""
+
+    def __init__(self) -> None:
+        self.items: list[Waiter[C]] = []
+        self.head: i64 = 0
+
+    def __len__(self) -> int:
+        return len(self.items) - self.head
+
+    def __bool__(self) -> bool:
+        return len(self.items) > self.head
+
+    def __iter__(self) -> Iterator[Waiter[C]]:
+        return iter(self.items[self.head :])
+
+    def __getitem__(self, i: int) -> Waiter[C]:
+        """The ``i``-th waiter (0: the first)."""
+        if i < 0 or i >= len(self.items) - self.head:
+            raise IndexError("no such waiter")
+        return self.items[self.head + i]
+
+    def append(self, waiter: Waiter[C]) -> None:
+        self.items.append(waiter)
+
+    def popleft(self) -> Waiter[C]:
+        items = self.items
+        head = self.head
+        if head >= len(items):
+            raise IndexError("no waiter")
+        waiter = items[head]
+        head += 1
+        if head == len(items):
+            del items[:]
+            head = 0
+        elif head >= 64 and 2 * head >= len(items):
+            del items[:head]  # the ones served, now and then
+            head = 0
+        else:
+            items[head - 1] = cast(Waiter[C], _SERVED)  # (not kept alive by the queue)
+        self.head = head
+        return waiter
+
+    def remove(self, waiter: Waiter[C]) -> None:
+        items = self.items
+        for i in range(self.head, len(items)):
+            if items[i] is waiter:
+                del items[i]
+                return
+        raise ValueError("not waiting")
+
+
+_SERVED: Final[Waiter[object]] = Waiter(None, 0.0)  # what a served waiter's slot holds
 
 
 class _AppCount:
@@ -130,7 +189,7 @@ class Pool(Generic[S, C]):
         self.servers: dict[S, _ServerInfo] = {}
         self.active = 0
         self.opening = 0
-        self.waiters: deque[Waiter[C]] = deque()
+        self.waiters: WaitQueue[C] = WaitQueue()
         self.stats = PoolStats()
         self.started = now
         self._all_busy_since: float | None = None
@@ -263,8 +322,12 @@ class Pool(Generic[S, C]):
             self._lent(client, app, 0.0, None)
             self._busy_changed(now)
             return OPEN
-        self.waiters.append(Waiter(client, now, app=app, tag=tag))
-        self._busy_changed(now)
+        waiters = self.waiters
+        waiters.append(Waiter(client, now, app=app, tag=tag))
+        # Queued: as busy as before, one waiter more (a changed size is seen at the tick).
+        st = self.stats
+        if len(waiters) > st.max_waiting:
+            st.max_waiting = len(waiters)
         return None
 
     def login(self, client: C, now: float) -> tuple[bool, S | None]:

@@ -525,12 +525,11 @@ class PoolFast:
     def hold(self, server: Any, pump: PooledServerPump | None = None) -> None:
         """``server`` (its pump, if at hand) is lent to this session (ServerConn.holder,
         without its setter)."""
-        if pump is None:
-            pump = server.pump
-        pump.holder = self.session
-        pump.fast = self
+        p: PooledServerPump = server.pump if pump is None else pump
+        p.holder = self.session
+        p.fast = self
         self.held = server
-        self.held_pump = pump
+        self.held_pump = p
 
     def take(self, server: Any, pump: PooledServerPump, now: float) -> None:
         """A hand-over: ``server`` (``pump``'s) is this waiting session's now; its parked unit

@@ -264,3 +264,37 @@ def test_hand_on_is_checkin_without_a_handoff() -> None:
             assert all(n == 0 for n in _app_counts(p).values()), _app_counts(p)
 
     run()
+
+
+def test_wait_queue_is_a_fifo() -> None:
+    """The pool's queue of waiters (a list read from its head) against a deque."""
+    from collections import deque
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from sqlproxy.pool.state import Waiter, WaitQueue
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(["add", "add", "pop", "remove"]), max_size=400))
+    def run(ops: list[str]) -> None:
+        q: WaitQueue[int] = WaitQueue()
+        model: deque[Waiter[int]] = deque()
+        for n, op in enumerate(ops):
+            if op == "add":
+                w = Waiter(n, float(n))
+                q.append(w)
+                model.append(w)
+            elif op == "pop" and model:
+                assert q.popleft() is model.popleft()
+            elif op == "remove" and model:
+                w = model[len(model) // 2]
+                model.remove(w)
+                q.remove(w)
+            assert len(q) == len(model) and bool(q) == bool(model)
+            assert list(q) == list(model)
+            if model:
+                assert q[0] is model[0]
+        assert len(q.items) - q.head == len(model)
+
+    run()

@@ -307,10 +307,18 @@ def same_skeleton(text: str, prefix: str, suffix: str, string: bool) -> bool:
     return True
 
 
-# ``same_skeleton`` in C (``_sockio.c``: the characters compared in place), tested to agree
-# with it; a module-level Final, so compiled code calls it without a lookup by name.
-same_skeleton_native: Final[Callable[[str, str, str, bool], bool]] = (
-    _sockio.same_skeleton if _sockio is not None else same_skeleton)
+def skeleton_literal_at(text: str, prefix: str, suffix: str, string: bool) -> str | None:
+    """The literal of ``text`` when it has the skeleton ``prefix`` + mark + ``suffix``
+    (``same_skeleton``), else None."""
+    if not same_skeleton(text, prefix, suffix, string):
+        return None
+    return text[len(prefix) : len(text) - len(suffix)]
+
+
+# ``skeleton_literal_at`` in C (``_sockio.c``: the characters compared in place), tested to
+# agree with it; a module-level Final, so compiled code calls it without a lookup by name.
+skeleton_literal: Final[Callable[[str, str, str, bool], str | None]] = (
+    _sockio.skeleton_literal if _sockio is not None else skeleton_literal_at)
 
 
 def skeleton_prefix(skel: str) -> str:

@@ -253,8 +253,9 @@ class ConnectionDetector:
     def observe(self, stmt: Statement, bind: bytes, raw: str, rows: int, failed: bool,
                 started: float, ended: float, ctx: SessionInfo | None = None) -> None:
         """One completed execution. ``bind`` holds its Bind parameter values (empty for the
-        simple protocol); ``raw`` is its text when its literals are its own rather than
-        ``stmt``'s (a text matched by its skeleton), else ""; ``ctx`` the session, asked
+        simple protocol); ``raw`` tells its literals apart when they are its own rather than
+        ``stmt``'s (a text matched by its skeleton: the text, or the one literal of a text
+        whose skeleton is the same as the last one's), else ""; ``ctx`` the session, asked
         about Syncs for writes only."""
         lent = self.lent
         if lent is not None:

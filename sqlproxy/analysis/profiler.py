@@ -24,7 +24,7 @@ from sqlproxy.analysis.cache import (
     StatementCache,
     literal_slot,
     literal_values,
-    same_skeleton_native,
+    skeleton_literal,
     skeleton_prefix,
     skeleton_scan,
     strip_edge_comments,
@@ -167,11 +167,16 @@ class Profiler:
         execution from its parameter format codes on (empty for the simple protocol): its
         parameter values tell executions apart, and are decoded only when a value is needed."""
         raw = ""  # a text matched by its skeleton: its own literals are in it
+        # What tells this execution's values apart (pattern detection): its one literal when
+        # it is the last one-literal statement again (the rest of the text is the same), else
+        # ``raw`` (or the statement's own values, when that is empty).
+        values = ""
         lit = ctx.lit_stmts
-        if lit is not None and same_skeleton_native(sql, ctx.lit_prefix, ctx.lit_suffix,
-                                                    ctx.lit_string):
+        if lit is not None and (literal := skeleton_literal(
+                sql, ctx.lit_prefix, ctx.lit_suffix, ctx.lit_string)) is not None:
             stmts = lit  # the last one-literal statement again, with another value
             raw = sql
+            values = literal
         else:
             found = ctx.memo.get(sql)
             if found is None:
@@ -192,6 +197,13 @@ class Profiler:
                         return self._record_tagged(ctx, sql, found, raw, tags, index, bind, rows,
                                                    sqlstate, started, ended, route)
             stmts = found
+            values = raw
+            if len(raw) > 0 and ctx.lit_stmts is found:
+                # Its skeleton is the one the shortcut above matches from now on: the same
+                # text then gives the same values.
+                literal = skeleton_literal(sql, ctx.lit_prefix, ctx.lit_suffix, ctx.lit_string)
+                if literal is not None:
+                    values = literal
         if index >= len(stmts):
             return None  # e.g. an empty query string
         stmt = stmts[index]
@@ -212,7 +224,7 @@ class Profiler:
         det = ctx.detector
         if det is None or det.application != application:
             det = ctx.detector = self.detector.connection(ctx)
-        det.observe(stmt, bind, raw, rows, sqlstate is not None, started, ended, ctx)
+        det.observe(stmt, bind, values, rows, sqlstate is not None, started, ended, ctx)
         return stmt
 
     def _record_tagged(self, ctx: SessionInfo, sql: str, stmts: list[Statement], raw: str,

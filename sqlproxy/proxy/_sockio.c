@@ -549,14 +549,50 @@ same_part(int kind, const void *data, Py_ssize_t at, PyObject *part)
     return 1;
 }
 
-/* cache.same_skeleton, in place on the text's characters (see its definition there). */
+/* cache.same_skeleton, in place on the text's characters (see its definition there):
+ * whether text[a:b] is one plain literal of the kind (string or not). */
+static int
+plain_literal(PyObject *text, Py_ssize_t a, Py_ssize_t b, int string)
+{
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    if (!string) {
+        for (Py_ssize_t i = a; i < b; i++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            if (c < '0' || c > '9')
+                return 0;
+        }
+        return 1;
+    }
+    b -= 1; /* the closing quote */
+    if (b <= a || PyUnicode_READ(kind, data, a) != '\'' || PyUnicode_READ(kind, data, b) != '\'')
+        return 0;
+    for (Py_ssize_t i = a + 1; i < b; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c < 58) {
+            if (c == '\'' || c == '$' || c == '"')
+                return 0;
+            if ((c == '-' || c == '/') && i + 1 < b) {
+                Py_UCS4 d = PyUnicode_READ(kind, data, i + 1);
+                if ((c == '-' && d == '-') || (c == '/' && d == '*'))
+                    return 0; /* the start of a comment */
+            }
+        }
+        else if (c == '\\')
+            return 0;
+    }
+    return 1;
+}
+
+/* skeleton_literal(text, prefix, suffix, string): the literal when cache.same_skeleton says
+ * yes, else None. */
 static PyObject *
-sockio_same_skeleton(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+sockio_skeleton_literal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 4 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1])
             || !PyUnicode_Check(args[2])) {
         PyErr_SetString(PyExc_TypeError,
-                        "same_skeleton() takes (text: str, prefix: str, suffix: str, string)");
+                        "skeleton_literal() takes (text: str, prefix: str, suffix: str, string)");
         return NULL;
     }
     int string = PyObject_IsTrue(args[3]);
@@ -567,37 +603,13 @@ sockio_same_skeleton(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t a = PyUnicode_GET_LENGTH(args[1]);
     Py_ssize_t b = n - PyUnicode_GET_LENGTH(args[2]);
     if (b <= a)
-        Py_RETURN_FALSE;
+        Py_RETURN_NONE;
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
-    if (!same_part(kind, data, 0, args[1]) || !same_part(kind, data, b, args[2]))
-        Py_RETURN_FALSE;
-    if (!string) {
-        for (Py_ssize_t i = a; i < b; i++) {
-            Py_UCS4 c = PyUnicode_READ(kind, data, i);
-            if (c < '0' || c > '9')
-                Py_RETURN_FALSE;
-        }
-        Py_RETURN_TRUE;
-    }
-    b -= 1; /* the closing quote */
-    if (b <= a || PyUnicode_READ(kind, data, a) != '\'' || PyUnicode_READ(kind, data, b) != '\'')
-        Py_RETURN_FALSE;
-    for (Py_ssize_t i = a + 1; i < b; i++) {
-        Py_UCS4 c = PyUnicode_READ(kind, data, i);
-        if (c < 58) {
-            if (c == '\'' || c == '$' || c == '"')
-                Py_RETURN_FALSE;
-            if ((c == '-' || c == '/') && i + 1 < b) {
-                Py_UCS4 d = PyUnicode_READ(kind, data, i + 1);
-                if ((c == '-' && d == '-') || (c == '/' && d == '*'))
-                    Py_RETURN_FALSE; /* the start of a comment */
-            }
-        }
-        else if (c == '\\')
-            Py_RETURN_FALSE;
-    }
-    Py_RETURN_TRUE;
+    if (!same_part(kind, data, 0, args[1]) || !same_part(kind, data, b, args[2])
+            || !plain_literal(text, a, b, string))
+        Py_RETURN_NONE;
+    return PyUnicode_Substring(text, a, b);
 }
 
 static PyMethodDef sockio_methods[] = {
@@ -618,9 +630,9 @@ static PyMethodDef sockio_methods[] = {
     {"same_but_digits", (PyCFunction)(void (*)(void))sockio_same_but_digits, METH_FASTCALL,
      "same_but_digits(data, start, end, prefix, suffix) -> bool: whether data[start:end] is "
      "prefix, ASCII digits (one or more), suffix."},
-    {"same_skeleton", (PyCFunction)(void (*)(void))sockio_same_skeleton, METH_FASTCALL,
-     "same_skeleton(text, prefix, suffix, string) -> bool: analysis.cache.same_skeleton "
-     "(whether text is prefix, one plain literal, suffix), without slices."},
+    {"skeleton_literal", (PyCFunction)(void (*)(void))sockio_skeleton_literal, METH_FASTCALL,
+     "skeleton_literal(text, prefix, suffix, string) -> str | None: the literal between prefix "
+     "and suffix when analysis.cache.same_skeleton(text, prefix, suffix, string), else None."},
     {NULL, NULL, 0, NULL},
 };
 

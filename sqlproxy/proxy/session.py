@@ -11,6 +11,7 @@ import asyncio
 import os
 import ssl
 import struct
+import sys
 import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any, cast
@@ -310,7 +311,9 @@ class ClientSession(asyncio.Protocol):
                 sqlstate="28000", detail="connect with sslmode=require or stronger",
             )
         self.startup = msg
-        self.info.application_name = msg.application_name
+        # Interned: the pool and the statistics compare it with the last one seen on every
+        # statement, and the same name from every connection is then one object (identity).
+        self.info.application_name = sys.intern(msg.application_name)
         self.info.database = msg.database
         self.info.user = msg.user
         problem = self.server.admit(self)
@@ -510,7 +513,7 @@ class ClientSession(asyncio.Protocol):
     def parameter_status(self, name: str, value: str) -> None:
         self.parameters[name] = value
         if name == "application_name":
-            self.info.application_name = value
+            self.info.application_name = sys.intern(value)
 
     def transaction_status(self, previous: int, current: int, now: float) -> None:
         if self.recorder is not None:

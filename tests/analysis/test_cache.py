@@ -280,18 +280,19 @@ PIECES = st.text(alphabet="ab 1;'\"$-/*\\é€😀0", max_size=10)
 
 @settings(max_examples=3000, deadline=None)
 @given(PIECES, PIECES, PIECES, st.booleans(), st.booleans())
-def test_native_same_skeleton_is_the_definition(prefix: str, middle: str, suffix: str,
-                                                string: bool, framed: bool) -> None:
-    """The profiler's ``same_skeleton`` (``_sockio``, in C) answers as the definition in
-    cache.py, on texts of every character width, framed by the prefix and suffix or not."""
-    from sqlproxy.analysis.cache import same_skeleton_native
+def test_native_skeleton_literal_is_the_definition(prefix: str, middle: str, suffix: str,
+                                                   string: bool, framed: bool) -> None:
+    """The profiler's ``skeleton_literal`` (``_sockio``, in C) answers as its definition in
+    cache.py (``same_skeleton``), on texts of every character width, framed by the prefix and
+    suffix or not."""
+    from sqlproxy.analysis.cache import skeleton_literal, skeleton_literal_at
     from sqlproxy.proxy import _sockio
 
-    assert same_skeleton_native is _sockio.same_skeleton
-    text = prefix + middle + suffix if framed else middle
-    assert same_skeleton_native(text, prefix, suffix, string) \
-        == same_skeleton(text, prefix, suffix, string)
+    assert skeleton_literal is _sockio.skeleton_literal
     literal = f"'{middle}'" if string else "".join(c for c in middle if c.isdigit())
-    text = prefix + literal + suffix
-    assert same_skeleton_native(text, prefix, suffix, string) \
-        == same_skeleton(text, prefix, suffix, string)
+    for text in (prefix + middle + suffix if framed else middle, prefix + literal + suffix):
+        got = skeleton_literal(text, prefix, suffix, string)
+        assert got == skeleton_literal_at(text, prefix, suffix, string)
+        assert (got is not None) == same_skeleton(text, prefix, suffix, string)
+        if got is not None:
+            assert prefix + got + suffix == text

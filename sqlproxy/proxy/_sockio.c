@@ -56,6 +56,12 @@
 
 #define RECV_SIZE (64 * 1024)
 
+/* answer_scan: the backend messages the conversation reads (conversation._BE_BODY_NEEDED),
+ * and the bounds of what its packed result holds. */
+#define BE_BODY_NEEDED "CIEsZSGHW"
+#define ANSWER_MAX_ROWS (1LL << 15)
+#define ANSWER_MAX_POS (1LL << 20)
+
 /* One buffer for the process: every call runs with the GIL held and copies out what it read
  * before returning. */
 static char recv_buffer[RECV_SIZE];
@@ -612,6 +618,54 @@ sockio_skeleton_literal(PyObject *module, PyObject *const *args, Py_ssize_t narg
     return PyUnicode_Substring(text, a, b);
 }
 
+/* answer_scan(data): see conversation.answer_scan_at, its definition. */
+static PyObject *
+sockio_answer_scan(PyObject *module, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "answer_scan() takes bytes");
+        return NULL;
+    }
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    Py_ssize_t pos = 0, tag_start = -1, tag_end = -1;
+    long long rows = 0;
+    while (pos < n) {
+        if (n - pos < 5)
+            return PyLong_FromLong(-1);
+        unsigned char t = d[pos];
+        Py_ssize_t len = ((Py_ssize_t)d[pos + 1] << 24) | ((Py_ssize_t)d[pos + 2] << 16)
+                         | ((Py_ssize_t)d[pos + 3] << 8) | (Py_ssize_t)d[pos + 4];
+        Py_ssize_t end = pos + 1 + len;
+        if (len < 4 || end > n)
+            return PyLong_FromLong(-1);
+        if (t == 'D') {
+            if (tag_start >= 0)
+                return PyLong_FromLong(-1); /* a row after the statement's end */
+            rows++;
+        }
+        else if (t == 'C') {
+            if (tag_start >= 0 || len < 5 || d[end - 1] != 0)
+                return PyLong_FromLong(-1);
+            tag_start = pos + 5;
+            tag_end = end - 1;
+        }
+        else if (t == 'Z') {
+            if (tag_start < 0 || end != n || len != 5)
+                return PyLong_FromLong(-1);
+            if (rows >= ANSWER_MAX_ROWS || tag_end >= ANSWER_MAX_POS)
+                return PyLong_FromLong(-1);
+            return PyLong_FromLongLong(
+                (rows << 48) | ((long long)tag_end << 28) | ((long long)tag_start << 8)
+                | (long long)d[pos + 5]);
+        }
+        else if (strchr(BE_BODY_NEEDED, t) != NULL)
+            return PyLong_FromLong(-1); /* a message the general loop must read */
+        pos = end;
+    }
+    return PyLong_FromLong(-1);
+}
+
 static PyMethodDef sockio_methods[] = {
     {"text", (PyCFunction)(void (*)(void))sockio_text, METH_FASTCALL,
      "text(data, start, end) -> str: data[start:end] up to its first NUL, decoded from UTF-8 "
@@ -630,6 +684,9 @@ static PyMethodDef sockio_methods[] = {
     {"same_but_digits", (PyCFunction)(void (*)(void))sockio_same_but_digits, METH_FASTCALL,
      "same_but_digits(data, start, end, prefix, suffix) -> bool: whether data[start:end] is "
      "prefix, ASCII digits (one or more), suffix."},
+    {"answer_scan", (PyCFunction)sockio_answer_scan, METH_O,
+     "answer_scan(data) -> int: wire.conversation.answer_scan_at (a whole answer ending one "
+     "statement, packed), or -1."},
     {"skeleton_literal", (PyCFunction)(void (*)(void))sockio_skeleton_literal, METH_FASTCALL,
      "skeleton_literal(text, prefix, suffix, string) -> str | None: the literal between prefix "
      "and suffix when analysis.cache.same_skeleton(text, prefix, suffix, string), else None."},

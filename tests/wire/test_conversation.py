@@ -322,3 +322,52 @@ def test_decode_text_agrees_with_its_definition(data: bytes, start: int, end: in
     want = text_at(data, start, end)
     assert decode_text(data, start, end) == want
     assert "\x00" not in want
+
+
+ANSWER_MESSAGES = st.lists(
+    st.tuples(st.sampled_from(list(b"TDCZ12nNEIsSGHWt\x00")),
+              st.one_of(st.binary(max_size=12), st.sampled_from([b"SELECT 1\x00", b"I", b"T",
+                                                                 b"E", b"INSERT 0 12\x00"]))),
+    max_size=8)
+
+
+@given(ANSWER_MESSAGES, st.integers(-3, 3))
+@settings(max_examples=2000, deadline=None)
+def test_answer_scan_in_c_is_the_definition(msgs: list[tuple[int, bytes]], trim: int) -> None:
+    """``answer_scan`` (``_sockio``) answers as ``answer_scan_at`` on framed messages of
+    every kind, whole, cut short or with bytes past the end."""
+    from sqlproxy.proxy import _sockio
+    from sqlproxy.wire.conversation import answer_scan, answer_scan_at
+
+    assert answer_scan is _sockio.answer_scan
+    data = b"".join(msg(bytes([t]), body) for t, body in msgs)
+    data = data[:trim] if trim < 0 else data + b"Z" * trim
+    assert answer_scan(data) == answer_scan_at(data)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["SELECT 1", "UPDATE 7", "BEGIN"]),
+                          st.sampled_from([b"I", b"T", b"E"]), st.booleans()),
+                min_size=1, max_size=5))
+@settings(max_examples=500, deadline=None)
+def test_whole_answers_read_as_in_pieces(answers: list[tuple[int, str, bytes, bool]]) -> None:
+    """An answer read at once (``answer_scan``) gives the events and state that reading it
+    byte by byte (the general loop) gives."""
+    frontend = b"".join(query(f"select {i}") for i in range(len(answers)))
+    backend = [msg(b"1") * extended + msg(b"T", b"\x00\x00") + data_row() * rows
+               + complete(tag) + ready(status)
+               for rows, tag, status, extended in answers]
+    whole = Recorder()
+    conv_whole = Conversation(whole, 1 << 20)
+    conv_whole.feed_frontend(frontend, 1.0)
+    pieces = Recorder()
+    conv_pieces = Conversation(pieces, 1 << 20)
+    conv_pieces.feed_frontend(frontend, 1.0)
+    for answer in backend:
+        conv_whole.feed_backend(answer, 2.0)
+        for i in range(len(answer)):
+            conv_pieces.feed_backend(answer[i : i + 1], 2.0)
+        assert whole.done == pieces.done and whole.params == pieces.params
+        assert (conv_whole.tx_status, conv_whole.busy, conv_whole.rows) \
+            == (conv_pieces.tx_status, conv_pieces.busy, conv_pieces.rows)
+    assert [d[3] for d in whole.done] == [
+        int(tag.split()[-1]) if tag != "BEGIN" else rows for rows, tag, _, _ in answers]

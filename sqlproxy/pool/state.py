@@ -31,7 +31,7 @@ from typing import Final, Generic, TypeVar, cast
 
 from mypy_extensions import i64
 
-__all__ = ["OPEN", "Handoff", "Limits", "Pool", "PoolStats", "WaitQueue", "Waiter"]
+__all__ = ["OPEN", "Handoff", "Limits", "Pool", "PoolStats", "ServerInfo", "WaitQueue", "Waiter"]
 
 S = TypeVar("S")  # a server connection (any hashable object)
 C = TypeVar("C")  # a client (any hashable object)
@@ -152,7 +152,7 @@ class Handoff(Generic[S, C]):
         return f"Handoff({self.client!r}, {self.server!r}, {self.waited_s!r}, {self.evict!r})"
 
 
-class _ServerInfo:
+class ServerInfo:
     """A server connection's times, and the application count its holder adds to (kept
     here, not in a dictionary by client: one attribute per checkout and check-in)."""
 
@@ -160,6 +160,7 @@ class _ServerInfo:
         self.created = created
         self.last_used = last_used
         self.app: _AppCount | None = None
+        self.gone = False  # forgotten by its pool (a caller may keep this record at hand)
 
 
 @dataclass
@@ -186,7 +187,7 @@ class Pool(Generic[S, C]):
         # Right end: the most recently returned. A list: its append and pop are native calls
         # (a deque's cost a lookup by name); the left end is taken only to make room.
         self.idle: list[S] = []
-        self.servers: dict[S, _ServerInfo] = {}
+        self.servers: dict[S, ServerInfo] = {}
         self.active = 0
         self.opening = 0
         self.waiters: WaitQueue[C] = WaitQueue()
@@ -251,7 +252,7 @@ class Pool(Generic[S, C]):
             st.all_busy_s += now - since
             self._all_busy_since = None
 
-    def _lent(self, client: C, app: str | None, waited: float, info: _ServerInfo | None
+    def _lent(self, client: C, app: str | None, waited: float, info: ServerInfo | None
               ) -> None:
         """``client`` got a server (``info``'s; None: the right to open one) after waiting
         ``waited`` seconds. (The caller says whether the pool's business changed.)"""
@@ -287,7 +288,7 @@ class Pool(Generic[S, C]):
                 count.max_active = count.active
                 st.max_active_by_app[app] = count.active
 
-    def released(self, client: C, info: _ServerInfo | None = None) -> None:
+    def released(self, client: C, info: ServerInfo | None = None) -> None:
         """The client no longer holds a server (``info``'s, if any), for the per-application
         concurrency."""
         if info is not None:
@@ -352,7 +353,7 @@ class Pool(Generic[S, C]):
     def opened(self, server: S, now: float) -> None:
         """A connection opened under OPEN (or a login) is ready, held by its opener."""
         self.opening -= 1
-        self.servers[server] = _ServerInfo(now, now)
+        self.servers[server] = ServerInfo(now, now)
         self.stats.opened += 1
 
     def open_failed(self, client: C, now: float, *, failed: bool = True
@@ -393,13 +394,14 @@ class Pool(Generic[S, C]):
         self._busy_changed(now)
         return [], False
 
-    def hand_on(self, server: S, now: float, client: C) -> Waiter[C] | None:
-        """``checkin`` of a clean ``server`` in the common cases, without a ``Handoff``: the
-        waiter that holds it now (first in the queue), or None (it is idle now). ``slow``
-        when the general rules apply (a server forgotten or past its lifetime, a login
-        first in the queue): nothing was done, ``checkin`` does it."""
-        info = self.servers.get(server)
-        if info is None:
+    def hand_on(self, server: S, info: ServerInfo | None, now: float, client: C
+                ) -> Waiter[C] | None:
+        """``checkin`` of a clean ``server`` (``info``: its record, ``servers[server]``, kept
+        by the caller) in the common cases, without a ``Handoff``: the waiter that holds it
+        now (first in the queue), or None (it is idle now). ``slow`` when the general rules
+        apply (a server forgotten or past its lifetime, a login first in the queue): nothing
+        was done, ``checkin`` does it."""
+        if info is None or info.gone:
             return self.slow
         lifetime = self.limits.lifetime_s
         if lifetime and now - info.created >= lifetime:
@@ -467,6 +469,7 @@ class Pool(Generic[S, C]):
     def _forget(self, server: S, reason: str) -> None:
         info = self.servers.pop(server, None)
         if info is not None:
+            info.gone = True
             self.stats.closed[reason] = self.stats.closed.get(reason, 0) + 1
             count = info.app
             if count is not None:  # its holder no longer holds a live server
@@ -523,7 +526,7 @@ class Pool(Generic[S, C]):
 
     def spare_opened(self, server: S, now: float) -> list[Handoff[S, C]]:
         self.opening -= 1
-        self.servers[server] = _ServerInfo(now, now)
+        self.servers[server] = ServerInfo(now, now)
         self.stats.opened += 1
         self.idle.append(server)
         return self._fill(now)

@@ -43,7 +43,7 @@ from mypy_extensions import i64
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
-from sqlproxy.pool.state import Handoff, Pool, _Open
+from sqlproxy.pool.state import Handoff, Pool, ServerInfo, _Open
 from sqlproxy.proxy.direct import DirectSocket
 from sqlproxy.proxy.fastroute import (
     MAX_ROUTES,
@@ -470,7 +470,10 @@ class PoolFast:
             conv = self.conv
             assert conv is not None
             try:
-                conv.feed_frontend(data, now)
+                if self.u_kind == _QUERY:
+                    conv.query_sent(data, now)  # (``client`` checked the message)
+                else:
+                    conv.feed_frontend(data, now)
             except ProtocolViolation as exc:
                 self.session.fail(exc)
                 return True
@@ -624,7 +627,10 @@ class PoolFast:
             pool.checkin(session, server, True)  # the general rules (cancel, closed)
             return
         state = pump.pool_state
-        w = state.hand_on(server, now, session)
+        info = pump.pool_info  # the pool's record of this server, kept at hand
+        if info is None or info.gone:
+            info = pump.pool_info = state.servers.get(server)
+        w = state.hand_on(server, info, now, session)
         if w is None:
             return  # idle now
         if w is state.slow:
@@ -696,6 +702,7 @@ class PooledServerPump(DirectSocket):
         self.settings: dict[str, str] = {}  # startup parameters in force (replaced, not changed)
         self.pool: Any = owner.pool  # its PoolIO, and the PoolIO's state (never replaced)
         self.pool_state: Pool[Any, Any] = owner.pool.state
+        self.pool_info: ServerInfo | None = None  # its ServerInfo there (``checkin``)
         self.closed = False
         self.cancels = 0  # cancel requests on their way
 

@@ -401,6 +401,14 @@ class Conversation:
                 return
             pos = end
 
+    def query_sent(self, data: bytes, now: float) -> None:
+        """``feed_frontend`` of one whole simple Query (``data``: the message, checked by the
+        caller: its length, its size within ``max_message``, its closing NUL)."""
+        if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
+            self.feed_frontend(data, now)
+            return
+        self._push(Pending(QUERY, decode_text(data, 5, len(data) - 1), now))
+
     def _fe_resume(self, data: bytes, now: float) -> int:
         """Complete a buffered frontend message; returns the position after it, or -1."""
         buf = self.fe_buf

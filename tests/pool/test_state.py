@@ -230,7 +230,8 @@ def test_hand_on_is_checkin_without_a_handoff() -> None:
                                           reason="server_closed")[0]
                 elif op == "dirty":
                     handoffs, _ = p.checkin(server, now, client, clean=False)
-                elif k == 1 and (w := p.hand_on(server, now, client)) is not p.slow:
+                elif k == 1 and (w := p.hand_on(server, p.servers.get(server), now,
+                                                client)) is not p.slow:
                     handoffs = [] if w is None else [Handoff(w.client, server, 0.0)]
                 else:
                     handoffs, _ = p.checkin(server, now, client)
@@ -298,3 +299,20 @@ def test_wait_queue_is_a_fifo() -> None:
         assert len(q.items) - q.head == len(model)
 
     run()
+
+
+def test_hand_on_with_a_record_of_a_forgotten_server() -> None:
+    """The fast path keeps a server's record at hand: once the pool forgot the server, the
+    record says so and ``hand_on`` leaves the check-in to the general rules."""
+    p = make(1)
+    assert p.checkout("a", 0.0) is OPEN
+    p.opened("s1", 0.0)
+    kept = p.servers["s1"]
+    assert p.hand_on("s1", kept, 1.0, "a") is None and p.idle == ["s1"]
+    assert p.checkout("b", 1.0) == "s1"
+    p.remove("s1", 2.0, "server_closed")
+    assert kept.gone
+    assert p.hand_on("s1", kept, 3.0, "b") is p.slow
+    assert p.hand_on("s1", None, 3.0, "b") is p.slow
+    handoffs, close = p.checkin("s1", 3.0, "b", clean=False, reason="server_closed")
+    assert close and handoffs == [] and p.active == 0

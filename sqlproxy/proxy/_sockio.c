@@ -618,6 +618,25 @@ sockio_skeleton_literal(PyObject *module, PyObject *const *args, Py_ssize_t narg
     return PyUnicode_Substring(text, a, b);
 }
 
+/* same_at(data, start, other): whether data[start:start + len(other)] == other. */
+static PyObject *
+sockio_same_at(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "same_at() takes (data: bytes, start: int, other: bytes)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]), m = PyBytes_GET_SIZE(args[2]);
+    if (start < 0 || start > n || n - start < m)
+        Py_RETURN_FALSE;
+    if (memcmp(PyBytes_AS_STRING(args[0]) + start, PyBytes_AS_STRING(args[2]), (size_t)m) != 0)
+        Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
 /* answer_scan(data): see conversation.answer_scan_at, its definition. */
 static PyObject *
 sockio_answer_scan(PyObject *module, PyObject *arg)
@@ -666,6 +685,21 @@ sockio_answer_scan(PyObject *module, PyObject *arg)
     return PyLong_FromLong(-1);
 }
 
+/* cstring(data, start, end): the string at data[start:] up to its NUL, decoded like text();
+ * None when no NUL ends it before end. */
+static PyObject *
+sockio_cstring(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *base;
+    Py_ssize_t start, stop;
+    if (text_args("cstring", args, nargs, 3, &base, &start, &stop) < 0)
+        return NULL;
+    const unsigned char *nul = memchr(base + start, 0, (size_t)(stop - start));
+    if (nul == NULL)
+        Py_RETURN_NONE;
+    return PyUnicode_DecodeUTF8((const char *)base + start, nul - (base + start), "replace");
+}
+
 static PyMethodDef sockio_methods[] = {
     {"text", (PyCFunction)(void (*)(void))sockio_text, METH_FASTCALL,
      "text(data, start, end) -> str: data[start:end] up to its first NUL, decoded from UTF-8 "
@@ -684,6 +718,12 @@ static PyMethodDef sockio_methods[] = {
     {"same_but_digits", (PyCFunction)(void (*)(void))sockio_same_but_digits, METH_FASTCALL,
      "same_but_digits(data, start, end, prefix, suffix) -> bool: whether data[start:end] is "
      "prefix, ASCII digits (one or more), suffix."},
+    {"cstring", (PyCFunction)(void (*)(void))sockio_cstring, METH_FASTCALL,
+     "cstring(data, start, end) -> str | None: the string at data[start:] up to its NUL (before "
+     "end), decoded as text() does; None without that NUL."},
+    {"same_at", (PyCFunction)(void (*)(void))sockio_same_at, METH_FASTCALL,
+     "same_at(data, start, other) -> bool: whether data[start:start + len(other)] == other "
+     "(compared in place)."},
     {"answer_scan", (PyCFunction)sockio_answer_scan, METH_O,
      "answer_scan(data) -> int: wire.conversation.answer_scan_at (a whole answer ending one "
      "statement, packed), or -1."},

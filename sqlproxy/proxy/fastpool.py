@@ -62,7 +62,14 @@ from sqlproxy.proxy.pinscan import (
 from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
-from sqlproxy.wire.conversation import Conversation, NativeListener, Pending, find_nul, length_at
+from sqlproxy.wire.conversation import (
+    Conversation,
+    NativeListener,
+    Pending,
+    find_nul,
+    length_at,
+    same_at,
+)
 
 try:
     from sqlproxy.proxy import _sockio
@@ -372,10 +379,11 @@ class PoolFast:
             if pstart >= 0:
                 if bstop != bstart:
                     return False  # binds a named statement after an unnamed Parse
-                parse = data[pstart:pend]
-                if parse == self.last_parse:
-                    text = self.last_text
+                parse = self.last_parse
+                if len(parse) == pend - pstart and same_at(data, pstart, parse):
+                    text = self.last_text  # (compared in place: no slice per unit)
                 else:
+                    parse = data[pstart:pend]
                     stop = find_nul(data, pstart + 6, pend)
                     text = data[pstart + 6 : stop].decode("utf-8", "replace")
                     if scan_pin(data, pstart + 6, stop, len(self.statements) > 0) \

@@ -195,6 +195,30 @@ def text_at(data: bytes, start: i64, end: i64) -> str:
 decode_text: Final[Callable[[bytes, int, int], str]] = (
     _sockio.text if _sockio is not None else text_at)
 
+def cstring_at(data: bytes, start: i64, end: i64) -> str | None:
+    """The string at ``data[start:]`` up to its NUL (before ``end``), decoded as
+    ``decode_text`` does; None when no NUL ends it."""
+    i = data.find(0, start, end)
+    if i < 0:
+        return None
+    return text_at(data, start, i)
+
+
+# The same in C (tested to agree): one memchr, no copy.
+cstring: Final[Callable[[bytes, int, int], str | None]] = (
+    _sockio.cstring if _sockio is not None else cstring_at)
+
+
+def same_at_py(data: bytes, start: i64, other: bytes) -> bool:
+    """Whether ``data[start:start + len(other)]`` is ``other``."""
+    return start >= 0 and start + len(other) <= len(data) \
+        and data[start : start + len(other)] == other
+
+
+# The same in C (tested to agree): compared in place, no slice.
+same_at: Final[Callable[[bytes, int, bytes], bool]] = (
+    _sockio.same_at if _sockio is not None else same_at_py)
+
 ANSWER_MAX_ROWS: Final = 1 << 15
 ANSWER_MAX_POS: Final = 1 << 20
 
@@ -306,6 +330,11 @@ class Conversation:
         # same name over and over, found again without slicing and hashing the name.
         self.last_name = _NO_NAME
         self.last_sql = ""
+        # The last Parse message's body, its statement name and text (reused when it comes
+        # again, as a driver's unnamed statement does).
+        self.last_parse = b""
+        self.last_parse_name = b""
+        self.last_parse_text = ""
         self.binds: i64 = 0
         # Suspended portals: portal -> (its Execute, rows so far, seconds so far, last suspend)
         self.portal_carry: dict[bytes, tuple[Pending, int, float, float]] = {}
@@ -501,14 +530,27 @@ class Conversation:
                     portals.clear()
                 portals[portal] = (stmt, sql, self.binds, params)
         elif t == 80:  # 'P' Parse
-            nul1 = find_nul(data, start, end)
-            text_end = find_nul(data, nul1 + 1, end)
-            name = data[start:nul1]
+            last = self.last_parse
+            if len(last) == end - start and same_at(data, start, last):
+                # The Parse sent last again (a driver's unnamed statement): the same name and
+                # text objects (the text's hash, cached, finds it in the profiler's memo).
+                name = self.last_parse_name
+                text = self.last_parse_text
+            else:
+                nul1 = find_nul(data, start, end)
+                name = data[start:nul1]
+                found = cstring(data, nul1 + 1, end)
+                if found is None:
+                    raise ProtocolViolation("invalid message format: missing string terminator")
+                text = found
+                self.last_parse = data[start:end]
+                self.last_parse_name = name
+                self.last_parse_text = text
             statements = self.statements
             if len(statements) >= MAX_NAMED and name not in statements:
                 del statements[next(iter(statements))]
                 self.last_name = _NO_NAME
-            statements[name] = decode_text(data, nul1 + 1, text_end)
+            statements[name] = text
             if name == self.last_name:
                 self.last_name = _NO_NAME
         elif t == 81:  # 'Q' Query: one string, its NUL the last byte (no scan of the text)

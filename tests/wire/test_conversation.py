@@ -371,3 +371,37 @@ def test_whole_answers_read_as_in_pieces(answers: list[tuple[int, str, bytes, bo
             == (conv_pieces.tx_status, conv_pieces.busy, conv_pieces.rows)
     assert [d[3] for d in whole.done] == [
         int(tag.split()[-1]) if tag != "BEGIN" else rows for rows, tag, _, _ in answers]
+
+
+@given(st.binary(max_size=12), st.integers(-2, 14), st.binary(max_size=6))
+@settings(max_examples=1000, deadline=None)
+def test_same_at_in_c_is_the_definition(data: bytes, start: int, other: bytes) -> None:
+    from sqlproxy.proxy import _sockio
+    from sqlproxy.wire.conversation import same_at, same_at_py
+
+    assert same_at is _sockio.same_at
+    assert same_at(data, start, other) == same_at_py(data, start, other)
+    if 0 <= start <= len(data):
+        assert same_at(data, start, data[start : start + 3])
+
+
+def test_parse_sent_again_and_a_different_one_of_the_same_length() -> None:
+    """A Parse sent again reuses what the last one gave; one of the same length but other
+    bytes does not."""
+    rec = run([parse("", "select 1") + bind("", "", []) + execute() + msg(b"S")
+               + parse("", "select 1") + bind("", "", []) + execute() + msg(b"S")
+               + parse("", "select 2") + bind("", "", []) + execute() + msg(b"S")
+               + parse("s", "select 3") + bind("", "s", []) + execute() + msg(b"S")],
+              [msg(b"1") + msg(b"2") + complete("SELECT 1") + ready()] * 4)
+    assert [d[0] for d in rec.done] == ["select 1", "select 1", "select 2", "select 3"]
+
+
+@given(st.binary(max_size=40), st.integers(0, 45), st.integers(0, 45))
+def test_cstring_agrees_with_its_definition(data: bytes, start: int, end: int) -> None:
+    from sqlproxy.proxy import _sockio
+    from sqlproxy.wire.conversation import cstring, cstring_at
+
+    assert cstring is _sockio.cstring
+    end = min(end, len(data))
+    start = min(start, end)
+    assert cstring(data, start, end) == cstring_at(data, start, end)

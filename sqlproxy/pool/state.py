@@ -331,6 +331,16 @@ class Pool(Generic[S, C]):
             st.max_waiting = len(waiters)
         return None
 
+    def queue(self, waiter: Waiter[C]) -> None:
+        """``checkout`` of a client that waits (no idle server to lend it at once, no slot to
+        open one): its ``waiter``, kept and reused by the caller (its ``since`` and ``app``
+        set; never queued twice at once)."""
+        waiters = self.waiters
+        waiters.append(waiter)
+        st = self.stats
+        if len(waiters) > st.max_waiting:
+            st.max_waiting = len(waiters)
+
     def login(self, client: C, now: float) -> tuple[bool, S | None]:
         """A slot for a login connection: (granted now, an idle server to close to make room).
         Not granted: the client waits for a ``Handoff`` with OPEN."""

@@ -62,6 +62,16 @@
 #define ANSWER_MAX_ROWS (1LL << 15)
 #define ANSWER_MAX_POS (1LL << 20)
 
+static unsigned char be_needed[256]; /* 1 for each of BE_BODY_NEEDED and for 0 (invalid) */
+
+static void
+init_be_needed(void)
+{
+    be_needed[0] = 1;
+    for (const char *c = BE_BODY_NEEDED; *c; c++)
+        be_needed[(unsigned char)*c] = 1;
+}
+
 /* One buffer for the process: every call runs with the GIL held and copies out what it read
  * before returning. */
 static char recv_buffer[RECV_SIZE];
@@ -678,7 +688,7 @@ sockio_answer_scan(PyObject *module, PyObject *arg)
                 (rows << 48) | ((long long)tag_end << 28) | ((long long)tag_start << 8)
                 | (long long)d[pos + 5]);
         }
-        else if (strchr(BE_BODY_NEEDED, t) != NULL)
+        else if (be_needed[t])
             return PyLong_FromLong(-1); /* a message the general loop must read */
         pos = end;
     }
@@ -745,6 +755,7 @@ PyMODINIT_FUNC
 PyInit__sockio(void)
 {
     init_first_letters();
+    init_be_needed();
     if (PyType_Ready(&PollerType) < 0)
         return NULL;
     PyObject *module = PyModule_Create(&sockio_module);

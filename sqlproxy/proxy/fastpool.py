@@ -43,7 +43,7 @@ from mypy_extensions import i64
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
 from sqlproxy.errors import ProtocolViolation
-from sqlproxy.pool.state import Handoff, Pool, ServerInfo, _Open
+from sqlproxy.pool.state import Handoff, Pool, ServerInfo, Waiter, _Open
 from sqlproxy.proxy.direct import DirectSocket
 from sqlproxy.proxy.fastroute import (
     MAX_ROUTES,
@@ -146,6 +146,8 @@ class PoolFast:
         self.u_parse = b""
         self.u_bound = b""
         self.parked = b""  # a unit waiting for a server (``waiting``)
+        # Its place in a pool's queue, reused each time it waits there.
+        self.waiter: Waiter[Any] = Waiter(session, 0.0, tag=self)
         # Replica routing (``routed``: see ``routed_unit``). What each lone statement does
         # (fastroute's REPLICA_READ / NEUTRAL / WRITES by normalized text, learnt by the
         # general path: ``poolroute.learn``), the routes of the last Query shape and unnamed
@@ -430,9 +432,11 @@ class PoolFast:
                     return False  # the general path opens a server (or waits)
                 # Every server is lent: wait in the pool's queue with the unit parked here;
                 # the server comes with a hand-over (``take``, or the session's ``granted``).
-                got = state.checkout(self.session, mono, info.application_name, self)
-                if got is not None:  # (cannot happen: no idle server, no slot free)
-                    raise RuntimeError("pool checkout lent a server to a queued client")
+                # (``checkout`` would queue it too: no idle server to lend, no slot free.)
+                w = self.waiter
+                w.since = mono
+                w.app = info.application_name
+                state.queue(w)
                 self.waiting = True
                 self.parked = data
                 return True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool
+from sqlproxy.pool.state import OPEN, Handoff, Limits, Pool, Waiter
 
 
 def make(size: int = 2, **kw: float) -> Pool[str, str]:
@@ -188,8 +188,9 @@ def _app_counts(p: Pool[str, str]) -> dict[str, int]:
 
 
 def test_hand_on_is_checkin_without_a_handoff() -> None:
-    """The fast path's check-in (``hand_on``) leaves the pool as ``checkin`` does: same
-    holders, idle list, queue, figures and per-application counts, over random traffic."""
+    """The fast path's check-in (``hand_on``) and queueing (``queue``) leave the pool as
+    ``checkin`` and ``checkout`` do: same holders, idle list, queue, figures and
+    per-application counts, over random traffic."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -212,6 +213,10 @@ def test_hand_on_is_checkin_without_a_handoff() -> None:
             for k, (p, held) in enumerate(zip(pools, holds, strict=True)):
                 if op == "out":
                     if client in held or any(w.client == client for w in p.waiters):
+                        continue
+                    if k == 1 and not (p.idle and not p.waiters) \
+                            and not (p.may_open and p.total < p.limits.size and not p.waiters):
+                        p.queue(Waiter(client, now, app=app))  # what the fast path does
                         continue
                     got = p.checkout(client, now, app)
                     if got is OPEN:
@@ -274,7 +279,7 @@ def test_wait_queue_is_a_fifo() -> None:
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from sqlproxy.pool.state import Waiter, WaitQueue
+    from sqlproxy.pool.state import WaitQueue
 
     @settings(max_examples=300, deadline=None)
     @given(st.lists(st.sampled_from(["add", "add", "pop", "remove"]), max_size=400))

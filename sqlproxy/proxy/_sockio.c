@@ -33,8 +33,9 @@
  *
  *   Poller()                    an epoll instance of its own, whose descriptor the event loop
  *                               watches (one loop reader for all the relayed sockets)
- *     .add(fd, callback)        call callback() whenever fd is readable (level-triggered);
- *                               replaces the callback of an fd added already
+ *     .add(fd, callback)        call callback(now) whenever fd is readable (level-triggered;
+ *                               now: when epoll reported it, time.perf_counter's clock, read
+ *                               once per batch); replaces the callback of an fd added already
  *     .remove(fd) -> bool       stop watching fd (before it is closed); False if it was not
  *     .dispatch()               call the callbacks of the sockets readable now (at most
  *                               MAX_EVENTS; the others stay ready for the next call); the
@@ -52,6 +53,7 @@
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <time.h>
 #include <sys/types.h>
 
 #define RECV_SIZE (64 * 1024)
@@ -448,6 +450,16 @@ poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
     } while (n < 0 && errno == EINTR);
     if (n < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
+    if (n == 0)
+        Py_RETURN_NONE;
+    /* The batch's time, as time.perf_counter() reads it on Linux (CLOCK_MONOTONIC, in
+     * nanoseconds, then seconds): one reading for every socket of the batch. */
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    long long ns = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+    PyObject *now = PyFloat_FromDouble((double)ns / 1e9);
+    if (now == NULL)
+        return NULL;
     /* A callback's exception does not keep the others from their turn (epoll reports the
      * sockets in the same order again): the first is raised once all had theirs, any other
      * goes to sys.unraisablehook. */
@@ -461,7 +473,7 @@ poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
             continue;
         PyObject *callback = self->callbacks[fd];
         Py_INCREF(callback);
-        PyObject *result = PyObject_CallNoArgs(callback);
+        PyObject *result = PyObject_CallOneArg(callback, now);
         if (result == NULL) {
             if (type == NULL)
                 PyErr_Fetch(&type, &value, &traceback);
@@ -474,6 +486,7 @@ poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
         Py_DECREF(callback);
     }
     Py_DECREF(self);
+    Py_DECREF(now);
     if (type != NULL) {
         PyErr_Restore(type, value, traceback);
         return NULL;

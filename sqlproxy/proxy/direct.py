@@ -93,7 +93,8 @@ class DirectSocket(StandIn):
             self.watching = False
             remove_reader(self.loop, self.fd)
 
-    def readable(self) -> None:
+    def readable(self, now: float) -> None:
+        """The socket is readable (the poller's callback; ``now``: its time, pump.POLL_CLOCK)."""
         fd = self.fd
         if fd < 0:
             return
@@ -110,6 +111,11 @@ class DirectSocket(StandIn):
             if t is not None:
                 t.close()
             return
+        self.received(data, now)
+
+    def received(self, data: bytes, now: float) -> None:
+        """A chunk read directly at ``now`` (the poller's time): ``data_received`` unless a
+        subclass uses the time."""
         self.data_received(data)
 
     def stop_direct(self) -> None:

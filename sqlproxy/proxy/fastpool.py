@@ -59,6 +59,7 @@ from sqlproxy.proxy.pinscan import (
     same_but_digits,
     scan_pin,
 )
+from sqlproxy.proxy.pump import POLL_CLOCK
 from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
@@ -293,9 +294,10 @@ class PoolFast:
             return False
         return self.to_primary(data, now)
 
-    def client(self, data: bytes) -> bool:
-        """Send ``data`` (a chunk from the client) to a server, if it is a unit the fast path
-        serves; False: the general path takes it (nothing was done)."""
+    def client(self, data: bytes, now: float) -> bool:
+        """Send ``data`` (a chunk from the client, read at ``now``; -1: read the clock) to a
+        server, if it is a unit the fast path serves; False: the general path takes it
+        (nothing was done)."""
         if not self.enabled or self.waiting or self.pinned is not None:
             return False
         n: i64 = len(data)
@@ -412,7 +414,8 @@ class PoolFast:
         self.u_text = text
         self.u_parse = parse
         self.u_bound = bound
-        now = self.clock()
+        if now < 0.0:
+            now = self.clock()
         if self.routed:
             return self.routed_unit(data, route, now)
         return self.to_primary(data, now)
@@ -555,17 +558,17 @@ class PoolFast:
             self.session.unpark()
 
     # ------------------------------------------------------------------ server side
-    def answer(self, pump: PooledServerPump, data: bytes) -> bool:
-        """A chunk from ``pump``'s server (the one this session holds): to the client as
-        received when nothing of it is to be swallowed or stripped; the server goes back when
-        idle."""
+    def answer(self, pump: PooledServerPump, data: bytes, now: float) -> bool:
+        """A chunk from ``pump``'s server (the one this session holds), read at ``now`` (-1:
+        read the clock): to the client as received when nothing of it is to be swallowed or
+        stripped; the server goes back when idle."""
         if pump is not self.held_pump or not self.enabled:
             return False
         answers = pump.answers
         if answers.swallow or answers.strip or len(answers.buf) or len(self.parses_sent):
             return False
         if answers.in_unit:
-            return self.replica_answer(pump, data)
+            return self.replica_answer(pump, data, now)
         if self.routed and self.routing.dirty:
             return False  # the general path sets the read-your-writes horizon (after_primary)
         conv = self.conv
@@ -573,7 +576,8 @@ class PoolFast:
         client = self.client_pump
         assert client is not None
         client.send(data)
-        now = self.clock()
+        if now < 0.0:
+            now = self.clock()
         conv.feed_backend(data, now)
         if conv.busy or conv.tx_status != _IDLE or self.open_unit or self.pinned is not None \
                 or len(self.units):
@@ -581,7 +585,7 @@ class PoolFast:
         self.checkin(pump, now if _ONE_CLOCK else self.monotonic())
         return True
 
-    def replica_answer(self, pump: PooledServerPump, data: bytes) -> bool:
+    def replica_answer(self, pump: PooledServerPump, data: bytes, now: float) -> bool:
         """The answer to the replica unit the fast path sent (``r_data``): when ``data`` is
         all of it with no error in it, nothing can make the unit retry on the primary, so the
         conversation sees the unit and its answer (recorded under the replica's name), the
@@ -607,7 +611,8 @@ class PoolFast:
             self.session.fail(exc)
             return True
         client.send(data)
-        now = self.clock()
+        if now < 0.0:
+            now = self.clock()
         recorder = self.recorder
         if recorder is not None:
             recorder.route = rep.name
@@ -674,10 +679,15 @@ class PooledClientPump(DirectSocket):
         self.direct_after: i64 = -1
 
     def data_received(self, data: bytes) -> None:
-        if not self.fast.client(data):
+        if not self.fast.client(data, -1.0):
             self.owner.data_received(data)
         if self.direct_after > 0:
             self.count_down()
+
+    def received(self, data: bytes, now: float) -> None:
+        # Read directly (``direct_after`` is spent): the poller's time is the chunk's.
+        if not self.fast.client(data, now if POLL_CLOCK else -1.0):
+            self.owner.data_received(data)
 
     def count_down(self) -> None:
         self.direct_after -= 1
@@ -720,7 +730,13 @@ class PooledServerPump(DirectSocket):
 
     def data_received(self, data: bytes) -> None:
         fast = self.fast
-        if fast is not None and fast.answer(self, data):
+        if fast is not None and fast.answer(self, data, -1.0):
+            return
+        self.owner.data_received(data)
+
+    def received(self, data: bytes, now: float) -> None:
+        fast = self.fast
+        if fast is not None and fast.answer(self, data, now if POLL_CLOCK else -1.0):
             return
         self.owner.data_received(data)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 
 import pytest
 
@@ -19,8 +20,8 @@ def test_poller_calls_back_while_readable_and_forgets_removed_sockets() -> None:
     c, d = socket.socketpair()
     calls: list[str] = []
     try:
-        poller.add(a.fileno(), lambda: calls.append("a"))
-        poller.add(c.fileno(), lambda: calls.append("c"))
+        poller.add(a.fileno(), lambda now: calls.append("a"))
+        poller.add(c.fileno(), lambda now: calls.append("c"))
         assert len(poller) == 2
         poller.dispatch()
         assert calls == []  # nothing to read
@@ -31,7 +32,7 @@ def test_poller_calls_back_while_readable_and_forgets_removed_sockets() -> None:
         a.recv(1)
         calls.clear()
         d.send(b"y")
-        poller.add(c.fileno(), lambda: calls.append("c2"))  # a new callback, one watch
+        poller.add(c.fileno(), lambda now: calls.append("c2"))  # a new callback, one watch
         assert len(poller) == 2
         poller.dispatch()
         assert calls == ["c2"]
@@ -54,12 +55,12 @@ def test_poller_callback_errors_propagate_after_the_others_had_their_turn() -> N
     pairs = [socket.socketpair() for _ in range(3)]
     calls: list[int] = []
 
-    def failing() -> None:
+    def failing(now: float) -> None:
         raise RuntimeError("boom")
 
     try:
         for i, (x, y) in enumerate(pairs):
-            poller.add(x.fileno(), failing if i == 0 else (lambda i=i: calls.append(i)))
+            poller.add(x.fileno(), failing if i == 0 else (lambda now, i=i: calls.append(i)))
             y.send(b"z")
         with pytest.raises(RuntimeError, match="boom"):
             poller.dispatch()
@@ -82,13 +83,13 @@ def test_a_callback_may_remove_its_own_and_other_sockets_and_close_the_poller() 
         c, d = socket.socketpair()
         calls: list[str] = []
 
-        def on_a() -> None:
+        def on_a(now: float) -> None:
             calls.append("a")
             pump.remove_reader(loop, a.fileno())
             pump.remove_reader(loop, c.fileno())  # the last one: the poller goes
             done.set()
 
-        def on_c() -> None:
+        def on_c(now: float) -> None:
             calls.append("c")
             pump.remove_reader(loop, c.fileno())
             pump.remove_reader(loop, a.fileno())
@@ -113,3 +114,26 @@ def test_a_callback_may_remove_its_own_and_other_sockets_and_close_the_poller() 
     calls = asyncio.run(main())
     assert len(calls) == 1  # the first callback removed the other's socket: not called
     assert set(os.listdir("/proc/self/fd")) <= before  # the epoll descriptor is closed
+
+
+def test_callbacks_get_the_batch_time_of_perf_counter() -> None:
+    """Every callback of one dispatch gets the same time, read once as time.perf_counter reads
+    it (pump.POLL_CLOCK), at or after the moment the sockets became readable."""
+    poller = _sockio.Poller()
+    pairs = [socket.socketpair() for _ in range(3)]
+    times: list[float] = []
+    try:
+        for x, y in pairs:
+            poller.add(x.fileno(), times.append)
+            y.send(b"z")
+        before = time.perf_counter()
+        poller.dispatch()
+        after = time.perf_counter()
+        assert len(times) == 3 and len(set(times)) == 1
+        assert pump.POLL_CLOCK
+        assert before <= times[0] <= after
+    finally:
+        poller.close()
+        for x, y in pairs:
+            x.close()
+            y.close()

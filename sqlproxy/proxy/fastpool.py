@@ -146,6 +146,16 @@ class PoolFast:
         self.u_text = ""
         self.u_parse = b""
         self.u_bound = b""
+        # ... and where its messages are (``unit_sent``): its Parse (-1: none), its Bind, the
+        # end of the Bind's statement name, its Execute (-1 or -2: not one after the Bind).
+        self.u_pstart: i64 = -1
+        self.u_pend: i64 = -1
+        self.u_bpos: i64 = -1
+        self.u_bend: i64 = -1
+        self.u_bound_at: i64 = -1  # where the Bind's statement name starts
+        self.u_nul2: i64 = -1
+        self.u_epos: i64 = -1
+        self.u_eend: i64 = -1
         self.parked = b""  # a unit waiting for a server (``waiting``)
         # Its place in a pool's queue, reused each time it waits there.
         self.waiter: Waiter[Any] = Waiter(session, 0.0, tag=self)
@@ -352,6 +362,10 @@ class PoolFast:
             bstop: i64 = -1
             pstart: i64 = -1
             pend: i64 = -1
+            bpos: i64 = -1
+            bend: i64 = -1
+            epos: i64 = -1  # the Execute after the Bind (-2: another, or one before it)
+            eend: i64 = -1
             last: i64 = 0
             while pos < n:
                 if n - pos < 5:
@@ -371,11 +385,18 @@ class PoolFast:
                         return False
                     bstart = find_nul(data, pos + 5, end) + 1  # past the portal's name
                     bstop = find_nul(data, bstart, end)
+                    bpos = pos
+                    bend = end
+                elif last == _EXECUTE:
+                    if epos == -1 and bstart >= 0:
+                        epos = pos
+                        eend = end
+                    else:
+                        epos = -2
                 elif last == _SYNC:
                     if end != n:
                         return False
-                elif last != _EXECUTE and not (last == _DESCRIBE and length > 4
-                                               and data[pos + 5] == _PORTAL):
+                elif not (last == _DESCRIBE and length > 4 and data[pos + 5] == _PORTAL):
                     return False
                 pos = end
             if last != _SYNC or bstart < 0:
@@ -414,6 +435,15 @@ class PoolFast:
         self.u_text = text
         self.u_parse = parse
         self.u_bound = bound
+        if t != _QUERY:  # where the conversation finds the unit's messages (``send``)
+            self.u_pstart = pstart
+            self.u_pend = pend
+            self.u_bpos = bpos
+            self.u_bend = bend
+            self.u_bound_at = bstart
+            self.u_nul2 = bstop
+            self.u_epos = epos
+            self.u_eend = eend
         if now < 0.0:
             now = self.clock()
         if self.routed:
@@ -487,6 +517,10 @@ class PoolFast:
             try:
                 if self.u_kind == _QUERY:
                     conv.query_sent(data, now)  # (``client`` checked the message)
+                elif self.u_epos >= 0:  # (framed by ``client``: one Bind, one Execute after)
+                    conv.unit_sent(data, now, self.u_pstart, self.u_pend, self.u_bpos,
+                                   self.u_bend, self.u_bound_at - 1, self.u_nul2, self.u_epos,
+                                   self.u_eend)
                 else:
                     conv.feed_frontend(data, now)
             except ProtocolViolation as exc:

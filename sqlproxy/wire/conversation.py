@@ -480,79 +480,107 @@ class Conversation:
         self._frontend_message(msg[0], msg, 5, len(msg), now)
         return data_pos + want
 
+    def _execute(self, data: bytes, start: i64, end: i64, now: float) -> None:
+        """Execute (its body: ``data[start:end]``)."""
+        if end - start < 5:
+            raise ProtocolViolation("invalid Execute message")
+        if data[start] == 0:  # the unnamed portal
+            if self.u_live:
+                pending = Pending(EXECUTE, self.u_sql, now, self.u_stmt, self.u_params, b"",
+                                  self.u_bind)
+            else:
+                pending = Pending(EXECUTE, "", now)
+        else:
+            portal = data[start : find_nul(data, start, end)]
+            entry = self.portals.get(portal)
+            if entry is None:
+                pending = Pending(EXECUTE, "", now, b"", b"", portal)
+            else:
+                pending = Pending(EXECUTE, entry[1], now, entry[0], entry[3], portal,
+                                  entry[2])
+        self._push(pending)
+
+    def _bind(self, data: bytes, start: i64, end: i64, nul1: i64, nul2: i64) -> None:
+        """Bind (its body: ``data[start:end]``; its portal's name ends at ``nul1``, its
+        statement's at ``nul2``)."""
+        self.binds += 1
+        if nul2 == nul1 + 1:  # the unnamed statement
+            stmt = b""
+            sql = self.statements.get(stmt, "")
+        elif _same_name(data, nul1 + 1, nul2, self.last_name):
+            stmt = self.last_name
+            sql = self.last_sql
+        else:
+            stmt = data[nul1 + 1 : nul2]
+            sql = self.statements.get(stmt, "")
+            self.last_name = stmt
+            self.last_sql = sql
+        params = data[nul2 + 1 : end]
+        if nul1 == start:  # the unnamed portal
+            self.u_live = True
+            self.u_stmt = stmt
+            self.u_sql = sql
+            self.u_bind = self.binds
+            self.u_params = params
+        else:
+            portal = data[start:nul1]
+            portals = self.portals
+            if len(portals) >= MAX_NAMED and portal not in portals:
+                portals.clear()
+            portals[portal] = (stmt, sql, self.binds, params)
+
+    def _parse(self, data: bytes, start: i64, end: i64) -> None:
+        """Parse (its body: ``data[start:end]``)."""
+        last = self.last_parse
+        if len(last) == end - start and same_at(data, start, last):
+            # The Parse sent last again (a driver's unnamed statement): the same name and
+            # text objects (the text's hash, cached, finds it in the profiler's memo).
+            name = self.last_parse_name
+            text = self.last_parse_text
+        else:
+            nul1 = find_nul(data, start, end)
+            name = data[start:nul1]
+            found = cstring(data, nul1 + 1, end)
+            if found is None:
+                raise ProtocolViolation("invalid message format: missing string terminator")
+            text = found
+            self.last_parse = data[start:end]
+            self.last_parse_name = name
+            self.last_parse_text = text
+        statements = self.statements
+        if len(statements) >= MAX_NAMED and name not in statements:
+            del statements[next(iter(statements))]
+            self.last_name = _NO_NAME
+        statements[name] = text
+        if name == self.last_name:
+            self.last_name = _NO_NAME
+
+    def unit_sent(self, data: bytes, now: float, pstart: i64, pend: i64, bpos: i64, bend: i64,
+                  nul1: i64, nul2: i64, epos: i64, eend: i64) -> None:
+        """``feed_frontend`` of one whole extended-protocol unit that the caller framed and
+        checked (the pooled fast path): an unnamed Parse at ``data[pstart:pend]`` (``pstart``
+        -1: none), one Bind at ``data[bpos:bend]`` (its portal's name ending at ``nul1``, its
+        statement's at ``nul2``), Describes (of no effect here), one Execute after it at
+        ``data[epos:eend]``, Sync last."""
+        if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
+            self.feed_frontend(data, now)
+            return
+        if pstart >= 0:
+            self._parse(data, pstart + 5, pend)
+        self._bind(data, bpos + 5, bend, nul1, nul2)
+        self._execute(data, epos + 5, eend, now)
+        self._push(_SYNC_ENTRY)
+
     def _frontend_message(self, t: i64, data: bytes, start: i64, end: i64, now: float) -> None:
         if t == 69:  # 'E' Execute
-            if end - start < 5:
-                raise ProtocolViolation("invalid Execute message")
-            if data[start] == 0:  # the unnamed portal
-                if self.u_live:
-                    pending = Pending(EXECUTE, self.u_sql, now, self.u_stmt, self.u_params, b"",
-                                      self.u_bind)
-                else:
-                    pending = Pending(EXECUTE, "", now)
-            else:
-                portal = data[start : find_nul(data, start, end)]
-                entry = self.portals.get(portal)
-                if entry is None:
-                    pending = Pending(EXECUTE, "", now, b"", b"", portal)
-                else:
-                    pending = Pending(EXECUTE, entry[1], now, entry[0], entry[3], portal,
-                                      entry[2])
-            self._push(pending)
+            self._execute(data, start, end, now)
         elif t == 83:  # 'S' Sync
             self._push(_SYNC_ENTRY)
         elif t == 66:  # 'B' Bind
             nul1 = find_nul(data, start, end)
-            nul2 = find_nul(data, nul1 + 1, end)
-            self.binds += 1
-            if nul2 == nul1 + 1:  # the unnamed statement
-                stmt = b""
-                sql = self.statements.get(stmt, "")
-            elif _same_name(data, nul1 + 1, nul2, self.last_name):
-                stmt = self.last_name
-                sql = self.last_sql
-            else:
-                stmt = data[nul1 + 1 : nul2]
-                sql = self.statements.get(stmt, "")
-                self.last_name = stmt
-                self.last_sql = sql
-            params = data[nul2 + 1 : end]
-            if nul1 == start:  # the unnamed portal
-                self.u_live = True
-                self.u_stmt = stmt
-                self.u_sql = sql
-                self.u_bind = self.binds
-                self.u_params = params
-            else:
-                portal = data[start:nul1]
-                portals = self.portals
-                if len(portals) >= MAX_NAMED and portal not in portals:
-                    portals.clear()
-                portals[portal] = (stmt, sql, self.binds, params)
+            self._bind(data, start, end, nul1, find_nul(data, nul1 + 1, end))
         elif t == 80:  # 'P' Parse
-            last = self.last_parse
-            if len(last) == end - start and same_at(data, start, last):
-                # The Parse sent last again (a driver's unnamed statement): the same name and
-                # text objects (the text's hash, cached, finds it in the profiler's memo).
-                name = self.last_parse_name
-                text = self.last_parse_text
-            else:
-                nul1 = find_nul(data, start, end)
-                name = data[start:nul1]
-                found = cstring(data, nul1 + 1, end)
-                if found is None:
-                    raise ProtocolViolation("invalid message format: missing string terminator")
-                text = found
-                self.last_parse = data[start:end]
-                self.last_parse_name = name
-                self.last_parse_text = text
-            statements = self.statements
-            if len(statements) >= MAX_NAMED and name not in statements:
-                del statements[next(iter(statements))]
-                self.last_name = _NO_NAME
-            statements[name] = text
-            if name == self.last_name:
-                self.last_name = _NO_NAME
+            self._parse(data, start, end)
         elif t == 81:  # 'Q' Query: one string, its NUL the last byte (no scan of the text)
             if end <= start or data[end - 1] != 0:
                 raise ProtocolViolation("invalid message format: missing string terminator")

@@ -405,3 +405,39 @@ def test_cstring_agrees_with_its_definition(data: bytes, start: int, end: int) -
     end = min(end, len(data))
     start = min(start, end)
     assert cstring(data, start, end) == cstring_at(data, start, end)
+
+
+def _state(conv: Conversation) -> tuple[object, ...]:
+    queue = [(p.kind, p.sql, p.statement, p.params, p.portal, p.bind, p.sent)
+             for p in conv.pending()]
+    return (queue, dict(conv.statements), dict(conv.portals), conv.u_live, conv.u_stmt,
+            conv.u_sql, conv.u_bind, conv.u_params, conv.last_name, conv.last_sql, conv.binds)
+
+
+@given(st.lists(st.tuples(st.booleans(), st.sampled_from(["", "p1"]),
+                          st.sampled_from(["", "s1", "s2"]), st.sampled_from(["select 1", "x"]),
+                          st.lists(st.binary(max_size=4), max_size=2), st.booleans()),
+                min_size=1, max_size=6))
+@settings(max_examples=500, deadline=None)
+def test_a_unit_framed_by_the_fast_path_reads_as_fed_whole(
+        units: list[tuple[bool, str, str, str, list[bytes], bool]]) -> None:
+    """``unit_sent`` (the pooled fast path's extended-protocol unit, its messages found by the
+    fast path) leaves the conversation as ``feed_frontend`` of the same bytes does."""
+    fed = Conversation(Recorder(), 1 << 20)
+    framed = Conversation(Recorder(), 1 << 20)
+    for conv in (fed, framed):  # named statements the units may bind
+        conv.feed_frontend(parse("s1", "select s1") + parse("s2", "select s2") + SYNC, 0.5)
+    for with_parse, portal, stmt, sql, params, describe in units:
+        p = parse("", sql) if with_parse and stmt == "" else b""
+        b = bind(portal, stmt, params)
+        d = msg(b"D", b"P" + portal.encode() + b"\x00") if describe else b""
+        e = execute(portal)
+        data = p + b + d + e + SYNC
+        fed.feed_frontend(data, 1.0)
+        bpos = len(p)
+        nul1 = data.index(b"\x00", bpos + 5)
+        nul2 = data.index(b"\x00", nul1 + 1)
+        epos = bpos + len(b) + len(d)
+        framed.unit_sent(data, 1.0, 0 if p else -1, len(p) if p else -1, bpos, bpos + len(b),
+                         nul1, nul2, epos, epos + len(e))
+        assert _state(framed) == _state(fed)

@@ -550,17 +550,27 @@ static PyTypeObject PollerType = {
     .tp_as_sequence = &poller_as_sequence,
 };
 
+/* text() and cstring(): the string at data[start:stop] up to its first NUL, decoded from UTF-8
+ * (invalid bytes replaced); without a NUL, all of it (or, nul_needed, None). */
 static PyObject *
-sockio_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+decode_upto_nul(const char *name, PyObject *const *args, Py_ssize_t nargs, int nul_needed)
 {
     const unsigned char *base;
     Py_ssize_t start, stop;
-    if (text_args("text", args, nargs, 3, &base, &start, &stop) < 0)
+    if (text_args(name, args, nargs, 3, &base, &start, &stop) < 0)
         return NULL;
     const unsigned char *nul = memchr(base + start, 0, (size_t)(stop - start));
     if (nul != NULL)
         stop = nul - base;
+    else if (nul_needed)
+        Py_RETURN_NONE;
     return PyUnicode_DecodeUTF8((const char *)base + start, stop - start, "replace");
+}
+
+static PyObject *
+sockio_text(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return decode_upto_nul("text", args, nargs, 0);
 }
 
 /* Whether text[at:at + len(part)] equals part (text holds that many characters there). */
@@ -713,14 +723,7 @@ sockio_answer_scan(PyObject *module, PyObject *arg)
 static PyObject *
 sockio_cstring(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    const unsigned char *base;
-    Py_ssize_t start, stop;
-    if (text_args("cstring", args, nargs, 3, &base, &start, &stop) < 0)
-        return NULL;
-    const unsigned char *nul = memchr(base + start, 0, (size_t)(stop - start));
-    if (nul == NULL)
-        Py_RETURN_NONE;
-    return PyUnicode_DecodeUTF8((const char *)base + start, nul - (base + start), "replace");
+    return decode_upto_nul("cstring", args, nargs, 1);
 }
 
 static PyMethodDef sockio_methods[] = {

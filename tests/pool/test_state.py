@@ -187,6 +187,18 @@ def _app_counts(p: Pool[str, str]) -> dict[str, int]:
     return {name: count.active for name, count in p._apps.items()}
 
 
+def _carry_out(p: Pool[str, str], held: dict[str, str], handoffs: list[Handoff[str, str]],
+               name: str, now: float) -> None:
+    """What a session does with hand-overs: a server taken, or one opened (named ``name``)."""
+    for h in handoffs:
+        if h.server is OPEN:
+            p.opened(name, now)
+            held[h.client] = name
+        else:
+            assert isinstance(h.server, str)
+            held[h.client] = h.server
+
+
 def test_hand_on_is_checkin_without_a_handoff() -> None:
     """The fast path's check-in (``hand_on``) and queueing (``queue``) leave the pool as
     ``checkin`` and ``checkout`` do: same holders, idle list, queue, figures and
@@ -240,13 +252,7 @@ def test_hand_on_is_checkin_without_a_handoff() -> None:
                     handoffs = [] if w is None else [Handoff(w.client, server, 0.0)]
                 else:
                     handoffs, _ = p.checkin(server, now, client)
-                for h in handoffs:
-                    if h.server is OPEN:
-                        p.opened(f"s{opened}x", now)
-                        held[h.client] = f"s{opened}x"
-                    else:
-                        assert isinstance(h.server, str)
-                        held[h.client] = h.server
+                _carry_out(p, held, handoffs, f"s{opened}x", now)
             if op == "out":
                 opened += 1
             a, b = pools
@@ -259,13 +265,7 @@ def test_hand_on_is_checkin_without_a_handoff() -> None:
         for p, held in zip(pools, holds, strict=True):  # everyone gives back
             while held:
                 client, server = held.popitem()
-                for h in p.checkin(server, now, client)[0]:
-                    if h.server is OPEN:
-                        p.opened(f"{client}-drain", now)
-                        held[h.client] = f"{client}-drain"
-                    else:
-                        assert isinstance(h.server, str)
-                        held[h.client] = h.server
+                _carry_out(p, held, p.checkin(server, now, client)[0], f"{client}-drain", now)
             assert not p.waiters and p.active == 0
             assert all(n == 0 for n in _app_counts(p).values()), _app_counts(p)
 

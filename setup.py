@@ -12,6 +12,7 @@ from setuptools import Extension, setup
 # sqlglot classifier stay interpreted: their time is spent in re and sqlglot, and they run
 # once per new text or shape.
 HOT_MODULES = [
+    "sqlproxy/wire/scan.py",
     "sqlproxy/wire/conversation.py",
     "sqlproxy/analysis/cache.py",
     "sqlproxy/analysis/detector.py",

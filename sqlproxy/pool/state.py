@@ -69,7 +69,7 @@ class Waiter(Generic[C]):
         self.since = since
         self.login = login  # wants a slot for a new connection, not a server
         self.app = app  # its application_name, counted when it gets a server
-        self.tag = tag  # what the caller of ``checkout`` asked to find here
+        self.tag = tag  # what its owner (a caller of ``queue``) asked to find here
 
 
 class WaitQueue(Generic[C]):
@@ -304,11 +304,9 @@ class Pool(Generic[S, C]):
             del app_of[client]
 
     # ------------------------------------------------------------------ lending
-    def checkout(self, client: C, now: float, app: str | None = None, tag: object = None
-                 ) -> S | _Open | None:
+    def checkout(self, client: C, now: float, app: str | None = None) -> S | _Open | None:
         """A server for ``client``, OPEN (it may open one), or None: it waits in the queue
-        until a ``Handoff`` names it (or ``expire`` times it out); its ``Waiter`` keeps
-        ``tag``."""
+        until a ``Handoff`` names it (or ``expire`` times it out)."""
         if self.idle and not self.waiters:
             server = self.idle.pop()
             info = self.servers[server]
@@ -324,7 +322,7 @@ class Pool(Generic[S, C]):
             self._busy_changed(now)
             return OPEN
         waiters = self.waiters
-        waiters.append(Waiter(client, now, app=app, tag=tag))
+        waiters.append(Waiter(client, now, app=app))
         # Queued: as busy as before, one waiter more (a changed size is seen at the tick).
         st = self.stats
         if len(waiters) > st.max_waiting:

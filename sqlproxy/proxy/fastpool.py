@@ -17,9 +17,9 @@ application's traffic is simpler than that, and this module serves it without a 
   holder's ``PoolFast.answer``: with nothing to swallow or strip it goes to the client as
   received, the client's conversation tracks it, and when ReadyForQuery says idle and nothing
   is owed the server goes back to the pool (``checkin``), the next waiter getting it at once.
-* ``PooledRecorder`` / ``PooledListener`` hear the client's conversation: statements are
-  recorded in native code; only DEALLOCATE / DISCARD (which change what the servers hold) go
-  to the session.
+* ``recorder.PooledRecorder`` / ``PooledListener`` hear the client's conversation: statements
+  are recorded in native code; only DEALLOCATE / DISCARD (which change what the servers hold)
+  go to the session.
 * With replica routing (``routed_unit``, ``replica_answer``): a unit of one statement the
   general path learnt (``poolroute.learn``) to be a read a replica may serve goes, from an
   idle session, to an idle server of the replica pool ``poolroute.choose_for_fast`` chose,
@@ -41,7 +41,7 @@ from typing import Any, Final
 from mypy_extensions import i64
 
 from sqlproxy.analysis.profiler import Profiler
-from sqlproxy.analysis.statement import KIND_READ, KIND_WRITE, SessionInfo
+from sqlproxy.analysis.statement import SessionInfo
 from sqlproxy.errors import ProtocolViolation
 from sqlproxy.pool.state import Handoff, Pool, ServerInfo, Waiter, _Open
 from sqlproxy.proxy.direct import DirectSocket
@@ -60,25 +60,17 @@ from sqlproxy.proxy.pinscan import (
     scan_pin,
 )
 from sqlproxy.proxy.pump import POLL_CLOCK
-from sqlproxy.proxy.recorder import SessionRecorder
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
-from sqlproxy.wire.conversation import (
-    Conversation,
-    NativeListener,
-    Pending,
-    find_nul,
-    length_at,
-    same_at,
-)
+from sqlproxy.wire.conversation import Conversation
+from sqlproxy.wire.scan import decode_text, find_nul, length_at, same_at
 
 try:
     from sqlproxy.proxy import _sockio
 except ImportError:  # pragma: no cover - built with the package
     _sockio = None  # type: ignore[assignment]
 
-__all__ = ["PoolFast", "PooledClientPump", "PooledListener", "PooledRecorder",
-           "PooledServerPump", "may_forget", "may_pin"]
+__all__ = ["PoolFast", "PooledClientPump", "PooledServerPump", "may_forget", "may_pin"]
 
 _QUERY: Final = 81  # 'Q'
 _PARSE: Final = 80  # 'P'
@@ -146,14 +138,12 @@ class PoolFast:
         self.u_text = ""
         self.u_parse = b""
         self.u_bound = b""
-        # ... and where its messages are (``unit_sent``): its Parse (-1: none), its Bind, the
-        # end of the Bind's statement name, its Execute (-1 or -2: not one after the Bind).
-        self.u_pstart: i64 = -1
-        self.u_pend: i64 = -1
+        # ... and where its messages are (``unit_sent``): its Bind, where the Bind's statement
+        # name starts (it is ``u_bound``, or the unnamed one), its Execute (-1 or -2: not one
+        # after the Bind).
         self.u_bpos: i64 = -1
         self.u_bend: i64 = -1
-        self.u_bound_at: i64 = -1  # where the Bind's statement name starts
-        self.u_nul2: i64 = -1
+        self.u_bound_at: i64 = -1
         self.u_epos: i64 = -1
         self.u_eend: i64 = -1
         self.parked = b""  # a unit waiting for a server (``waiting``)
@@ -410,7 +400,7 @@ class PoolFast:
                 else:
                     parse = data[pstart:pend]
                     stop = find_nul(data, pstart + 6, pend)
-                    text = data[pstart + 6 : stop].decode("utf-8", "replace")
+                    text = decode_text(data, pstart + 6, stop)
                     if scan_pin(data, pstart + 6, stop, len(self.statements) > 0) \
                             and not self._clean(text):
                         return False
@@ -436,12 +426,9 @@ class PoolFast:
         self.u_parse = parse
         self.u_bound = bound
         if t != _QUERY:  # where the conversation finds the unit's messages (``send``)
-            self.u_pstart = pstart
-            self.u_pend = pend
             self.u_bpos = bpos
             self.u_bend = bend
             self.u_bound_at = bstart
-            self.u_nul2 = bstop
             self.u_epos = epos
             self.u_eend = eend
         if now < 0.0:
@@ -518,9 +505,10 @@ class PoolFast:
                 if self.u_kind == _QUERY:
                     conv.query_sent(data, now)  # (``client`` checked the message)
                 elif self.u_epos >= 0:  # (framed by ``client``: one Bind, one Execute after)
-                    conv.unit_sent(data, now, self.u_pstart, self.u_pend, self.u_bpos,
-                                   self.u_bend, self.u_bound_at - 1, self.u_nul2, self.u_epos,
-                                   self.u_eend)
+                    at = self.u_bound_at
+                    conv.unit_sent(data, now, self.u_text if self.u_parse else None,
+                                   self.u_bpos, self.u_bend, at - 1, at + len(self.u_bound),
+                                   self.u_epos, self.u_eend)
                 else:
                     conv.feed_frontend(data, now)
             except ProtocolViolation as exc:
@@ -773,40 +761,3 @@ class PooledServerPump(DirectSocket):
         if fast is not None and fast.answer(self, data, now if POLL_CLOCK else -1.0):
             return
         self.owner.data_received(data)
-
-
-class PooledRecorder(SessionRecorder):
-    """The client conversation's listener of a profiled pooled session: records each
-    statement natively; DEALLOCATE / DISCARD also go to the session (``statement_event``)."""
-
-    def __init__(self, profiler: Profiler, session: Any, info: SessionInfo,
-                 route: str = "primary") -> None:
-        super().__init__(profiler, session, info, route)
-
-    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
-                       sqlstate: str | None, started: float, ended: float) -> None:
-        stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
-                                    sqlstate, started, ended, self.route)
-        self._block(stmt, pending, started, ended)
-        if sqlstate is None:
-            if stmt is None:
-                if may_forget(pending.sql):
-                    self.session.statement_event(pending, index)
-            elif stmt.kind != KIND_READ and stmt.kind != KIND_WRITE \
-                    and stmt.shape.command in ("deallocate", "discard"):
-                self.session.statement_event(pending, index)
-
-
-class PooledListener(NativeListener):
-    """The listener of a pooled session that is not profiled."""
-
-    def __init__(self, session: Any) -> None:
-        self.session = session
-
-    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
-                       sqlstate: str | None, started: float, ended: float) -> None:
-        if sqlstate is None and may_forget(pending.sql):
-            self.session.statement_event(pending, index)
-
-    def parameter_status(self, name: str, value: str) -> None:
-        self.session.parameter_status(name, value)

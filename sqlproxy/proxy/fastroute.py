@@ -45,7 +45,8 @@ from sqlproxy.errors import ProtocolViolation
 from sqlproxy.proxy.pump import StandIn
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import Unit
-from sqlproxy.wire.conversation import Conversation, find_nul, length_at
+from sqlproxy.wire.conversation import Conversation
+from sqlproxy.wire.scan import find_nul, length_at
 
 __all__ = ["NEUTRAL", "REPLICA_READ", "WRITES", "FastRoutes", "RoutedClientPump",
            "RoutedLinkPump"]

@@ -28,12 +28,7 @@ from sqlproxy.errors import ConnectionFailure, ProtocolViolation, ProxyError
 from sqlproxy.logs import get_logger
 from sqlproxy.pool.auth import LoginServer
 from sqlproxy.proxy import deciding, poolpins, poolroute
-from sqlproxy.proxy.fastpool import (
-    PooledClientPump,
-    PooledListener,
-    PooledRecorder,
-    PoolFast,
-)
+from sqlproxy.proxy.fastpool import PooledClientPump, PoolFast
 from sqlproxy.proxy.pooled_login import (
     answer_login,
     client_auth_message,
@@ -42,6 +37,7 @@ from sqlproxy.proxy.pooled_login import (
     session_ended,
 )
 from sqlproxy.proxy.poolservers import PoolIO, PoolManager, ServerConn, settings_sql
+from sqlproxy.proxy.recorder import PooledListener, PooledRecorder
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.answers import Kind
 from sqlproxy.routing.replay import Replay

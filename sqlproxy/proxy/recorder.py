@@ -1,4 +1,4 @@
-"""The conversation listeners of plain sessions, profiled or not.
+"""The conversation listeners of plain, routed and pooled sessions, profiled or not.
 
 The conversation tracker calls its listener once per completed statement. Were that listener
 the session itself (an ``asyncio.Protocol``, interpreted), every statement would cross from
@@ -21,9 +21,11 @@ from sqlproxy.analysis.statement import (
     SessionInfo,
     Statement,
 )
+from sqlproxy.proxy.pinscan import may_forget
 from sqlproxy.wire.conversation import NativeListener, Pending
 
-__all__ = ["RoutedRecorder", "SessionListener", "SessionRecorder"]
+__all__ = ["PooledListener", "PooledRecorder", "RoutedRecorder", "SessionListener",
+           "SessionRecorder"]
 
 _IDLE: Final = 73  # ReadyForQuery status 'I'
 _FAILED: Final = 69  # 'E'
@@ -103,6 +105,43 @@ class SessionListener(NativeListener):
 
     def __init__(self, session: Any) -> None:
         self.session = session
+
+    def parameter_status(self, name: str, value: str) -> None:
+        self.session.parameter_status(name, value)
+
+
+class PooledRecorder(SessionRecorder):
+    """The client conversation's listener of a profiled pooled session: records each
+    statement natively; DEALLOCATE / DISCARD also go to the session (``statement_event``)."""
+
+    def __init__(self, profiler: Profiler, session: Any, info: SessionInfo,
+                 route: str = "primary") -> None:
+        super().__init__(profiler, session, info, route)
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
+                                    sqlstate, started, ended, self.route)
+        self._block(stmt, pending, started, ended)
+        if sqlstate is None:
+            if stmt is None:
+                if may_forget(pending.sql):
+                    self.session.statement_event(pending, index)
+            elif stmt.kind != KIND_READ and stmt.kind != KIND_WRITE \
+                    and stmt.shape.command in ("deallocate", "discard"):
+                self.session.statement_event(pending, index)
+
+
+class PooledListener(NativeListener):
+    """The listener of a pooled session that is not profiled."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
+                       sqlstate: str | None, started: float, ended: float) -> None:
+        if sqlstate is None and may_forget(pending.sql):
+            self.session.statement_event(pending, index)
 
     def parameter_status(self, name: str, value: str) -> None:
         self.session.parameter_status(name, value)

@@ -10,13 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqlproxy.errors import ProtocolViolation
-from sqlproxy.wire.conversation import (
-    Conversation,
-    Pending,
-    command_tag_rows,
-    decode_text,
-    text_at,
-)
+from sqlproxy.wire.conversation import Conversation, Pending
+from sqlproxy.wire.scan import command_tag_rows, decode_text, text_at
 
 
 def msg(t: bytes, body: bytes = b"") -> bytes:
@@ -337,7 +332,7 @@ def test_answer_scan_in_c_is_the_definition(msgs: list[tuple[int, bytes]], trim:
     """``answer_scan`` (``_sockio``) answers as ``answer_scan_at`` on framed messages of
     every kind, whole, cut short or with bytes past the end."""
     from sqlproxy.proxy import _sockio
-    from sqlproxy.wire.conversation import answer_scan, answer_scan_at
+    from sqlproxy.wire.scan import answer_scan, answer_scan_at
 
     assert answer_scan is _sockio.answer_scan
     data = b"".join(msg(bytes([t]), body) for t, body in msgs)
@@ -377,7 +372,7 @@ def test_whole_answers_read_as_in_pieces(answers: list[tuple[int, str, bytes, bo
 @settings(max_examples=1000, deadline=None)
 def test_same_at_in_c_is_the_definition(data: bytes, start: int, other: bytes) -> None:
     from sqlproxy.proxy import _sockio
-    from sqlproxy.wire.conversation import same_at, same_at_py
+    from sqlproxy.wire.scan import same_at, same_at_py
 
     assert same_at is _sockio.same_at
     assert same_at(data, start, other) == same_at_py(data, start, other)
@@ -399,7 +394,7 @@ def test_parse_sent_again_and_a_different_one_of_the_same_length() -> None:
 @given(st.binary(max_size=40), st.integers(0, 45), st.integers(0, 45))
 def test_cstring_agrees_with_its_definition(data: bytes, start: int, end: int) -> None:
     from sqlproxy.proxy import _sockio
-    from sqlproxy.wire.conversation import cstring, cstring_at
+    from sqlproxy.wire.scan import cstring, cstring_at
 
     assert cstring is _sockio.cstring
     end = min(end, len(data))
@@ -438,6 +433,6 @@ def test_a_unit_framed_by_the_fast_path_reads_as_fed_whole(
         nul1 = data.index(b"\x00", bpos + 5)
         nul2 = data.index(b"\x00", nul1 + 1)
         epos = bpos + len(b) + len(d)
-        framed.unit_sent(data, 1.0, 0 if p else -1, len(p) if p else -1, bpos, bpos + len(b),
-                         nul1, nul2, epos, epos + len(e))
+        framed.unit_sent(data, 1.0, sql if p else None, bpos, bpos + len(b), nul1, nul2, epos,
+                         epos + len(e))
         assert _state(framed) == _state(fed)

@@ -3,7 +3,12 @@ pumps (``fastpool.py``). Once ``start_direct`` succeeds, the socket is read thro
 watched by the loop's poller (``pump.add_reader``) and written with ``_sockio.send`` while the
 transport has nothing waiting (what a socket does not take goes to its transport, which keeps
 the order); until then, and after ``stop_direct`` (end of stream, socket error, close), its
-transport carries on. Reading pauses for backpressure whoever reads. Compiled with mypyc (see
+transport carries on. Reading pauses for backpressure whoever reads.
+
+Whether the transport has anything waiting is known without asking it on every send: while the
+socket is read directly, the transport's write buffer limits are 0, so it calls
+``pause_writing`` as soon as it holds a byte (whoever wrote it: this protocol or the session's
+general path) and ``resume_writing`` once it has written all of it. Compiled with mypyc (see
 setup.py).
 """
 
@@ -33,10 +38,6 @@ def _no_send(fd: int, data: bytes) -> int:
     raise OSError("no direct relay (sqlproxy.proxy._sockio is not built)")
 
 
-def _nothing_buffered() -> int:
-    return 0
-
-
 class DirectSocket(StandIn):
     """A socket read and written directly (the module doc), once
     ``start_direct`` succeeds; until then, and after ``stop_direct``, its transport's."""
@@ -48,12 +49,12 @@ class DirectSocket(StandIn):
         self.loop: Any = None
         self.watching = False
         self.paused = False  # reading paused (backpressure), whoever reads
+        self.spilled = False  # the transport holds bytes to write (between pause and resume)
         # Held here: a compiled call of a native attribute costs no lookup by name.
         self.recv: Callable[[int], bytes | None] = _sockio.recv if _sockio is not None \
             else _no_recv
         self.sendto: Callable[[int, bytes], int] = _sockio.send if _sockio is not None \
             else _no_send
-        self.buffered: Callable[[], int] = _nothing_buffered  # transport.get_write_buffer_size
 
     def data_received(self, data: bytes) -> None:
         raise NotImplementedError
@@ -74,7 +75,8 @@ class DirectSocket(StandIn):
             return False
         self.fd = os.dup(sock.fileno())
         self.loop = loop
-        self.buffered = t.get_write_buffer_size
+        self.spilled = False
+        t.set_write_buffer_limits(high=0)  # pause_writing at the first byte held (``spilled``)
         t.pause_reading()
         try:
             self.watch()
@@ -105,7 +107,7 @@ class DirectSocket(StandIn):
             return
         if data is None:
             return
-        if not data:  # the end of the stream: the transport closes, as eof_received has it
+        if len(data) == 0:  # the end of the stream: the transport closes, as eof_received has it
             self.stop_direct()
             t = self.transport
             if t is not None:
@@ -127,8 +129,10 @@ class DirectSocket(StandIn):
         self.fd = -1
         os.close(fd)
         t = self.transport
-        if t is not None and not t.is_closing() and not self.paused:
-            t.resume_reading()
+        if t is not None and not t.is_closing():
+            t.set_write_buffer_limits()  # the defaults again: backpressure past 64 KiB
+            if not self.paused:
+                t.resume_reading()
 
     def pause_reading(self) -> None:
         if self.paused:
@@ -149,13 +153,22 @@ class DirectSocket(StandIn):
         elif t is not None and not t.is_closing():
             t.resume_reading()
 
+    def pause_writing(self) -> None:
+        if self.fd >= 0:
+            self.spilled = True
+        self.owner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.spilled = False
+        self.owner.resume_writing()
+
     def send(self, data: bytes) -> None:
         """Write ``data``: to the socket directly while the transport has nothing waiting
-        (what the socket does not take goes to the transport, which keeps the order), else
-        to the transport."""
+        (``spilled``: what the socket does not take goes to the transport, which keeps the
+        order), else to the transport."""
         t = self.transport
         fd = self.fd
-        if fd >= 0 and not self.buffered():
+        if fd >= 0 and not self.spilled:
             try:
                 n = self.sendto(fd, data)
             except OSError:  # the transport meets the error in turn and reports the loss

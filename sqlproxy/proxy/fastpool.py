@@ -471,7 +471,7 @@ class PoolFast:
     def sendable(self, pump: PooledServerPump) -> bool:
         """Whether the unit ``client`` scanned (``u_*``) may go to ``pump``'s server as it
         is: nothing to replay there first (settings, statements), nothing owed."""
-        if pump.transport is None or pump.closed or pump.to_close or pump.answers.busy \
+        if pump.transport is None or pump.closed or len(pump.to_close) or pump.answers.busy \
                 or pump.answers.in_unit:
             return False  # the general path replays what is needed on the server it holds
         settings = pump.settings
@@ -480,7 +480,7 @@ class PoolFast:
                 return False
             pump.settings = self.settings  # equal: the next unit compares identities
         bound = self.u_bound
-        if bound:
+        if len(bound):
             want = self.statements[bound][1]
             have = pump.prepared.get(bound)
             if have is None or (have is not want and have != want):
@@ -506,7 +506,7 @@ class PoolFast:
                     conv.query_sent(data, now)  # (``client`` checked the message)
                 elif self.u_epos >= 0:  # (framed by ``client``: one Bind, one Execute after)
                     at = self.u_bound_at
-                    conv.unit_sent(data, now, self.u_text if self.u_parse else None,
+                    conv.unit_sent(data, now, self.u_text if len(self.u_parse) else None,
                                    self.u_bpos, self.u_bend, at - 1, at + len(self.u_bound),
                                    self.u_epos, self.u_eend)
                 else:
@@ -533,7 +533,7 @@ class PoolFast:
                 del statements[b""]
             if prepared and b"" in prepared:
                 del prepared[b""]
-        elif self.u_parse:
+        elif len(self.u_parse):
             self.statements[b""] = (self.u_text, self.u_parse)
             prepared[b""] = self.u_parse
         else:  # most recently used last (BackendReplay.bound)
@@ -549,7 +549,7 @@ class PoolFast:
         conversation's clock; -1: read it). False: the general path must (``take_parked``
         gives it the unit)."""
         data = self.parked
-        if not data:
+        if len(data) == 0:
             return True
         pump = self.held_pump
         if pump is not None and self.send(pump, data, self.clock() if now < 0 else now):
@@ -597,14 +597,17 @@ class PoolFast:
         assert conv is not None
         client = self.client_pump
         assert client is not None
-        client.send(data)
         if now < 0.0:
             now = self.clock()
         conv.feed_backend(data, now)
         if conv.busy or conv.tx_status != _IDLE or self.open_unit or self.pinned is not None \
                 or len(self.units):
+            client.send(data)
             return True
+        # The server goes back (to the next waiter, whose unit goes at once) before the answer
+        # goes to the client: the server's next query is not delayed by the client's send.
         self.checkin(pump, now if _ONE_CLOCK else self.monotonic())
+        client.send(data)
         return True
 
     def replica_answer(self, pump: PooledServerPump, data: bytes, now: float) -> bool:
@@ -681,7 +684,7 @@ class PoolFast:
         # The common hand-over: a waiting session with a parked unit gets this server.
         tag = w.tag
         fast: PoolFast = tag if isinstance(tag, PoolFast) else w.client.fast
-        if fast.enabled and fast.parked and not len(fast.units):
+        if fast.enabled and len(fast.parked) and not len(fast.units):
             fast.take(server, pump, now if _ONE_CLOCK else self.clock())
         else:
             pool.carry_out([Handoff(w.client, server, now - w.since)])

@@ -5,12 +5,16 @@ duplicated sockets are closed with their connections."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+import uvloop
+
+from sqlproxy.proxy.fastpool import PooledClientPump, PoolFast
 from sqlproxy.proxy.pooled import DIRECT_AFTER_CHUNKS
 from tests.pool.test_pooling import pooled
 from tests.proxy.test_relay import _one_session, _sessions, _wait
@@ -122,3 +126,73 @@ def test_client_gone_while_its_server_is_paused_leaves_a_clean_server(
         assert b"next" in messages[1][1]
     finally:
         other.close()
+
+
+class _Owner:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.events.append("lost")
+
+    def data_received(self, data: bytes) -> None:
+        self.events.append("data")
+
+
+def test_direct_sends_wait_behind_what_the_transport_holds() -> None:
+    """Whoever leaves bytes in the transport (the direct send's remainder, or the general path
+    writing to the transport itself), later direct sends queue behind them until the
+    transport has written them all: the other side reads every byte in the order sent."""
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        b.setblocking(False)
+        owner = _Owner()
+        transport, pump = await loop.create_connection(
+            lambda: PooledClientPump(owner, PoolFast(owner, 1 << 20, 10), None), sock=a)
+        pump.transport = transport
+        assert pump.start_direct(loop)
+        sent = bytearray()
+        for i in range(200):  # until the socket is full and the transport holds the rest
+            chunk = bytes([i % 251]) * 50_000
+            pump.send(chunk)
+            sent += chunk
+            if pump.spilled:
+                break
+        assert pump.spilled and owner.events == ["pause"]
+        transport.write(b"general path")  # written by the session, not through the pump
+        got = bytearray(b.recv(1 << 20))  # room in the socket again, the loop not run yet
+        pump.send(b"fast path")
+        sent += b"general path" + b"fast path"
+        while len(got) < len(sent):
+            try:
+                got += b.recv(1 << 20)
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+        assert bytes(got) == bytes(sent)
+        for _ in range(100):
+            if not pump.spilled:
+                break
+            await asyncio.sleep(0.01)
+        assert not pump.spilled and owner.events == ["pause", "resume"]
+        pump.send(b"direct again")
+        assert transport.get_write_buffer_size() == 0
+        await asyncio.sleep(0.01)
+        assert b.recv(100) == b"direct again"
+        pump.stop_direct()
+        transport.close()
+        b.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()

@@ -321,6 +321,23 @@ skeleton_literal: Final[Callable[[str, str, str, bool], str | None]] = (
     _sockio.skeleton_literal if _sockio is not None else skeleton_literal_at)
 
 
+def skeleton_literal_bytes_at(data: bytes, start: int, stop: int, prefix: bytes, suffix: bytes,
+                             string: bool) -> str | None:
+    """``skeleton_literal_at`` of the text ``data[start:stop]`` (up to its first NUL) decoded
+    from UTF-8 (invalid bytes replaced), ``prefix`` and ``suffix`` given in UTF-8."""
+    nul = data.find(b"\0", start, stop)
+    text = data[start : stop if nul < 0 else nul].decode("utf-8", "replace")
+    return skeleton_literal_at(text, prefix.decode("utf-8", "replace"),
+                               suffix.decode("utf-8", "replace"), string)
+
+
+# The same on the text's bytes, in C, before the text is decoded: the profiler finds most
+# simple-protocol texts without decoding them. Its None may be a yes of the decoded text's
+# (bytes that decode to the prefix only once replaced): then the caller asks the text.
+skeleton_literal_bytes: Final[Callable[[bytes, int, int, bytes, bytes, bool], str | None]] = (
+    _sockio.skeleton_literal_bytes if _sockio is not None else skeleton_literal_bytes_at)
+
+
 def skeleton_prefix(skel: str) -> str:
     """The text before the first literal of a skeleton, when a text that starts with it may
     be scanned from its last character on (``skeleton_scan(text, len(prefix) - 1)``); else "".

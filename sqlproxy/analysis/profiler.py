@@ -25,6 +25,7 @@ from sqlproxy.analysis.cache import (
     literal_slot,
     literal_values,
     skeleton_literal,
+    skeleton_literal_bytes,
     skeleton_prefix,
     skeleton_scan,
     strip_edge_comments,
@@ -39,6 +40,7 @@ from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
 from sqlproxy.analysis.tags import TagReader
 from sqlproxy.analysis.windows import Windows
 from sqlproxy.config import AnalysisSection
+from sqlproxy.wire.conversation import Pending
 
 __all__ = ["MEMO_LIMIT", "Profiler", "SessionInfo", "Statement"]
 
@@ -204,6 +206,32 @@ class Profiler:
                 literal = skeleton_literal(sql, ctx.lit_prefix, ctx.lit_suffix, ctx.lit_string)
                 if literal is not None:
                     values = literal
+        return self._execution(ctx, stmts, sql, raw, values, index, bind, rows, sqlstate,
+                               started, ended, route, None)
+
+    def record_pending(self, ctx: SessionInfo, pending: Pending, index: int, rows: int,
+                       sqlstate: str | None, started: float, ended: float,
+                       route: str = "primary") -> Statement | None:
+        """``record`` of the execution of ``pending``'s statement: a text not decoded yet that
+        is the last one-literal statement again with another value (its bytes say so) is
+        recorded without being decoded (unless the slow log or an example needs it)."""
+        lit = ctx.lit_stmts
+        if lit is not None and len(pending.raw) > 0:
+            literal = skeleton_literal_bytes(pending.raw, pending.start, pending.stop,
+                                             ctx.lit_prefix_b, ctx.lit_suffix_b, ctx.lit_string)
+            if literal is not None:
+                return self._execution(ctx, lit, "", "", literal, index, pending.params, rows,
+                                       sqlstate, started, ended, route, pending)
+        return self.record(ctx, pending.sql, index, pending.params, rows, sqlstate, started,
+                           ended, route)
+
+    def _execution(self, ctx: SessionInfo, stmts: list[Statement], sql: str, raw: str,
+                   values: str, index: int, bind: bytes, rows: int, sqlstate: str | None,
+                   started: float, ended: float, route: str, pending: Pending | None
+                   ) -> Statement | None:
+        """``record``, once the text's statements are found: ``raw`` and ``values`` as there;
+        with ``pending``, the text is that request's (``sql`` and ``raw``, read only when
+        needed)."""
         if index >= len(stmts):
             return None  # e.g. an empty query string
         stmt = stmts[index]
@@ -212,14 +240,22 @@ class Profiler:
         if entry is None or entry.evicted:
             entry = stmt.entry = self._entry(ctx, stmt)
         if stmt.has_offset and stmt.offset < 0 and len(bind) > 0:
+            if pending is not None:
+                sql = raw = pending.sql
+                pending = None
             stmt = self._bound_offset(stmt, sql, bind)
         if self.capture_parameters and entry.example_params is None:
+            if pending is not None:
+                sql = raw = pending.sql
+                pending = None
             self._capture(entry, stmt, sql, raw, len(stmts), bind)
         seconds = ended - started
         application = ctx.application_name
         entry.add(seconds, rows, sqlstate, application, route, now)
         self.executions += 1
         if seconds >= self.slow_seconds:
+            if pending is not None:
+                raw = pending.sql
             self._slow(ctx, stmt, raw, entry, seconds, rows, sqlstate, route, now)
         det = ctx.detector
         if det is None or det.application != application:
@@ -538,5 +574,7 @@ def _remember_slot(ctx: SessionInfo, skel: str, stmts: list[Statement]) -> None:
         return
     ctx.lit_prefix = prefix
     ctx.lit_suffix = suffix
+    ctx.lit_prefix_b = prefix.encode("utf-8", "surrogatepass")
+    ctx.lit_suffix_b = suffix.encode("utf-8", "surrogatepass")
     ctx.lit_string = skel[at] == "\x01"
     ctx.lit_stmts = stmts

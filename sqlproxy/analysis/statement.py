@@ -110,6 +110,8 @@ class SessionInfo:
         self.lit_prefix = ""
         self.lit_suffix = ""
         self.lit_string = False  # the literal is a '...' string (else an integer)
+        self.lit_prefix_b = b""  # their UTF-8 (cache.skeleton_literal_bytes)
+        self.lit_suffix_b = b""
         self.lit_stmts: list[Statement] | None = None
         self.detector: ConnectionDetector | None = None
         self.conv: Any = None

@@ -651,6 +651,83 @@ sockio_skeleton_literal(PyObject *module, PyObject *const *args, Py_ssize_t narg
     return PyUnicode_Substring(text, a, b);
 }
 
+/* skeleton_literal_bytes(data, start, stop, prefix, suffix, string): skeleton_literal of the
+ * text data[start:stop] (up to its first NUL) decoded from UTF-8, answered on its bytes before
+ * it is decoded: prefix and suffix are the UTF-8 of skeleton_literal's, the literal is decoded
+ * alone. A yes is skeleton_literal's yes (the prefix and suffix are whole characters, the
+ * literal starts and ends with ASCII, and the bytes the literal rules look at are ASCII); a
+ * text whose prefix or suffix only decodes to them (bytes replaced) is a None, left to the
+ * text's own skeleton_literal. */
+static PyObject *
+sockio_skeleton_literal_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    const unsigned char *base;
+    Py_ssize_t start, stop;
+    if (text_args("skeleton_literal_bytes", args, nargs, 6, &base, &start, &stop) < 0)
+        return NULL;
+    if (!PyBytes_Check(args[3]) || !PyBytes_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "skeleton_literal_bytes() prefix and suffix are bytes");
+        return NULL;
+    }
+    int string = PyObject_IsTrue(args[5]);
+    if (string < 0)
+        return NULL;
+    const unsigned char *nul = memchr(base + start, 0, (size_t)(stop - start));
+    if (nul != NULL)
+        stop = nul - base;
+    Py_ssize_t pn = PyBytes_GET_SIZE(args[3]), sn = PyBytes_GET_SIZE(args[4]);
+    Py_ssize_t a = start + pn, b = stop - sn;
+    if (b <= a || memcmp(base + start, PyBytes_AS_STRING(args[3]), (size_t)pn) != 0
+            || memcmp(base + b, PyBytes_AS_STRING(args[4]), (size_t)sn) != 0)
+        Py_RETURN_NONE;
+    if (!string) {
+        for (Py_ssize_t i = a; i < b; i++)
+            if (base[i] < '0' || base[i] > '9')
+                Py_RETURN_NONE;
+        return PyUnicode_DecodeASCII((const char *)base + a, b - a, NULL);
+    }
+    Py_ssize_t last = b - 1; /* the closing quote */
+    if (last <= a || base[a] != '\'' || base[last] != '\'')
+        Py_RETURN_NONE;
+    for (Py_ssize_t i = a + 1; i < last; i++) {
+        unsigned char c = base[i];
+        if (c < 58) {
+            if (c == '\'' || c == '$' || c == '"')
+                Py_RETURN_NONE;
+            if ((c == '-' || c == '/') && i + 1 < last) {
+                unsigned char d = base[i + 1];
+                if ((c == '-' && d == '-') || (c == '/' && d == '*'))
+                    Py_RETURN_NONE; /* the start of a comment */
+            }
+        }
+        else if (c == '\\')
+            Py_RETURN_NONE;
+    }
+    return PyUnicode_DecodeUTF8((const char *)base + a, b - a, "replace");
+}
+
+/* sketch_bump(counts, i): add one to the i-th native 64-bit count of the bytearray counts
+ * (analysis.sketch: a latency bucket); False when i is out of range. */
+static PyObject *
+sockio_sketch_bump(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyByteArray_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "sketch_bump() takes (counts: bytearray, i: int)");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[1]);
+    if (i == -1 && PyErr_Occurred())
+        return NULL;
+    if (i < 0 || i >= PyByteArray_GET_SIZE(args[0]) / 8)
+        Py_RETURN_FALSE;
+    char *cell = PyByteArray_AS_STRING(args[0]) + 8 * i;
+    int64_t v;
+    memcpy(&v, cell, sizeof v);
+    v++;
+    memcpy(cell, &v, sizeof v);
+    Py_RETURN_TRUE;
+}
+
 /* same_at(data, start, other): whether data[start:start + len(other)] == other. */
 static PyObject *
 sockio_same_at(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -756,6 +833,13 @@ static PyMethodDef sockio_methods[] = {
     {"skeleton_literal", (PyCFunction)(void (*)(void))sockio_skeleton_literal, METH_FASTCALL,
      "skeleton_literal(text, prefix, suffix, string) -> str | None: the literal between prefix "
      "and suffix when analysis.cache.same_skeleton(text, prefix, suffix, string), else None."},
+    {"skeleton_literal_bytes", (PyCFunction)(void (*)(void))sockio_skeleton_literal_bytes,
+     METH_FASTCALL,
+     "skeleton_literal_bytes(data, start, stop, prefix, suffix, string) -> str | None: "
+     "skeleton_literal of data[start:stop] decoded, answered on its bytes (None: ask the text)."},
+    {"sketch_bump", (PyCFunction)(void (*)(void))sockio_sketch_bump, METH_FASTCALL,
+     "sketch_bump(counts, i) -> bool: add one to the i-th native 64-bit count of counts "
+     "(a bytearray); False when i is out of range."},
     {NULL, NULL, 0, NULL},
 };
 

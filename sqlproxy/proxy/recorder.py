@@ -48,8 +48,8 @@ class SessionRecorder(NativeListener):
 
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
                        sqlstate: str | None, started: float, ended: float) -> None:
-        stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
-                                    sqlstate, started, ended, self.route)
+        stmt = self.profiler.record_pending(self.info, pending, index, rows, sqlstate, started,
+                                            ended, self.route)
         self._block(stmt, pending, started, ended)
 
     def _block(self, stmt: Statement | None, pending: Pending, started: float,
@@ -87,8 +87,8 @@ class RoutedRecorder(SessionRecorder):
 
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
                        sqlstate: str | None, started: float, ended: float) -> None:
-        stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
-                                    sqlstate, started, ended, self.route)
+        stmt = self.profiler.record_pending(self.info, pending, index, rows, sqlstate, started,
+                                            ended, self.route)
         self._block(stmt, pending, started, ended)
         if sqlstate is None and stmt is not None:
             kind = stmt.kind
@@ -120,8 +120,8 @@ class PooledRecorder(SessionRecorder):
 
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
                        sqlstate: str | None, started: float, ended: float) -> None:
-        stmt = self.profiler.record(self.info, pending.sql, index, pending.params, rows,
-                                    sqlstate, started, ended, self.route)
+        stmt = self.profiler.record_pending(self.info, pending, index, rows, sqlstate, started,
+                                            ended, self.route)
         self._block(stmt, pending, started, ended)
         if sqlstate is None:
             if stmt is None:

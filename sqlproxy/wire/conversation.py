@@ -74,12 +74,18 @@ MAX_NAMED: Final = 10_000  # bound on remembered prepared statements / portals p
 
 
 class Pending:
-    """One request awaiting its result."""
+    """One request awaiting its result. Its text (``sql``) may be kept undecoded
+    (``raw[start:stop]``, up to its first NUL: see ``lazy``) until someone asks for it: the
+    profiler finds the statement of most texts from their bytes alone
+    (``Profiler.record_pending``)."""
 
     def __init__(self, kind: i64, sql: str, sent: float, statement: bytes = b"",
                  params: bytes = b"", portal: bytes = b"", bind: i64 = 0) -> None:
         self.kind = kind
-        self.sql = sql
+        self._sql = sql
+        self.raw = b""  # the text's message (or chunk), while not decoded
+        self.start: i64 = 0
+        self.stop: i64 = 0
         self.sent = sent
         self.statement = statement  # prepared statement name for EXECUTE
         # The Bind message's body from its parameter format codes on: the parameter values,
@@ -90,6 +96,24 @@ class Pending:
         self.index = 0  # next statement of a multi-statement Query
         self.portal = portal
         self.bind = bind  # which Bind created the portal (a portal name is reused)
+
+    @property
+    def sql(self) -> str:
+        raw = self.raw
+        if len(raw) > 0:
+            self._sql = decode_text(raw, self.start, self.stop)
+            self.raw = b""
+        return self._sql
+
+
+def lazy(kind: i64, raw: bytes, start: i64, stop: i64, sent: float) -> Pending:
+    """A request whose text is ``raw[start:stop]`` (up to its first NUL), decoded from UTF-8
+    (invalid bytes replaced) only when ``sql`` is read."""
+    p = Pending(kind, "", sent)
+    p.raw = raw
+    p.start = start
+    p.stop = stop
+    return p
 
 
 _SYNC_ENTRY: Final = Pending(SYNC, "", 0.0)
@@ -265,7 +289,7 @@ class Conversation:
         if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
             self.feed_frontend(data, now)
             return
-        self._push(Pending(QUERY, decode_text(data, 5, len(data) - 1), now))
+        self._push(lazy(QUERY, data, 5, len(data) - 1, now))
 
     def _fe_resume(self, data: bytes, now: float) -> int:
         """Complete a buffered frontend message; returns the position after it, or -1."""
@@ -417,7 +441,7 @@ class Conversation:
         elif t == 81:  # 'Q' Query: one string, its NUL the last byte (no scan of the text)
             if end <= start or data[end - 1] != 0:
                 raise ProtocolViolation("invalid message format: missing string terminator")
-            self._push(Pending(QUERY, decode_text(data, start, end - 1), now))
+            self._push(lazy(QUERY, data, start, end - 1, now))
         elif t == 67:  # 'C' Close
             if end - start < 2:
                 raise ProtocolViolation("invalid Close message")

@@ -296,3 +296,61 @@ def test_native_skeleton_literal_is_the_definition(prefix: str, middle: str, suf
         assert (got is not None) == same_skeleton(text, prefix, suffix, string)
         if got is not None:
             assert prefix + got + suffix == text
+
+
+@settings(max_examples=3000, deadline=None)
+@given(PIECES, PIECES, PIECES, st.booleans(), st.booleans(),
+       st.binary(max_size=3), st.binary(max_size=3), st.booleans())
+def test_native_skeleton_literal_of_bytes_is_the_text_s(
+        prefix: str, middle: str, suffix: str, string: bool, framed: bool, head: bytes,
+        tail: bytes, nul: bool) -> None:
+    """``skeleton_literal_bytes`` (C) answers on a message's bytes what ``skeleton_literal``
+    answers on its text decoded (up to its first NUL, invalid UTF-8 replaced): the same
+    literal, or None where only the decoded text has the prefix (bytes replaced)."""
+    from sqlproxy.analysis.cache import (
+        skeleton_literal_at,
+        skeleton_literal_bytes,
+        skeleton_literal_bytes_at,
+    )
+    from sqlproxy.proxy import _sockio
+
+    assert skeleton_literal_bytes is _sockio.skeleton_literal_bytes
+    literal = f"'{middle}'" if string else "".join(c for c in middle if c.isdigit())
+    pb, sb = prefix.encode(), suffix.encode()
+    for body in ((prefix + middle + suffix).encode() if framed else middle.encode(),
+                 (prefix + literal + suffix).encode(),
+                 (prefix + literal).encode() + tail,  # invalid UTF-8 where the suffix is
+                 head + (literal + suffix).encode()):
+        data = b"Q...." + body + (b"\0junk" if nul else b"") + b"\0"
+        stop = len(data) - 1
+        text = data[5:].split(b"\0")[0].decode("utf-8", "replace")
+        want = skeleton_literal_at(text, prefix, suffix, string)
+        assert skeleton_literal_bytes_at(data, 5, stop, pb, sb, string) == want
+        got = skeleton_literal_bytes(data, 5, stop, pb, sb, string)
+        assert got == want or (got is None and data[5:].split(b"\0")[0] != text.encode())
+        if body == (prefix + literal + suffix).encode() and not nul:
+            assert got == want
+
+
+def test_profiler_records_undecoded_texts_as_decoded_ones() -> None:
+    """A Query whose text the profiler matches from its bytes (the last one-literal statement
+    again) is recorded as its decoded text would be, and never decoded unless asked."""
+    from sqlproxy.analysis.profiler import Profiler
+    from sqlproxy.analysis.statement import SessionInfo
+    from sqlproxy.config import AnalysisSection
+    from sqlproxy.wire.conversation import QUERY, lazy
+
+    profiler = Profiler(AnalysisSection())
+    ctx = SessionInfo(1, "peer", "d", "u", "app")
+    t = 100.0
+    for i in range(5):
+        msg = f"select * from accounts where aid = {i}\0".encode()
+        data = b"Q" + (len(msg) + 4).to_bytes(4, "big") + msg
+        pending = lazy(QUERY, data, 5, len(data) - 1, t)
+        stmt = profiler.record_pending(ctx, pending, 0, 1, None, t, t + 0.001)
+        assert stmt is not None and stmt.normalized.text.endswith("aid = $1")
+        assert len(pending.raw) == (0 if i == 0 else len(data))  # from the second on: bytes
+        assert pending.sql == f"select * from accounts where aid = {i}"
+        t += 0.01
+    (entry,) = [e for e in profiler.stats.select() if "accounts" in e.query]
+    assert entry.calls == 5 and entry.rows == 5

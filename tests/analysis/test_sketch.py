@@ -39,3 +39,31 @@ def test_empty_zero_merge_and_state() -> None:
     restored = LogSketch.from_state(a.to_state())
     assert restored.bins == a.bins and restored.count == 5
     assert abs(restored.quantile(1.0) - 0.003) <= 0.003 * 0.01
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=1e-9, max_value=1e7), max_size=300))
+def test_buckets_count_every_value_once(values: list[float]) -> None:
+    """Each value lands in bucket ``ceil(log(v) / log(gamma))``, counted in place (native
+    64-bit counts, in C) however the span of buckets grows on either side."""
+    sketch = LogSketch(0.01)
+    want: dict[int, int] = {}
+    for v in values:
+        sketch.add(v)
+        key = math.ceil(math.log(v) / math.log(sketch.gamma))
+        want[key] = want.get(key, 0) + 1
+    assert sketch.bins == want
+    assert sketch.count == len(values) == sum(sketch.bins.values())
+
+
+def test_native_bump_is_the_definition() -> None:
+    from sqlproxy.analysis import sketch
+    from sqlproxy.proxy import _sockio
+
+    assert sketch.bump is _sockio.sketch_bump
+    for bump in (sketch.bump, sketch._bump):
+        counts = bytearray(8 * 3)
+        assert bump(counts, 1) and bump(counts, 1) and bump(counts, 2)
+        assert not bump(counts, 3) and not bump(counts, -1)
+        with memoryview(counts) as raw, raw.cast("q") as cells:
+            assert cells.tolist() == [0, 2, 1]

@@ -96,6 +96,7 @@ class RoutedRecorder(SessionRecorder):
                 return
             if kind == KIND_TRANSACTION and stmt.shape.transaction_op not in _ROLLBACKS:
                 return  # BEGIN, COMMIT, SAVEPOINT: nothing to replay
+        pending.kept = True
         self.session.statement_event(self.route, pending, index, stmt, sqlstate)
 
 
@@ -126,9 +127,11 @@ class PooledRecorder(SessionRecorder):
         if sqlstate is None:
             if stmt is None:
                 if may_forget(pending.sql):
+                    pending.kept = True
                     self.session.statement_event(pending, index)
             elif stmt.kind != KIND_READ and stmt.kind != KIND_WRITE \
                     and stmt.shape.command in ("deallocate", "discard"):
+                pending.kept = True
                 self.session.statement_event(pending, index)
 
 
@@ -141,6 +144,7 @@ class PooledListener(NativeListener):
     def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
                        sqlstate: str | None, started: float, ended: float) -> None:
         if sqlstate is None and may_forget(pending.sql):
+            pending.kept = True
             self.session.statement_event(pending, index)
 
     def parameter_status(self, name: str, value: str) -> None:

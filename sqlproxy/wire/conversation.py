@@ -86,6 +86,9 @@ class Pending:
         self.raw = b""  # the text's message (or chunk), while not decoded
         self.start: i64 = 0
         self.stop: i64 = 0
+        # Handed to code that may keep it past the call (an interpreted listener, a session):
+        # not reused for the next Query (``Conversation.spare``).
+        self.kept = False
         self.sent = sent
         self.statement = statement  # prepared statement name for EXECUTE
         # The Bind message's body from its parameter format codes on: the parameter values,
@@ -204,6 +207,9 @@ class Conversation:
         self.rows: i64 = 0  # DataRows since the last completion
         self.last_end = 0.0
         self.sql_errors: i64 = 0
+        # The last Query's request once answered, unless it was ``kept``: the next Query's
+        # (an allocation and a deallocation less per round trip).
+        self.spare: Pending | None = None
 
     # ------------------------------------------------------------------ state queries
     @property
@@ -289,7 +295,21 @@ class Conversation:
         if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
             self.feed_frontend(data, now)
             return
-        self._push(lazy(QUERY, data, 5, len(data) - 1, now))
+        self._push(self._query(data, 5, len(data) - 1, now))
+
+    def _query(self, raw: bytes, start: i64, stop: i64, now: float) -> Pending:
+        """The request of a Query whose text is ``raw[start:stop]`` (``lazy``)."""
+        p = self.spare
+        if p is None:
+            return lazy(QUERY, raw, start, stop, now)
+        self.spare = None
+        p._sql = ""
+        p.raw = raw
+        p.start = start
+        p.stop = stop
+        p.sent = now
+        p.index = 0
+        return p
 
     def _fe_resume(self, data: bytes, now: float) -> int:
         """Complete a buffered frontend message; returns the position after it, or -1."""
@@ -441,7 +461,7 @@ class Conversation:
         elif t == 81:  # 'Q' Query: one string, its NUL the last byte (no scan of the text)
             if end <= start or data[end - 1] != 0:
                 raise ProtocolViolation("invalid message format: missing string terminator")
-            self._push(lazy(QUERY, data, start, end - 1, now))
+            self._push(self._query(data, start, end - 1, now))
         elif t == 67:  # 'C' Close
             if end - start < 2:
                 raise ProtocolViolation("invalid Close message")
@@ -606,8 +626,11 @@ class Conversation:
         self.copy_mode = COPY_NONE
         queue = self.queue
         while self.head < self.tail:
-            kind = queue[self.head].kind
+            entry = queue[self.head]
+            kind = entry.kind
             self._pop()
+            if kind == QUERY and not entry.kept:
+                self.spare = entry
             if kind != EXECUTE:
                 break
         self.rows = 0
@@ -657,6 +680,7 @@ class Conversation:
             native.statement_done(entry, index, None, rows, sqlstate, started, now)
         elif self.listener is not None:
             tag = data[start:end] if data is not None else None
+            entry.kept = True  # (an interpreted listener may keep it)
             self.listener.statement_done(entry, index, tag, rows, sqlstate, started, now)
 
     def _suspend(self, now: float) -> None:

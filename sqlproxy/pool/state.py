@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final, Generic, TypeVar, cast
+from typing import Any, Final, Generic, TypeVar, cast
 
 from mypy_extensions import i64
 
@@ -161,6 +161,7 @@ class ServerInfo:
         self.last_used = last_used
         self.app: _AppCount | None = None
         self.gone = False  # forgotten by its pool (a caller may keep this record at hand)
+        self.pump: Any = None  # the caller's, kept here at hand (the pool does not read it)
 
 
 @dataclass
@@ -207,6 +208,8 @@ class Pool(Generic[S, C]):
         self.may_open = True
         # What ``hand_on`` answers when the general rules of ``checkin`` apply.
         self.slow: Waiter[C] = Waiter(cast(C, None), 0.0)
+        # The record of the server ``checkout`` lent last (its caller finds its ``pump``).
+        self.lent_info: ServerInfo | None = None
 
     # ------------------------------------------------------------------ figures
     @property
@@ -310,6 +313,7 @@ class Pool(Generic[S, C]):
         if self.idle and not self.waiters:
             server = self.idle.pop()
             info = self.servers[server]
+            self.lent_info = info
             info.last_used = now
             self.active += 1
             self._lent(client, app, 0.0, info)

@@ -119,14 +119,23 @@ sockio_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int fd = fd_of(args[0]);
     if (fd < 0)
         return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
     ssize_t n;
-    do {
-        n = send(fd, view.buf, (size_t)view.len, MSG_DONTWAIT | MSG_NOSIGNAL);
-    } while (n < 0 && errno == EINTR);
-    PyBuffer_Release(&view);
+    if (PyBytes_CheckExact(args[1])) { /* the common case: no buffer to take and give back */
+        const char *buf = PyBytes_AS_STRING(args[1]);
+        size_t len = (size_t)PyBytes_GET_SIZE(args[1]);
+        do {
+            n = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (n < 0 && errno == EINTR);
+    }
+    else {
+        Py_buffer view;
+        if (PyObject_GetBuffer(args[1], &view, PyBUF_SIMPLE) < 0)
+            return NULL;
+        do {
+            n = send(fd, view.buf, (size_t)view.len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (n < 0 && errno == EINTR);
+        PyBuffer_Release(&view);
+    }
     if (n < 0) {
         if (errno == EAGAIN || errno == EWOULDBLOCK)
             return PyLong_FromLong(0);

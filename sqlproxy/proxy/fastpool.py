@@ -463,7 +463,12 @@ class PoolFast:
             got = state.checkout(self.session, mono, info.application_name)
             # (An idle server and no waiters: the checkout lends it, never OPEN or a wait.)
             assert got is not None and not isinstance(got, _Open)
-            self.hold(got)
+            lent = state.lent_info
+            assert lent is not None
+            p = lent.pump  # (found once per server: an attribute of an interpreted object)
+            if p is None:
+                p = lent.pump = got.pump
+            self.hold(got, p)
         pump = self.held_pump
         assert pump is not None
         return self.send(pump, data, now)

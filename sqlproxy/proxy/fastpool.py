@@ -124,6 +124,10 @@ class PoolFast:
         # The last unnamed Parse seen and its text (drivers send the same one again and again).
         self.last_parse = b""
         self.last_text = ""
+        # ... and the session's record of it (``statements[b""]``), one tuple while it is sent
+        # again and again.
+        # (Typed Any: a tuple-typed attribute is kept unboxed, and boxed anew at every read.)
+        self.last_entry: Any = ("", b"")
         # The last simple Query scanned clean, around its last number (``client``), and
         # whether DEALLOCATE / DISCARD were looked for too.
         self.q_memo = False
@@ -406,6 +410,7 @@ class PoolFast:
                         return False
                     self.last_parse = parse
                     self.last_text = text
+                    self.last_entry = (text, parse)
                     self.p_route = 0
                 if self.routed:
                     route = self.p_route
@@ -538,9 +543,15 @@ class PoolFast:
                 del statements[b""]
             if prepared and b"" in prepared:
                 del prepared[b""]
-        elif len(self.u_parse):
-            self.statements[b""] = (self.u_text, self.u_parse)
-            prepared[b""] = self.u_parse
+        elif len(self.u_parse):  # (the last Parse: ``client``)
+            # Set only when not what they hold already (a lookup costs less than a store).
+            entry = self.last_entry
+            statements = self.statements
+            if statements.get(b"") is not entry:
+                statements[b""] = entry
+            parse = self.u_parse
+            if prepared.get(b"") is not parse:
+                prepared[b""] = parse
         else:  # most recently used last (BackendReplay.bound)
             msg = prepared[bound]
             del prepared[bound]

@@ -373,13 +373,14 @@ class Conversation:
                                   entry[2])
         self._push(pending)
 
-    def _bind(self, data: bytes, start: i64, end: i64, nul1: i64, nul2: i64) -> None:
+    def _bind(self, data: bytes, start: i64, end: i64, nul1: i64, nul2: i64,
+              unnamed: str | None = None) -> None:
         """Bind (its body: ``data[start:end]``; its portal's name ends at ``nul1``, its
-        statement's at ``nul2``)."""
+        statement's at ``nul2``; ``unnamed``: the unnamed statement's text, when known)."""
         self.binds += 1
         if nul2 == nul1 + 1:  # the unnamed statement
             stmt = b""
-            sql = self.statements.get(stmt, "")
+            sql = self.statements.get(stmt, "") if unnamed is None else unnamed
         elif same_name(data, nul1 + 1, nul2, self.last_name):
             stmt = self.last_name
             sql = self.last_sql
@@ -442,9 +443,9 @@ class Conversation:
         if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
             self.feed_frontend(data, now)
             return
-        if parse_text is not None:
-            self._parsed(b"", parse_text)
-        self._bind(data, bpos + 5, bend, nul1, nul2)
+        if parse_text is not None and self.statements.get(b"") is not parse_text:
+            self._parsed(b"", parse_text)  # (a lookup costs less than a store)
+        self._bind(data, bpos + 5, bend, nul1, nul2, parse_text)
         self._execute(data, epos + 5, eend, now)
         self._push(_SYNC_ENTRY)
 

@@ -693,7 +693,11 @@ sockio_skeleton_literal_bytes(PyObject *module, PyObject *const *args, Py_ssize_
         for (Py_ssize_t i = a; i < b; i++)
             if (base[i] < '0' || base[i] > '9')
                 Py_RETURN_NONE;
-        return PyUnicode_DecodeASCII((const char *)base + a, b - a, NULL);
+        /* Digits: ASCII, copied as they are (no decoder to check them again). */
+        PyObject *digits = PyUnicode_New(b - a, 127);
+        if (digits != NULL)
+            memcpy(PyUnicode_DATA(digits), base + a, (size_t)(b - a));
+        return digits;
     }
     Py_ssize_t last = b - 1; /* the closing quote */
     if (last <= a || base[a] != '\'' || base[last] != '\'')

@@ -615,15 +615,18 @@ class PoolFast:
         assert client is not None
         if now < 0.0:
             now = self.clock()
-        conv.feed_backend(data, now)
-        if conv.busy or conv.tx_status != _IDLE or self.open_unit or self.pinned is not None \
-                or len(self.units):
+        conv.answer_passed(data, now)  # (its statement recorded below: ``record_held``)
+        try:
+            if conv.busy or conv.tx_status != _IDLE or self.open_unit \
+                    or self.pinned is not None or len(self.units):
+                client.send(data)
+                return True
+            # The server goes back (to the next waiter, whose unit goes at once), and the
+            # answer to the client, before the statement is recorded: neither waits for it.
+            self.checkin(pump, now if _ONE_CLOCK else self.monotonic())
             client.send(data)
-            return True
-        # The server goes back (to the next waiter, whose unit goes at once) before the answer
-        # goes to the client: the server's next query is not delayed by the client's send.
-        self.checkin(pump, now if _ONE_CLOCK else self.monotonic())
-        client.send(data)
+        finally:
+            conv.record_held()
         return True
 
     def replica_answer(self, pump: PooledServerPump, data: bytes, now: float) -> bool:

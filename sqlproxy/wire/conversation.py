@@ -160,6 +160,12 @@ class NativeListener:
 
 
 
+def _select_tag(data: bytes, at: i64) -> bool:
+    """Whether the command tag at ``data[at:]`` is a SELECT's."""
+    return at + 7 <= len(data) and data[at] == 83 and data[at + 1] == 69 \
+        and data[at + 2] == 76 and data[at + 6] == 32  # "SELECT "
+
+
 class Conversation:
     """Observes both directions of one session after startup (see the module docstring)."""
 
@@ -210,6 +216,14 @@ class Conversation:
         # The last Query's request once answered, unless it was ``kept``: the next Query's
         # (an allocation and a deallocation less per round trip).
         self.spare: Pending | None = None
+        # A statement's record held back (``answer_passed``) until ``record_held``: the
+        # request, its statement's index, rows, start and end.
+        self.holding = False
+        self.h_entry: Pending | None = None
+        self.h_index: i64 = 0
+        self.h_rows: i64 = 0
+        self.h_started = 0.0
+        self.h_ended = 0.0
 
     # ------------------------------------------------------------------ state queries
     @property
@@ -548,6 +562,40 @@ class Conversation:
             pos = end
         self.rows += rows
 
+    def answer_passed(self, data: bytes, now: float) -> None:
+        """``feed_backend`` of a chunk passed on as it came (the pooled fast path), except that
+        the record of the one statement a whole answer ends (with no change of transaction
+        status) is held back for ``record_held``, to be called next: the server can be given
+        to the next client, and the answer to this one, first. Only a SELECT's (by its command
+        tag): a write's record asks the conversation what the client sent after it (a round
+        trip per row?), and the listener may act on the server that ran anything else
+        (DEALLOCATE, DISCARD) while the session still holds it."""
+        if self.be_skip == 0 and self.be_want == 0 and len(self.be_buf) == 0 \
+                and self.native is not None:
+            packed: i64 = answer_scan(data)
+            if packed >= 0 and (packed & 0xFF) == self.tx_status \
+                    and _select_tag(data, (packed >> 8) & 0xFFFFF):
+                self.rows += packed >> 48
+                self.holding = True
+                self._complete(data, (packed >> 8) & 0xFFFFF, (packed >> 28) & 0xFFFFF, None,
+                               now)
+                self.holding = False
+                self._ready(packed & 0xFF, now)
+                return
+        self.feed_backend(data, now)
+
+    def record_held(self) -> None:
+        """The statement record ``answer_passed`` held back, to the listener."""
+        entry = self.h_entry
+        native = self.native
+        if entry is None or native is None:
+            return
+        self.h_entry = None
+        native.statement_done(entry, self.h_index, None, self.h_rows, None, self.h_started,
+                              self.h_ended)
+        if entry.kept and self.spare is entry:
+            self.spare = None  # (answered already: kept by the listener, not to be reused)
+
     def _be_resume(self, data: bytes, now: float) -> int:
         buf = self.be_buf
         data_pos = 0
@@ -678,6 +726,13 @@ class Conversation:
             entry.index = index + 1
         native = self.native
         if native is not None:
+            if self.holding:  # (answer_passed)
+                self.h_entry = entry
+                self.h_index = index
+                self.h_rows = rows
+                self.h_started = started
+                self.h_ended = now
+                return
             native.statement_done(entry, index, None, rows, sqlstate, started, now)
         elif self.listener is not None:
             tag = data[start:end] if data is not None else None

@@ -436,3 +436,75 @@ def test_a_unit_framed_by_the_fast_path_reads_as_fed_whole(
         framed.unit_sent(data, 1.0, sql if p else None, bpos, bpos + len(b), nul1, nul2, epos,
                          epos + len(e))
         assert _state(framed) == _state(fed)
+
+
+def test_an_answered_query_s_request_is_reused_unless_kept() -> None:
+    """The request of an answered Query serves the next Query (``Conversation.spare``), its
+    text read from the new message, unless a listener that may keep it (interpreted) was
+    handed it; a text is decoded only when read (``Pending.sql``)."""
+    answer = complete("SELECT 1") + ready()
+    conv = Conversation(None, 1 << 20)  # (no listener: nobody is handed the request)
+    conv.query_sent(query("select 1"), 1.0)
+    (first,) = conv.pending()
+    assert len(first.raw) > 0  # not decoded yet
+    conv.feed_backend(answer, 2.0)
+    assert conv.spare is first and not conv.pending()
+    conv.feed_frontend(query("select 'é', 2"), 3.0)
+    (second,) = conv.pending()
+    assert second is first and conv.spare is None
+    assert second.sql == "select 'é', 2" and second.sent == 3.0 and second.index == 0
+    assert len(second.raw) == 0  # decoded once, when read
+    conv.feed_backend(answer, 4.0)
+
+    rec = Recorder()  # an interpreted listener: what it is handed may be kept
+    conv = Conversation(rec, 1 << 20)
+    conv.query_sent(query("select 1"), 1.0)
+    conv.feed_backend(answer, 2.0)
+    assert conv.spare is None
+    conv.query_sent(query("select 2"), 3.0)
+    conv.feed_backend(answer, 4.0)
+    assert [d[0] for d in rec.done] == ["select 1", "select 2"]
+
+
+def test_a_passed_answer_s_record_is_held_back_only_for_plain_statements() -> None:
+    """``answer_passed``: a whole answer's SELECT is recorded when ``record_held`` is called
+    (after the pooled fast path gave the server back); anything else (a write, whose record
+    asks what the client sent next; DEALLOCATE, whose listener acts on the server still
+    held), or an answer that changes the transaction status, is recorded at once."""
+    from sqlproxy.analysis.profiler import Profiler
+    from sqlproxy.analysis.statement import SessionInfo
+    from sqlproxy.config import AnalysisSection
+    from sqlproxy.proxy.recorder import PooledRecorder
+
+    class Session:
+        def __init__(self) -> None:
+            self.events: list[str] = []
+
+        def statement_event(self, pending: Pending, index: int) -> None:
+            self.events.append(pending.sql)
+
+    profiler = Profiler(AnalysisSection())
+    session = Session()
+    conv = Conversation(PooledRecorder(profiler, session, SessionInfo(1, "p", "d", "u")),
+                        1 << 20)
+    row = msg(b"T", struct.pack("!h", 0)) + data_row()
+    conv.query_sent(query("select 1"), 1.0)
+    conv.answer_passed(row + complete("SELECT 1") + ready(), 2.0)
+    assert not conv.busy and profiler.executions == 0
+    conv.record_held()
+    assert profiler.executions == 1
+    conv.record_held()  # (nothing held any more)
+    assert profiler.executions == 1
+    conv.query_sent(query("update t set a = 1"), 2.5)
+    conv.answer_passed(complete("UPDATE 1") + ready(), 2.6)
+    assert profiler.executions == 2
+    conv.query_sent(query("deallocate all"), 3.0)
+    conv.answer_passed(complete("DEALLOCATE ALL") + ready(), 4.0)
+    assert profiler.executions == 3 and session.events == ["deallocate all"]
+    conv.query_sent(query("begin"), 5.0)
+    conv.answer_passed(complete("BEGIN") + ready(b"T"), 6.0)
+    assert profiler.executions == 4 and conv.tx_status == ord("T")
+    conv.record_held()
+    assert profiler.executions == 4
+    (entry,) = [e for e in profiler.stats.select() if e.query == "select $1"]
+    assert entry.calls == 1 and entry.rows == 1

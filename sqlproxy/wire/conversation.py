@@ -216,6 +216,7 @@ class Conversation:
         # The last Query's request once answered, unless it was ``kept``: the next Query's
         # (an allocation and a deallocation less per round trip).
         self.spare: Pending | None = None
+        self.x_spare: Pending | None = None  # ... and an Execute's, for the next Execute's
         # A statement's record held back (``answer_passed``) until ``record_held``: the
         # request, its statement's index, rows, start and end.
         self.holding = False
@@ -373,8 +374,21 @@ class Conversation:
             raise ProtocolViolation("invalid Execute message")
         if data[start] == 0:  # the unnamed portal
             if self.u_live:
-                pending = Pending(EXECUTE, self.u_sql, now, self.u_stmt, self.u_params, b"",
-                                  self.u_bind)
+                spare = self.x_spare
+                if spare is None:
+                    pending = Pending(EXECUTE, self.u_sql, now, self.u_stmt, self.u_params,
+                                      b"", self.u_bind)
+                else:
+                    self.x_spare = None
+                    pending = spare
+                    pending._sql = self.u_sql
+                    pending.raw = b""
+                    pending.sent = now
+                    pending.statement = self.u_stmt
+                    pending.params = self.u_params
+                    pending.portal = b""
+                    pending.bind = self.u_bind
+                    pending.index = 0
             else:
                 pending = Pending(EXECUTE, "", now)
         else:
@@ -593,8 +607,11 @@ class Conversation:
         self.h_entry = None
         native.statement_done(entry, self.h_index, None, self.h_rows, None, self.h_started,
                               self.h_ended)
-        if entry.kept and self.spare is entry:
-            self.spare = None  # (answered already: kept by the listener, not to be reused)
+        if entry.kept:
+            if self.spare is entry:
+                self.spare = None  # (answered already: kept by the listener, not reused)
+        elif entry.kind == EXECUTE:
+            self.x_spare = entry
 
     def _be_resume(self, data: bytes, now: float) -> int:
         buf = self.be_buf
@@ -738,6 +755,8 @@ class Conversation:
             tag = data[start:end] if data is not None else None
             entry.kept = True  # (an interpreted listener may keep it)
             self.listener.statement_done(entry, index, tag, rows, sqlstate, started, now)
+        if entry.kind == EXECUTE and not entry.kept:
+            self.x_spare = entry  # (gone from the queue, and not kept)
 
     def _suspend(self, now: float) -> None:
         """PortalSuspended: this Execute ends; the portal's statement goes on in a later one."""

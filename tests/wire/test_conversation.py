@@ -508,3 +508,20 @@ def test_a_passed_answer_s_record_is_held_back_only_for_plain_statements() -> No
     assert profiler.executions == 4
     (entry,) = [e for e in profiler.stats.select() if e.query == "select $1"]
     assert entry.calls == 1 and entry.rows == 1
+
+
+def test_an_answered_execute_s_request_is_reused() -> None:
+    """An Execute of the unnamed portal reuses the request of the last one answered, with the
+    new Bind's statement, text and parameters."""
+    conv = Conversation(None, 1 << 20)
+    answer = msg(b"1") + msg(b"2") + complete("SELECT 1") + ready()
+    conv.feed_frontend(parse("", "select $1") + bind("", "", [b"1"]) + execute() + SYNC, 1.0)
+    first = conv.pending()[0]
+    conv.feed_backend(answer, 2.0)
+    assert conv.x_spare is first
+    conv.feed_frontend(parse("", "select $1 + 1") + bind("", "", [b"22"]) + execute() + SYNC,
+                       3.0)
+    second = conv.pending()[0]
+    assert second is first and conv.x_spare is None
+    assert (second.sql, second.sent, second.statement) == ("select $1 + 1", 3.0, b"")
+    assert b"22" in second.params

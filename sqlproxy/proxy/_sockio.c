@@ -273,28 +273,43 @@ sockio_digit_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nn)", i, j);
 }
 
+/* Whether base[start:stop] is prefix, then at least one byte (base[*a:*b]), then suffix;
+ * -1 (TypeError set, naming ``name``) when prefix or suffix is not bytes. */
+static int
+framed_by(const char *name, const unsigned char *base, Py_ssize_t start, Py_ssize_t stop,
+          PyObject *prefix, PyObject *suffix, Py_ssize_t *a, Py_ssize_t *b)
+{
+    if (!PyBytes_Check(prefix) || !PyBytes_Check(suffix)) {
+        PyErr_Format(PyExc_TypeError, "%s() prefix and suffix must be bytes", name);
+        return -1;
+    }
+    Py_ssize_t np = PyBytes_GET_SIZE(prefix), ns = PyBytes_GET_SIZE(suffix);
+    *a = start + np;
+    *b = stop - ns;
+    return *b > *a && memcmp(base + start, PyBytes_AS_STRING(prefix), (size_t)np) == 0
+           && memcmp(base + *b, PyBytes_AS_STRING(suffix), (size_t)ns) == 0;
+}
+
+static int
+all_digits(const unsigned char *base, Py_ssize_t a, Py_ssize_t b)
+{
+    for (Py_ssize_t i = a; i < b; i++)
+        if (!is_digit(base[i]))
+            return 0;
+    return 1;
+}
+
 static PyObject *
 sockio_same_but_digits(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *base;
-    Py_ssize_t start, stop;
+    Py_ssize_t start, stop, a, b;
     if (text_args("same_but_digits", args, nargs, 5, &base, &start, &stop) < 0)
         return NULL;
-    if (!PyBytes_Check(args[3]) || !PyBytes_Check(args[4])) {
-        PyErr_SetString(PyExc_TypeError, "prefix and suffix must be bytes");
+    int framed = framed_by("same_but_digits", base, start, stop, args[3], args[4], &a, &b);
+    if (framed < 0)
         return NULL;
-    }
-    Py_ssize_t np = PyBytes_GET_SIZE(args[3]), ns = PyBytes_GET_SIZE(args[4]);
-    if (stop - start <= np + ns)
-        Py_RETURN_FALSE;
-    if (memcmp(base + start, PyBytes_AS_STRING(args[3]), (size_t)np) != 0
-            || memcmp(base + stop - ns, PyBytes_AS_STRING(args[4]), (size_t)ns) != 0)
-        Py_RETURN_FALSE;
-    for (const unsigned char *p = base + start + np, *e = base + stop - ns; p < e; p++) {
-        if (!is_digit(*p))
-            Py_RETURN_FALSE;
-    }
-    Py_RETURN_TRUE;
+    return PyBool_FromLong(framed && all_digits(base, a, b));
 }
 
 /* ------------------------------------------------------------------ Poller */
@@ -671,28 +686,24 @@ static PyObject *
 sockio_skeleton_literal_bytes(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     const unsigned char *base;
-    Py_ssize_t start, stop;
+    Py_ssize_t start, stop, a, b;
     if (text_args("skeleton_literal_bytes", args, nargs, 6, &base, &start, &stop) < 0)
         return NULL;
-    if (!PyBytes_Check(args[3]) || !PyBytes_Check(args[4])) {
-        PyErr_SetString(PyExc_TypeError, "skeleton_literal_bytes() prefix and suffix are bytes");
-        return NULL;
-    }
     int string = PyObject_IsTrue(args[5]);
     if (string < 0)
         return NULL;
     const unsigned char *nul = memchr(base + start, 0, (size_t)(stop - start));
     if (nul != NULL)
         stop = nul - base;
-    Py_ssize_t pn = PyBytes_GET_SIZE(args[3]), sn = PyBytes_GET_SIZE(args[4]);
-    Py_ssize_t a = start + pn, b = stop - sn;
-    if (b <= a || memcmp(base + start, PyBytes_AS_STRING(args[3]), (size_t)pn) != 0
-            || memcmp(base + b, PyBytes_AS_STRING(args[4]), (size_t)sn) != 0)
+    int framed = framed_by("skeleton_literal_bytes", base, start, stop, args[3], args[4], &a,
+                           &b);
+    if (framed < 0)
+        return NULL;
+    if (!framed)
         Py_RETURN_NONE;
     if (!string) {
-        for (Py_ssize_t i = a; i < b; i++)
-            if (base[i] < '0' || base[i] > '9')
-                Py_RETURN_NONE;
+        if (!all_digits(base, a, b))
+            Py_RETURN_NONE;
         /* Digits: ASCII, copied as they are (no decoder to check them again). */
         PyObject *digits = PyUnicode_New(b - a, 127);
         if (digits != NULL)

@@ -13,6 +13,7 @@ from setuptools import Extension, setup
 # once per new text or shape.
 HOT_MODULES = [
     "sqlproxy/wire/scan.py",
+    "sqlproxy/wire/requests.py",
     "sqlproxy/wire/conversation.py",
     "sqlproxy/analysis/cache.py",
     "sqlproxy/analysis/detector.py",

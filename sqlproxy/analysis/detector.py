@@ -101,7 +101,7 @@ LOOP_BODY_MAX: Final = 16  # statements per loop iteration: a sparser repetition
 MAX_TRACES: Final = 1000  # requests (trace ids) judged at once; the oldest is judged beyond
 _NEVER: Final = float("inf")
 
-_EXECUTE: Final = 2  # sqlproxy.wire.conversation.EXECUTE (the wire layer is not imported here)
+_EXECUTE: Final = 2  # sqlproxy.wire.requests.EXECUTE (the wire layer is not imported here)
 
 
 class Thresholds:

@@ -40,7 +40,7 @@ from sqlproxy.analysis.stats import StatEntry, StatsStore, TransactionStats
 from sqlproxy.analysis.tags import TagReader
 from sqlproxy.analysis.windows import Windows
 from sqlproxy.config import AnalysisSection
-from sqlproxy.wire.conversation import Pending
+from sqlproxy.wire.requests import Pending
 
 __all__ = ["MEMO_LIMIT", "Profiler", "SessionInfo", "Statement"]
 

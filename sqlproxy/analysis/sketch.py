@@ -27,13 +27,18 @@ except ImportError:  # pragma: no cover - built with the package
 __all__ = ["LogSketch"]
 
 
-def _bump(counts: bytearray, i: int) -> bool:
-    """Add one to the ``i``-th native 64-bit count of ``counts``; False when out of range."""
+def _add_at(counts: bytearray, i: int, n: int) -> bool:
+    """Add ``n`` to the ``i``-th native 64-bit count of ``counts``; False when out of range."""
     if i < 0 or 8 * i + 8 > len(counts):
         return False
     with memoryview(counts) as raw, raw.cast("q") as cells:
-        cells[i] += 1
+        cells[i] += n
     return True
+
+
+def _bump(counts: bytearray, i: int) -> bool:
+    """Add one to the ``i``-th native 64-bit count of ``counts``; False when out of range."""
+    return _add_at(counts, i, 1)
 
 
 # ``_bump`` in C (``_sockio.sketch_bump``), tested to agree; a module-level Final, so compiled
@@ -124,11 +129,7 @@ class LogSketch:
         self.count += other.count
 
     def _add_count(self, key: int, n: int) -> None:
-        i = key - self.low
-        if 0 <= i < len(self.counts) // 8:
-            with memoryview(self.counts) as raw, raw.cast("q") as cells:
-                cells[i] += n
-        else:
+        if not _add_at(self.counts, key - self.low, n):
             self._add_outside(key, n)
 
     def to_state(self) -> dict[str, object]:

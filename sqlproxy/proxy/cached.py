@@ -46,7 +46,7 @@ from sqlproxy.logs import get_logger
 from sqlproxy.proxy.recorder import SessionListener
 from sqlproxy.proxy.session import BackendConnection, ClientSession, SessionState
 from sqlproxy.routing.units import Unit, UnitCutter
-from sqlproxy.wire.conversation import Conversation, ConversationListener
+from sqlproxy.wire.conversation import Conversation
 from sqlproxy.wire.frames import Frames, frame_end
 from sqlproxy.wire.messages import (
     F_COPY_DATA,
@@ -56,6 +56,7 @@ from sqlproxy.wire.messages import (
     F_TERMINATE,
     SYNC,
 )
+from sqlproxy.wire.requests import ConversationListener
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.server import ProxyServer

@@ -615,7 +615,7 @@ class PoolFast:
         assert client is not None
         if now < 0.0:
             now = self.clock()
-        conv.answer_passed(data, now)  # (its statement recorded below: ``record_held``)
+        conv.feed_backend(data, now, True)  # (a SELECT recorded below: ``record_held``)
         try:
             if conv.busy or conv.tx_status != _IDLE or self.open_unit \
                     or self.pinned is not None or len(self.units):

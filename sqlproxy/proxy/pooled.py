@@ -44,7 +44,7 @@ from sqlproxy.routing.replay import Replay
 from sqlproxy.routing.scram import ScramKeys, ScramWatch
 from sqlproxy.routing.session_routing import SessionRouting
 from sqlproxy.routing.units import Unit, UnitCutter, cut_units
-from sqlproxy.wire.conversation import Conversation, Pending
+from sqlproxy.wire.conversation import Conversation
 from sqlproxy.wire.frames import Frames
 from sqlproxy.wire.messages import (
     F_COPY_DATA,
@@ -61,6 +61,7 @@ from sqlproxy.wire.messages import (
     error_summary,
     ready_for_query,
 )
+from sqlproxy.wire.requests import Pending
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.server import ProxyServer

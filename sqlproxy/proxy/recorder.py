@@ -22,7 +22,7 @@ from sqlproxy.analysis.statement import (
     Statement,
 )
 from sqlproxy.proxy.pinscan import may_forget
-from sqlproxy.wire.conversation import NativeListener, Pending
+from sqlproxy.wire.requests import NativeListener, Pending
 
 __all__ = ["PooledListener", "PooledRecorder", "RoutedRecorder", "SessionListener",
            "SessionRecorder"]

@@ -61,7 +61,7 @@ from sqlproxy.routing.replay import SESSION_TAGS, Replay
 from sqlproxy.routing.scram import ScramWatch
 from sqlproxy.routing.session_routing import SessionRouting
 from sqlproxy.routing.units import Unit, UnitCutter
-from sqlproxy.wire.conversation import Conversation, ConversationListener, Pending
+from sqlproxy.wire.conversation import Conversation
 from sqlproxy.wire.frames import Frames
 from sqlproxy.wire.messages import (
     F_COPY_DATA,
@@ -74,6 +74,7 @@ from sqlproxy.wire.messages import (
     TERMINATE,
     TX_IDLE,
 )
+from sqlproxy.wire.requests import ConversationListener, Pending
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.server import ProxyServer

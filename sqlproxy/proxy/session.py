@@ -25,7 +25,7 @@ from sqlproxy.proxy.listener import TLS_HANDSHAKE
 from sqlproxy.proxy.pump import HAVE_RELAY, BackendPump, ClientPump, Relay
 from sqlproxy.proxy.recorder import SessionListener, SessionRecorder
 from sqlproxy.proxy.tls import strip_channel_binding
-from sqlproxy.wire.conversation import Conversation, ConversationListener, Pending
+from sqlproxy.wire.conversation import Conversation
 from sqlproxy.wire.frames import Frames
 from sqlproxy.wire.messages import (
     AUTH_OK,
@@ -48,6 +48,7 @@ from sqlproxy.wire.messages import (
     parse_error_fields,
     parse_startup_packet,
 )
+from sqlproxy.wire.requests import ConversationListener, Pending
 
 if TYPE_CHECKING:
     from sqlproxy.proxy.server import ProxyServer

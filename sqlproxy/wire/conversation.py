@@ -38,30 +38,33 @@ copying.
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from typing import Final
 
 from mypy_extensions import i64
 
 from sqlproxy.errors import ProtocolViolation
+from sqlproxy.wire.requests import (
+    EXECUTE,
+    FUNCTION_CALL,
+    QUERY,
+    SYNC,
+    ConversationListener,
+    NativeListener,
+    Pending,
+    lazy,
+)
 from sqlproxy.wire.scan import (
     BE_TABLE,
     FE_TABLE,
     answer_scan,
     command_tag_rows,
     cstring,
-    decode_text,
     error_fields,
     find_nul,
     length_at,
     same_at,
     same_name,
 )
-
-# Kinds of pending requests.
-QUERY: Final = 1
-EXECUTE: Final = 2
-SYNC: Final = 3
-FUNCTION_CALL: Final = 4
 
 # COPY sub-modes.
 COPY_NONE: Final = 0
@@ -73,91 +76,8 @@ MAX_NAMED: Final = 10_000  # bound on remembered prepared statements / portals p
 
 
 
-class Pending:
-    """One request awaiting its result. Its text (``sql``) may be kept undecoded
-    (``raw[start:stop]``, up to its first NUL: see ``lazy``) until someone asks for it: the
-    profiler finds the statement of most texts from their bytes alone
-    (``Profiler.record_pending``)."""
-
-    def __init__(self, kind: i64, sql: str, sent: float, statement: bytes = b"",
-                 params: bytes = b"", portal: bytes = b"", bind: i64 = 0) -> None:
-        self.kind = kind
-        self._sql = sql
-        self.raw = b""  # the text's message (or chunk), while not decoded
-        self.start: i64 = 0
-        self.stop: i64 = 0
-        # Handed to code that may keep it past the call (an interpreted listener, a session):
-        # not reused for the next Query (``Conversation.spare``).
-        self.kept = False
-        self.sent = sent
-        self.statement = statement  # prepared statement name for EXECUTE
-        # The Bind message's body from its parameter format codes on: the parameter values,
-        # compared whole (the pattern detector tells executions apart by them) and decoded
-        # only for the rare statements that need a value, such as OFFSET $n. Empty for the
-        # simple protocol.
-        self.params = params
-        self.index = 0  # next statement of a multi-statement Query
-        self.portal = portal
-        self.bind = bind  # which Bind created the portal (a portal name is reused)
-
-    @property
-    def sql(self) -> str:
-        raw = self.raw
-        if len(raw) > 0:
-            self._sql = decode_text(raw, self.start, self.stop)
-            self.raw = b""
-        return self._sql
-
-
-def lazy(kind: i64, raw: bytes, start: i64, stop: i64, sent: float) -> Pending:
-    """A request whose text is ``raw[start:stop]`` (up to its first NUL), decoded from UTF-8
-    (invalid bytes replaced) only when ``sql`` is read."""
-    p = Pending(kind, "", sent)
-    p.raw = raw
-    p.start = start
-    p.stop = stop
-    return p
-
-
 _SYNC_ENTRY: Final = Pending(SYNC, "", 0.0)
 _NO_NAME: Final = b"\x00"  # no statement name holds a NUL: matches none
-
-
-class ConversationListener(Protocol):
-    """What the session wants to hear about. Called synchronously from ``feed_*``."""
-
-    def statement_done(
-        self,
-        pending: Pending,
-        index: int,
-        tag: bytes | None,
-        rows: int,
-        sqlstate: str | None,
-        started: float,
-        ended: float,
-    ) -> None: ...
-
-    def parameter_status(self, name: str, value: str) -> None: ...
-
-    def transaction_status(self, previous: int, current: int, now: float) -> None: ...
-
-
-class NativeListener:
-    """Base class for listeners compiled with this module (the profiler's recorder): the
-    tracker calls their methods directly, where a ``ConversationListener`` that is any other
-    object is called through Python, its arguments boxed. Subclasses override all three.
-    ``statement_done`` gets no command tag (``tag`` None; ``rows`` holds its row count)."""
-
-    def statement_done(self, pending: Pending, index: int, tag: bytes | None, rows: int,
-                       sqlstate: str | None, started: float, ended: float) -> None:
-        pass
-
-    def parameter_status(self, name: str, value: str) -> None:
-        pass
-
-    def transaction_status(self, previous: int, current: int, now: float) -> None:
-        pass
-
 
 
 def _select_tag(data: bytes, at: i64) -> bool:
@@ -217,7 +137,7 @@ class Conversation:
         # (an allocation and a deallocation less per round trip).
         self.spare: Pending | None = None
         self.x_spare: Pending | None = None  # ... and an Execute's, for the next Execute's
-        # A statement's record held back (``answer_passed``) until ``record_held``: the
+        # A statement's record held back (``feed_backend``'s ``hold``) until ``record_held``: the
         # request, its statement's index, rows, start and end.
         self.holding = False
         self.h_entry: Pending | None = None
@@ -318,12 +238,10 @@ class Conversation:
         if p is None:
             return lazy(QUERY, raw, start, stop, now)
         self.spare = None
-        p._sql = ""
+        p.again("", now)
         p.raw = raw
         p.start = start
         p.stop = stop
-        p.sent = now
-        p.index = 0
         return p
 
     def _fe_resume(self, data: bytes, now: float) -> int:
@@ -381,14 +299,8 @@ class Conversation:
                 else:
                     self.x_spare = None
                     pending = spare
-                    pending._sql = self.u_sql
-                    pending.raw = b""
-                    pending.sent = now
-                    pending.statement = self.u_stmt
-                    pending.params = self.u_params
-                    pending.portal = b""
-                    pending.bind = self.u_bind
-                    pending.index = 0
+                    pending.again(self.u_sql, now, self.u_stmt, self.u_params, b"",
+                                  self.u_bind)
             else:
                 pending = Pending(EXECUTE, "", now)
         else:
@@ -523,16 +435,27 @@ class Conversation:
                     self.tail -= 1
 
     # ------------------------------------------------------------------ backend side
-    def feed_backend(self, data: bytes, now: float) -> None:
-        """Observe bytes sent by the server."""
+    def feed_backend(self, data: bytes, now: float, hold: bool = False) -> None:
+        """Observe bytes sent by the server.
+
+        ``hold`` (the pooled fast path, which passes chunks on as they came): the record of the
+        one statement a whole answer ends, with no change of transaction status, is held back
+        for ``record_held``, to be called next: the server can be given to the next client,
+        and the answer to this one, first. Only a SELECT's (by its command tag): a write's
+        record asks the conversation what the client sent after it (a round trip per row?),
+        and the listener may act on the server that ran anything else (DEALLOCATE, DISCARD)
+        while the session still holds it."""
         if self.be_skip == 0 and self.be_want == 0 and len(self.be_buf) == 0:
             # The common answer, whole (answer_scan): what the loop below would do with it.
             packed: i64 = answer_scan(data)
             if packed >= 0:
                 self.rows += packed >> 48
-                self._complete(data, (packed >> 8) & 0xFFFFF, (packed >> 28) & 0xFFFFF, None,
-                               now)
-                self._ready(packed & 0xFF, now)
+                status = packed & 0xFF
+                tag: i64 = (packed >> 8) & 0xFFFFF
+                self.holding = hold and status == self.tx_status and _select_tag(data, tag)
+                self._complete(data, tag, (packed >> 28) & 0xFFFFF, None, now)
+                self.holding = False
+                self._ready(status, now)
                 return
         n: i64 = len(data)
         pos: i64 = 0
@@ -576,30 +499,8 @@ class Conversation:
             pos = end
         self.rows += rows
 
-    def answer_passed(self, data: bytes, now: float) -> None:
-        """``feed_backend`` of a chunk passed on as it came (the pooled fast path), except that
-        the record of the one statement a whole answer ends (with no change of transaction
-        status) is held back for ``record_held``, to be called next: the server can be given
-        to the next client, and the answer to this one, first. Only a SELECT's (by its command
-        tag): a write's record asks the conversation what the client sent after it (a round
-        trip per row?), and the listener may act on the server that ran anything else
-        (DEALLOCATE, DISCARD) while the session still holds it."""
-        if self.be_skip == 0 and self.be_want == 0 and len(self.be_buf) == 0 \
-                and self.native is not None:
-            packed: i64 = answer_scan(data)
-            if packed >= 0 and (packed & 0xFF) == self.tx_status \
-                    and _select_tag(data, (packed >> 8) & 0xFFFFF):
-                self.rows += packed >> 48
-                self.holding = True
-                self._complete(data, (packed >> 8) & 0xFFFFF, (packed >> 28) & 0xFFFFF, None,
-                               now)
-                self.holding = False
-                self._ready(packed & 0xFF, now)
-                return
-        self.feed_backend(data, now)
-
     def record_held(self) -> None:
-        """The statement record ``answer_passed`` held back, to the listener."""
+        """The statement record ``feed_backend(..., hold=True)`` held back, to the listener."""
         entry = self.h_entry
         native = self.native
         if entry is None or native is None:
@@ -743,7 +644,7 @@ class Conversation:
             entry.index = index + 1
         native = self.native
         if native is not None:
-            if self.holding:  # (answer_passed)
+            if self.holding:  # (feed_backend's ``hold``)
                 self.h_entry = entry
                 self.h_index = index
                 self.h_rows = rows

@@ -338,7 +338,7 @@ def test_profiler_records_undecoded_texts_as_decoded_ones() -> None:
     from sqlproxy.analysis.profiler import Profiler
     from sqlproxy.analysis.statement import SessionInfo
     from sqlproxy.config import AnalysisSection
-    from sqlproxy.wire.conversation import QUERY, lazy
+    from sqlproxy.wire.requests import QUERY, lazy
 
     profiler = Profiler(AnalysisSection())
     ctx = SessionInfo(1, "peer", "d", "u", "app")

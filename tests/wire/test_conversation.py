@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqlproxy.errors import ProtocolViolation
-from sqlproxy.wire.conversation import Conversation, Pending
+from sqlproxy.wire.conversation import Conversation
+from sqlproxy.wire.requests import Pending
 from sqlproxy.wire.scan import command_tag_rows, decode_text, text_at
 
 
@@ -467,10 +468,11 @@ def test_an_answered_query_s_request_is_reused_unless_kept() -> None:
 
 
 def test_a_passed_answer_s_record_is_held_back_only_for_plain_statements() -> None:
-    """``answer_passed``: a whole answer's SELECT is recorded when ``record_held`` is called
-    (after the pooled fast path gave the server back); anything else (a write, whose record
-    asks what the client sent next; DEALLOCATE, whose listener acts on the server still
-    held), or an answer that changes the transaction status, is recorded at once."""
+    """``feed_backend(..., hold=True)``: a whole answer's SELECT is recorded when
+    ``record_held`` is called (after the pooled fast path gave the server back); anything
+    else (a write, whose record asks what the client sent next; DEALLOCATE, whose listener
+    acts on the server still held), or an answer that changes the transaction status, is
+    recorded at once."""
     from sqlproxy.analysis.profiler import Profiler
     from sqlproxy.analysis.statement import SessionInfo
     from sqlproxy.config import AnalysisSection
@@ -489,20 +491,20 @@ def test_a_passed_answer_s_record_is_held_back_only_for_plain_statements() -> No
                         1 << 20)
     row = msg(b"T", struct.pack("!h", 0)) + data_row()
     conv.query_sent(query("select 1"), 1.0)
-    conv.answer_passed(row + complete("SELECT 1") + ready(), 2.0)
+    conv.feed_backend(row + complete("SELECT 1") + ready(), 2.0, hold=True)
     assert not conv.busy and profiler.executions == 0
     conv.record_held()
     assert profiler.executions == 1
     conv.record_held()  # (nothing held any more)
     assert profiler.executions == 1
     conv.query_sent(query("update t set a = 1"), 2.5)
-    conv.answer_passed(complete("UPDATE 1") + ready(), 2.6)
+    conv.feed_backend(complete("UPDATE 1") + ready(), 2.6, hold=True)
     assert profiler.executions == 2
     conv.query_sent(query("deallocate all"), 3.0)
-    conv.answer_passed(complete("DEALLOCATE ALL") + ready(), 4.0)
+    conv.feed_backend(complete("DEALLOCATE ALL") + ready(), 4.0, hold=True)
     assert profiler.executions == 3 and session.events == ["deallocate all"]
     conv.query_sent(query("begin"), 5.0)
-    conv.answer_passed(complete("BEGIN") + ready(b"T"), 6.0)
+    conv.feed_backend(complete("BEGIN") + ready(b"T"), 6.0, hold=True)
     assert profiler.executions == 4 and conv.tx_status == ord("T")
     conv.record_held()
     assert profiler.executions == 4

@@ -307,22 +307,32 @@ def same_skeleton(text: str, prefix: str, suffix: str, string: bool) -> bool:
     return True
 
 
-def skeleton_literal_at(text: str, prefix: str, suffix: str, string: bool) -> str | None:
+# The longest integer literal whose value key is an int (below 10**18: a native 64-bit one).
+INT_KEY_DIGITS: Final = 18
+
+
+def skeleton_literal_at(text: str, prefix: str, suffix: str, string: bool
+                        ) -> str | int | None:
     """The literal of ``text`` when it has the skeleton ``prefix`` + mark + ``suffix``
-    (``same_skeleton``), else None."""
+    (``same_skeleton``), else None: as a value key, that is its text, or the integer an
+    integer literal of up to ``INT_KEY_DIGITS`` digits stands for (no string made, hashed and
+    freed per execution; "007" and "7" are the same value)."""
     if not same_skeleton(text, prefix, suffix, string):
         return None
-    return text[len(prefix) : len(text) - len(suffix)]
+    literal = text[len(prefix) : len(text) - len(suffix)]
+    if not string and len(literal) <= INT_KEY_DIGITS:
+        return int(literal)
+    return literal
 
 
 # ``skeleton_literal_at`` in C (``_sockio.c``: the characters compared in place), tested to
 # agree with it; a module-level Final, so compiled code calls it without a lookup by name.
-skeleton_literal: Final[Callable[[str, str, str, bool], str | None]] = (
+skeleton_literal: Final[Callable[[str, str, str, bool], str | int | None]] = (
     _sockio.skeleton_literal if _sockio is not None else skeleton_literal_at)
 
 
 def skeleton_literal_bytes_at(data: bytes, start: int, stop: int, prefix: bytes, suffix: bytes,
-                             string: bool) -> str | None:
+                             string: bool) -> str | int | None:
     """``skeleton_literal_at`` of the text ``data[start:stop]`` (up to its first NUL) decoded
     from UTF-8 (invalid bytes replaced), ``prefix`` and ``suffix`` given in UTF-8."""
     nul = data.find(b"\0", start, stop)
@@ -334,7 +344,8 @@ def skeleton_literal_bytes_at(data: bytes, start: int, stop: int, prefix: bytes,
 # The same on the text's bytes, in C, before the text is decoded: the profiler finds most
 # simple-protocol texts without decoding them. Its None may be a yes of the decoded text's
 # (bytes that decode to the prefix only once replaced): then the caller asks the text.
-skeleton_literal_bytes: Final[Callable[[bytes, int, int, bytes, bytes, bool], str | None]] = (
+skeleton_literal_bytes: Final[Callable[[bytes, int, int, bytes, bytes, bool],
+                                        str | int | None]] = (
     _sockio.skeleton_literal_bytes if _sockio is not None else skeleton_literal_bytes_at)
 
 

@@ -250,13 +250,14 @@ class ConnectionDetector:
         self.deep_offset = t.deep_offset
 
     # ------------------------------------------------------------------ hot path
-    def observe(self, stmt: Statement, bind: bytes, raw: str, rows: int, failed: bool,
+    def observe(self, stmt: Statement, bind: bytes, raw: object, rows: int, failed: bool,
                 started: float, ended: float, ctx: SessionInfo | None = None) -> None:
         """One completed execution. ``bind`` holds its Bind parameter values (empty for the
         simple protocol); ``raw`` tells its literals apart when they are its own rather than
         ``stmt``'s (a text matched by its skeleton: the text, or the one literal of a text
-        whose skeleton is the same as the last one's), else ""; ``ctx`` the session, asked
-        about Syncs for writes only."""
+        whose skeleton is the same as the last one's, an int for an integer:
+        ``skeleton_literal``), else ""; ``ctx`` the session, asked about Syncs for writes
+        only."""
         lent = self.lent
         if lent is not None:
             if started - lent.last_end < self.gap:
@@ -320,10 +321,11 @@ class ConnectionDetector:
             # What tells this execution's values apart: the bound parameters (bytes whose
             # hash Python caches), with the text's own literals when it has any.
             key: object = stmt.key
-            if len(raw) > 0:
+            own = isinstance(raw, int) or (isinstance(raw, str) and len(raw) > 0)
+            if own:
                 key = raw  # the skeleton being the same, other texts have other literals
             if len(bind) > 0:
-                key = (key, bind) if stmt.literals or len(raw) > 0 else bind
+                key = (key, bind) if stmt.literals or own else bind
             digests = run.digests
             known = len(digests)
             if self.tracked < MAX_DIGESTS:

@@ -172,7 +172,7 @@ class Profiler:
         # What tells this execution's values apart (pattern detection): its one literal when
         # it is the last one-literal statement again (the rest of the text is the same), else
         # ``raw`` (or the statement's own values, when that is empty).
-        values = ""
+        values: object = ""
         lit = ctx.lit_stmts
         if lit is not None and (literal := skeleton_literal(
                 sql, ctx.lit_prefix, ctx.lit_suffix, ctx.lit_string)) is not None:
@@ -226,7 +226,7 @@ class Profiler:
                            ended, route)
 
     def _execution(self, ctx: SessionInfo, stmts: list[Statement], sql: str, raw: str,
-                   values: str, index: int, bind: bytes, rows: int, sqlstate: str | None,
+                   values: object, index: int, bind: bytes, rows: int, sqlstate: str | None,
                    started: float, ended: float, route: str, pending: Pending | None
                    ) -> Statement | None:
         """``record``, once the text's statements are found: ``raw`` and ``values`` as there;

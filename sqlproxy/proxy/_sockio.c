@@ -58,11 +58,8 @@
 
 #define RECV_SIZE (64 * 1024)
 
-/* answer_scan: the backend messages the conversation reads (conversation._BE_BODY_NEEDED),
- * and the bounds of what its packed result holds. */
+/* answer_scan: the backend messages the conversation reads (conversation._BE_BODY_NEEDED). */
 #define BE_BODY_NEEDED "CIEsZSGHW"
-#define ANSWER_MAX_ROWS (1LL << 15)
-#define ANSWER_MAX_POS (1LL << 20)
 
 static unsigned char be_needed[256]; /* 1 for each of BE_BODY_NEEDED and for 0 (invalid) */
 
@@ -310,6 +307,72 @@ sockio_same_but_digits(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     if (framed < 0)
         return NULL;
     return PyBool_FromLong(framed && all_digits(base, a, b));
+}
+
+/* The end of the message of type kind at pos (whole within n, its length 4 to max), or -1
+ * (pinscan._message_end). */
+static Py_ssize_t
+message_end(const unsigned char *d, Py_ssize_t n, Py_ssize_t pos, unsigned char kind,
+            Py_ssize_t max)
+{
+    if (n - pos < 5 || d[pos] != kind)
+        return -1;
+    Py_ssize_t size = ((Py_ssize_t)d[pos + 1] << 24) | ((Py_ssize_t)d[pos + 2] << 16)
+                      | ((Py_ssize_t)d[pos + 3] << 8) | (Py_ssize_t)d[pos + 4];
+    if (size < 4 || size > max || pos + 1 + size > n)
+        return -1;
+    return pos + 1 + size;
+}
+
+/* unit_layout(data, max_message): see pinscan.unit_layout_at, its definition. */
+static PyObject *
+sockio_unit_layout(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "unit_layout() takes (data: bytes, max_message: int)");
+        return NULL;
+    }
+    Py_ssize_t max = PyLong_AsSsize_t(args[1]);
+    if (max == -1 && PyErr_Occurred())
+        return NULL;
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t pos = 0, pend = 0;
+    if (n > 0 && d[0] == 'P') {
+        pend = message_end(d, n, 0, 'P', max);
+        if (pend < 8 || pend >= (1 << 15) || d[5] != 0)
+            return PyLong_FromLong(-1);
+        pos = pend;
+    }
+    Py_ssize_t bend = message_end(d, n, pos, 'B', max);
+    if (bend < 0 || bend - pos >= (1 << 15))
+        return PyLong_FromLong(-1);
+    const unsigned char *z = memchr(d + pos + 5, 0, (size_t)(bend - pos - 5));
+    if (z == NULL)
+        return PyLong_FromLong(-1);
+    Py_ssize_t portal_end = z - d;
+    z = memchr(d + portal_end + 1, 0, (size_t)(bend - portal_end - 1));
+    if (z == NULL)
+        return PyLong_FromLong(-1);
+    Py_ssize_t stmt_end = z - d;
+    long long portal = portal_end - pos - 5, stmt = stmt_end - portal_end - 1;
+    if (portal > 255 || stmt > 255)
+        return PyLong_FromLong(-1);
+    Py_ssize_t epos = bend;
+    long long dsize = 0;
+    if (n - bend > 5 && d[bend] == 'D') {
+        epos = message_end(d, n, bend, 'D', max);
+        dsize = epos - bend;
+        if (epos < 0 || dsize < 6 || dsize > 255 || d[bend + 5] != 'P')
+            return PyLong_FromLong(-1);
+    }
+    Py_ssize_t eend = message_end(d, n, epos, 'E', max);
+    if (eend < 0 || eend - epos > 255 || message_end(d, n, eend, 'S', max) != n
+            || n - eend != 5)
+        return PyLong_FromLong(-1);
+    return PyLong_FromLongLong((long long)pend | ((long long)(bend - pos) << 15)
+                               | (portal << 30) | (stmt << 38) | (dsize << 46)
+                               | ((long long)(eend - epos) << 54));
 }
 
 /* ------------------------------------------------------------------ Poller */
@@ -647,8 +710,12 @@ plain_literal(PyObject *text, Py_ssize_t a, Py_ssize_t b, int string)
     return 1;
 }
 
+/* cache.INT_KEY_DIGITS: an integer literal of at most this many digits is answered as its
+ * value (an int), a value key that costs no string. */
+#define INT_KEY_DIGITS 18
+
 /* skeleton_literal(text, prefix, suffix, string): the literal when cache.same_skeleton says
- * yes, else None. */
+ * yes (an int for an integer literal of up to INT_KEY_DIGITS digits), else None. */
 static PyObject *
 sockio_skeleton_literal(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -672,6 +739,12 @@ sockio_skeleton_literal(PyObject *module, PyObject *const *args, Py_ssize_t narg
     if (!same_part(kind, data, 0, args[1]) || !same_part(kind, data, b, args[2])
             || !plain_literal(text, a, b, string))
         Py_RETURN_NONE;
+    if (!string && b - a <= INT_KEY_DIGITS) {
+        long long v = 0;
+        for (Py_ssize_t i = a; i < b; i++)
+            v = v * 10 + (long long)(PyUnicode_READ(kind, data, i) - '0');
+        return PyLong_FromLongLong(v);
+    }
     return PyUnicode_Substring(text, a, b);
 }
 
@@ -704,6 +777,12 @@ sockio_skeleton_literal_bytes(PyObject *module, PyObject *const *args, Py_ssize_
     if (!string) {
         if (!all_digits(base, a, b))
             Py_RETURN_NONE;
+        if (b - a <= INT_KEY_DIGITS) {
+            long long v = 0;
+            for (Py_ssize_t i = a; i < b; i++)
+                v = v * 10 + (long long)(base[i] - '0');
+            return PyLong_FromLongLong(v);
+        }
         /* Digits: ASCII, copied as they are (no decoder to check them again). */
         PyObject *digits = PyUnicode_New(b - a, 127);
         if (digits != NULL)
@@ -806,11 +885,22 @@ sockio_answer_scan(PyObject *module, PyObject *arg)
         else if (t == 'Z') {
             if (tag_start < 0 || end != n || len != 5)
                 return PyLong_FromLong(-1);
-            if (rows >= ANSWER_MAX_ROWS || tag_end >= ANSWER_MAX_POS)
+            /* The tag's row count (scan.command_tag_rows), from a run of at most 18 digits. */
+            Py_ssize_t i = tag_end;
+            while (i > tag_start && d[i - 1] >= '0' && d[i - 1] <= '9')
+                i--;
+            if (tag_end - i > 18)
                 return PyLong_FromLong(-1);
-            return PyLong_FromLongLong(
-                (rows << 48) | ((long long)tag_end << 28) | ((long long)tag_start << 8)
-                | (long long)d[pos + 5]);
+            long long tag_rows = 0;
+            if (i != tag_end && i != tag_start && d[i - 1] == ' ')
+                for (; i < tag_end; i++)
+                    tag_rows = tag_rows * 10 + (long long)(d[i] - '0');
+            long long select = tag_end - tag_start >= 7 && memcmp(d + tag_start, "SELECT ", 7) == 0;
+            if (tag_rows)
+                return PyLong_FromLongLong((tag_rows << 2) | 2 | select);
+            if (rows >= ((long long)1 << 60))
+                return PyLong_FromLong(-1);
+            return PyLong_FromLongLong((rows << 2) | select);
         }
         else if (be_needed[t])
             return PyLong_FromLong(-1); /* a message the general loop must read */
@@ -851,9 +941,12 @@ static PyMethodDef sockio_methods[] = {
     {"same_at", (PyCFunction)(void (*)(void))sockio_same_at, METH_FASTCALL,
      "same_at(data, start, other) -> bool: whether data[start:start + len(other)] == other "
      "(compared in place)."},
+    {"unit_layout", (PyCFunction)(void (*)(void))sockio_unit_layout, METH_FASTCALL,
+     "unit_layout(data, max_message) -> int: proxy.pinscan.unit_layout_at (the common "
+     "extended-protocol unit's messages, packed), or -1."},
     {"answer_scan", (PyCFunction)sockio_answer_scan, METH_O,
-     "answer_scan(data) -> int: wire.conversation.answer_scan_at (a whole answer ending one "
-     "statement, packed), or -1."},
+     "answer_scan(data) -> int: wire.scan.answer_scan_at (a whole answer ending one "
+     "statement: its rows and tag, packed), or -1."},
     {"skeleton_literal", (PyCFunction)(void (*)(void))sockio_skeleton_literal, METH_FASTCALL,
      "skeleton_literal(text, prefix, suffix, string) -> str | None: the literal between prefix "
      "and suffix when analysis.cache.same_skeleton(text, prefix, suffix, string), else None."},

@@ -58,6 +58,7 @@ from sqlproxy.proxy.pinscan import (
     may_pin,
     same_but_digits,
     scan_pin,
+    unit_layout,
 )
 from sqlproxy.proxy.pump import POLL_CLOCK
 from sqlproxy.routing.answers import Answers
@@ -360,7 +361,19 @@ class PoolFast:
             bend: i64 = -1
             epos: i64 = -1  # the Execute after the Bind (-2: another, or one before it)
             eend: i64 = -1
-            last: i64 = 0
+            last: i64 = _SYNC
+            lay: i64 = unit_layout(data, self.max_message)
+            if lay >= 0:  # the common layout, framed at once (the loop below, in C)
+                pend = lay & 0x7FFF
+                bpos = pend
+                if pend:
+                    pstart = 0
+                bend = bpos + ((lay >> 15) & 0x7FFF)
+                bstart = bpos + 6 + ((lay >> 30) & 0xFF)
+                bstop = bstart + ((lay >> 38) & 0xFF)
+                epos = bend + ((lay >> 46) & 0xFF)
+                eend = epos + ((lay >> 54) & 0xFF)
+                pos = n
             while pos < n:
                 if n - pos < 5:
                     return False

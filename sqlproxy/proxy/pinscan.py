@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover - built with the package
     _sockio = None  # type: ignore[assignment]
 
 __all__ = ["digit_run", "digit_run_at", "in_name", "may_forget", "may_pin", "may_pin_at",
-           "same_but_digits", "same_but_digits_at", "scan_pin"]
+           "same_but_digits", "same_but_digits_at", "scan_pin", "unit_layout", "unit_layout_at"]
 
 
 def may_pin(text: str) -> bool:
@@ -123,6 +123,74 @@ digit_run: Final[Callable[[bytes, int, int], tuple[int, int]]] = (
     _sockio.digit_run if _sockio is not None else digit_run_at)
 same_but_digits: Final[Callable[[bytes, int, int, bytes, bytes], bool]] = (
     _sockio.same_but_digits if _sockio is not None else same_but_digits_at)
+
+
+def _message_end(data: bytes, pos: i64, kind: i64, max_message: i64) -> i64:
+    """The end of the message of type ``kind`` at ``pos`` (whole within ``data``, its length
+    4 to ``max_message``), else -1."""
+    n: i64 = len(data)
+    if n - pos < 5 or data[pos] != kind:
+        return -1
+    size: i64 = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) \
+        | data[pos + 4]
+    if size < 4 or size > max_message or pos + 1 + size > n:
+        return -1
+    return pos + 1 + size
+
+
+def _nul_at(data: bytes, start: i64, end: i64) -> i64:
+    i: i64 = start
+    while i < end:
+        if data[i] == 0:
+            return i
+        i += 1
+    return -1
+
+
+def unit_layout_at(data: bytes, max_message: i64) -> i64:
+    """The common extended-protocol unit's messages, framed at once: when ``data`` is exactly
+    [Parse of the unnamed statement] Bind [Describe of a portal] Execute Sync, each whole
+    (its length 4 to ``max_message``; the Sync's 4), where each part fits its field, packed:
+    the Parse's end (bits 0-14; 0: no Parse), the Bind's size (15-29), the lengths of the
+    Bind's portal name (30-37) and statement name (38-45), the Describe's size (46-53; 0: none)
+    and the Execute's (54-61). Else -1: the fast path's loop frames it (or declines it)."""
+    n: i64 = len(data)
+    pos: i64 = 0
+    pend: i64 = 0
+    if n > 0 and data[0] == 80:  # 'P'
+        pend = _message_end(data, 0, 80, max_message)
+        if pend < 8 or pend >= 1 << 15 or data[5] != 0:
+            return -1  # (a length of at least 7: a name, a text and a count of types)
+        pos = pend
+    bend = _message_end(data, pos, 66, max_message)  # 'B'
+    if bend < 0 or bend - pos >= 1 << 15:
+        return -1
+    portal_end = _nul_at(data, pos + 5, bend)
+    if portal_end < 0:
+        return -1
+    stmt_end = _nul_at(data, portal_end + 1, bend)
+    portal: i64 = portal_end - pos - 5
+    stmt: i64 = stmt_end - portal_end - 1
+    if stmt_end < 0 or portal > 255 or stmt > 255:
+        return -1
+    epos = bend
+    dsize: i64 = 0
+    if n - bend > 5 and data[bend] == 68:  # 'D'
+        epos = _message_end(data, bend, 68, max_message)
+        dsize = epos - bend
+        if epos < 0 or dsize < 6 or dsize > 255 or data[bend + 5] != 80:  # of a portal
+            return -1
+    eend = _message_end(data, epos, 69, max_message)  # 'E'
+    if eend < 0 or eend - epos > 255 or _message_end(data, eend, 83, max_message) != n \
+            or n - eend != 5:  # 'S', the last
+        return -1
+    return pend | ((bend - pos) << 15) | (portal << 30) | (stmt << 38) | (dsize << 46) \
+        | ((eend - epos) << 54)
+
+
+# The same in C (tested to agree): one call per unit instead of a loop per message.
+unit_layout: Final[Callable[[bytes, int], int]] = (
+    _sockio.unit_layout if _sockio is not None else unit_layout_at)
 
 
 def in_name(c: i64) -> bool:

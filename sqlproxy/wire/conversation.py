@@ -74,16 +74,8 @@ COPY_BOTH: Final = 3
 
 MAX_NAMED: Final = 10_000  # bound on remembered prepared statements / portals per connection
 
-
-
 _SYNC_ENTRY: Final = Pending(SYNC, "", 0.0)
 _NO_NAME: Final = b"\x00"  # no statement name holds a NUL: matches none
-
-
-def _select_tag(data: bytes, at: i64) -> bool:
-    """Whether the command tag at ``data[at:]`` is a SELECT's."""
-    return at + 7 <= len(data) and data[at] == 83 and data[at + 1] == 69 \
-        and data[at + 2] == 76 and data[at + 6] == 32  # "SELECT "
 
 
 class Conversation:
@@ -445,15 +437,20 @@ class Conversation:
         record asks the conversation what the client sent after it (a round trip per row?),
         and the listener may act on the server that ran anything else (DEALLOCATE, DISCARD)
         while the session still holds it."""
-        if self.be_skip == 0 and self.be_want == 0 and len(self.be_buf) == 0:
+        if self.be_skip == 0 and self.be_want == 0 and len(self.be_buf) == 0 \
+                and (self.native is not None or self.listener is None):
             # The common answer, whole (answer_scan): what the loop below would do with it.
+            # (Not for an interpreted listener: it is given the command tag.)
             packed: i64 = answer_scan(data)
             if packed >= 0:
-                self.rows += packed >> 48
-                status = packed & 0xFF
-                tag: i64 = (packed >> 8) & 0xFFFFF
-                self.holding = hold and status == self.tx_status and _select_tag(data, tag)
-                self._complete(data, tag, (packed >> 28) & 0xFFFFF, None, now)
+                tag_rows: i64 = 0
+                if packed & 2:
+                    tag_rows = packed >> 2
+                else:
+                    self.rows += packed >> 2
+                status: i64 = data[len(data) - 1]
+                self.holding = hold and (packed & 1) == 1 and status == self.tx_status
+                self._ended(tag_rows, data, 0, 0, None, now)
                 self.holding = False
                 self._ready(status, now)
                 return
@@ -616,6 +613,12 @@ class Conversation:
                   now: float) -> None:
         """The head request's statement ended: CommandComplete (its tag is ``data[start:end]``),
         or EmptyQueryResponse or ErrorResponse (``data`` None)."""
+        self._ended(0 if data is None else command_tag_rows(data, start, end), data, start,
+                    end, sqlstate, now)
+
+    def _ended(self, tag_rows: i64, data: bytes | None, start: i64, end: i64,
+               sqlstate: str | None, now: float) -> None:
+        """``_complete``, given the tag's row count (0: none; the rows counted then)."""
         self.copy_mode = COPY_NONE
         entry = self._current()
         rows: i64 = self.rows
@@ -624,10 +627,8 @@ class Conversation:
             return
         started = entry.sent if entry.sent > self.last_end else self.last_end
         self.last_end = now
-        if data is not None:
-            tag_rows = command_tag_rows(data, start, end)
-            if tag_rows:
-                rows = tag_rows
+        if tag_rows:
+            rows = tag_rows
         index = 0
         if entry.kind == EXECUTE:
             self._pop()

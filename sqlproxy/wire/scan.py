@@ -22,7 +22,7 @@ try:
 except ImportError:  # pragma: no cover - built with the package
     _sockio = None  # type: ignore[assignment]
 
-__all__ = ["ANSWER_MAX_POS", "ANSWER_MAX_ROWS", "BE_TABLE", "FE_TABLE", "answer_scan",
+__all__ = ["BE_TABLE", "FE_TABLE", "answer_scan",
            "answer_scan_at", "command_tag_rows", "cstring", "cstring_at", "decode_text",
            "error_fields", "find_nul", "length_at", "same_at", "same_at_py", "same_name",
            "text_at"]
@@ -123,16 +123,15 @@ def same_at_py(data: bytes, start: i64, other: bytes) -> bool:
 same_at: Final[Callable[[bytes, int, bytes], bool]] = (
     _sockio.same_at if _sockio is not None else same_at_py)
 
-ANSWER_MAX_ROWS: Final = 1 << 15
-ANSWER_MAX_POS: Final = 1 << 20
-
-
 def answer_scan_at(data: bytes) -> i64:
     """The common answer, read at once: when ``data`` is whole messages that end one
     statement and the request — messages the conversation ignores (DataRows counted, none
-    after the statement's end), one CommandComplete, a ReadyForQuery last — its DataRows, the
-    CommandComplete tag's bounds and the ReadyForQuery status, packed (rows << 48 | tag end
-    << 28 | tag start << 8 | status); else -1 (the general loop reads it)."""
+    after the statement's end), one CommandComplete, a ReadyForQuery last (its status is the
+    last byte) — then packed: ``rows << 2 | from_tag << 1 | select``. ``rows`` is the
+    CommandComplete tag's row count (``command_tag_rows``; ``from_tag`` 1) or, when that is 0,
+    the DataRows counted (``from_tag`` 0); ``select``: the tag is a SELECT's. Else -1 (the
+    general loop reads it; so for a tag ending in more than 18 digits). A SELECT of a few
+    rows packs to a small int, which Python does not allocate."""
     n: i64 = len(data)
     pos: i64 = 0
     rows: i64 = 0
@@ -158,10 +157,19 @@ def answer_scan_at(data: bytes) -> i64:
         elif t == 90:  # 'Z'
             if tag_start < 0 or end != n or size != 5:
                 return -1
-            if rows >= ANSWER_MAX_ROWS or tag_end >= ANSWER_MAX_POS:
+            i: i64 = tag_end
+            while i > tag_start and 48 <= data[i - 1] <= 57:
+                i -= 1
+            if tag_end - i > 18:
                 return -1
-            status: i64 = data[pos + 5]
-            return (rows << 48) | (tag_end << 28) | (tag_start << 8) | status
+            select: i64 = 1 if tag_end - tag_start >= 7 \
+                and data[tag_start : tag_start + 7] == b"SELECT " else 0
+            tag_rows = command_tag_rows(data, tag_start, tag_end)
+            if tag_rows:
+                return (tag_rows << 2) | 2 | select
+            if rows >= 1 << 60:
+                return -1
+            return (rows << 2) | select
         elif BE_TABLE[t] == 2 or t == 0:
             return -1
         pos = end

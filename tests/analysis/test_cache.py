@@ -294,8 +294,12 @@ def test_native_skeleton_literal_is_the_definition(prefix: str, middle: str, suf
         got = skeleton_literal(text, prefix, suffix, string)
         assert got == skeleton_literal_at(text, prefix, suffix, string)
         assert (got is not None) == same_skeleton(text, prefix, suffix, string)
-        if got is not None:
+        if isinstance(got, int):  # an integer literal's value (a key that costs no string)
+            literal_text = text[len(prefix) : len(text) - len(suffix)]
+            assert not string and len(literal_text) <= 18 and int(literal_text) == got
+        elif got is not None:
             assert prefix + got + suffix == text
+            assert string or len(got) > 18
 
 
 @settings(max_examples=3000, deadline=None)

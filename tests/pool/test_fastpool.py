@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sqlproxy.proxy.pinscan import (
@@ -28,6 +28,8 @@ from sqlproxy.proxy.pinscan import (
     same_but_digits,
     same_but_digits_at,
     scan_pin,
+    unit_layout,
+    unit_layout_at,
 )
 from tests.pool.test_pooling import _pgbench, bench_db, pooled, pools_of, server_connections
 from tests.support import pg
@@ -161,3 +163,90 @@ def test_digit_run_and_same_but_digits_agree_with_their_definition(
     want = bool(other) and other.isdigit()
     assert same_but_digits(changed, 6, len(changed) - 1, prefix, suffix) == want
     assert same_but_digits_at(changed, 6, len(changed) - 1, prefix, suffix) == want
+
+
+def _msg(kind: bytes, body: bytes, extra: int = 0) -> bytes:
+    return kind + (4 + len(body) + extra).to_bytes(4, "big") + body
+
+
+_NAMES = st.sampled_from([b"", b"", b"s1", b"p" * 255, b"p" * 256])
+_UNIT_PART = st.one_of(
+    st.tuples(st.just(b"P"), st.sampled_from([b"\x00SELECT 1\x00\x00\x00", b"s\x00x\x00\x00\x00",
+                                              b"\x00\x00", b"\x00" + b"x" * 40000 + b"\x00\x00\x00"])),
+    st.builds(lambda portal, stmt, rest: (b"B", portal + b"\x00" + stmt + b"\x00" + rest),
+              _NAMES, _NAMES, st.sampled_from([b"\x00\x00\x00\x00\x00\x00", b"\x00\x00",
+                                               b"\x00\x01\x00\x00\x00\x0342\x00\x00"])),
+    st.tuples(st.just(b"B"), st.sampled_from([b"", b"p", b"p\x00s"])),
+    st.builds(lambda kind, name: (b"D", kind + name + b"\x00"),
+              st.sampled_from([b"P", b"S"]), _NAMES),
+    st.tuples(st.just(b"D"), st.sampled_from([b"", b"P"])),
+    st.builds(lambda name: (b"E", name + b"\x00\x00\x00\x00\x00"), _NAMES),
+    st.tuples(st.sampled_from([b"S", b"H", b"C"]), st.sampled_from([b"", b"x"])),
+)
+
+
+def _common_unit(parse: bool, describe: bool, parts: list[tuple[bytes, bytes]],
+                 drop: int) -> list[tuple[bytes, bytes]]:
+    """[Parse] Bind [Describe] Execute Sync from ``parts`` (their first Parse, Bind, ...),
+    with ``drop`` (if in range) left out."""
+    first = {kind: (kind, body) for kind, body in reversed(parts)}
+    order = [b"P"] if parse else []
+    order += [b"B", b"D"] if describe else [b"B"]
+    unit = [first.get(k, (k, b"P\x00" if k == b"D" else b"\x00\x00\x00\x00\x00\x00"))
+            for k in order] + [first.get(b"E", (b"E", b"\x00\x00\x00\x00\x00")), (b"S", b"")]
+    return [m for i, m in enumerate(unit) if i != drop]
+
+
+@given(st.one_of(st.lists(_UNIT_PART, max_size=6),
+                 st.builds(_common_unit, st.booleans(), st.booleans(),
+                           st.lists(_UNIT_PART, max_size=6), st.integers(-1, 8)),
+                 st.builds(_common_unit, st.booleans(), st.booleans(),
+                           st.lists(_UNIT_PART, max_size=6), st.just(-1))),
+       st.sampled_from([0, 0, 0, -1, -6]), st.sampled_from([0, 0, 0, -1, 1]),
+       st.sampled_from([1 << 20, 1 << 20, 20, 4]))
+@settings(max_examples=3000, deadline=None)
+def test_unit_layout_in_c_is_the_definition(parts: list[tuple[bytes, bytes]], trim: int,
+                                            skew: int, max_message: int) -> None:
+    """``unit_layout`` (``_sockio``) answers as ``unit_layout_at``; a layout it gives decodes
+    (as ``PoolFast.client`` does) to the bounds of each message of the unit."""
+    from sqlproxy.proxy import _sockio
+
+    assert unit_layout is _sockio.unit_layout
+    msgs = [_msg(kind, body) for kind, body in parts]
+    if msgs and skew:  # one length off by one
+        kind, body = parts[-1]
+        msgs[-1] = _msg(kind, body, skew)
+    data = b"".join(msgs)
+    if trim:
+        data = data[:trim]
+    got = unit_layout(data, max_message)
+    assert got == unit_layout_at(data, max_message)
+    if got < 0:
+        return
+    kinds = [data[m : m + 1] for m in _starts(data)]
+    assert kinds in ([b"P", b"B", b"D", b"E", b"S"], [b"P", b"B", b"E", b"S"],
+                     [b"B", b"D", b"E", b"S"], [b"B", b"E", b"S"])
+    pend = got & 0x7FFF
+    bpos = pend
+    bend = bpos + ((got >> 15) & 0x7FFF)
+    bstart = bpos + 6 + ((got >> 30) & 0xFF)
+    bstop = bstart + ((got >> 38) & 0xFF)
+    epos = bend + ((got >> 46) & 0xFF)
+    eend = epos + ((got >> 54) & 0xFF)
+    starts = _starts(data)
+    assert (pend > 0) == (kinds[0] == b"P")
+    if pend:
+        assert starts[1] == pend and data[5] == 0
+    assert data[bpos : bpos + 1] == b"B" and bend in starts
+    assert data[bstart - 1] == 0 and data[bpos + 5 : bstart - 1].find(b"\x00") < 0
+    assert data[bstop] == 0 and data[bstart:bstop].find(b"\x00") < 0
+    assert data[epos : epos + 1] == b"E" and data[eend : eend + 1] == b"S"
+    assert len(data) == eend + 5
+
+
+def _starts(data: bytes) -> list[int]:
+    out, pos = [], 0
+    while pos + 5 <= len(data):
+        out.append(pos)
+        pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+    return out

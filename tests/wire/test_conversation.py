@@ -322,8 +322,10 @@ def test_decode_text_agrees_with_its_definition(data: bytes, start: int, end: in
 
 ANSWER_MESSAGES = st.lists(
     st.tuples(st.sampled_from(list(b"TDCZ12nNEIsSGHWt\x00")),
-              st.one_of(st.binary(max_size=12), st.sampled_from([b"SELECT 1\x00", b"I", b"T",
-                                                                 b"E", b"INSERT 0 12\x00"]))),
+              st.one_of(st.binary(max_size=12), st.sampled_from([
+                  b"SELECT 1\x00", b"I", b"T", b"E", b"INSERT 0 12\x00", b"SELECT 0\x00",
+                  b"SELECT\x00", b"SELECT \x00", b"7\x00", b" 7\x00", b"COPY 3\x00",
+                  b"SELECT 123456789012345678\x00", b"SELECT 1234567890123456789\x00"]))),
     max_size=8)
 
 

@@ -171,8 +171,9 @@ def _msg(kind: bytes, body: bytes, extra: int = 0) -> bytes:
 
 _NAMES = st.sampled_from([b"", b"", b"s1", b"p" * 255, b"p" * 256])
 _UNIT_PART = st.one_of(
-    st.tuples(st.just(b"P"), st.sampled_from([b"\x00SELECT 1\x00\x00\x00", b"s\x00x\x00\x00\x00",
-                                              b"\x00\x00", b"\x00" + b"x" * 40000 + b"\x00\x00\x00"])),
+    st.tuples(st.just(b"P"), st.sampled_from([
+        b"\x00SELECT 1\x00\x00\x00", b"s\x00x\x00\x00\x00", b"\x00\x00",
+        b"\x00" + b"x" * 40000 + b"\x00\x00\x00"])),
     st.builds(lambda portal, stmt, rest: (b"B", portal + b"\x00" + stmt + b"\x00" + rest),
               _NAMES, _NAMES, st.sampled_from([b"\x00\x00\x00\x00\x00\x00", b"\x00\x00",
                                                b"\x00\x01\x00\x00\x00\x0342\x00\x00"])),

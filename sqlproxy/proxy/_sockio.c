@@ -340,39 +340,31 @@ sockio_unit_layout(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t pos = 0, pend = 0;
     if (n > 0 && d[0] == 'P') {
         pend = message_end(d, n, 0, 'P', max);
-        if (pend < 8 || pend >= (1 << 15) || d[5] != 0)
+        if (pend < 8 || pend >= (1 << 12) || d[5] != 0)
             return PyLong_FromLong(-1);
         pos = pend;
     }
     Py_ssize_t bend = message_end(d, n, pos, 'B', max);
-    if (bend < 0 || bend - pos >= (1 << 15))
+    if (bend - pos < 7 || bend - pos >= (1 << 10) || d[pos + 5] != 0)
         return PyLong_FromLong(-1);
-    const unsigned char *z = memchr(d + pos + 5, 0, (size_t)(bend - pos - 5));
-    if (z == NULL)
+    const unsigned char *z = memchr(d + pos + 6, 0, (size_t)(bend - pos - 6));
+    if (z == NULL || z - d - pos - 6 >= (1 << 7))
         return PyLong_FromLong(-1);
-    Py_ssize_t portal_end = z - d;
-    z = memchr(d + portal_end + 1, 0, (size_t)(bend - portal_end - 1));
-    if (z == NULL)
-        return PyLong_FromLong(-1);
-    Py_ssize_t stmt_end = z - d;
-    long long portal = portal_end - pos - 5, stmt = stmt_end - portal_end - 1;
-    if (portal > 255 || stmt > 255)
-        return PyLong_FromLong(-1);
+    long stmt = (long)(z - d - pos - 6);
     Py_ssize_t epos = bend;
-    long long dsize = 0;
+    long describe = 0;
     if (n - bend > 5 && d[bend] == 'D') {
         epos = message_end(d, n, bend, 'D', max);
-        dsize = epos - bend;
-        if (epos < 0 || dsize < 6 || dsize > 255 || d[bend + 5] != 'P')
+        if (epos - bend != 7 || d[bend + 5] != 'P' || d[bend + 6] != 0)
             return PyLong_FromLong(-1);
+        describe = 1;
     }
     Py_ssize_t eend = message_end(d, n, epos, 'E', max);
-    if (eend < 0 || eend - epos > 255 || message_end(d, n, eend, 'S', max) != n
+    if (eend - epos != 10 || d[epos + 5] != 0 || message_end(d, n, eend, 'S', max) != n
             || n - eend != 5)
         return PyLong_FromLong(-1);
-    return PyLong_FromLongLong((long long)pend | ((long long)(bend - pos) << 15)
-                               | (portal << 30) | (stmt << 38) | (dsize << 46)
-                               | ((long long)(eend - epos) << 54));
+    return PyLong_FromLong((long)pend | ((long)(bend - pos) << 12) | (stmt << 22)
+                           | (describe << 29));
 }
 
 /* ------------------------------------------------------------------ Poller */

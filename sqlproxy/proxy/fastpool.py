@@ -364,15 +364,15 @@ class PoolFast:
             last: i64 = _SYNC
             lay: i64 = unit_layout(data, self.max_message)
             if lay >= 0:  # the common layout, framed at once (the loop below, in C)
-                pend = lay & 0x7FFF
+                pend = lay & 0xFFF
                 bpos = pend
                 if pend:
                     pstart = 0
-                bend = bpos + ((lay >> 15) & 0x7FFF)
-                bstart = bpos + 6 + ((lay >> 30) & 0xFF)
-                bstop = bstart + ((lay >> 38) & 0xFF)
-                epos = bend + ((lay >> 46) & 0xFF)
-                eend = epos + ((lay >> 54) & 0xFF)
+                bend = bpos + ((lay >> 12) & 0x3FF)
+                bstart = bpos + 6  # (the unnamed portal)
+                bstop = bstart + ((lay >> 22) & 0x7F)
+                epos = bend + 7 * (lay >> 29)  # (after the Describe, if any)
+                eend = epos + 10
                 pos = n
             while pos < n:
                 if n - pos < 5:

@@ -149,43 +149,40 @@ def _nul_at(data: bytes, start: i64, end: i64) -> i64:
 
 def unit_layout_at(data: bytes, max_message: i64) -> i64:
     """The common extended-protocol unit's messages, framed at once: when ``data`` is exactly
-    [Parse of the unnamed statement] Bind [Describe of a portal] Execute Sync, each whole
-    (its length 4 to ``max_message``; the Sync's 4), where each part fits its field, packed:
-    the Parse's end (bits 0-14; 0: no Parse), the Bind's size (15-29), the lengths of the
-    Bind's portal name (30-37) and statement name (38-45), the Describe's size (46-53; 0: none)
-    and the Execute's (54-61). Else -1: the fast path's loop frames it (or declines it)."""
+    [Parse of the unnamed statement] Bind [Describe] Execute Sync of the unnamed portal, each
+    whole (its length 4 to ``max_message``; the Sync's 4, the Describe's and the Execute's
+    those of the unnamed portal's), where each part fits its field, packed: the Parse's end
+    (bits 0-11; 0: no Parse), the Bind's size (12-21), the length of the statement name it
+    binds (22-28), whether a Describe follows it (29). A value below 2**30: one digit of a
+    Python int, read at once by compiled code. Else -1: the fast path's loop frames it (or
+    declines it)."""
     n: i64 = len(data)
     pos: i64 = 0
     pend: i64 = 0
     if n > 0 and data[0] == 80:  # 'P'
         pend = _message_end(data, 0, 80, max_message)
-        if pend < 8 or pend >= 1 << 15 or data[5] != 0:
+        if pend < 8 or pend >= 1 << 12 or data[5] != 0:
             return -1  # (a length of at least 7: a name, a text and a count of types)
         pos = pend
     bend = _message_end(data, pos, 66, max_message)  # 'B'
-    if bend < 0 or bend - pos >= 1 << 15:
+    if bend - pos < 7 or bend - pos >= 1 << 10 or data[pos + 5] != 0:  # (two names at least)
         return -1
-    portal_end = _nul_at(data, pos + 5, bend)
-    if portal_end < 0:
-        return -1
-    stmt_end = _nul_at(data, portal_end + 1, bend)
-    portal: i64 = portal_end - pos - 5
-    stmt: i64 = stmt_end - portal_end - 1
-    if stmt_end < 0 or portal > 255 or stmt > 255:
+    stmt_end = _nul_at(data, pos + 6, bend)
+    stmt: i64 = stmt_end - pos - 6
+    if stmt_end < 0 or stmt >= 1 << 7:
         return -1
     epos = bend
-    dsize: i64 = 0
+    describe: i64 = 0
     if n - bend > 5 and data[bend] == 68:  # 'D'
         epos = _message_end(data, bend, 68, max_message)
-        dsize = epos - bend
-        if epos < 0 or dsize < 6 or dsize > 255 or data[bend + 5] != 80:  # of a portal
-            return -1
+        if epos - bend != 7 or data[bend + 5] != 80 or data[bend + 6] != 0:
+            return -1  # (not the unnamed portal's)
+        describe = 1
     eend = _message_end(data, epos, 69, max_message)  # 'E'
-    if eend < 0 or eend - epos > 255 or _message_end(data, eend, 83, max_message) != n \
-            or n - eend != 5:  # 'S', the last
+    if eend - epos != 10 or data[epos + 5] != 0 \
+            or _message_end(data, eend, 83, max_message) != n or n - eend != 5:  # 'S', last
         return -1
-    return pend | ((bend - pos) << 15) | (portal << 30) | (stmt << 38) | (dsize << 46) \
-        | ((eend - epos) << 54)
+    return pend | ((bend - pos) << 12) | (stmt << 22) | (describe << 29)
 
 
 # The same in C (tested to agree): one call per unit instead of a loop per message.

@@ -169,7 +169,7 @@ def _msg(kind: bytes, body: bytes, extra: int = 0) -> bytes:
     return kind + (4 + len(body) + extra).to_bytes(4, "big") + body
 
 
-_NAMES = st.sampled_from([b"", b"", b"s1", b"p" * 255, b"p" * 256])
+_NAMES = st.sampled_from([b"", b"", b"s1", b"p" * 127, b"p" * 128])
 _UNIT_PART = st.one_of(
     st.tuples(st.just(b"P"), st.sampled_from([
         b"\x00SELECT 1\x00\x00\x00", b"s\x00x\x00\x00\x00", b"\x00\x00",
@@ -227,13 +227,14 @@ def test_unit_layout_in_c_is_the_definition(parts: list[tuple[bytes, bytes]], tr
     kinds = [data[m : m + 1] for m in _starts(data)]
     assert kinds in ([b"P", b"B", b"D", b"E", b"S"], [b"P", b"B", b"E", b"S"],
                      [b"B", b"D", b"E", b"S"], [b"B", b"E", b"S"])
-    pend = got & 0x7FFF
+    pend = got & 0xFFF
     bpos = pend
-    bend = bpos + ((got >> 15) & 0x7FFF)
-    bstart = bpos + 6 + ((got >> 30) & 0xFF)
-    bstop = bstart + ((got >> 38) & 0xFF)
-    epos = bend + ((got >> 46) & 0xFF)
-    eend = epos + ((got >> 54) & 0xFF)
+    bend = bpos + ((got >> 12) & 0x3FF)
+    bstart = bpos + 6
+    bstop = bstart + ((got >> 22) & 0x7F)
+    epos = bend + 7 * (got >> 29)
+    eend = epos + 10
+    assert got < 1 << 30
     starts = _starts(data)
     assert (pend > 0) == (kinds[0] == b"P")
     if pend:

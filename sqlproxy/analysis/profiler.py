@@ -217,9 +217,17 @@ class Profiler:
         recorded without being decoded (unless the slow log or an example needs it)."""
         lit = ctx.lit_stmts
         if lit is not None and len(pending.raw) > 0:
+            shape = pending.shape
+            if shape is not None and shape is ctx.lit_shape and pending.value >= 0:
+                # The fast path found the text of that shape, and its digits' value.
+                return self._execution(ctx, lit, "", "", pending.value, index, pending.params,
+                                       rows, sqlstate, started, ended, route, pending)
             literal = skeleton_literal_bytes(pending.raw, pending.start, pending.stop,
                                              ctx.lit_prefix_b, ctx.lit_suffix_b, ctx.lit_string)
             if literal is not None:
+                if shape is not None and not ctx.lit_string and shape.prefix == ctx.lit_prefix_b \
+                        and shape.suffix == ctx.lit_suffix_b:
+                    ctx.lit_shape = shape  # the same test: prefix, digits, suffix
                 return self._execution(ctx, lit, "", "", literal, index, pending.params, rows,
                                        sqlstate, started, ended, route, pending)
         return self.record(ctx, pending.sql, index, pending.params, rows, sqlstate, started,
@@ -576,5 +584,6 @@ def _remember_slot(ctx: SessionInfo, skel: str, stmts: list[Statement]) -> None:
     ctx.lit_suffix = suffix
     ctx.lit_prefix_b = prefix.encode("utf-8", "surrogatepass")
     ctx.lit_suffix_b = suffix.encode("utf-8", "surrogatepass")
+    ctx.lit_shape = None
     ctx.lit_string = skel[at] == "\x01"
     ctx.lit_stmts = stmts

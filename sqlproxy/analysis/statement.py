@@ -112,6 +112,9 @@ class SessionInfo:
         self.lit_string = False  # the literal is a '...' string (else an integer)
         self.lit_prefix_b = b""  # their UTF-8 (cache.skeleton_literal_bytes)
         self.lit_suffix_b = b""
+        # The pooled fast path's DigitShape of the same two, once a text of that shape matched
+        # (a text of it then needs no comparison: ``Profiler.record_pending``).
+        self.lit_shape: object = None
         self.lit_stmts: list[Statement] | None = None
         self.detector: ConnectionDetector | None = None
         self.conv: Any = None

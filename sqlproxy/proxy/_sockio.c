@@ -306,7 +306,14 @@ sockio_same_but_digits(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     int framed = framed_by("same_but_digits", base, start, stop, args[3], args[4], &a, &b);
     if (framed < 0)
         return NULL;
-    return PyBool_FromLong(framed && all_digits(base, a, b));
+    if (!framed || !all_digits(base, a, b))
+        return PyLong_FromLong(-1);
+    if (b - a > 18)
+        return PyLong_FromLong(-2);
+    long long value = 0;
+    for (Py_ssize_t i = a; i < b; i++)
+        value = value * 10 + (long long)(base[i] - '0');
+    return PyLong_FromLongLong(value);
 }
 
 /* The end of the message of type kind at pos (whole within n, its length 4 to max), or -1
@@ -925,8 +932,8 @@ static PyMethodDef sockio_methods[] = {
      "digit_run(data, start, end) -> (int, int): the last run of ASCII digits in "
      "data[start:end], or (-1, -1)."},
     {"same_but_digits", (PyCFunction)(void (*)(void))sockio_same_but_digits, METH_FASTCALL,
-     "same_but_digits(data, start, end, prefix, suffix) -> bool: whether data[start:end] is "
-     "prefix, ASCII digits (one or more), suffix."},
+     "same_but_digits(data, start, end, prefix, suffix) -> int: when data[start:end] is "
+     "prefix, ASCII digits (one or more), suffix, their value (-2: more than 18); else -1."},
     {"cstring", (PyCFunction)(void (*)(void))sockio_cstring, METH_FASTCALL,
      "cstring(data, start, end) -> str | None: the string at data[start:] up to its NUL (before "
      "end), decoded as text() does; None without that NUL."},

@@ -64,6 +64,7 @@ from sqlproxy.proxy.pump import POLL_CLOCK
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
 from sqlproxy.wire.conversation import Conversation
+from sqlproxy.wire.requests import DigitShape
 from sqlproxy.wire.scan import decode_text, find_nul, length_at, same_at
 
 try:
@@ -134,6 +135,7 @@ class PoolFast:
         self.q_memo = False
         self.q_prefix = b""
         self.q_suffix = b""
+        self.q_shape = DigitShape(b"", b"")  # the same two, for the profiler (``u_shape``)
         self.q_forget = False
         self.fast_units = 0  # units the fast path sent (connections view)
         self.to_replicas = 0  # of which to a replica (routed)
@@ -141,6 +143,8 @@ class PoolFast:
         # the named statement it binds.
         self.u_kind: i64 = 0
         self.u_text = ""
+        self.u_shape: DigitShape | None = None  # a Query of ``q_shape`` (its digits: u_value)
+        self.u_value: i64 = -1
         self.u_parse = b""
         self.u_bound = b""
         # ... and where its messages are (``unit_sent``): its Bind, where the Bind's statement
@@ -320,8 +324,14 @@ class PoolFast:
                 return False
             forget = len(self.statements) > 0
             memo = True  # the text is of the shape q_memo holds
-            if not (self.q_memo and (self.q_forget or not forget)
-                    and same_but_digits(data, 5, n - 1, self.q_prefix, self.q_suffix)):
+            value: i64 = -1
+            if self.q_memo and (self.q_forget or not forget):
+                value = same_but_digits(data, 5, n - 1, self.q_prefix, self.q_suffix)
+            if value != -1:
+                self.u_shape = self.q_shape
+                self.u_value = value
+            else:
+                self.u_shape = None
                 if scan_pin(data, 5, n - 1, forget):
                     text = data[5 : n - 1].decode("utf-8", "replace")
                     if not self._clean(text):
@@ -336,6 +346,7 @@ class PoolFast:
                     if i >= 0:
                         self.q_prefix = data[5:i]
                         self.q_suffix = data[j : n - 1]
+                        self.q_shape = DigitShape(self.q_prefix, self.q_suffix)
                         self.q_forget = forget
                         # Routed the same way too, when the number is a literal of its own
                         # (in "t1" or "$1" it is part of a name or a parameter).
@@ -525,8 +536,8 @@ class PoolFast:
             conv = self.conv
             assert conv is not None
             try:
-                if self.u_kind == _QUERY:
-                    conv.query_sent(data, now)  # (``client`` checked the message)
+                if self.u_kind == _QUERY:  # (``client`` checked the message)
+                    conv.query_sent(data, now, self.u_shape, self.u_value)
                 elif self.u_epos >= 0:  # (framed by ``client``: one Bind, one Execute after)
                     at = self.u_bound_at
                     conv.unit_sent(data, now, self.u_text if len(self.u_parse) else None,

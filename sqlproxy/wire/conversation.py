@@ -49,6 +49,7 @@ from sqlproxy.wire.requests import (
     QUERY,
     SYNC,
     ConversationListener,
+    DigitShape,
     NativeListener,
     Pending,
     lazy,
@@ -216,13 +217,19 @@ class Conversation:
                 return
             pos = end
 
-    def query_sent(self, data: bytes, now: float) -> None:
+    def query_sent(self, data: bytes, now: float, shape: DigitShape | None = None,
+                   value: i64 = -1) -> None:
         """``feed_frontend`` of one whole simple Query (``data``: the message, checked by the
-        caller: its length, its size within ``max_message``, its closing NUL)."""
+        caller: its length, its size within ``max_message``, its closing NUL); ``shape`` and
+        ``value``: its text is of that shape, its digits of that value (``Pending.shape``)."""
         if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
             self.feed_frontend(data, now)
             return
-        self._push(self._query(data, 5, len(data) - 1, now))
+        p = self._query(data, 5, len(data) - 1, now)
+        if shape is not None:
+            p.shape = shape
+            p.value = value
+        self._push(p)
 
     def _query(self, raw: bytes, start: i64, stop: i64, now: float) -> Pending:
         """The request of a Query whose text is ``raw[start:stop]`` (``lazy``)."""

@@ -11,14 +11,24 @@ from mypy_extensions import i64
 
 from sqlproxy.wire.scan import decode_text
 
-__all__ = ["EXECUTE", "FUNCTION_CALL", "QUERY", "SYNC", "ConversationListener", "NativeListener",
-           "Pending", "lazy"]
+__all__ = ["EXECUTE", "FUNCTION_CALL", "QUERY", "SYNC", "ConversationListener", "DigitShape",
+           "NativeListener", "Pending", "lazy"]
 
 # Kinds of pending requests.
 QUERY: Final = 1
 EXECUTE: Final = 2
 SYNC: Final = 3
 FUNCTION_CALL: Final = 4
+
+class DigitShape:
+    """A simple Query text's shape as the pooled fast path found it: ``prefix``, a run of
+    ASCII digits, ``suffix`` (the UTF-8 bytes of the text up to its closing NUL). Compared by
+    identity: a new one is made whenever the fast path sees another shape."""
+
+    def __init__(self, prefix: bytes, suffix: bytes) -> None:
+        self.prefix = prefix
+        self.suffix = suffix
+
 
 class Pending:
     """One request awaiting its result. Its text (``sql``) may be kept undecoded
@@ -46,6 +56,11 @@ class Pending:
         self.index = 0  # next statement of a multi-statement Query
         self.portal = portal
         self.bind = bind  # which Bind created the portal (a portal name is reused)
+        # A Query text of this shape (None: not known), and the value of its digits (-2: more
+        # than 18 of them): what ``Profiler.record_pending`` needs when its last one-literal
+        # statement is of that shape, without reading the text again.
+        self.shape: DigitShape | None = None
+        self.value: i64 = -1
 
     def again(self, sql: str, sent: float, statement: bytes = b"", params: bytes = b"",
               portal: bytes = b"", bind: i64 = 0) -> None:
@@ -59,6 +74,7 @@ class Pending:
         self.index = 0
         self.portal = portal
         self.bind = bind
+        self.shape = None
 
     @property
     def sql(self) -> str:

@@ -358,3 +358,48 @@ def test_profiler_records_undecoded_texts_as_decoded_ones() -> None:
         t += 0.01
     (entry,) = [e for e in profiler.stats.select() if "accounts" in e.query]
     assert entry.calls == 5 and entry.rows == 5
+
+
+def test_profiler_takes_the_fast_path_s_shape_only_when_it_is_its_own() -> None:
+    """A Query the pooled fast path found to be of a DigitShape (prefix, digits, suffix) with
+    its digits' value is recorded without its text being compared again, once a text of that
+    shape matched the profiler's last one-literal statement, and recorded as it would be
+    without the shape: the same statement, the same values told apart. A shape that is not
+    the statement's own is never taken."""
+    from sqlproxy.analysis.profiler import Profiler
+    from sqlproxy.analysis.statement import SessionInfo
+    from sqlproxy.config import AnalysisSection
+    from sqlproxy.wire.requests import QUERY, DigitShape, lazy
+
+    prefix = b"select * from accounts where aid = "
+    own = DigitShape(prefix, b"")
+    other = DigitShape(b"select * from accounts where bid = ", b"")
+    values = [7, 8, 8, 9, 9, 9, 10**19, 9]
+
+    def run(shape: DigitShape | None) -> tuple[object, ...]:
+        profiler = Profiler(AnalysisSection())
+        ctx = SessionInfo(1, "peer", "d", "u", "app")
+        t = 100.0
+        for n, v in enumerate(values):
+            msg = prefix + str(v).encode() + b"\0"
+            data = b"Q" + (len(msg) + 4).to_bytes(4, "big") + msg
+            pending = lazy(QUERY, data, 5, len(data) - 1, t)
+            if shape is not None:
+                pending.shape = shape
+                pending.value = v if v < 10**18 else -2
+            stmt = profiler.record_pending(ctx, pending, 0, 1, None, t, t + 0.001)
+            assert stmt is not None and stmt.normalized.text.endswith("aid = $1")
+            if n >= 1:
+                assert ctx.lit_shape is (own if shape is own else None)
+                assert len(pending.raw) == len(data)  # not decoded
+            t += 0.001
+        (entry,) = [e for e in profiler.stats.select() if "accounts" in e.query]
+        det = ctx.detector
+        assert det is not None
+        (r,) = det.runs.values()
+        return entry.calls, entry.rows, r.count, r.max_same, len(r.digests)
+
+    plain = run(None)
+    assert plain == (8, 8, 8, 4, 4)
+    assert run(own) == plain
+    assert run(other) == plain

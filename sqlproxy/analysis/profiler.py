@@ -218,7 +218,7 @@ class Profiler:
         lit = ctx.lit_stmts
         if lit is not None and len(pending.raw) > 0:
             shape = pending.shape
-            if shape is not None and shape is ctx.lit_shape and pending.value >= 0:
+            if shape is not None and shape is ctx.lit_shape:
                 # The fast path found the text of that shape, and its digits' value.
                 return self._execution(ctx, lit, "", "", pending.value, index, pending.params,
                                        rows, sqlstate, started, ended, route, pending)

@@ -270,6 +270,28 @@ sockio_digit_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(nn)", i, j);
 }
 
+/* cache.INT_KEY_DIGITS: an integer literal of at most this many digits is answered as its
+ * value (an int), a value key that costs no string. */
+#define INT_KEY_DIGITS 18
+
+/* The value key of the ASCII digits base[a:b]: their value (an int) for up to
+ * INT_KEY_DIGITS of them, else their text. */
+static PyObject *
+digits_key(const unsigned char *base, Py_ssize_t a, Py_ssize_t b)
+{
+    if (b - a <= INT_KEY_DIGITS) {
+        long long v = 0;
+        for (Py_ssize_t i = a; i < b; i++)
+            v = v * 10 + (long long)(base[i] - '0');
+        return PyLong_FromLongLong(v);
+    }
+    /* ASCII, copied as they are (no decoder to check them again). */
+    PyObject *digits = PyUnicode_New(b - a, 127);
+    if (digits != NULL)
+        memcpy(PyUnicode_DATA(digits), base + a, (size_t)(b - a));
+    return digits;
+}
+
 /* Whether base[start:stop] is prefix, then at least one byte (base[*a:*b]), then suffix;
  * -1 (TypeError set, naming ``name``) when prefix or suffix is not bytes. */
 static int
@@ -307,13 +329,8 @@ sockio_same_but_digits(PyObject *module, PyObject *const *args, Py_ssize_t nargs
     if (framed < 0)
         return NULL;
     if (!framed || !all_digits(base, a, b))
-        return PyLong_FromLong(-1);
-    if (b - a > 18)
-        return PyLong_FromLong(-2);
-    long long value = 0;
-    for (Py_ssize_t i = a; i < b; i++)
-        value = value * 10 + (long long)(base[i] - '0');
-    return PyLong_FromLongLong(value);
+        Py_RETURN_NONE;
+    return digits_key(base, a, b);
 }
 
 /* The end of the message of type kind at pos (whole within n, its length 4 to max), or -1
@@ -709,9 +726,6 @@ plain_literal(PyObject *text, Py_ssize_t a, Py_ssize_t b, int string)
     return 1;
 }
 
-/* cache.INT_KEY_DIGITS: an integer literal of at most this many digits is answered as its
- * value (an int), a value key that costs no string. */
-#define INT_KEY_DIGITS 18
 
 /* skeleton_literal(text, prefix, suffix, string): the literal when cache.same_skeleton says
  * yes (an int for an integer literal of up to INT_KEY_DIGITS digits), else None. */
@@ -776,17 +790,7 @@ sockio_skeleton_literal_bytes(PyObject *module, PyObject *const *args, Py_ssize_
     if (!string) {
         if (!all_digits(base, a, b))
             Py_RETURN_NONE;
-        if (b - a <= INT_KEY_DIGITS) {
-            long long v = 0;
-            for (Py_ssize_t i = a; i < b; i++)
-                v = v * 10 + (long long)(base[i] - '0');
-            return PyLong_FromLongLong(v);
-        }
-        /* Digits: ASCII, copied as they are (no decoder to check them again). */
-        PyObject *digits = PyUnicode_New(b - a, 127);
-        if (digits != NULL)
-            memcpy(PyUnicode_DATA(digits), base + a, (size_t)(b - a));
-        return digits;
+        return digits_key(base, a, b);
     }
     Py_ssize_t last = b - 1; /* the closing quote */
     if (last <= a || base[a] != '\'' || base[last] != '\'')
@@ -932,8 +936,9 @@ static PyMethodDef sockio_methods[] = {
      "digit_run(data, start, end) -> (int, int): the last run of ASCII digits in "
      "data[start:end], or (-1, -1)."},
     {"same_but_digits", (PyCFunction)(void (*)(void))sockio_same_but_digits, METH_FASTCALL,
-     "same_but_digits(data, start, end, prefix, suffix) -> int: when data[start:end] is "
-     "prefix, ASCII digits (one or more), suffix, their value (-2: more than 18); else -1."},
+     "same_but_digits(data, start, end, prefix, suffix) -> int | str | None: when "
+     "data[start:end] is prefix, ASCII digits (one or more), suffix, their value key (as "
+     "skeleton_literal gives it); else None."},
     {"cstring", (PyCFunction)(void (*)(void))sockio_cstring, METH_FASTCALL,
      "cstring(data, start, end) -> str | None: the string at data[start:] up to its NUL (before "
      "end), decoded as text() does; None without that NUL."},

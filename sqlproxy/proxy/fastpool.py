@@ -143,8 +143,9 @@ class PoolFast:
         # the named statement it binds.
         self.u_kind: i64 = 0
         self.u_text = ""
-        self.u_shape: DigitShape | None = None  # a Query of ``q_shape`` (its digits: u_value)
-        self.u_value: i64 = -1
+        # A Query of ``q_shape``, and its digits' value key (``same_but_digits``).
+        self.u_shape: DigitShape | None = None
+        self.u_value: object = None
         self.u_parse = b""
         self.u_bound = b""
         # ... and where its messages are (``unit_sent``): its Bind, where the Bind's statement
@@ -324,10 +325,10 @@ class PoolFast:
                 return False
             forget = len(self.statements) > 0
             memo = True  # the text is of the shape q_memo holds
-            value: i64 = -1
+            value: object = None  # (object: the int or str as made, not unboxed)
             if self.q_memo and (self.q_forget or not forget):
                 value = same_but_digits(data, 5, n - 1, self.q_prefix, self.q_suffix)
-            if value != -1:
+            if value is not None:
                 self.u_shape = self.q_shape
                 self.u_value = value
             else:

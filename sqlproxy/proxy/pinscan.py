@@ -12,6 +12,8 @@ from typing import Final
 
 from mypy_extensions import i64
 
+from sqlproxy.analysis.cache import INT_KEY_DIGITS
+
 try:
     from sqlproxy.proxy import _sockio
 except ImportError:  # pragma: no cover - built with the package
@@ -104,30 +106,29 @@ def digit_run_at(data: bytes, start: i64, end: i64) -> tuple[int, int]:
     return i, j
 
 
-def same_but_digits_at(data: bytes, start: i64, end: i64, prefix: bytes, suffix: bytes) -> i64:
-    """When ``data[start:end]`` is ``prefix``, one or more ASCII digits, ``suffix``: the value
-    of the digits (-2 when there are more than 18 of them); else -1."""
+def same_but_digits_at(data: bytes, start: i64, end: i64, prefix: bytes, suffix: bytes
+                       ) -> int | str | None:
+    """When ``data[start:end]`` is ``prefix``, one or more ASCII digits, ``suffix``: the
+    digits' value key as ``cache.skeleton_literal`` gives it (an int for up to
+    ``INT_KEY_DIGITS`` digits, else their text); else None."""
     a: i64 = start + len(prefix)
     b: i64 = end - len(suffix)
     if b <= a or data[start:a] != prefix or data[b:end] != suffix:
-        return -1
-    value: i64 = 0
+        return None
     i: i64 = a
     while i < b:
-        c: i64 = data[i]
-        if not _is_digit(c):
-            return -1
-        if i - a < 18:
-            value = value * 10 + c - 48
+        if not _is_digit(data[i]):
+            return None
         i += 1
-    return value if b - a <= 18 else -2
+    digits = data[a:b].decode("ascii")
+    return int(digits) if b - a <= INT_KEY_DIGITS else digits
 
 
 # The same in C (tested to agree): the simple protocol's common case is the last statement
 # again with another number, whose text need not be scanned again.
 digit_run: Final[Callable[[bytes, int, int], tuple[int, int]]] = (
     _sockio.digit_run if _sockio is not None else digit_run_at)
-same_but_digits: Final[Callable[[bytes, int, int, bytes, bytes], int]] = (
+same_but_digits: Final[Callable[[bytes, int, int, bytes, bytes], int | str | None]] = (
     _sockio.same_but_digits if _sockio is not None else same_but_digits_at)
 
 

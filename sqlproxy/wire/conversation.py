@@ -218,10 +218,10 @@ class Conversation:
             pos = end
 
     def query_sent(self, data: bytes, now: float, shape: DigitShape | None = None,
-                   value: i64 = -1) -> None:
+                   value: object = None) -> None:
         """``feed_frontend`` of one whole simple Query (``data``: the message, checked by the
         caller: its length, its size within ``max_message``, its closing NUL); ``shape`` and
-        ``value``: its text is of that shape, its digits of that value (``Pending.shape``)."""
+        ``value``: its text is of that shape, its digits' value key (``Pending.shape``)."""
         if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
             self.feed_frontend(data, now)
             return

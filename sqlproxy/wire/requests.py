@@ -56,11 +56,11 @@ class Pending:
         self.index = 0  # next statement of a multi-statement Query
         self.portal = portal
         self.bind = bind  # which Bind created the portal (a portal name is reused)
-        # A Query text of this shape (None: not known), and the value of its digits (-2: more
-        # than 18 of them): what ``Profiler.record_pending`` needs when its last one-literal
-        # statement is of that shape, without reading the text again.
+        # A Query text of this shape (None: not known), and its digits' value key (the int or
+        # str ``cache.skeleton_literal`` would give): what ``Profiler.record_pending`` needs
+        # when its last one-literal statement is of that shape, without reading the text.
         self.shape: DigitShape | None = None
-        self.value: i64 = -1
+        self.value: object = None
 
     def again(self, sql: str, sent: float, statement: bytes = b"", params: bytes = b"",
               portal: bytes = b"", bind: i64 = 0) -> None:

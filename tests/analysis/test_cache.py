@@ -386,7 +386,7 @@ def test_profiler_takes_the_fast_path_s_shape_only_when_it_is_its_own() -> None:
             pending = lazy(QUERY, data, 5, len(data) - 1, t)
             if shape is not None:
                 pending.shape = shape
-                pending.value = v if v < 10**18 else -2
+                pending.value = v if v < 10**18 else str(v)
             stmt = profiler.record_pending(ctx, pending, 0, 1, None, t, t + 0.001)
             assert stmt is not None and stmt.normalized.text.endswith("aid = $1")
             if n >= 1:

@@ -193,6 +193,7 @@ class ConnectionDetector:
         "gap",
         "large_rows",
         "last_end",
+        "last_run",
         "lent",
         "position",
         "prev",
@@ -222,6 +223,9 @@ class ConnectionDetector:
         self.deep_offset = 0
         self.apply(thresholds)
         self.runs: dict[str, Run] = {}
+        # The run observed last (most bursts repeat one statement): found without a lookup.
+        # Forgotten with the runs (``forget_runs``).
+        self.last_run: Run | None = None
         self.position = 0  # executions in the current burst
         self.tracked = 0  # value digests held in the current burst
         self.last_end = float("-inf")
@@ -288,13 +292,16 @@ class ConnectionDetector:
             return
         self.position += 1
         fp = stmt.fingerprint
-        run = self.runs.get(fp)
-        if run is None:
-            if len(self.runs) >= MAX_RUNS:
-                self.prev = stmt
-                self.prev_rows = rows
-                return
-            run = self.runs[fp] = Run(stmt, fp, self.prev, self.prev_rows, self.position)
+        run = self.last_run
+        if run is None or run.fp is not fp:
+            run = self.runs.get(fp)
+            if run is None:
+                if len(self.runs) >= MAX_RUNS:
+                    self.prev = stmt
+                    self.prev_rows = rows
+                    return
+                run = self.runs[fp] = Run(stmt, fp, self.prev, self.prev_rows, self.position)
+            self.last_run = run
         run.count += 1
         run.last = self.position
         seconds = ended - started
@@ -426,6 +433,12 @@ class ConnectionDetector:
         """True if a burst is open and ``now`` (perf_counter) is a gap after its end."""
         return bool(self.runs) and now - self.last_end >= self.gap
 
+    def forget_runs(self) -> None:
+        """No run any more (nor the value digests they held)."""
+        self.runs.clear()
+        self.last_run = None
+        self.tracked = 0
+
     def flush(self) -> None:
         """The burst is over: judge its runs and begin afresh."""
         runs = self.runs
@@ -452,8 +465,7 @@ class ConnectionDetector:
                     if other is not run and other.first <= run.last and run.first <= other.last
                 )
                 self._report_n_plus_one(run, parent, partners)
-        runs.clear()
-        self.tracked = 0
+        self.forget_runs()
         # A transaction left open holds no run any more: its write cannot be counted.
         self.tx_write = None
         if not self.trace_id:  # the next burst says where it comes from itself
@@ -699,11 +711,9 @@ class PatternDetector:
     def reset(self) -> None:
         self.findings.reset()
         for det in self.connections.values():
-            det.runs.clear()
-            det.tracked = 0
+            det.forget_runs()
         for det in self.traces.open.values():
-            det.runs.clear()
-            det.tracked = 0
+            det.forget_runs()
 
     # -- persistence (sqlproxy.state.StateContributor) -------------------------------------
     def to_state(self) -> Any:

@@ -568,3 +568,25 @@ def test_sparse_repetition_on_a_busy_connection_is_no_loop() -> None:
             f.run(f"select * from other{j} where id = $1", params=i)
     f.close()
     assert len(found(prof, "n_plus_one")) == LOOP_BODY_MAX
+
+
+def test_the_last_run_is_forgotten_with_the_runs() -> None:
+    """The run observed last is kept at hand (no lookup for the same statement again); a
+    flush at a gap or a reset forgets it with the runs, so counting begins afresh."""
+    prof = profiler()
+    f = Feed(prof)
+    for i in range(3):
+        f.run(PLAYERS, params=i + 1)
+    det = f.ctx.detector
+    assert det is not None
+    (run,) = det.runs.values()
+    assert run.count == 3 and det.last_run is run
+    prof.detector.reset()
+    assert det.last_run is None and not det.runs
+    f.run(PLAYERS, params=9)
+    (again,) = det.runs.values()
+    assert again is not run and again.count == 1 and det.last_run is again
+    f.pause(10_000)  # a gap: the burst is judged, its runs forgotten
+    f.run(PLAYERS, params=10)
+    (third,) = det.runs.values()
+    assert third is not again and third.count == 1 and len(third.digests) == 1

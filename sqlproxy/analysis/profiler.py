@@ -131,7 +131,7 @@ class Profiler:
                 if n is not None:
                     base = [Statement(n, self.cache.shape(n), None)]
                     if len(memo) >= MEMO_LIMIT:
-                        memo.clear()
+                        _clear_memo(ctx)
                     memo[skel] = base
             if base is not None:
                 self.matched = sql
@@ -139,7 +139,7 @@ class Profiler:
                 return base
         stmts = [Statement(n, self.cache.shape(n), None) for n in self.cache.scan(sql)]
         if len(memo) >= MEMO_LIMIT:
-            memo.clear()
+            _clear_memo(ctx)
         memo[sql] = stmts
         return stmts
 
@@ -180,7 +180,15 @@ class Profiler:
             raw = sql
             values = literal
         else:
-            found = ctx.memo.get(sql)
+            # The text found in the memo last, again (the same object: an unnamed statement's
+            # text as its Parse was read, or a prepared statement's): no lookup.
+            if sql is ctx.memo_text:
+                found = ctx.memo_found
+            else:
+                found = ctx.memo.get(sql)
+                if found is not None:
+                    ctx.memo_text = sql
+                    ctx.memo_found = found
             if found is None:
                 known = ctx.tagged.get(sql)
                 if known is not None:
@@ -568,6 +576,13 @@ def _values(stmt: Statement, raw: str) -> tuple[str, ...]:
     """The literal values of one execution: its own text's when its skeleton matched
     (``raw``), else those its statement was scanned with."""
     return literal_values(raw) if raw else stmt.values
+
+
+def _clear_memo(ctx: SessionInfo) -> None:
+    """Forget the session's memo (at its bound), and the text found in it last."""
+    ctx.memo.clear()
+    ctx.memo_text = None
+    ctx.memo_found = None
 
 
 def _remember_slot(ctx: SessionInfo, skel: str, stmts: list[Statement]) -> None:

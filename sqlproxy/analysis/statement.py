@@ -101,6 +101,10 @@ class SessionInfo:
         self.user = user
         self.application_name = application_name
         self.memo: dict[str, list[Statement]] = {}
+        # The text found in the memo last and its statements (cleared with it): the same text
+        # object again needs no lookup.
+        self.memo_text: str | None = None
+        self.memo_found: list[Statement] | None = None
         # The text before the first literal of the last skeleton found (cache.skeleton_prefix):
         # the next text that starts with it is scanned from there.
         self.skeleton_prefix = ""

@@ -97,6 +97,7 @@ class PoolFast:
     def __init__(self, session: Any, max_message: int, limit: int) -> None:
         self.session = session
         self.max_message = max_message
+        self.max_message_obj: Any = max_message  # (passed to C as it is: not boxed anew)
         self.limit = limit  # pool.max_prepared_per_server
         self.held: Any = None  # the ServerConn lent to the session
         self.held_pump: PooledServerPump | None = None  # its pump (set with ``held``)
@@ -374,7 +375,7 @@ class PoolFast:
             epos: i64 = -1  # the Execute after the Bind (-2: another, or one before it)
             eend: i64 = -1
             last: i64 = _SYNC
-            lay: i64 = unit_layout(data, self.max_message)
+            lay: i64 = unit_layout(data, self.max_message_obj)
             if lay >= 0:  # the common layout, framed at once (the loop below, in C)
                 pend = lay & 0xFFF
                 bpos = pend

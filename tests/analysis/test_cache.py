@@ -403,3 +403,29 @@ def test_profiler_takes_the_fast_path_s_shape_only_when_it_is_its_own() -> None:
     assert plain == (8, 8, 8, 4, 4)
     assert run(own) == plain
     assert run(other) == plain
+
+
+def test_the_text_found_in_the_memo_last_is_forgotten_with_the_memo() -> None:
+    """A text found in the session's memo is kept at hand with its statements (the same text
+    object again: no lookup); the memo cleared at its bound forgets it too."""
+    from sqlproxy.analysis.profiler import MEMO_LIMIT, Profiler
+    from sqlproxy.analysis.statement import SessionInfo
+    from sqlproxy.config import AnalysisSection
+
+    profiler = Profiler(AnalysisSection())
+    ctx = SessionInfo(1, "peer", "d", "u", "app")
+    text = "select abalance from pgbench_accounts where aid = $1"
+    t = 100.0
+    for _ in range(3):
+        stmt = profiler.record(ctx, text, 0, b"\x00\x00\x00\x01\x00\x00\x00\x017", 1, None, t,
+                               t + 0.001)
+        t += 0.001
+        assert stmt is not None and stmt.normalized.text == text
+    assert ctx.memo_text is text and ctx.memo_found is ctx.memo[text]
+    for i in range(MEMO_LIMIT):  # other texts fill the memo to its bound: it is cleared
+        profiler.record(ctx, f"select c{i} from t where k = $1", 0, b"", 1, None, t, t)
+    assert ctx.memo_text is None and text not in ctx.memo
+    again = profiler.record(ctx, text, 0, b"", 1, None, t, t + 0.001)
+    assert again is not None and again.normalized.text == text
+    (entry,) = [e for e in profiler.stats.select() if "pgbench_accounts" in e.query]
+    assert entry.calls == 4

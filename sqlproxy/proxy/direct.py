@@ -46,6 +46,7 @@ class DirectSocket(StandIn):
         super().__init__(owner)
         self.transport: Any = None
         self.fd: i64 = -1  # a duplicate of the transport's socket, watched by the loop
+        self.fd_obj: Any = -1  # the same, boxed once (passed to _sockio as it is)
         self.loop: Any = None
         self.watching = False
         self.paused = False  # reading paused (backpressure), whoever reads
@@ -74,6 +75,7 @@ class DirectSocket(StandIn):
         if sock is None:
             return False
         self.fd = os.dup(sock.fileno())
+        self.fd_obj = self.fd
         self.loop = loop
         self.spilled = False
         t.set_write_buffer_limits(high=0)  # pause_writing at the first byte held (``spilled``)
@@ -101,7 +103,7 @@ class DirectSocket(StandIn):
         if fd < 0:
             return
         try:
-            data = self.recv(fd)
+            data = self.recv(self.fd_obj)
         except OSError:
             self.stop_direct()  # the transport, reading again, meets the error itself
             return
@@ -127,6 +129,7 @@ class DirectSocket(StandIn):
             return
         self.unwatch()
         self.fd = -1
+        self.fd_obj = -1
         os.close(fd)
         t = self.transport
         if t is not None and not t.is_closing():
@@ -170,7 +173,7 @@ class DirectSocket(StandIn):
         fd = self.fd
         if fd >= 0 and not self.spilled:
             try:
-                n = self.sendto(fd, data)
+                n = self.sendto(self.fd_obj, data)
             except OSError:  # the transport meets the error in turn and reports the loss
                 n = 0
             if n == len(data):

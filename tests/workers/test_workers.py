@@ -399,7 +399,9 @@ def test_findings_merged_by_id_across_workers(serve_workers: Callable[..., Serve
     """The same N+1 pattern on sessions of both workers is one finding, occurrences summed."""
     pg_primary.psql("create table item (id int primary key, v int)", dbname=db)
     pg_primary.psql("insert into item select g, g from generate_series(1, 100) g", dbname=db)
-    served = serve_workers(2)
+    # (A burst gap of 2 s: a stall of the loaded machine between two lookups must not split a
+    # connection's burst in two, each too short for an N+1.)
+    served = serve_workers(2, extra="[analysis]\nburst_gap_ms = 2000")
 
     async def main() -> None:
         conns = [await asyncpg.connect(served.dsn(db)) for _ in range(8)]
@@ -411,7 +413,7 @@ def test_findings_merged_by_id_across_workers(serve_workers: Callable[..., Serve
 
     asyncio.run(main())
     assert _workers_of_sessions(served) == {0, 1}
-    deadline = time.monotonic() + 15  # a burst is judged once burst_gap_ms has passed
+    deadline = time.monotonic() + 20  # a burst is judged once burst_gap_ms has passed
     while True:
         items = [f for f in served.api("/api/findings?limit=100")["items"]
                  if f["kind"] == "n_plus_one" and "from item" in f["query"]]

@@ -25,7 +25,9 @@ except ImportError:  # pragma: no cover - built with the package
     _sockio = None  # type: ignore[assignment]
 
 __all__ = [
+    "INT_KEY_DIGITS",
     "StatementCache",
+    "digits_key",
     "literal_slot",
     "literal_values",
     "same_skeleton",
@@ -320,9 +322,13 @@ def skeleton_literal_at(text: str, prefix: str, suffix: str, string: bool
     if not same_skeleton(text, prefix, suffix, string):
         return None
     literal = text[len(prefix) : len(text) - len(suffix)]
-    if not string and len(literal) <= INT_KEY_DIGITS:
-        return int(literal)
-    return literal
+    return literal if string else digits_key(literal)
+
+
+def digits_key(digits: str) -> int | str:
+    """The value key of an integer literal (ASCII digits): its value for up to
+    ``INT_KEY_DIGITS`` digits, else its text (``_sockio.c``'s digits_key)."""
+    return int(digits) if len(digits) <= INT_KEY_DIGITS else digits
 
 
 # ``skeleton_literal_at`` in C (``_sockio.c``: the characters compared in place), tested to

@@ -52,13 +52,14 @@ from sqlproxy.proxy.fastroute import (
     whole_answer,
 )
 from sqlproxy.proxy.pinscan import (
+    UnitFrame,
     digit_run,
+    frame_unit,
     in_name,
     may_forget,
     may_pin,
     same_but_digits,
     scan_pin,
-    unit_layout,
 )
 from sqlproxy.proxy.pump import POLL_CLOCK
 from sqlproxy.routing.answers import Answers
@@ -77,10 +78,6 @@ __all__ = ["PoolFast", "PooledClientPump", "PooledServerPump", "may_forget", "ma
 _QUERY: Final = 81  # 'Q'
 _PARSE: Final = 80  # 'P'
 _BIND: Final = 66  # 'B'
-_DESCRIBE: Final = 68  # 'D'
-_EXECUTE: Final = 69  # 'E'
-_SYNC: Final = 83  # 'S'
-_PORTAL: Final = 80  # 'P' (Describe of a portal)
 _IDLE: Final = 73  # 'I'
 
 # Whether the conversation's clock (perf_counter) is the pool's (monotonic), as on Linux: one
@@ -133,10 +130,9 @@ class PoolFast:
         self.last_entry: Any = ("", b"")
         # The last simple Query scanned clean, around its last number (``client``), and
         # whether DEALLOCATE / DISCARD were looked for too.
+        # (Its prefix and suffix, a ``DigitShape``: the profiler is handed it, ``u_shape``.)
         self.q_memo = False
-        self.q_prefix = b""
-        self.q_suffix = b""
-        self.q_shape = DigitShape(b"", b"")  # the same two, for the profiler (``u_shape``)
+        self.q_shape = DigitShape(b"", b"")
         self.q_forget = False
         self.fast_units = 0  # units the fast path sent (connections view)
         self.to_replicas = 0  # of which to a replica (routed)
@@ -149,14 +145,8 @@ class PoolFast:
         self.u_value: object = None
         self.u_parse = b""
         self.u_bound = b""
-        # ... and where its messages are (``unit_sent``): its Bind, where the Bind's statement
-        # name starts (it is ``u_bound``, or the unnamed one), its Execute (-1 or -2: not one
-        # after the Bind).
-        self.u_bpos: i64 = -1
-        self.u_bend: i64 = -1
-        self.u_bound_at: i64 = -1
-        self.u_epos: i64 = -1
-        self.u_eend: i64 = -1
+        # ... and where an extended unit's messages are (``unit_sent``).
+        self.frame = UnitFrame()
         self.parked = b""  # a unit waiting for a server (``waiting``)
         # Its place in a pool's queue, reused each time it waits there.
         self.waiter: Waiter[Any] = Waiter(session, 0.0, tag=self)
@@ -328,7 +318,8 @@ class PoolFast:
             memo = True  # the text is of the shape q_memo holds
             value: object = None  # (object: the int or str as made, not unboxed)
             if self.q_memo and (self.q_forget or not forget):
-                value = same_but_digits(data, 5, n - 1, self.q_prefix, self.q_suffix)
+                shape = self.q_shape
+                value = same_but_digits(data, 5, n - 1, shape.prefix, shape.suffix)
             if value is not None:
                 self.u_shape = self.q_shape
                 self.u_value = value
@@ -346,9 +337,7 @@ class PoolFast:
                     self.q_memo = i >= 0
                     memo = i >= 0
                     if i >= 0:
-                        self.q_prefix = data[5:i]
-                        self.q_suffix = data[j : n - 1]
-                        self.q_shape = DigitShape(self.q_prefix, self.q_suffix)
+                        self.q_shape = DigitShape(data[5:i], data[j : n - 1])
                         self.q_forget = forget
                         # Routed the same way too, when the number is a literal of its own
                         # (in "t1" or "$1" it is part of a name or a parameter).
@@ -365,62 +354,13 @@ class PoolFast:
                     if memo and self.q_route_ok:
                         self.q_route = route
         elif t in (_PARSE, _BIND):
-            pos: i64 = 0
-            bstart: i64 = -1
-            bstop: i64 = -1
-            pstart: i64 = -1
-            pend: i64 = -1
-            bpos: i64 = -1
-            bend: i64 = -1
-            epos: i64 = -1  # the Execute after the Bind (-2: another, or one before it)
-            eend: i64 = -1
-            last: i64 = _SYNC
-            lay: i64 = unit_layout(data, self.max_message_obj)
-            if lay >= 0:  # the common layout, framed at once (the loop below, in C)
-                pend = lay & 0xFFF
-                bpos = pend
-                if pend:
-                    pstart = 0
-                bend = bpos + ((lay >> 12) & 0x3FF)
-                bstart = bpos + 6  # (the unnamed portal)
-                bstop = bstart + ((lay >> 22) & 0x7F)
-                epos = bend + 7 * (lay >> 29)  # (after the Describe, if any)
-                eend = epos + 10
-                pos = n
-            while pos < n:
-                if n - pos < 5:
-                    return False
-                last = data[pos]
-                length = length_at(data, pos + 1)
-                end = pos + 1 + length
-                if length < 4 or end > n or length > self.max_message:
-                    return False
-                if last == _PARSE:
-                    if pstart >= 0 or bstart >= 0 or length < 7 or data[pos + 5] != 0:
-                        return False  # a second Parse, or a named one
-                    pstart = pos
-                    pend = end
-                elif last == _BIND:
-                    if bstart >= 0:
-                        return False
-                    bstart = find_nul(data, pos + 5, end) + 1  # past the portal's name
-                    bstop = find_nul(data, bstart, end)
-                    bpos = pos
-                    bend = end
-                elif last == _EXECUTE:
-                    if epos == -1 and bstart >= 0:
-                        epos = pos
-                        eend = end
-                    else:
-                        epos = -2
-                elif last == _SYNC:
-                    if end != n:
-                        return False
-                elif not (last == _DESCRIBE and length > 4 and data[pos + 5] == _PORTAL):
-                    return False
-                pos = end
-            if last != _SYNC or bstart < 0:
+            f = self.frame
+            if not frame_unit(data, self.max_message, self.max_message_obj, f):
                 return False
+            pstart = f.pstart
+            pend = f.pend
+            bstart = f.bstart
+            bstop = f.bstop
             if pstart >= 0:
                 if bstop != bstart:
                     return False  # binds a named statement after an unnamed Parse
@@ -456,12 +396,6 @@ class PoolFast:
         self.u_text = text
         self.u_parse = parse
         self.u_bound = bound
-        if t != _QUERY:  # where the conversation finds the unit's messages (``send``)
-            self.u_bpos = bpos
-            self.u_bend = bend
-            self.u_bound_at = bstart
-            self.u_epos = epos
-            self.u_eend = eend
         if now < 0.0:
             now = self.clock()
         if self.routed:
@@ -540,11 +474,10 @@ class PoolFast:
             try:
                 if self.u_kind == _QUERY:  # (``client`` checked the message)
                     conv.query_sent(data, now, self.u_shape, self.u_value)
-                elif self.u_epos >= 0:  # (framed by ``client``: one Bind, one Execute after)
-                    at = self.u_bound_at
+                elif self.frame.epos >= 0:  # (framed by ``client``: one Bind, an Execute after)
+                    f = self.frame
                     conv.unit_sent(data, now, self.u_text if len(self.u_parse) else None,
-                                   self.u_bpos, self.u_bend, at - 1, at + len(self.u_bound),
-                                   self.u_epos, self.u_eend)
+                                   f.bpos, f.bend, f.bstart - 1, f.bstop, f.epos, f.eend)
                 else:
                     conv.feed_frontend(data, now)
             except ProtocolViolation as exc:

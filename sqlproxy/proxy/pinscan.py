@@ -1,26 +1,47 @@
-"""The text scans of the pooled fast path (``fastpool.py``), sans I/O: whether a statement's
-text may hold a word of a statement that pins a pooled client (or a DEALLOCATE / DISCARD),
-and whether a simple Query differs from one scanned before only in a number. Each scan that
-runs per message is in C (``_sockio.c``), tested to agree with its definition here; compiled
-with mypyc (see setup.py).
+"""The scans of the pooled fast path (``fastpool.py``), sans I/O: whether a statement's text
+may hold a word of a statement that pins a pooled client (or a DEALLOCATE / DISCARD), whether
+a simple Query differs from one scanned before only in a number, and where the messages of an
+extended-protocol unit are (``frame_unit``). Each scan that runs per message is in C
+(``_sockio.c``), tested to agree with its definition here; compiled with mypyc (see setup.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from mypy_extensions import i64
 
-from sqlproxy.analysis.cache import INT_KEY_DIGITS
+from sqlproxy.analysis.cache import digits_key
+from sqlproxy.wire.scan import find_nul, length_at
 
 try:
     from sqlproxy.proxy import _sockio
 except ImportError:  # pragma: no cover - built with the package
     _sockio = None  # type: ignore[assignment]
 
-__all__ = ["digit_run", "digit_run_at", "in_name", "may_forget", "may_pin", "may_pin_at",
-           "same_but_digits", "same_but_digits_at", "scan_pin", "unit_layout", "unit_layout_at"]
+__all__ = [
+    "UnitFrame",
+    "digit_run",
+    "digit_run_at",
+    "frame_unit",
+    "in_name",
+    "may_forget",
+    "may_pin",
+    "may_pin_at",
+    "same_but_digits",
+    "same_but_digits_at",
+    "scan_pin",
+    "unit_layout",
+    "unit_layout_at",
+]
+
+_PARSE: Final = 80  # 'P'
+_BIND: Final = 66  # 'B'
+_DESCRIBE: Final = 68  # 'D'
+_EXECUTE: Final = 69  # 'E'
+_SYNC: Final = 83  # 'S'
+_PORTAL: Final = 80  # 'P' (Describe of a portal)
 
 
 def may_pin(text: str) -> bool:
@@ -109,8 +130,8 @@ def digit_run_at(data: bytes, start: i64, end: i64) -> tuple[int, int]:
 def same_but_digits_at(data: bytes, start: i64, end: i64, prefix: bytes, suffix: bytes
                        ) -> int | str | None:
     """When ``data[start:end]`` is ``prefix``, one or more ASCII digits, ``suffix``: the
-    digits' value key as ``cache.skeleton_literal`` gives it (an int for up to
-    ``INT_KEY_DIGITS`` digits, else their text); else None."""
+    digits' value key as ``cache.skeleton_literal`` gives it (``cache.digits_key``); else
+    None."""
     a: i64 = start + len(prefix)
     b: i64 = end - len(suffix)
     if b <= a or data[start:a] != prefix or data[b:end] != suffix:
@@ -120,8 +141,7 @@ def same_but_digits_at(data: bytes, start: i64, end: i64, prefix: bytes, suffix:
         if not _is_digit(data[i]):
             return None
         i += 1
-    digits = data[a:b].decode("ascii")
-    return int(digits) if b - a <= INT_KEY_DIGITS else digits
+    return digits_key(data[a:b].decode("ascii"))
 
 
 # The same in C (tested to agree): the simple protocol's common case is the last statement
@@ -195,6 +215,96 @@ def unit_layout_at(data: bytes, max_message: i64) -> i64:
 # The same in C (tested to agree): one call per unit instead of a loop per message.
 unit_layout: Final[Callable[[bytes, int], int]] = (
     _sockio.unit_layout if _sockio is not None else unit_layout_at)
+
+
+class UnitFrame:
+    """Where the messages of one extended-protocol unit are (``frame_unit``): its unnamed Parse
+    (``pstart`` -1: none), its Bind, where the Bind's statement name starts and ends (the
+    unnamed one: empty), its Execute after the Bind (``epos`` -1: none; -2: another, or one
+    before it). One per fast path, filled anew for each unit."""
+
+    def __init__(self) -> None:
+        self.pstart: i64 = -1
+        self.pend: i64 = -1
+        self.bpos: i64 = -1
+        self.bend: i64 = -1
+        self.bstart: i64 = -1
+        self.bstop: i64 = -1
+        self.epos: i64 = -1
+        self.eend: i64 = -1
+
+
+def frame_unit(data: bytes, max_message: i64, max_obj: Any, f: UnitFrame) -> bool:
+    """Frame ``data`` into ``f`` when it is one whole unit the fast path may serve: at most
+    one Parse (of the unnamed statement) and one Bind, Describes of a portal, Executes, a
+    Sync last, each message of at most ``max_message`` bytes (``max_obj``: the same, boxed);
+    else False. The common layout is framed by one C call (``unit_layout``)."""
+    lay: i64 = unit_layout(data, max_obj)
+    if lay >= 0:
+        parse_end: i64 = lay & 0xFFF
+        f.pstart = 0 if parse_end else -1
+        f.pend = parse_end
+        f.bpos = parse_end
+        f.bend = parse_end + ((lay >> 12) & 0x3FF)
+        f.bstart = parse_end + 6  # (the unnamed portal)
+        f.bstop = f.bstart + ((lay >> 22) & 0x7F)
+        f.epos = f.bend + 7 * (lay >> 29)  # (after the Describe, if any)
+        f.eend = f.epos + 10
+        return True
+    n: i64 = len(data)
+    pos: i64 = 0
+    bstart: i64 = -1
+    bstop: i64 = -1
+    pstart: i64 = -1
+    pend: i64 = -1
+    bpos: i64 = -1
+    bend: i64 = -1
+    epos: i64 = -1
+    eend: i64 = -1
+    last: i64 = 0
+    while pos < n:
+        if n - pos < 5:
+            return False
+        last = data[pos]
+        length = length_at(data, pos + 1)
+        end = pos + 1 + length
+        if length < 4 or end > n or length > max_message:
+            return False
+        if last == _PARSE:
+            if pstart >= 0 or bstart >= 0 or length < 7 or data[pos + 5] != 0:
+                return False  # a second Parse, or a named one
+            pstart = pos
+            pend = end
+        elif last == _BIND:
+            if bstart >= 0:
+                return False
+            bstart = find_nul(data, pos + 5, end) + 1  # past the portal's name
+            bstop = find_nul(data, bstart, end)
+            bpos = pos
+            bend = end
+        elif last == _EXECUTE:
+            if epos == -1 and bstart >= 0:
+                epos = pos
+                eend = end
+            else:
+                epos = -2
+        elif last == _SYNC:
+            if end != n:
+                return False
+        elif not (last == _DESCRIBE and length > 4 and data[pos + 5] == _PORTAL):
+            return False
+        pos = end
+    if last != _SYNC or bstart < 0:
+        return False
+    f.pstart = pstart
+    f.pend = pend
+    f.bpos = bpos
+    f.bend = bend
+    f.bstart = bstart
+    f.bstop = bstop
+    f.epos = epos
+    f.eend = eend
+    return True
 
 
 def in_name(c: i64) -> bool:

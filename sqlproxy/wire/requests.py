@@ -20,6 +20,7 @@ EXECUTE: Final = 2
 SYNC: Final = 3
 FUNCTION_CALL: Final = 4
 
+
 class DigitShape:
     """A simple Query text's shape as the pooled fast path found it: ``prefix``, a run of
     ASCII digits, ``suffix`` (the UTF-8 bytes of the text up to its closing NUL). Compared by

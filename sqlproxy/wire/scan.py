@@ -22,10 +22,9 @@ try:
 except ImportError:  # pragma: no cover - built with the package
     _sockio = None  # type: ignore[assignment]
 
-__all__ = ["BE_TABLE", "FE_TABLE", "answer_scan",
-           "answer_scan_at", "command_tag_rows", "cstring", "cstring_at", "decode_text",
-           "error_fields", "find_nul", "length_at", "same_at", "same_at_py", "same_name",
-           "text_at"]
+__all__ = ["BE_TABLE", "FE_TABLE", "answer_scan", "answer_scan_at", "command_tag_rows",
+           "cstring", "cstring_at", "decode_text", "error_fields", "find_nul", "length_at",
+           "same_at", "same_at_py", "same_name", "text_at"]
 
 # Per message type (the byte value): 0 = invalid, 1 = valid and ignored, 2 = valid, body needed.
 _FE_BODY_NEEDED: Final = b"QPBESCFXcf"
@@ -122,6 +121,7 @@ def same_at_py(data: bytes, start: i64, other: bytes) -> bool:
 # The same in C (tested to agree): compared in place, no slice.
 same_at: Final[Callable[[bytes, int, bytes], bool]] = (
     _sockio.same_at if _sockio is not None else same_at_py)
+
 
 def answer_scan_at(data: bytes) -> i64:
     """The common answer, read at once: when ``data`` is whole messages that end one

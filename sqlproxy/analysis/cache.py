@@ -84,8 +84,8 @@ def strip_edge_comments(sql: str) -> str | None:
         text = text[:start].rstrip(_BLANK_SEMI)
     while text.startswith("/*"):
         end = text.find("*/", 2)
-        if end < 0 or "sqlproxy:" in text[:end]:
-            return None
+        if end < 0 or "sqlproxy:" in text[:end] or "/*" in text[2:end]:
+            return None  # (PostgreSQL's comments nest: "/* /* */" has not ended)
         text = text[end + 2 :].lstrip(_BLANK)
     return None if "/*" in text or "*/" in text else text
 

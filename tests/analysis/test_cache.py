@@ -231,6 +231,10 @@ def test_edge_comments_end_where_postgresql_ends_them() -> None:
     assert strip_edge_comments("/*/ select 1") is None
     assert strip_edge_comments("select '/*', 2 */") is None  # the "/*" is inside a string
     assert strip_edge_comments("select 1 /* a /* b */ c */") is None  # nested: leave it alone
+    # A leading comment that nests another has not ended at its first */: the whole text is
+    # a comment (found by the Hypothesis test above).
+    assert strip_edge_comments("/* /* */ select 0 from t where b = 0 /*  */;") is None
+    assert strip_edge_comments("/* a /* b */ c */ select 1") is None
     assert strip_edge_comments("select 1 /* sqlproxy:ignore */") is None
 
 

@@ -29,6 +29,7 @@ import os
 import platform
 import pwd
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -159,6 +160,41 @@ def process_cpu_times(pid: int) -> tuple[float, float] | None:
     return int(fields[11]) / _CLOCK_TICKS, int(fields[12]) / _CLOCK_TICKS
 
 
+def process_switches(pid: int) -> tuple[int, int] | None:
+    """Voluntary and involuntary context switches of the process so far (its main thread's,
+    Linux /proc), None if unknown."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = dict(line.split(":\t", 1) for line in text.splitlines() if "ctxt_switches" in line)
+    try:
+        return int(found["voluntary_ctxt_switches"]), int(found["nonvoluntary_ctxt_switches"])
+    except (KeyError, ValueError):
+        return None
+
+
+def machine_cpu_times() -> tuple[float, float, int] | None:
+    """Busy and idle CPU seconds of the whole machine so far, all CPUs, and its context
+    switches (Linux /proc/stat): busy is user, nice, system, irq, softirq and steal; idle is
+    idle and iowait."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    ticks = [int(v) for v in lines[0].split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = ticks
+    busy = user + nice + system + irq + softirq + steal
+    switches = next((int(line.split()[1]) for line in lines if line.startswith("ctxt ")), 0)
+    return busy / _CLOCK_TICKS, (idle + iowait) / _CLOCK_TICKS, switches
+
+
+def children_cpu_seconds() -> float:
+    """User and system CPU of this process's waited-for children so far (here: pgbench)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 class Service:
     """A long-running child process in its own session, stopped by process group."""
 
@@ -207,6 +243,9 @@ class Service:
 
     def cpu_times(self) -> tuple[float, float] | None:
         return process_cpu_times(self.proc.pid) if self.alive() and self.proc else None
+
+    def switches(self) -> tuple[int, int] | None:
+        return process_switches(self.proc.pid) if self.alive() and self.proc else None
 
     def logs(self) -> str:
         return "\n".join(_tail(path) for path in [*self.extra_logs, self.log_path])
@@ -262,6 +301,11 @@ class RunResult:
     failed_transactions: int | None = None
     proxy_cpu_seconds: float | None = None
     proxy_user_seconds: float | None = None  # the user-space part of proxy_cpu_seconds
+    machine_busy_seconds: float | None = None  # every CPU's busy time during the run
+    machine_idle_seconds: float | None = None  # every CPU's idle time during the run
+    pgbench_cpu_seconds: float | None = None  # pgbench's own user+system CPU
+    context_switches: int | None = None  # the machine's, during the run
+    proxy_switches: tuple[int, int] | None = None  # the proxy's (voluntary, involuntary)
     wall_seconds: float = 0.0
     started_at: float = 0.0
     error: str | None = None
@@ -277,6 +321,31 @@ class RunResult:
         if self.proxy_user_seconds is None or not self.transactions:
             return None
         return self.proxy_user_seconds * 1e6 / self.transactions
+
+    @property
+    def machine_busy_us_per_tx(self) -> float | None:
+        if self.machine_busy_seconds is None or not self.transactions:
+            return None
+        return self.machine_busy_seconds * 1e6 / self.transactions
+
+    @property
+    def pgbench_us_per_tx(self) -> float | None:
+        if self.pgbench_cpu_seconds is None or not self.transactions:
+            return None
+        return self.pgbench_cpu_seconds * 1e6 / self.transactions
+
+    @property
+    def switches_per_tx(self) -> float | None:
+        if self.context_switches is None or not self.transactions:
+            return None
+        return self.context_switches / self.transactions
+
+    @property
+    def idle_share(self) -> float | None:
+        busy, idle = self.machine_busy_seconds, self.machine_idle_seconds
+        if busy is None or idle is None or busy + idle <= 0:
+            return None
+        return idle / (busy + idle)
 
 
 _TPS_RE = re.compile(
@@ -342,6 +411,9 @@ class Workload:
             result.error = f"{target.service.name} is not running\n{target.service.logs()}"
             return result
         cpu_before = target.service.cpu_times() if target.service else None
+        switches_before = target.service.switches() if target.service else None
+        machine_before = machine_cpu_times()
+        children_before = children_cpu_seconds()
         start = time.monotonic()
         try:
             proc = subprocess.run(
@@ -356,7 +428,17 @@ class Workload:
             result.error = f"pgbench did not finish within {seconds + 120} s"
             return result
         result.wall_seconds = time.monotonic() - start
+        machine_after = machine_cpu_times()
+        result.pgbench_cpu_seconds = children_cpu_seconds() - children_before
+        if machine_before is not None and machine_after is not None:
+            result.machine_busy_seconds = machine_after[0] - machine_before[0]
+            result.machine_idle_seconds = machine_after[1] - machine_before[1]
+            result.context_switches = machine_after[2] - machine_before[2]
         cpu_after = target.service.cpu_times() if target.service else None
+        switches_after = target.service.switches() if target.service else None
+        if switches_before is not None and switches_after is not None:
+            result.proxy_switches = (switches_after[0] - switches_before[0],
+                                     switches_after[1] - switches_before[1])
         if cpu_before is not None and cpu_after is not None:
             result.proxy_user_seconds = cpu_after[0] - cpu_before[0]
             result.proxy_cpu_seconds = result.proxy_user_seconds + cpu_after[1] - cpu_before[1]
@@ -385,6 +467,10 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _percent(share: float | None) -> float | None:
+    return None if share is None else share * 100
+
+
 def _fmt(value: float | None, spec: str, width: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
@@ -411,6 +497,10 @@ def summarize_mode(results: Sequence[RunResult], targets: Sequence[str]) -> dict
             "median_latency_ms": _median(r.latency_ms for r in runs),
             "median_proxy_cpu_us_per_tx": _median(r.proxy_cpu_us_per_tx for r in runs),
             "median_proxy_user_us_per_tx": _median(r.proxy_user_us_per_tx for r in runs),
+            "median_machine_busy_us_per_tx": _median(r.machine_busy_us_per_tx for r in runs),
+            "median_pgbench_us_per_tx": _median(r.pgbench_us_per_tx for r in runs),
+            "median_idle_share": _median(r.idle_share for r in runs),
+            "median_switches_per_tx": _median(r.switches_per_tx for r in runs),
             "tps_by_round": {r.round: r.tps for r in runs},
         }
     by_round: dict[int, dict[str, float]] = {}
@@ -441,7 +531,8 @@ def format_mode_table(
     lines = [f"== {mode}: {workload_text}, {rounds} rounds ==", ""]
     lines.append(
         f"{'target':<26}{'median tps':>12}{'min tps':>11}{'max tps':>11}"
-        f"{'med lat ms':>12}{'proxy CPU us/tx':>17}{'(user)':>8}{'ok runs':>9}"
+        f"{'med lat ms':>12}{'proxy CPU us/tx':>17}{'(user)':>8}{'all CPU us/tx':>15}"
+        f"{'pgbench':>9}{'idle':>7}{'cs/tx':>7}{'ok runs':>9}"
     )
     for key, row in summary["targets"].items():
         runs = f"{row['runs']}/{row['runs'] + row['failed_runs']}"
@@ -453,6 +544,10 @@ def format_mode_table(
             f"{_fmt(row['median_latency_ms'], '.3f', 12)}"
             f"{_fmt(row['median_proxy_cpu_us_per_tx'], '.1f', 17)}"
             f"{_fmt(row['median_proxy_user_us_per_tx'], '.1f', 8)}"
+            f"{_fmt(row['median_machine_busy_us_per_tx'], '.1f', 15)}"
+            f"{_fmt(row['median_pgbench_us_per_tx'], '.1f', 9)}"
+            f"{_fmt(_percent(row['median_idle_share']), '.1f', 6)}%"
+            f"{_fmt(row['median_switches_per_tx'], '.2f', 7)}"
             f"{runs:>9}"
         )
     if summary["ratios"]:
@@ -1046,6 +1141,14 @@ class Bench:
         user = r.proxy_user_us_per_tx
         cpu_text = (f"  proxy CPU {cpu:6.1f} us/tx (user {user:5.1f})"
                     if cpu is not None and user is not None else "")
+        busy, pgbench, idle = r.machine_busy_us_per_tx, r.pgbench_us_per_tx, r.idle_share
+        if busy is not None and pgbench is not None and idle is not None:
+            cpu_text += f"  all CPU {busy:6.1f} us/tx (pgbench {pgbench:5.1f}), idle {idle:5.1%}"
+        if r.switches_per_tx is not None:
+            cpu_text += f", {r.switches_per_tx:.2f} cs/tx"
+        if r.proxy_switches is not None and r.transactions:
+            vol, invol = (n / r.transactions for n in r.proxy_switches)
+            cpu_text += f" (proxy {vol:.3f} + {invol:.3f})"
         return (
             f"{where} {TARGET_LABELS[r.target]:<26} tps {r.tps or 0:>9.1f}  "
             f"lat {r.latency_ms or 0:6.3f} ms{cpu_text}"
@@ -1176,6 +1279,11 @@ class Bench:
         lines.append(
             "proxy CPU us/tx: user+system CPU of the proxy process per transaction "
             "(from /proc), less sensitive to contention than tps; (user): its user-space part."
+        )
+        lines.append(
+            "all CPU us/tx: every CPU's busy time per transaction (/proc/stat: the proxy, "
+            "PostgreSQL, pgbench and the rest); pgbench: pgbench's own; idle: the CPUs' idle "
+            "share during the runs; cs/tx: the machine's context switches per transaction."
         )
         return lines
 

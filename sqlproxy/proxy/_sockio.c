@@ -41,6 +41,9 @@
  *                               MAX_EVENTS; the others stay ready for the next call); the
  *                               first exception from a callback is raised after the others
  *                               had their turn
+ *     .set_after(callback)      call callback() after each batch, once its sockets had their
+ *                               turn (None: no more); work that can wait for the batch's end
+ *                               (see Batch in pump.py)
  *     .fileno(), len(), .close()
  *
  * The event loop would otherwise take the GIL, and run its handle machinery, once per
@@ -401,6 +404,7 @@ typedef struct {
     PyObject **callbacks;   /* by descriptor; NULL: not watched */
     int capacity;
     Py_ssize_t count;
+    PyObject *after;        /* called with no arguments after each batch; NULL: none */
 } Poller;
 
 static void
@@ -418,6 +422,14 @@ poller_clear_callbacks(Poller *self)
     PyMem_Free(callbacks);
 }
 
+static void
+poller_clear_after(Poller *self)
+{
+    PyObject *after = self->after;
+    self->after = NULL;
+    Py_XDECREF(after);
+}
+
 static PyObject *
 poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
@@ -431,6 +443,7 @@ poller_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->callbacks = NULL;
     self->capacity = 0;
     self->count = 0;
+    self->after = NULL;
     self->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (self->epfd < 0) {
         PyErr_SetFromErrno(PyExc_OSError);
@@ -445,6 +458,7 @@ poller_traverse(Poller *self, visitproc visit, void *arg)
 {
     for (int i = 0; i < self->capacity; i++)
         Py_VISIT(self->callbacks[i]);
+    Py_VISIT(self->after);
     return 0;
 }
 
@@ -452,6 +466,7 @@ static int
 poller_clear(Poller *self)
 {
     poller_clear_callbacks(self);
+    poller_clear_after(self);
     return 0;
 }
 
@@ -460,6 +475,7 @@ poller_dealloc(Poller *self)
 {
     PyObject_GC_UnTrack(self);
     poller_clear_callbacks(self);
+    poller_clear_after(self);
     if (self->epfd >= 0)
         close(self->epfd);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -588,12 +604,46 @@ poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
         }
         Py_DECREF(callback);
     }
+    PyObject *after = self->after;
+    if (after != NULL) {
+        Py_INCREF(after);
+        PyObject *result = PyObject_CallNoArgs(after);
+        if (result == NULL) {
+            if (type == NULL)
+                PyErr_Fetch(&type, &value, &traceback);
+            else
+                PyErr_WriteUnraisable(after);
+        }
+        else {
+            Py_DECREF(result);
+        }
+        Py_DECREF(after);
+    }
     Py_DECREF(self);
     Py_DECREF(now);
     if (type != NULL) {
         PyErr_Restore(type, value, traceback);
         return NULL;
     }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+poller_set_after(Poller *self, PyObject *arg)
+{
+    if (arg != Py_None && !PyCallable_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_after() takes a callable or None");
+        return NULL;
+    }
+    PyObject *old = self->after;
+    if (arg == Py_None) {
+        self->after = NULL;
+    }
+    else {
+        Py_INCREF(arg);
+        self->after = arg;
+    }
+    Py_XDECREF(old);
     Py_RETURN_NONE;
 }
 
@@ -609,6 +659,7 @@ static PyObject *
 poller_close(Poller *self, PyObject *Py_UNUSED(ignored))
 {
     poller_clear_callbacks(self);
+    poller_clear_after(self);
     if (self->epfd >= 0) {
         close(self->epfd);
         self->epfd = -1;
@@ -629,6 +680,8 @@ static PyMethodDef poller_methods[] = {
      "remove(fd) -> bool: stop watching fd (False if it was not watched)."},
     {"dispatch", (PyCFunction)poller_dispatch, METH_NOARGS,
      "dispatch(): call the callbacks of the descriptors readable now."},
+    {"set_after", (PyCFunction)poller_set_after, METH_O,
+     "set_after(callback): call callback() after each batch of callbacks (None: no more)."},
     {"fileno", (PyCFunction)poller_fileno, METH_NOARGS, "fileno() -> int: the epoll descriptor."},
     {"close", (PyCFunction)poller_close, METH_NOARGS,
      "close(): close the epoll descriptor and drop every callback."},

@@ -20,7 +20,7 @@ from typing import Any
 
 from mypy_extensions import i64
 
-from sqlproxy.proxy.pump import StandIn, add_reader, remove_reader
+from sqlproxy.proxy.pump import Batch, StandIn, add_reader, remove_reader
 
 try:
     from sqlproxy.proxy import _sockio
@@ -48,6 +48,7 @@ class DirectSocket(StandIn):
         self.fd: i64 = -1  # a duplicate of the transport's socket, watched by the loop
         self.fd_obj: Any = -1  # the same, boxed once (passed to _sockio as it is)
         self.loop: Any = None
+        self.batch: Batch | None = None  # the poller's while watched: the end of its batch
         self.watching = False
         self.paused = False  # reading paused (backpressure), whoever reads
         self.spilled = False  # the transport holds bytes to write (between pause and resume)
@@ -90,11 +91,12 @@ class DirectSocket(StandIn):
     def watch(self) -> None:
         if self.fd >= 0 and not self.watching and not self.paused:
             self.watching = True
-            add_reader(self.loop, self.fd, self.readable)
+            self.batch = add_reader(self.loop, self.fd, self.readable)
 
     def unwatch(self) -> None:
         if self.watching:
             self.watching = False
+            self.batch = None
             remove_reader(self.loop, self.fd)
 
     def readable(self, now: float) -> None:

@@ -61,7 +61,7 @@ from sqlproxy.proxy.pinscan import (
     same_but_digits,
     scan_pin,
 )
-from sqlproxy.proxy.pump import POLL_CLOCK
+from sqlproxy.proxy.pump import POLL_CLOCK, Batch
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import UnitCutter
 from sqlproxy.wire.conversation import Conversation
@@ -555,10 +555,12 @@ class PoolFast:
             self.session.unpark()
 
     # ------------------------------------------------------------------ server side
-    def answer(self, pump: PooledServerPump, data: bytes, now: float) -> bool:
+    def answer(self, pump: PooledServerPump, data: bytes, now: float,
+               batch: Batch | None = None) -> bool:
         """A chunk from ``pump``'s server (the one this session holds), read at ``now`` (-1:
         read the clock): to the client as received when nothing of it is to be swallowed or
-        stripped; the server goes back when idle."""
+        stripped; the server goes back when idle. ``batch``: the poller's batch it was read
+        in (None: read through the transport), whose end its statement's record waits for."""
         if pump is not self.held_pump or not self.enabled:
             return False
         answers = pump.answers
@@ -574,7 +576,13 @@ class PoolFast:
         assert client is not None
         if now < 0.0:
             now = self.clock()
-        conv.feed_backend(data, now, True)  # (a SELECT recorded below: ``record_held``)
+        conv.feed_backend(data, now, True)  # (a SELECT recorded later: ``record_held``)
+        # Its record waits for the end of the poller's batch (``batch``), else for this
+        # answer to be sent on.
+        later = False
+        if batch is not None and conv.h_entry is not None:
+            batch.held.append(conv)
+            later = True
         try:
             if conv.busy or conv.tx_status != _IDLE or self.open_unit \
                     or self.pinned is not None or len(self.units):
@@ -585,7 +593,8 @@ class PoolFast:
             self.checkin(pump, now if _ONE_CLOCK else self.monotonic())
             client.send(data)
         finally:
-            conv.record_held()
+            if not later:
+                conv.record_held()
         return True
 
     def replica_answer(self, pump: PooledServerPump, data: bytes, now: float) -> bool:
@@ -739,6 +748,7 @@ class PooledServerPump(DirectSocket):
 
     def received(self, data: bytes, now: float) -> None:
         fast = self.fast
-        if fast is not None and fast.answer(self, data, now if POLL_CLOCK else -1.0):
+        if fast is not None and fast.answer(self, data, now if POLL_CLOCK else -1.0,
+                                            self.batch):
             return
         self.owner.data_received(data)

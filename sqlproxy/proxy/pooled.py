@@ -766,11 +766,15 @@ class PooledSession(ClientSession):
             pool.client_left(self.application_name)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.conv is not None:
+            self.conv.record_held()  # (held back for the poller's batch end: pump.Batch)
         self._give_back("client_gone_in_transaction")
         super().connection_lost(exc)
         session_ended(self)  # a login the proxy was checking ends here
 
     def fail(self, exc: ProxyError, *, quiet: bool = False) -> None:
+        if self.conv is not None:
+            self.conv.record_held()
         if not self._closing:
             self._give_back("session_error")
         super().fail(exc, quiet=quiet)

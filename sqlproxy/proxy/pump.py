@@ -46,8 +46,8 @@ try:
 except ImportError:  # pragma: no cover - built with the package; without it, no direct relay
     _sockio = None  # type: ignore[assignment]
 
-__all__ = ["HAVE_RELAY", "BackendPump", "ClientPump", "Relay", "StandIn", "add_reader",
-           "remove_reader"]
+__all__ = ["HAVE_RELAY", "BackendPump", "Batch", "ClientPump", "Relay", "StandIn",
+           "add_reader", "remove_reader"]
 
 HAVE_RELAY: Final = _sockio is not None
 # Bytes waiting for a socket before its source is no longer read, until the wait is down to
@@ -62,6 +62,33 @@ LOW_WATER: Final = 16 * 1024
 # through the loop itself, each socket would cost the loop's handle machinery and a taking of
 # the GIL per chunk.
 _pollers: dict[Any, Any] = {}
+_batches: dict[Any, Batch] = {}
+
+
+class Batch:
+    """Work that can wait for the end of the poller's batch (``Poller.set_after``): what a
+    socket's callback did first is what the other sockets ready in the same batch wait for.
+    The pooled fast path sends an answer on and gives its server back at once, and leaves the
+    statement's record (``Conversation.record_held``) to the batch's end: every socket ready
+    then is served before any record is made, and the records are made while PostgreSQL and
+    the clients work on what was sent. A conversation records what it holds before it takes
+    anything else, so its records keep their order."""
+
+    def __init__(self) -> None:
+        self.held: list[Conversation] = []  # conversations holding a record back
+
+    def flush(self) -> None:
+        """Make the records held back (the poller calls it after each batch). Should one
+        fail (a bug: its error is raised), the records after it are made when their
+        conversation takes anything next, or when its session ends."""
+        held = self.held
+        if not len(held):
+            return
+        try:
+            for conv in held:
+                conv.record_held()
+        finally:
+            held.clear()
 
 
 # Whether the poller's time (CLOCK_MONOTONIC, read once per batch and passed to each reader)
@@ -71,19 +98,24 @@ POLL_CLOCK: Final = (time.get_clock_info("perf_counter").implementation
                      == "clock_gettime(CLOCK_MONOTONIC)")
 
 
-def add_reader(loop: Any, fd: int, callback: Callable[[float], object]) -> None:
+def add_reader(loop: Any, fd: int, callback: Callable[[float], object]) -> Batch:
     """``loop.add_reader(fd, callback)``, through the loop's poller: ``callback(now)``,
-    ``now`` when the poller saw the socket readable (see POLL_CLOCK)."""
+    ``now`` when the poller saw the socket readable (see POLL_CLOCK). Returns the poller's
+    Batch: what the callback leaves for the end of its batch."""
     poller = _pollers.get(loop)
     if poller is None:
         poller = _sockio.Poller()
+        batch = Batch()
         try:
             loop.add_reader(poller.fileno(), poller.dispatch)
         except BaseException:
             poller.close()
             raise
+        poller.set_after(batch.flush)
         _pollers[loop] = poller
+        _batches[loop] = batch
     poller.add(fd, callback)
+    return _batches[loop]
 
 
 def remove_reader(loop: Any, fd: int) -> None:
@@ -94,6 +126,7 @@ def remove_reader(loop: Any, fd: int) -> None:
         return
     if not len(poller):
         del _pollers[loop]
+        _batches.pop(loop).flush()
         if not loop.is_closed():
             loop.remove_reader(poller.fileno())
         poller.close()

@@ -177,6 +177,8 @@ class Conversation:
     # ------------------------------------------------------------------ frontend side
     def feed_frontend(self, data: bytes, now: float) -> None:
         """Observe bytes sent by the client. Raises ProtocolViolation on malformed framing."""
+        if self.h_entry is not None:
+            self.record_held()  # first: a record held back (pump.Batch) keeps its place
         n: i64 = len(data)
         pos: i64 = 0
         end: i64 = 0
@@ -222,6 +224,8 @@ class Conversation:
         """``feed_frontend`` of one whole simple Query (``data``: the message, checked by the
         caller: its length, its size within ``max_message``, its closing NUL); ``shape`` and
         ``value``: its text is of that shape, its digits' value key (``Pending.shape``)."""
+        if self.h_entry is not None:
+            self.record_held()  # first: a record held back (pump.Batch) keeps its place
         if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
             self.feed_frontend(data, now)
             return
@@ -379,6 +383,8 @@ class Conversation:
         none), one Bind at ``data[bpos:bend]`` (its portal's name ending at ``nul1``, its
         statement's at ``nul2``), Describes (of no effect here), one Execute after it at
         ``data[epos:eend]``, Sync last."""
+        if self.h_entry is not None:
+            self.record_held()  # first: a record held back (pump.Batch) keeps its place
         if self.fe_skip or self.fe_want or len(self.fe_buf) > 0:
             self.feed_frontend(data, now)
             return
@@ -444,6 +450,8 @@ class Conversation:
         record asks the conversation what the client sent after it (a round trip per row?),
         and the listener may act on the server that ran anything else (DEALLOCATE, DISCARD)
         while the session still holds it."""
+        if self.h_entry is not None:
+            self.record_held()  # first: a record held back (pump.Batch) keeps its place
         if self.be_skip == 0 and self.be_want == 0 and len(self.be_buf) == 0 \
                 and (self.native is not None or self.listener is None):
             # The common answer, whole (answer_scan): what the loop below would do with it.

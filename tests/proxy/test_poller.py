@@ -7,11 +7,18 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import struct
 import time
+from collections.abc import Callable
 
 import pytest
 
+from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.analysis.statement import SessionInfo
+from sqlproxy.config import AnalysisSection
 from sqlproxy.proxy import _sockio, pump
+from sqlproxy.proxy.recorder import PooledRecorder
+from sqlproxy.wire.conversation import Conversation
 
 
 def test_poller_calls_back_while_readable_and_forgets_removed_sockets() -> None:
@@ -137,3 +144,106 @@ def test_callbacks_get_the_batch_time_of_perf_counter() -> None:
         for x, y in pairs:
             x.close()
             y.close()
+
+
+def test_the_after_callback_runs_once_after_each_batch_that_had_sockets() -> None:
+    """``set_after``: called with no arguments once the batch's sockets had their turn; not
+    for a dispatch that found nothing; its error is raised like a socket callback's (after a
+    socket callback's error, it goes to sys.unraisablehook)."""
+    poller = _sockio.Poller()
+    pairs = [socket.socketpair() for _ in range(2)]
+    calls: list[str] = []
+    try:
+        for i, (x, _y) in enumerate(pairs):
+            poller.add(x.fileno(), lambda now, i=i, x=x: (calls.append(f"read {i}"), x.recv(9)))
+        poller.set_after(lambda: calls.append("after"))
+        poller.dispatch()
+        assert calls == []  # nothing readable: no batch
+        for _, y in pairs:
+            y.send(b"z")
+        poller.dispatch()
+        assert sorted(calls[:2]) == ["read 0", "read 1"] and calls[2:] == ["after"]
+
+        def boom() -> None:
+            raise RuntimeError("after")
+
+        poller.set_after(boom)
+        pairs[0][1].send(b"z")
+        with pytest.raises(RuntimeError, match="after"):
+            poller.dispatch()
+        with pytest.raises(TypeError):
+            poller.set_after("not callable")  # type: ignore[arg-type]
+        poller.set_after(None)
+        calls.clear()
+        pairs[1][1].send(b"z")
+        poller.dispatch()
+        assert calls == ["read 1"]
+    finally:
+        poller.close()
+        for x, y in pairs:
+            x.close()
+            y.close()
+
+
+def _holding(profiler: Profiler, sql: str) -> Conversation:
+    """A pooled session's conversation holding back the record of ``sql``, a SELECT
+    answered whole (``feed_backend(..., hold=True)``, as the pooled fast path feeds it)."""
+
+    class Session:
+        def statement_event(self, *args: object) -> None:
+            pass
+
+    conv = Conversation(PooledRecorder(profiler, Session(), SessionInfo(1, "p", "d", "u")),
+                        1 << 20)
+    text = sql.encode() + b"\0"
+    conv.query_sent(b"Q" + struct.pack("!i", len(text) + 4) + text, 1.0)
+    answer = (b"T" + struct.pack("!ih", 6, 0) + b"D" + struct.pack("!ih", 6, 0)
+              + b"C" + struct.pack("!i", 13) + b"SELECT 1\0" + b"Z" + struct.pack("!i", 5) + b"I")
+    conv.feed_backend(answer, 2.0, hold=True)
+    assert conv.h_entry is not None
+    return conv
+
+
+def test_the_loop_s_batch_makes_its_records_after_each_poller_batch_and_when_it_goes() -> None:
+    """What a socket's callback leaves in its Batch (``add_reader`` returns the loop's one)
+    is made once the batch's sockets had their turn, in the order it was left; when the loop's
+    last relayed socket goes, so does the poller, and what its batch still held is made."""
+    profiler = Profiler(AnalysisSection())
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        c, d = socket.socketpair()
+        seen: list[object] = []
+        done = asyncio.Event()
+
+        def on(sock: socket.socket) -> Callable[[float], None]:
+            def readable(now: float) -> None:
+                for sql in sock.recv(99).decode().split():
+                    seen.append((sql, profiler.executions))
+                    batch.held.append(_holding(profiler, f"select {sql}"))
+                if len(seen) == 3:
+                    done.set()
+            return readable
+
+        try:
+            batch = pump.add_reader(loop, a.fileno(), on(a))
+            assert pump.add_reader(loop, c.fileno(), on(c)) is batch  # the loop's one batch
+            b.send(b"1 2")
+            d.send(b"3")
+            await asyncio.wait_for(done.wait(), 5)
+            await asyncio.sleep(0.05)
+            assert profiler.executions == 3
+            batch.held.append(_holding(profiler, "select 4"))
+            pump.remove_reader(loop, a.fileno())
+            assert profiler.executions == 3
+            pump.remove_reader(loop, c.fileno())  # the poller goes: what it held is made
+            assert profiler.executions == 4 and loop not in pump._pollers
+            return seen
+        finally:
+            for s in (a, b, c, d):
+                s.close()
+
+    seen = asyncio.run(main())
+    # Read in one batch (both sockets were ready): no record made before all were read.
+    assert sorted(seen) == [("1", 0), ("2", 0), ("3", 0)]

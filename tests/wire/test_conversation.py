@@ -514,6 +514,49 @@ def test_a_passed_answer_s_record_is_held_back_only_for_plain_statements() -> No
     assert entry.calls == 1 and entry.rows == 1
 
 
+@pytest.mark.parametrize("next_step", ["query_sent", "unit_sent", "feed_frontend",
+                                       "feed_backend"])
+def test_a_held_record_is_made_before_the_conversation_takes_anything_else(
+        next_step: str) -> None:
+    """A record held back past the answer (``pump.Batch`` makes it at the end of the poller's
+    batch) is made before the conversation takes the client's next bytes or the server's: the
+    session's records keep their order, and the request it holds is not reused first."""
+    from sqlproxy.analysis.profiler import Profiler
+    from sqlproxy.analysis.statement import SessionInfo
+    from sqlproxy.config import AnalysisSection
+    from sqlproxy.proxy.recorder import PooledRecorder
+
+    class Session:
+        def statement_event(self, *args: object) -> None:
+            pass
+
+        def parameter_status(self, name: str, value: str) -> None:
+            pass
+
+    profiler = Profiler(AnalysisSection())
+    conv = Conversation(PooledRecorder(profiler, Session(), SessionInfo(1, "p", "d", "u")),
+                        1 << 20)
+    answer = msg(b"T", struct.pack("!h", 0)) + data_row() + complete("SELECT 1") + ready()
+    conv.query_sent(query("select 1"), 1.0)
+    conv.feed_backend(answer, 2.0, hold=True)
+    assert profiler.executions == 0 and conv.h_entry is not None
+    data = parse("", "select 2") + bind("", "", []) + execute("") + SYNC
+    if next_step == "query_sent":
+        conv.query_sent(query("select 2"), 3.0)
+    elif next_step == "unit_sent":
+        nul1 = data.index(b"\x00", len(parse("", "select 2")) + 5)
+        epos = len(parse("", "select 2") + bind("", "", []))
+        conv.unit_sent(data, 3.0, "select 2", epos - len(bind("", "", [])), epos, nul1,
+                       nul1 + 1, epos, epos + len(execute("")))
+    elif next_step == "feed_frontend":
+        conv.feed_frontend(data, 3.0)
+    else:
+        conv.feed_backend(msg(b"S", b"application_name\x00x\x00"), 3.0)
+    assert profiler.executions == 1 and conv.h_entry is None
+    (entry,) = [e for e in profiler.stats.select() if e.query == "select $1"]
+    assert entry.calls == 1
+
+
 def test_an_answered_execute_s_request_is_reused() -> None:
     """An Execute of the unnamed portal reuses the request of the last one answered, with the
     new Bind's statement, text and parameters."""

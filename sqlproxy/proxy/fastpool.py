@@ -471,10 +471,15 @@ class PoolFast:
         if rep is None:
             conv = self.conv
             assert conv is not None
+            # A unit ``client`` read whole (a Query, or framed: one Bind, an Execute after)
+            # goes first: the server starts on it while the conversation reads it.
+            early = self.u_kind == _QUERY or self.frame.epos >= 0
+            if early:
+                pump.send(data)
             try:
                 if self.u_kind == _QUERY:  # (``client`` checked the message)
                     conv.query_sent(data, now, self.u_shape, self.u_value)
-                elif self.frame.epos >= 0:  # (framed by ``client``: one Bind, an Execute after)
+                elif self.frame.epos >= 0:
                     f = self.frame
                     conv.unit_sent(data, now, self.u_text if len(self.u_parse) else None,
                                    f.bpos, f.bend, f.bstart - 1, f.bstop, f.epos, f.eend)
@@ -485,6 +490,8 @@ class PoolFast:
                 return True
             if self.routed:
                 self.router.note_primary_unit()
+            if not early:
+                pump.send(data)
         else:
             self.r_data = data
             self.r_sent = now
@@ -492,7 +499,7 @@ class PoolFast:
             pump.answers.start_unit(True)
             rep.unit_started()
             self.to_replicas += 1
-        pump.send(data)
+            pump.send(data)
         self.open_unit = False
         self.fast_units += 1
         # (``in`` and ``del`` rather than ``pop``: a method call costs a lookup by name.)

@@ -189,6 +189,16 @@ def machine_cpu_times() -> tuple[float, float, int] | None:
     return busy / _CLOCK_TICKS, (idle + iowait) / _CLOCK_TICKS, switches
 
 
+def tcp_out_segments() -> int | None:
+    """TCP segments the machine has sent so far (Linux /proc/net/snmp, Tcp: OutSegs)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
+                 if line.startswith("Tcp:")]
+        return int(lines[1][lines[0].index("OutSegs")])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def children_cpu_seconds() -> float:
     """User and system CPU of this process's waited-for children so far (here: pgbench)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -306,6 +316,7 @@ class RunResult:
     pgbench_cpu_seconds: float | None = None  # pgbench's own user+system CPU
     context_switches: int | None = None  # the machine's, during the run
     proxy_switches: tuple[int, int] | None = None  # the proxy's (voluntary, involuntary)
+    tcp_segments: int | None = None  # TCP segments sent on the machine during the run
     wall_seconds: float = 0.0
     started_at: float = 0.0
     error: str | None = None
@@ -413,6 +424,7 @@ class Workload:
         cpu_before = target.service.cpu_times() if target.service else None
         switches_before = target.service.switches() if target.service else None
         machine_before = machine_cpu_times()
+        segments_before = tcp_out_segments()
         children_before = children_cpu_seconds()
         start = time.monotonic()
         try:
@@ -429,6 +441,9 @@ class Workload:
             return result
         result.wall_seconds = time.monotonic() - start
         machine_after = machine_cpu_times()
+        segments_after = tcp_out_segments()
+        if segments_before is not None and segments_after is not None:
+            result.tcp_segments = segments_after - segments_before
         result.pgbench_cpu_seconds = children_cpu_seconds() - children_before
         if machine_before is not None and machine_after is not None:
             result.machine_busy_seconds = machine_after[0] - machine_before[0]
@@ -1149,6 +1164,8 @@ class Bench:
         if r.proxy_switches is not None and r.transactions:
             vol, invol = (n / r.transactions for n in r.proxy_switches)
             cpu_text += f" (proxy {vol:.3f} + {invol:.3f})"
+        if r.tcp_segments is not None and r.transactions:
+            cpu_text += f", {r.tcp_segments / r.transactions:.2f} TCP segments/tx"
         return (
             f"{where} {TARGET_LABELS[r.target]:<26} tps {r.tps or 0:>9.1f}  "
             f"lat {r.latency_ms or 0:6.3f} ms{cpu_text}"

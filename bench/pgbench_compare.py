@@ -14,6 +14,10 @@ Run from the repository root::
     .venv/bin/python bench/pgbench_compare.py --rounds 2 --seconds 3
     .venv/bin/python -m bench.pgbench_compare --targets direct,pgbouncer,sqlproxy --json out.json
     .venv/bin/python -m bench.pgbench_compare --profile-pyspy 10   # plus a py-spy profile
+    .venv/bin/python -m bench.pgbench_compare --targets sqlproxy --base-tree /tmp/base  # A/B
+
+(``--base-tree``: another checkout, its compiled modules built in place with this venv's
+Python, run as a further target through PYTHONPATH: two commits in the same rounds.)
 
 Everything it starts (PostgreSQL, PgBouncer, both sqlproxy processes, py-spy) is stopped again,
 also on Ctrl-C, SIGTERM or an error.
@@ -60,9 +64,11 @@ DIRECT = "direct"
 SQLPROXY_ON = "sqlproxy"
 SQLPROXY_OFF = "sqlproxy-off"
 SQLPROXY_TRANSPORTS = "sqlproxy-transports"  # profiling on, proxy.direct_relay = false
+SQLPROXY_BASE = "sqlproxy-base"  # profiling on, the tree of --base-tree (another commit)
 PGBOUNCER = "pgbouncer"
 ALL_TARGETS: tuple[str, ...] = (DIRECT, SQLPROXY_ON, SQLPROXY_OFF, PGBOUNCER)
-SQLPROXY_TARGETS: frozenset[str] = frozenset({SQLPROXY_ON, SQLPROXY_OFF, SQLPROXY_TRANSPORTS})
+SQLPROXY_TARGETS: frozenset[str] = frozenset({SQLPROXY_ON, SQLPROXY_OFF, SQLPROXY_TRANSPORTS,
+                                               SQLPROXY_BASE})
 TARGET_ALIASES: dict[str, str] = {
     "direct": DIRECT,
     "postgres": DIRECT,
@@ -73,6 +79,8 @@ TARGET_ALIASES: dict[str, str] = {
     "sqlproxy_off": SQLPROXY_OFF,
     "sqlproxy-transports": SQLPROXY_TRANSPORTS,
     "sqlproxy_transports": SQLPROXY_TRANSPORTS,
+    "sqlproxy-base": SQLPROXY_BASE,
+    "sqlproxy_base": SQLPROXY_BASE,
     "pgbouncer": PGBOUNCER,
     "bouncer": PGBOUNCER,
 }
@@ -81,6 +89,7 @@ TARGET_LABELS: dict[str, str] = {
     SQLPROXY_ON: "sqlproxy (profiling on)",
     SQLPROXY_OFF: "sqlproxy (profiling off)",
     SQLPROXY_TRANSPORTS: "sqlproxy (on, no relay)",
+    SQLPROXY_BASE: "sqlproxy (on, base tree)",
     PGBOUNCER: "pgbouncer",
 }
 # (label, numerator, denominator): medians of the per-round TPS ratios.
@@ -92,6 +101,8 @@ RATIOS: tuple[tuple[str, str, str], ...] = (
     ("sqlproxy(off)/direct", SQLPROXY_OFF, DIRECT),
     ("sqlproxy(on)/sqlproxy(no relay)", SQLPROXY_ON, SQLPROXY_TRANSPORTS),
     ("sqlproxy(no relay)/pgbouncer", SQLPROXY_TRANSPORTS, PGBOUNCER),
+    ("sqlproxy(on)/sqlproxy(base)", SQLPROXY_ON, SQLPROXY_BASE),
+    ("sqlproxy(base)/pgbouncer", SQLPROXY_BASE, PGBOUNCER),
     ("pgbouncer/direct", PGBOUNCER, DIRECT),
 )
 MODES = ("simple", "extended", "prepared")
@@ -901,6 +912,15 @@ def build_parser() -> argparse.ArgumentParser:
         "max_prepared_statements is set to 200 so that -M prepared can be compared",
     )
     parser.add_argument(
+        "--base-tree",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="another checkout of sqlproxy, its compiled modules built in place (`python "
+        "setup.py build_ext --inplace`), run as the sqlproxy-base target (profiling on) "
+        "through PYTHONPATH: an A/B of two commits in the same rounds (adds the target)",
+    )
+    parser.add_argument(
         "--no-install",
         action="store_true",
         help="do not apt-get install pgbouncer when it is missing",
@@ -939,6 +959,15 @@ class Bench:
     def setup(self) -> None:
         if self.args.profile_pyspy and SQLPROXY_ON not in self.target_keys:
             raise BenchError("--profile-pyspy needs the sqlproxy (profiling on) target")
+        base_tree: Path | None = self.args.base_tree
+        if base_tree is not None:
+            if not (base_tree / "sqlproxy" / "__init__.py").is_file():
+                raise BenchError(f"--base-tree {base_tree}: no sqlproxy package there")
+            self.args.base_tree = base_tree.resolve()
+            if SQLPROXY_BASE not in self.target_keys:
+                self.target_keys.append(SQLPROXY_BASE)
+        elif SQLPROXY_BASE in self.target_keys:
+            raise BenchError("the sqlproxy-base target needs --base-tree DIR")
         self.pgbench = find_pgbench()
         self.psql = shutil.which("psql") or str(pg.find_pg_bindir() / "psql")
         self.sqlproxy = (
@@ -972,7 +1001,7 @@ class Bench:
 
         if DIRECT in self.target_keys:
             self.targets[DIRECT] = Target(DIRECT, self.primary.host, self.primary.port)
-        for key in (SQLPROXY_ON, SQLPROXY_OFF, SQLPROXY_TRANSPORTS):
+        for key in (SQLPROXY_ON, SQLPROXY_OFF, SQLPROXY_TRANSPORTS, SQLPROXY_BASE):
             if key in self.target_keys:
                 self.targets[key] = self._start_service(key, self._sqlproxy(key))
         if PGBOUNCER in self.target_keys:
@@ -1016,6 +1045,8 @@ class Bench:
                     "SQLPROXY_PROXY__DIRECT_RELAY": "true" if relay else "false",
                 }
             )
+            if name == SQLPROXY_BASE:  # imported from the base tree first
+                env["PYTHONPATH"] = str(self.args.base_tree)
             argv = [
                 self.sqlproxy,
                 "serve",
@@ -1095,17 +1126,20 @@ class Bench:
                 _run_text([self.pgbouncer, "--version"]).splitlines()[0] if self.pgbouncer else None
             ),
             "sqlproxy": sqlproxy_source,
+            "sqlproxy_base": (self._sqlproxy_source(self.args.base_tree)
+                              if SQLPROXY_BASE in self.target_keys else None),
             "loadavg_start": os.getloadavg(),
         }
 
-    def _sqlproxy_source(self) -> str:
-        """Where the proxy processes import sqlproxy from, its git state, mypyc or not."""
+    def _sqlproxy_source(self, tree: Path | None = None) -> str:
+        """Where the proxy processes import sqlproxy from (``tree``: the base tree's through
+        PYTHONPATH), its git state, mypyc or not."""
         assert self.base_dir is not None
         python = Path(self.sqlproxy).parent / "python"
         out = _run_text(
             [str(python if python.exists() else sys.executable), "-c", _SQLPROXY_PROBE],
             cwd=self.base_dir,  # the proxies' cwd, so the same sys.path
-            env=client_env(),
+            env=client_env({"PYTHONPATH": str(tree)} if tree is not None else None),
         ).splitlines()
         if len(out) < 2:
             return "? (cannot import sqlproxy)"
@@ -1257,6 +1291,8 @@ class Bench:
             lines.append(f"pgbouncer: {m['pgbouncer']} (pool_mode={self.args.pool_mode})")
         if m["sqlproxy"]:
             lines.append(f"sqlproxy:  {m['sqlproxy']}")
+        if m.get("sqlproxy_base"):
+            lines.append(f"base:      {m['sqlproxy_base']}")
         lines.append(
             f"workload:  {self.workload.describe('<mode>', self.args.seconds)} "
             f"(scale {self.args.scale}); modes {','.join(self.modes)}; {self.args.rounds} "

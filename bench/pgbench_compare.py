@@ -332,35 +332,31 @@ class RunResult:
     started_at: float = 0.0
     error: str | None = None
 
+    def _per_tx(self, total: float | None, scale: float = 1e6) -> float | None:
+        """``total`` per transaction (seconds in µs, by default), None if unknown."""
+        if total is None or not self.transactions:
+            return None
+        return total * scale / self.transactions
+
     @property
     def proxy_cpu_us_per_tx(self) -> float | None:
-        if self.proxy_cpu_seconds is None or not self.transactions:
-            return None
-        return self.proxy_cpu_seconds * 1e6 / self.transactions
+        return self._per_tx(self.proxy_cpu_seconds)
 
     @property
     def proxy_user_us_per_tx(self) -> float | None:
-        if self.proxy_user_seconds is None or not self.transactions:
-            return None
-        return self.proxy_user_seconds * 1e6 / self.transactions
+        return self._per_tx(self.proxy_user_seconds)
 
     @property
     def machine_busy_us_per_tx(self) -> float | None:
-        if self.machine_busy_seconds is None or not self.transactions:
-            return None
-        return self.machine_busy_seconds * 1e6 / self.transactions
+        return self._per_tx(self.machine_busy_seconds)
 
     @property
     def pgbench_us_per_tx(self) -> float | None:
-        if self.pgbench_cpu_seconds is None or not self.transactions:
-            return None
-        return self.pgbench_cpu_seconds * 1e6 / self.transactions
+        return self._per_tx(self.pgbench_cpu_seconds)
 
     @property
     def switches_per_tx(self) -> float | None:
-        if self.context_switches is None or not self.transactions:
-            return None
-        return self.context_switches / self.transactions
+        return self._per_tx(self.context_switches, 1)
 
     @property
     def idle_share(self) -> float | None:

@@ -557,6 +557,28 @@ poller_remove(Poller *self, PyObject *arg)
     Py_RETURN_TRUE;
 }
 
+/* One call of a batch: callback(arg), or callback() when arg is NULL. Its error, if the
+ * batch's first, is kept in *type, *value, *traceback (raised once the batch is done); a later
+ * one goes to sys.unraisablehook. */
+static void
+batch_call(PyObject *callback, PyObject *arg, PyObject **type, PyObject **value,
+           PyObject **traceback)
+{
+    Py_INCREF(callback);  /* the call may drop the poller's reference */
+    PyObject *result = arg != NULL ? PyObject_CallOneArg(callback, arg)
+                                   : PyObject_CallNoArgs(callback);
+    if (result == NULL) {
+        if (*type == NULL)
+            PyErr_Fetch(type, value, traceback);
+        else
+            PyErr_WriteUnraisable(callback);
+    }
+    else {
+        Py_DECREF(result);
+    }
+    Py_DECREF(callback);
+}
+
 static PyObject *
 poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
 {
@@ -590,35 +612,10 @@ poller_dispatch(Poller *self, PyObject *Py_UNUSED(ignored))
          * which then finds nothing to read). */
         if (fd >= self->capacity || self->callbacks[fd] == NULL)
             continue;
-        PyObject *callback = self->callbacks[fd];
-        Py_INCREF(callback);
-        PyObject *result = PyObject_CallOneArg(callback, now);
-        if (result == NULL) {
-            if (type == NULL)
-                PyErr_Fetch(&type, &value, &traceback);
-            else
-                PyErr_WriteUnraisable(callback);
-        }
-        else {
-            Py_DECREF(result);
-        }
-        Py_DECREF(callback);
+        batch_call(self->callbacks[fd], now, &type, &value, &traceback);
     }
-    PyObject *after = self->after;
-    if (after != NULL) {
-        Py_INCREF(after);
-        PyObject *result = PyObject_CallNoArgs(after);
-        if (result == NULL) {
-            if (type == NULL)
-                PyErr_Fetch(&type, &value, &traceback);
-            else
-                PyErr_WriteUnraisable(after);
-        }
-        else {
-            Py_DECREF(result);
-        }
-        Py_DECREF(after);
-    }
+    if (self->after != NULL)
+        batch_call(self->after, NULL, &type, &value, &traceback);
     Py_DECREF(self);
     Py_DECREF(now);
     if (type != NULL) {

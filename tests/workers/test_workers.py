@@ -236,6 +236,11 @@ def test_sighup_reloads_all_sigterm_drains_all(serve_workers: Callable[..., Serv
 
     async def main() -> None:
         conns = [await asyncpg.connect(served.dsn(db)) for _ in range(8)]
+        for _ in range(40):  # until each worker has sessions to drain (the kernel deals them)
+            if {e["worker"] for e in served.events("client_connected")
+                    if e["database"] == db} == {0, 1}:
+                break
+            conns.append(await asyncpg.connect(served.dsn(db)))
         served.popen.send_signal(signal.SIGHUP)
         reloaded = await asyncio.to_thread(served.wait_events, "config_reloaded", 2)
         assert {e["worker"] for e in reloaded} == {0, 1}

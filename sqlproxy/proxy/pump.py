@@ -126,10 +126,13 @@ def remove_reader(loop: Any, fd: int) -> None:
         return
     if not len(poller):
         del _pollers[loop]
-        _batches.pop(loop).flush()
-        if not loop.is_closed():
-            loop.remove_reader(poller.fileno())
-        poller.close()
+        batch = _batches.pop(loop)
+        try:
+            if not loop.is_closed():
+                loop.remove_reader(poller.fileno())
+            poller.close()
+        finally:
+            batch.flush()  # (what it holds back; the poller goes whatever a record does)
 
 
 class StandIn:

@@ -247,3 +247,31 @@ def test_the_loop_s_batch_makes_its_records_after_each_poller_batch_and_when_it_
     seen = asyncio.run(main())
     # Read in one batch (both sockets were ready): no record made before all were read.
     assert sorted(seen) == [("1", 0), ("2", 0), ("3", 0)]
+
+
+def test_the_poller_goes_even_if_a_record_it_held_fails() -> None:
+    """A record that fails when the loop's last relayed socket goes (a bug path) does not
+    leave the poller open or the loop watching it: its error is raised once both are gone."""
+
+    class Failing:
+        def record_held(self) -> None:
+            raise RuntimeError("record failed")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        try:
+            batch = pump.add_reader(loop, a.fileno(), lambda now: None)
+            poller = pump._pollers[loop]
+            fd = poller.fileno()
+            batch.held.append(Failing())  # type: ignore[arg-type]
+            with pytest.raises((RuntimeError, TypeError)):
+                pump.remove_reader(loop, a.fileno())
+            assert loop not in pump._pollers and loop not in pump._batches
+            assert not loop.remove_reader(fd)  # the loop no longer watches it
+            assert not batch.held
+        finally:
+            a.close()
+            b.close()
+
+    asyncio.run(main())

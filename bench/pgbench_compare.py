@@ -44,7 +44,7 @@ import time
 import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,29 @@ def machine_cpu_times() -> tuple[float, float, int] | None:
     return busy / _CLOCK_TICKS, (idle + iowait) / _CLOCK_TICKS, switches
 
 
+def server_cpu_seconds(postmaster: int) -> float | None:
+    """User and system CPU the PostgreSQL server has used so far: its postmaster and every
+    process the postmaster started that is still there (backends, background workers; Linux
+    /proc). A backend gone meanwhile takes its time with it: the pooled targets and PgBouncer
+    keep theirs, pgbench -C's come and go. None if unknown."""
+    if postmaster <= 0:
+        return None
+    total = 0.0
+    found = False
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
+        if int(entry.name) == postmaster or int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+            found = True
+    return total if found else None
+
+
 def tcp_out_segments() -> int | None:
     """TCP segments the machine has sent so far (Linux /proc/net/snmp, Tcp: OutSegs)."""
     try:
@@ -325,6 +348,7 @@ class RunResult:
     machine_busy_seconds: float | None = None  # every CPU's busy time during the run
     machine_idle_seconds: float | None = None  # every CPU's idle time during the run
     pgbench_cpu_seconds: float | None = None  # pgbench's own user+system CPU
+    server_cpu_seconds: float | None = None  # PostgreSQL's (server_cpu_seconds)
     context_switches: int | None = None  # the machine's, during the run
     proxy_switches: tuple[int, int] | None = None  # the proxy's (voluntary, involuntary)
     tcp_segments: int | None = None  # TCP segments sent on the machine during the run
@@ -353,6 +377,10 @@ class RunResult:
     @property
     def pgbench_us_per_tx(self) -> float | None:
         return self._per_tx(self.pgbench_cpu_seconds)
+
+    @property
+    def server_us_per_tx(self) -> float | None:
+        return self._per_tx(self.server_cpu_seconds)
 
     @property
     def switches_per_tx(self) -> float | None:
@@ -390,6 +418,7 @@ class Workload:
     clients: int
     jobs: int
     connect: bool = False  # pgbench -C: a new connection per transaction
+    postmaster: int = 0  # the server's postmaster (its CPU: server_cpu_seconds)
 
     def argv(self, target: Target, mode: str, seconds: int) -> list[str]:
         return [*self._argv(target, mode, seconds), *(["-C"] if self.connect else [])]
@@ -431,6 +460,7 @@ class Workload:
         cpu_before = target.service.cpu_times() if target.service else None
         switches_before = target.service.switches() if target.service else None
         machine_before = machine_cpu_times()
+        server_before = server_cpu_seconds(self.postmaster)
         segments_before = tcp_out_segments()
         children_before = children_cpu_seconds()
         start = time.monotonic()
@@ -448,6 +478,9 @@ class Workload:
             return result
         result.wall_seconds = time.monotonic() - start
         machine_after = machine_cpu_times()
+        server_after = server_cpu_seconds(self.postmaster)
+        if server_before is not None and server_after is not None:
+            result.server_cpu_seconds = server_after - server_before
         segments_after = tcp_out_segments()
         if segments_before is not None and segments_after is not None:
             result.tcp_segments = segments_after - segments_before
@@ -521,6 +554,7 @@ def summarize_mode(results: Sequence[RunResult], targets: Sequence[str]) -> dict
             "median_proxy_user_us_per_tx": _median(r.proxy_user_us_per_tx for r in runs),
             "median_machine_busy_us_per_tx": _median(r.machine_busy_us_per_tx for r in runs),
             "median_pgbench_us_per_tx": _median(r.pgbench_us_per_tx for r in runs),
+            "median_server_us_per_tx": _median(r.server_us_per_tx for r in runs),
             "median_idle_share": _median(r.idle_share for r in runs),
             "median_switches_per_tx": _median(r.switches_per_tx for r in runs),
             "tps_by_round": {r.round: r.tps for r in runs},
@@ -554,7 +588,7 @@ def format_mode_table(
     lines.append(
         f"{'target':<26}{'median tps':>12}{'min tps':>11}{'max tps':>11}"
         f"{'med lat ms':>12}{'proxy CPU us/tx':>17}{'(user)':>8}{'all CPU us/tx':>15}"
-        f"{'pgbench':>9}{'idle':>7}{'cs/tx':>7}{'ok runs':>9}"
+        f"{'pgbench':>9}{'postgres':>10}{'idle':>7}{'cs/tx':>7}{'ok runs':>9}"
     )
     for key, row in summary["targets"].items():
         runs = f"{row['runs']}/{row['runs'] + row['failed_runs']}"
@@ -568,6 +602,7 @@ def format_mode_table(
             f"{_fmt(row['median_proxy_user_us_per_tx'], '.1f', 8)}"
             f"{_fmt(row['median_machine_busy_us_per_tx'], '.1f', 15)}"
             f"{_fmt(row['median_pgbench_us_per_tx'], '.1f', 9)}"
+            f"{_fmt(row['median_server_us_per_tx'], '.1f', 10)}"
             f"{_fmt(_percent(row['median_idle_share']), '.1f', 6)}%"
             f"{_fmt(row['median_switches_per_tx'], '.2f', 7)}"
             f"{runs:>9}"
@@ -993,6 +1028,9 @@ class Bench:
             capture_output=True, text=True, env=client_env(), check=True, timeout=1800,
         )  # fmt: skip
         log(f"pgbench -i -s {self.args.scale} done ({time.monotonic() - step:.1f} s)")
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            self.workload = replace(self.workload, postmaster=int(
+                (self.primary.datadir / "postmaster.pid").read_text().split()[0]))
         self._collect_machine_info()
 
         if DIRECT in self.target_keys:
@@ -1188,7 +1226,10 @@ class Bench:
                     if cpu is not None and user is not None else "")
         busy, pgbench, idle = r.machine_busy_us_per_tx, r.pgbench_us_per_tx, r.idle_share
         if busy is not None and pgbench is not None and idle is not None:
-            cpu_text += f"  all CPU {busy:6.1f} us/tx (pgbench {pgbench:5.1f}), idle {idle:5.1%}"
+            server = r.server_us_per_tx
+            server_text = f", postgres {server:5.1f}" if server is not None else ""
+            cpu_text += (f"  all CPU {busy:6.1f} us/tx (pgbench {pgbench:5.1f}{server_text}), "
+                         f"idle {idle:5.1%}")
         if r.switches_per_tx is not None:
             cpu_text += f", {r.switches_per_tx:.2f} cs/tx"
         if r.proxy_switches is not None and r.transactions:
@@ -1331,7 +1372,8 @@ class Bench:
         )
         lines.append(
             "all CPU us/tx: every CPU's busy time per transaction (/proc/stat: the proxy, "
-            "PostgreSQL, pgbench and the rest); pgbench: pgbench's own; idle: the CPUs' idle "
+            "PostgreSQL, pgbench and the rest); pgbench: pgbench's own; postgres: the server's "
+            "(its postmaster and the processes it started, from /proc); idle: the CPUs' idle "
             "share during the runs; cs/tx: the machine's context switches per transaction."
         )
         return lines

@@ -42,11 +42,12 @@ from mypy_extensions import i64
 from sqlproxy.analysis.profiler import Profiler
 from sqlproxy.analysis.statement import SessionInfo
 from sqlproxy.errors import ProtocolViolation
+from sqlproxy.proxy.pinscan import UnitFrame, frame_unit
 from sqlproxy.proxy.pump import StandIn
 from sqlproxy.routing.answers import Answers
 from sqlproxy.routing.units import Unit
 from sqlproxy.wire.conversation import Conversation
-from sqlproxy.wire.scan import find_nul, length_at
+from sqlproxy.wire.scan import length_at
 
 __all__ = ["NEUTRAL", "REPLICA_READ", "WRITES", "FastRoutes", "RoutedClientPump",
            "RoutedLinkPump"]
@@ -54,11 +55,6 @@ __all__ = ["NEUTRAL", "REPLICA_READ", "WRITES", "FastRoutes", "RoutedClientPump"
 _QUERY: Final = 81  # 'Q'
 _ERROR: Final = 69  # 'E'
 _READY: Final = 90  # 'Z'
-_BIND: Final = 66  # 'B'
-_EXECUTE: Final = 69  # 'E'
-_DESCRIBE: Final = 68  # 'D'
-_SYNC: Final = 83  # 'S'
-_PORTAL: Final = 80  # 'P'
 MAX_ROUTES: Final = 4096  # statements remembered per session
 
 
@@ -97,6 +93,8 @@ class FastRoutes:
         self.profiler = profiler
         self.info = info
         self.max_message = max_message
+        self.max_obj: Any = max_message  # (passed to C as it is: not boxed anew)
+        self.frame = UnitFrame()  # where ``bound_statement`` found a unit's messages
         self.routes: dict[str, int] = {}  # normalized text -> REPLICA_READ, NEUTRAL, WRITES
         self.ready = False
         self.touched = False  # the general path ran since ready was set
@@ -231,35 +229,12 @@ class FastRoutes:
     def bound_statement(self, data: bytes) -> bytes | None:
         """The statement of a whole extended-protocol unit that only binds and executes one
         named statement (Bind, Describe of the portal, Execute, Sync — what a driver sends
-        for a prepared statement)."""
-        n: i64 = len(data)
-        pos: i64 = 0
-        start: i64 = -1
-        stop: i64 = -1
-        t: i64 = 0
-        while pos < n:
-            if n - pos < 5:
-                return None
-            t = data[pos]
-            length = length_at(data, pos + 1)
-            end = pos + 1 + length
-            if length < 4 or end > n or length > self.max_message:
-                return None
-            if t == _BIND:
-                if start >= 0:
-                    return None
-                start = find_nul(data, pos + 5, end) + 1  # past the portal's name
-                stop = find_nul(data, start, end)
-            elif t == _SYNC:
-                if end != n:
-                    return None
-            elif t != _EXECUTE and not (t == _DESCRIBE and length > 4
-                                        and data[pos + 5] == _PORTAL):
-                return None
-            pos = end
-        if t != _SYNC or start < 0 or stop <= start:
+        for a prepared statement): a unit ``frame_unit`` frames, without a Parse."""
+        f = self.frame
+        if not frame_unit(data, self.max_message, self.max_obj, f) or f.pstart >= 0 \
+                or f.bstop <= f.bstart:
             return None
-        return data[start:stop]
+        return data[f.bstart : f.bstop]
 
     def answer(self, data: bytes) -> bool:
         """The replica's answer to the unit sent there."""

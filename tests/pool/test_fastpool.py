@@ -19,6 +19,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sqlproxy.analysis.profiler import Profiler
+from sqlproxy.analysis.statement import SessionInfo
+from sqlproxy.config import AnalysisSection
+from sqlproxy.errors import ProtocolViolation
 from sqlproxy.proxy.pinscan import (
     digit_run,
     digit_run_at,
@@ -253,3 +257,67 @@ def _starts(data: bytes) -> list[int]:
         out.append(pos)
         pos += 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
     return out
+
+
+_PROFILER = Profiler(AnalysisSection())
+
+
+def _bound_statement_def(data: bytes, max_message: int) -> bytes | None:
+    """The definition of ``FastRoutes.bound_statement``: the statement a whole unit of one
+    Bind, Describes of the portal, Executes and a Sync last binds (named), each message of at
+    most ``max_message`` bytes; else None. A Bind without its strings' terminators is a
+    protocol violation, unless the unit was refused before it (a second or named Parse, one
+    after the Bind: what the pooled fast path frames, ``frame_unit``)."""
+    pos, stmt, last, parse = 0, None, b"", False
+    while pos < len(data):
+        if len(data) - pos < 5:
+            return None
+        last = data[pos : pos + 1]
+        length = int.from_bytes(data[pos + 1 : pos + 5], "big", signed=True)
+        end = pos + 1 + length
+        if length < 4 or end > len(data) or length > max_message:
+            return None
+        body = data[pos + 5 : end]
+        if last == b"P":
+            if parse or stmt is not None or length < 7 or body[0] != 0:
+                return None
+            parse = True
+        elif last == b"B":
+            if stmt is not None:
+                return None
+            portal_end = body.find(b"\x00")
+            stmt_end = body.find(b"\x00", portal_end + 1)
+            if portal_end < 0 or stmt_end < 0:
+                raise ProtocolViolation("invalid message format: missing string terminator")
+            stmt = body[portal_end + 1 : stmt_end]
+        elif last == b"S":
+            if end != len(data):
+                return None
+        elif last != b"E" and not (last == b"D" and length > 4 and body[:1] == b"P"):
+            return None
+        pos = end
+    return stmt if last == b"S" and stmt and not parse else None
+
+
+@given(st.one_of(st.lists(_UNIT_PART, max_size=6),
+                 st.builds(_common_unit, st.booleans(), st.booleans(),
+                           st.lists(_UNIT_PART, max_size=6), st.integers(-1, 8))),
+       st.sampled_from([0, 0, 0, -1, -6]), st.sampled_from([1 << 20, 1 << 20, 20]))
+@settings(max_examples=2000, deadline=None)
+def test_the_routed_fast_path_finds_a_units_statement_as_defined(
+        parts: list[tuple[bytes, bytes]], trim: int, max_message: int) -> None:
+    """``FastRoutes.bound_statement`` (framed by ``frame_unit``, partly in C) answers as its
+    definition for whole, cut and malformed units."""
+    from sqlproxy.proxy.fastroute import FastRoutes
+
+    data = b"".join(_msg(kind, body) for kind, body in parts)
+    if trim:
+        data = data[:trim]
+    routes = FastRoutes(None, _PROFILER, SessionInfo(1, "p", "d", "u"), max_message)
+    try:
+        want = _bound_statement_def(data, max_message)
+    except ProtocolViolation:
+        with pytest.raises(ProtocolViolation):
+            routes.bound_statement(data)
+        return
+    assert routes.bound_statement(data) == want

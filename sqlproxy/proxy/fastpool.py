@@ -515,8 +515,11 @@ class PoolFast:
             statements = self.statements
             if statements.get(b"") is not entry:
                 statements[b""] = entry
+            # Another session's equal Parse (the server was theirs a moment ago) stays: a
+            # compare of the bytes costs less than a store (the replay compares by value).
             parse = self.u_parse
-            if prepared.get(b"") is not parse:
+            have = prepared.get(b"")
+            if have is not parse and (have is None or have != parse):
                 prepared[b""] = parse
         else:  # most recently used last (BackendReplay.bound)
             msg = prepared[bound]

@@ -200,27 +200,45 @@ def machine_cpu_times() -> tuple[float, float, int] | None:
     return busy / _CLOCK_TICKS, (idle + iowait) / _CLOCK_TICKS, switches
 
 
-def server_cpu_seconds(postmaster: int) -> float | None:
-    """User and system CPU the PostgreSQL server has used so far: its postmaster and every
-    process the postmaster started that is still there (backends, background workers; Linux
-    /proc). A backend gone meanwhile takes its time with it: the pooled targets and PgBouncer
-    keep theirs, pgbench -C's come and go. None if unknown."""
-    if postmaster <= 0:
-        return None
-    total = 0.0
-    found = False
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            stat = (d / "stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-        if int(entry.name) == postmaster or int(fields[1]) == postmaster:
-            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-            found = True
-    return total if found else None
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        parents.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += parents.get(p, [])
+    return out
+
+
+def cpu_by_pid(pid: int) -> dict[int, float]:
+    """User and system CPU seconds of ``pid`` and of each of its descendants still there."""
+    out = {}
+    for p in tree(pid):
+        t = process_cpu_times(p)
+        if t is not None:
+            out[p] = t[0] + t[1]
+    return out
+
+
+def server_cpu_seconds(postmaster: int) -> float | None:
+    """User and system CPU the PostgreSQL server has used so far: its postmaster and every
+    process it started that is still there (backends, background workers; Linux /proc). A
+    backend gone meanwhile takes its time with it: the pooled targets and PgBouncer keep
+    theirs, pgbench -C's come and go. None if unknown."""
+    if postmaster <= 0:
+        return None
+    times = cpu_by_pid(postmaster)
+    return sum(times.values()) if times else None
 
 
 def tcp_out_segments() -> int | None:

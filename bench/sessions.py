@@ -34,9 +34,10 @@ from bench.pgbench_compare import (  # noqa: E402
     client_env,
     find_pgbouncer,
     find_sqlproxy,
+    tree,
     wait_accepting,
 )
-from bench.workers import rss_kib, tree  # noqa: E402
+from bench.workers import rss_kib  # noqa: E402
 from tests.support import pg  # noqa: E402
 
 

@@ -31,41 +31,13 @@ from bench.pgbench_compare import (  # noqa: E402
     LOOPBACK,
     Service,
     client_env,
+    cpu_by_pid,
     find_pgbench,
     find_sqlproxy,
-    process_cpu_times,
+    tree,
     wait_accepting,
 )
 from tests.support import pg  # noqa: E402
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (from /proc)."""
-    parents: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        parents.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += parents.get(p, [])
-    return out
-
-
-def cpu_by_pid(pid: int) -> dict[int, float]:
-    out = {}
-    for p in tree(pid):
-        t = process_cpu_times(p)
-        if t is not None:
-            out[p] = t[0] + t[1]
-    return out
 
 
 def rss_kib(pid: int) -> int:

@@ -1046,9 +1046,7 @@ class Bench:
             capture_output=True, text=True, env=client_env(), check=True, timeout=1800,
         )  # fmt: skip
         log(f"pgbench -i -s {self.args.scale} done ({time.monotonic() - step:.1f} s)")
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            self.workload = replace(self.workload, postmaster=int(
-                (self.primary.datadir / "postmaster.pid").read_text().split()[0]))
+        self.workload = replace(self.workload, postmaster=self.primary.pid or 0)
         self._collect_machine_info()
 
         if DIRECT in self.target_keys:

@@ -156,6 +156,11 @@ class PgCluster:
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
+    def pid(self) -> int | None:
+        """The postmaster's process id while this object runs it."""
+        return self._proc.pid if self.is_running() and self._proc is not None else None
+
+    @property
     def log_file(self) -> Path:
         return self.datadir / _LOG_NAME
 
